@@ -1,0 +1,424 @@
+"""Harvest multi-layer activations from a language model and train any dictionary on them.
+
+    python train.py                                     # offline default: SmolLM2-135M, fmxcoder (TR)
+    python train.py --model gpt2 --dict fmxcoder --rank 64
+    python train.py --dict sae --layers 10-17           # one TopK SAE per layer (the baseline)
+    python train.py --dict crosscoder --mask-prob 0.05  # the "crosscoder + masking" ablation
+    python train.py --dict polysae --layers 15 --ranks 576,64,64
+
+Pipeline (each step is a few visible lines below):
+  1. activations.build_cache: run the LM once, keep the residual stream after the chosen blocks
+     for every non-special token in a memmap cache (reused by later runs with the same model,
+     layers, data and size), with one normalising scale per layer so that E‖s_l x_l‖² = d.
+     The last `--eval-tokens` tokens are held out for evaluation and never trained on.
+  2. Build the dictionary (or one per layer for `--dict sae|polysae` over several layers: the
+     per-layer baselines, all trained on the same batches in one pass).
+  3. A nanoGPT-style loop: Adam, optional linear warm-up and cosine/linear decay, gradient
+     clipping, the dictionary's `before_step`/`after_step` upkeep (decoder-norm projection and
+     renormalisation; PolySAE's re-orthonormalisation of U), a tqdm bar with loss, L0, FVU, dead
+     fraction and tokens/s, periodic checkpoints that resume exactly (`--resume`), and Ctrl-C
+     saves.
+  4. `--out` receives config.json + model.safetensors (`layer_<l>/` for per-layer sets), with the
+     training config, the run description (model, layers, hook modules, cache) and a metrics
+     summary on the held-out tokens. `sae.load_run(out)` loads it back.
+
+Batches: step s of epoch e reads the tokens perm_e[s·B : (s+1)·B] of the training region, where
+perm_e is a seeded permutation, so a run resumed at step s sees exactly the batches it would have.
+
+Paper scale (fmxcoders §1.4 / PolySAE §2.2 of ../shared/design/papers.md), on a GPU:
+    --model gpt2 --layers 2-9 --n-latents 16384 --k 64 --sparsity batchtopk --batch-size 4096
+    --lr 3e-4 --tokens 300000000 --cache none --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import activations
+import sae as sae_mod
+
+DICTS = ("sae", "crosscoder", "fmxcoder", "polysae")
+
+
+@dataclass
+class TrainConfig:
+    """Every flag of train.py (`--n-latents` sets n_latents, and so on)."""
+    model: str = activations.DEFAULT_MODEL  # short name, hub name (gpt2, EleutherAI/pythia-410m-deduped) or folder
+    dict: str = "fmxcoder"                  # sae | crosscoder | fmxcoder | polysae
+    layers: str | None = None               # "4,5,6,7" or "4-7"; default 8 middle blocks (1 for sae/polysae)
+    dataset: str | None = None              # hub dataset, local text files, or None: offline BBC news
+    context: int = 128                      # tokens per context window
+    n_latents: int = 2048                   # dictionary size F   (paper: 16384)
+    k: int = 32                             # active latents per token (paper: 64)
+    sparsity: str = "batchtopk"             # topk | batchtopk | relu
+    l1_coeff: float = 0.0                   # for --sparsity relu
+    aux_coeff: float = 1 / 32               # AuxK weight (0 disables)
+    dead_tokens: int = 100_000              # tokens without firing before a latent counts as dead
+    mask_prob: float | None = None          # layer masking p; default 0.05 for fmxcoder, 0 otherwise
+    factorization: str = "tr"               # fmxcoder: cp | tr
+    rank: str = "32"                        # fmxcoder rank: "R" or "R1,R2,R3" (TR)
+    ranks: str | None = None                # polysae "R1,R2,R3" (default d,64,64)
+    order: int = 3                          # polysae polynomial order
+    b_dec_init: str = "median"              # median | mean | zero
+    tokens: int = 250_000                   # training tokens (paper: 3e8–5e8)
+    eval_tokens: int = 20_000               # held-out tokens at the end of the cache
+    batch_size: int = 512                   # tokens per step (paper: 4096)
+    lr: float = 1e-3                        # Adam learning rate (paper: 3e-4 at batch 4096)
+    warmup_steps: int = 0
+    decay: str = "none"                     # none | cosine | linear (to 0 over the run)
+    grad_clip: float = 1.0
+    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"                  # float32 | bfloat16 (autocast on CUDA)
+    seed: int = 0
+    out: str = "runs/latest"
+    cache: str | None = None                # activation cache folder; default under ~/.cache/fmxcoders/acts
+    cache_dtype: str = "float16"
+    harvest_batch: int = 16                 # texts per LM forward pass when harvesting
+    drop_outliers: float | None = None      # drop tokens whose norm > this × median (attention sinks)
+    ckpt_every: int = 200                   # steps between resumable checkpoints (0: only at the end)
+    resume: bool = False                    # continue from out/checkpoint.pt
+    fold_scale: bool = False                # fold the input scale into the weights on export
+
+
+# ----------------------------------------------------------------------------------------
+# CLI derived from the dataclass
+# ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    hints = typing.get_type_hints(TrainConfig)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
+        p.add_argument(flag, type=base, default=f.default, help=f"default: {f.default}")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def fail(msg: str) -> typing.NoReturn:
+    raise ValueError(msg)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject bad flags before any expensive work."""
+    if cfg.dict not in DICTS:
+        fail(f"--dict must be one of {', '.join(DICTS)}, got {cfg.dict!r}")
+    if cfg.k >= cfg.n_latents:
+        fail(f"--k must be smaller than --n-latents, got k={cfg.k} >= n_latents={cfg.n_latents}")
+    for name in ("tokens", "batch_size", "context", "n_latents", "k"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.eval_tokens < 0:
+        fail(f"--eval-tokens must be >= 0, got {cfg.eval_tokens}")
+    if cfg.decay not in ("none", "cosine", "linear"):
+        fail(f"--decay must be none, cosine or linear, got {cfg.decay!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        fail(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.mask_prob is not None and not 0 <= cfg.mask_prob < 1:
+        fail(f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
+    check_writable(Path(cfg.out))
+
+
+def check_writable(out: Path) -> None:
+    probe = out / ".write-test"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        fail(f"--out {str(out)!r} is not writable ({e.strerror or e})")
+
+
+def int_list(spec: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in str(spec).replace(" ", "").split(",") if v]
+    except ValueError:
+        fail(f"{flag} must be an integer or comma-separated integers, got {spec!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------
+# Building the dictionaries
+# ----------------------------------------------------------------------------------------
+
+
+def build_dictionaries(cfg: TrainConfig, d: int, layers: list[int], scale: list[float]) -> dict[int | str, torch.nn.Module]:
+    """{key: model}. Per-layer sets are keyed by layer index, a multi-layer model by 'all'."""
+    common = dict(d_in=d, n_latents=cfg.n_latents, k=cfg.k, sparsity=cfg.sparsity, l1_coeff=cfg.l1_coeff,
+                  aux_coeff=cfg.aux_coeff, dead_tokens=cfg.dead_tokens)
+    if cfg.dict in ("sae", "polysae"):
+        models = {}
+        for i, layer in enumerate(layers):
+            if cfg.dict == "sae":
+                models[layer] = sae_mod.SAE(sae_mod.SAEConfig(**common, input_scale=[scale[i]]))
+            else:
+                import polysae
+                ranks = int_list(cfg.ranks, "--ranks") if cfg.ranks else None
+                pc = polysae.PolySAEConfig(**common, input_scale=[scale[i]], order=cfg.order,
+                                           **({"ranks": ranks} if ranks else {}))
+                models[layer] = polysae.PolySAE(pc)
+        return models
+    mask_prob = cfg.mask_prob if cfg.mask_prob is not None else (0.05 if cfg.dict == "fmxcoder" else 0.0)
+    if cfg.dict == "crosscoder":
+        import crosscoder
+        cc = crosscoder.CrossCoderConfig(**common, n_layers=len(layers), mask_prob=mask_prob, input_scale=scale)
+        return {"all": crosscoder.CrossCoder(cc)}
+    import fmxcoder
+    rank = int_list(cfg.rank, "--rank")
+    fc = fmxcoder.FMXCoderConfig(**common, n_layers=len(layers), mask_prob=mask_prob, input_scale=scale,
+                                 rank=rank[0] if len(rank) == 1 else rank, factorization=cfg.factorization)
+    return {"all": fmxcoder.FMXCoder(fc)}
+
+
+def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """The slice of the (B, L, d) batch a dictionary reads."""
+    return x_BLD if key == "all" else x_BLD[:, layers.index(key)]
+
+
+# ----------------------------------------------------------------------------------------
+# Data: deterministic shuffled batches from the cache
+# ----------------------------------------------------------------------------------------
+
+
+def batch_indices(step: int, batch: int, n_train: int, seed: int) -> torch.Tensor:
+    """Token indices of step `step`: a slice of the seeded permutation of its epoch."""
+    per_epoch = n_train // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch:(i + 1) * batch]
+
+
+def get_lr(step: int, cfg: TrainConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.decay == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.decay == "linear":
+        return cfg.lr * (1 - frac)
+    return cfg.lr
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, models, opts, step: int, cfg: TrainConfig) -> None:
+    state = {"models": {str(k): m.state_dict() for k, m in models.items()},
+             "opts": {str(k): o.state_dict() for k, o in opts.items()},
+             "step": step, "config": dataclasses.asdict(cfg),
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: Path, models, opts, cfg: TrainConfig) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = {k: v for k, v in state["config"].items() if k not in ("resume", "device", "ckpt_every")}
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
+    diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}
+    if diff:
+        fail(f"cannot resume {str(path)!r}: flags differ from the checkpoint's (saved, now): {diff}")
+    for k, m in models.items():
+        m.load_state_dict(state["models"][str(k)])
+    for k, o in opts.items():
+        o.load_state_dict(state["opts"][str(k)])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation summary on held-out tokens
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(models, cache, layers, start: int, stop: int, device, batch: int = 2048) -> dict:
+    """FVU (accumulated, divided once), MSE (normalised units), L0 and dead fraction per model."""
+    stats = {}
+    for key, model in models.items():
+        model.eval()
+        n, sse, sx, sxx, l0, fired = 0, 0.0, 0.0, 0.0, 0.0, None
+        for lo in range(start, stop, batch):
+            x = cache.read(lo, min(lo + batch, stop)).to(device) * cache.scale.to(device)[:, None]
+            x = model_input(key, x, layers)
+            out = model(x)
+            n += x.shape[0]
+            sse += (x - out.recon).pow(2).sum().item()
+            sx = sx + x.sum(0)
+            sxx = sxx + x.pow(2).sum(0)
+            l0 += (out.latents > 0).sum().item()
+            f = (out.latents > 0).any(0)
+            fired = f if fired is None else fired | f
+        if n == 0:
+            continue
+        sst = (sxx - sx.pow(2) / n).sum().item()  # Σ‖x − mean‖² = Σx² − (Σx)²/n per dimension
+        stats[str(key)] = {"fvu": sse / sst, "mse": sse / n, "l0": l0 / n,
+                           "dead_eval": 1 - fired.float().mean().item(), "dead_counter": model.dead_fraction()}
+        model.train()
+    return stats
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> dict:
+    check_config(cfg)
+    out, device = Path(cfg.out), resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    multi = cfg.dict in ("crosscoder", "fmxcoder")
+
+    # 1. activations -----------------------------------------------------------------------
+    n_total = cfg.tokens + cfg.eval_tokens
+    cache = activations.build_cache(
+        cfg.cache, cfg.model, cfg.layers, dataset=cfg.dataset, n_tokens=n_total, context=cfg.context,
+        batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype, drop_outliers=cfg.drop_outliers,
+        multi=multi)
+    layers, d = cache.layers, cache.d
+    if cache.n_tokens < n_total:
+        print(f"note: the corpus gave {cache.n_tokens:,} tokens, fewer than the {n_total:,} asked for")
+    n_eval = min(cfg.eval_tokens, cache.n_tokens // 10)
+    n_train = cache.n_tokens - n_eval
+    if n_train < cfg.batch_size:
+        fail(f"only {n_train:,} training tokens in the cache, fewer than --batch-size {cfg.batch_size}")
+    scale = cache.scale.tolist()
+
+    # 2. dictionaries ----------------------------------------------------------------------
+    models = build_dictionaries(cfg, d, layers, scale)
+    for m in models.values():
+        m.to(device)
+    opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for k, m in models.items()}
+    steps = cfg.tokens // cfg.batch_size
+    scale_dev = cache.scale.to(device)[:, None]
+
+    def batch(step: int) -> torch.Tensor:
+        idx = batch_indices(step, cfg.batch_size, n_train, cfg.seed)
+        return cache.take(idx).to(device, non_blocking=True) * scale_dev
+
+    ckpt = out / "checkpoint.pt"
+    start = 0
+    if cfg.resume and ckpt.exists():
+        start = load_checkpoint(ckpt, models, opts, cfg)
+        print(f"resumed from {ckpt} at step {start}")
+    else:
+        x0 = torch.cat([cache.read(0, min(n_train, 4096))]).to(device) * scale_dev
+        for key, m in models.items():
+            m.init_b_dec(model_input(key, x0, layers), cfg.b_dec_init)
+
+    run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "hooks": cache.meta.get("hooks"),
+           "dataset": cfg.dataset, "context": cfg.context, "cache": str(cache.path), "train_tokens": n_train,
+           "eval_tokens": n_eval, "drop_outliers": cfg.drop_outliers}
+    sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {steps} steps of {cfg.batch_size} tokens, "
+          f"{sum(sizes.values()):,} parameters on {device}")
+    if hasattr(next(iter(models.values())), "cost_report"):
+        print(next(iter(models.values())).cost_report())
+
+    # 3. the loop --------------------------------------------------------------------------
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    stop_requested = False
+
+    def on_sigint(*_):
+        nonlocal stop_requested
+        stop_requested = True
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=cfg.dict, dynamic_ncols=True)
+    t0, step = time.time(), start
+    try:
+        for step in bar:
+            lr = get_lr(step, cfg, steps)
+            x = batch(step)
+            logs = []
+            for key, m in models.items():
+                for g in opts[key].param_groups:
+                    g["lr"] = lr
+                xi = model_input(key, x, layers)
+                with autocast:
+                    o = m(xi)
+                opts[key].zero_grad(set_to_none=True)
+                o.loss.backward()
+                m.before_step()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
+                opts[key].step()
+                m.after_step()
+                logs.append((o.loss.item(), (o.latents > 0).float().sum(-1).mean().item(),
+                             sae_mod.fvu(xi.float(), o.recon.float()).item(), m.dead_fraction()))
+            mean = [sum(v) / len(v) for v in zip(*logs)]
+            done = step + 1
+            if not math.isfinite(mean[0]):
+                fail(f"the loss became {mean[0]} at step {step}: lower --lr or check the activations")
+            bar.set_postfix(loss=f"{mean[0]:.3g}", L0=f"{mean[1]:.1f}", FVU=f"{mean[2]:.3f}",
+                            dead=f"{mean[3]:.2f}", tok_s=f"{(done - start) * cfg.batch_size / (time.time() - t0):,.0f}")
+            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < steps:
+                save_checkpoint(ckpt, models, opts, done, cfg)
+            if stop_requested:
+                bar.close()
+                print(f"interrupted at step {done}: saving")
+                break
+        else:
+            done = steps
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    elapsed = time.time() - t0
+    save_checkpoint(ckpt, models, opts, done, cfg)
+
+    # 4. export ----------------------------------------------------------------------------
+    metrics = evaluate(models, cache, layers, n_train, n_train + n_eval, device)
+    summary = {"steps": done, "tokens": done * cfg.batch_size, "tokens_per_s": (done - start) * cfg.batch_size / max(elapsed, 1e-9),
+               "parameters": sizes, "eval": metrics}
+    for key, m in models.items():
+        if cfg.fold_scale:
+            m.fold_input_scale()
+        extra = {"run": {**run, "layers": layers if key == "all" else [key]},
+                 "train": dataclasses.asdict(cfg), "metrics": {**summary, "eval": metrics.get(str(key))}}
+        sae_mod.save(m, out if key == "all" else out / f"layer_{key}", extra)
+    (out / "summary.json").write_text(json.dumps({"run": run, **summary}, indent=2))
+    for key, s in metrics.items():
+        name = "all layers" if key == "all" else f"layer {key}"
+        print(f"held-out {name}: FVU {s['fvu']:.4f}  MSE {s['mse']:.4g}  L0 {s['l0']:.1f}  dead {s['dead_eval']:.3f}")
+    print(f"wrote {out} ({summary['tokens_per_s']:,.0f} tokens/s)")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(parse_args(argv))
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
