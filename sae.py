@@ -67,6 +67,25 @@ from torch import Tensor
 SPARSITIES = ("topk", "batchtopk", "relu")
 
 # ----------------------------------------------------------------------------------------
+# Data parallelism (train.py under torchrun): the few statistics that are not gradients
+# ----------------------------------------------------------------------------------------
+
+
+def world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce(t: Tensor, op: str) -> Tensor:
+    """In-place all-reduce ("min" | "max" | "sum") across data-parallel ranks; no-op alone."""
+    if world_size() > 1:
+        ops = {"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX,
+               "sum": torch.distributed.ReduceOp.SUM}
+        torch.distributed.all_reduce(t, ops[op])
+    return t
+
+
+# ----------------------------------------------------------------------------------------
 # Sparsifiers: pure functions on pre-activations (B, F)
 # ----------------------------------------------------------------------------------------
 
@@ -80,10 +99,20 @@ def topk(pre_BF: Tensor, k: int, scale_F: Tensor | None = None) -> Tensor:
 
 
 def batch_topk(pre_BF: Tensor, k: int, scale_F: Tensor | None = None) -> Tensor:
-    """ReLU, then keep the B·k largest (score = act · scale) entries of the whole batch."""
+    """ReLU, then keep the B·k largest (score = act · scale) entries of the whole batch.
+
+    Under torch.distributed (data-parallel training) the batch is the *global* batch: each
+    rank sends its local top-B·k scores, and an entry is kept when its score reaches the
+    (world·B·k)-th largest of them, so every rank selects exactly as one process would."""
     acts_BF = F.relu(pre_BF)
     score_BF = acts_BF if scale_F is None else acts_BF * scale_F
     n_keep = min(k * acts_BF.shape[0], acts_BF.numel())
+    if world_size() > 1:  # --- distributed: a global threshold from every rank's candidates
+        local = score_BF.detach().flatten().topk(n_keep).values
+        gathered = [torch.empty_like(local) for _ in range(world_size())]
+        torch.distributed.all_gather(gathered, local)
+        kth = torch.cat(gathered).topk(n_keep * world_size()).values.min()
+        return acts_BF * (score_BF >= kth)
     idx = score_BF.flatten().topk(n_keep, sorted=False).indices
     keep = torch.zeros(acts_BF.numel(), dtype=torch.bool, device=acts_BF.device)
     keep[idx] = True
@@ -120,9 +149,10 @@ def update_threshold(threshold: Tensor, z_BF: Tensor, scale_F: Tensor | None = N
     """EMA (in place) of the smallest kept score of a BatchTopK batch."""
     score_BF = z_BF if scale_F is None else z_BF * scale_F
     kept = score_BF[z_BF > 0]
-    if kept.numel() == 0:
+    smallest = (kept.min() if kept.numel() else score_BF.new_tensor(torch.inf)).to(threshold.dtype)
+    all_reduce(smallest, "min")  # distributed: the smallest over the global batch
+    if not torch.isfinite(smallest):
         return
-    smallest = kept.min().to(threshold.dtype)
     if threshold.item() < 0:
         threshold.copy_(smallest)
     else:
@@ -137,8 +167,10 @@ def update_threshold(threshold: Tensor, z_BF: Tensor, scale_F: Tensor | None = N
 @torch.no_grad()
 def update_dead_counter(tokens_since_fired_F: Tensor, z_BF: Tensor) -> None:
     """Add the batch's tokens to every counter, reset those of latents that fired."""
-    tokens_since_fired_F += z_BF.shape[0]
-    tokens_since_fired_F[(z_BF > 0).any(dim=0)] = 0
+    fired_F = (z_BF > 0).any(dim=0).to(torch.uint8)
+    all_reduce(fired_F, "max")  # distributed: fired on any rank
+    tokens_since_fired_F += z_BF.shape[0] * world_size()
+    tokens_since_fired_F[fired_F.bool()] = 0
 
 
 def auxk_loss(pre_BF: Tensor, dead_F: Tensor, residual: Tensor, decode_fn, k_aux: int) -> Tensor:

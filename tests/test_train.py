@@ -1,0 +1,107 @@
+"""train.py end to end on a tiny random GPT-2 (real GPT-2 tokenizer, no downloads)."""
+import os
+import signal
+
+import pytest
+import torch
+
+import activations
+import sae
+import train
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    activations.tiny_gpt2(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("acts"))
+
+
+def flags(gpt2_dir, cache_dir, out, *extra):
+    return ["--model", gpt2_dir, "--layers", "0-3", "--tokens", "3072", "--eval-tokens", "1024",
+            "--batch-size", "128", "--n-latents", "128", "--k", "8", "--context", "64",
+            "--cache", cache_dir, "--out", str(out), "--device", "cpu", "--dead-tokens", "1000",
+            "--ckpt-every", "0", *extra]
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("sae", []),
+    ("crosscoder", ["--mask-prob", "0.05"]),
+    ("fmxcoder", ["--factorization", "tr", "--rank", "16"]),
+    ("fmxcoder", ["--factorization", "cp", "--rank", "64"]),
+    ("polysae", ["--ranks", "64,16,16"]),
+])
+def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_path, kind, extra):
+    out = tmp_path / kind
+    summary = train.train(train.parse_args(flags(gpt2_dir, cache_dir, out, "--dict", kind, *extra)))
+    entries = sae.load_run(out)
+    cache = activations.ActivationCache(cache_dir)
+    n_train = summary["eval"] and cache.n_tokens - entries[0][2]["run"]["eval_tokens"]
+    x = cache.read(n_train, cache.n_tokens) * cache.scale[:, None]
+    expected_layers = [[0], [1], [2], [3]] if kind in ("sae", "polysae") else [[0, 1, 2, 3]]
+    assert [e[0] for e in entries] == expected_layers
+    for layers, model, meta in entries:
+        model.eval()
+        xi = x[:, layers[0]] if len(layers) == 1 else x
+        with torch.no_grad():
+            recon = model(xi).recon
+        # reconstructs better than predicting the mean of the held-out tokens
+        assert sae.fvu(xi, recon).item() < 0.9
+        assert meta["train"]["dict"] == kind and meta["run"]["hooks"]
+
+
+def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, monkeypatch):
+    common = ["--dict", "crosscoder", "--sparsity", "batchtopk", "--mask-prob", "0.1", "--tokens", "2560",
+              "--decay", "cosine", "--warmup-steps", "3"]
+    full = tmp_path / "full"
+    train.train(train.parse_args(flags(gpt2_dir, cache_dir, full, *common)))
+
+    part = tmp_path / "part"
+    real_get_lr = train.get_lr
+
+    def interrupt_at_step_7(step, cfg, total):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the loop finishes the step, then saves
+        return real_get_lr(step, cfg, total)
+
+    monkeypatch.setattr(train, "get_lr", interrupt_at_step_7)
+    s1 = train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common)))
+    assert s1["steps"] == 8
+    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    s2 = train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common, "--resume")))
+    assert s2["steps"] == 20
+    a, b = sae.load(full), sae.load(part)
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(v, w, atol=1e-6), k
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model", "no-such-model-xyz"], "unknown model 'no-such-model-xyz'"),
+    (["--layers", "0-9"], "out of range"),
+    (["--k", "128"], "--k must be smaller than --n-latents"),
+    (["--dict", "fmxcoder", "--factorization", "cp", "--rank", "8"], "rank"),
+    (["--dict", "fmxcoder", "--factorization", "tr", "--rank", "100000"], "rank"),
+    (["--dict", "transcoder"], "--dict must be one of"),
+    (["--dataset", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
+])
+def test_bad_input_gives_one_line_error(gpt2_dir, cache_dir, tmp_path, capsys, extra, message):
+    code = train.main(flags(gpt2_dir, str(tmp_path / "fresh-cache"), tmp_path / "o", *extra))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_unwritable_out_and_cache_mismatch(gpt2_dir, cache_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert train.main(flags(gpt2_dir, cache_dir, blocker / "sub")) == 2
+    assert "not writable" in capsys.readouterr().err
+    # the shared cache was made for layers 0-3 of the tiny GPT-2
+    assert train.main(flags(gpt2_dir, cache_dir, tmp_path / "o", "--layers", "1,2")) == 2
+    assert "layers" in capsys.readouterr().err
