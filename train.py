@@ -297,12 +297,30 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     multi = cfg.dict in ("crosscoder", "fmxcoder")
 
+    # --- data parallel (torchrun sets WORLD_SIZE/RANK/LOCAL_RANK): rank r trains on rows r::world
+    # of every global batch; DDP all-reduces the gradients, sae.py reduces the BatchTopK selection,
+    # threshold and dead counters, so every rank holds the same model; rank 0 alone writes.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if cfg.batch_size % world:
+            fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world}")
+    main_rank = rank == 0
+
     # 1. activations -----------------------------------------------------------------------
     n_total = cfg.tokens + cfg.eval_tokens
-    cache = activations.build_cache(
-        cfg.cache, cfg.model, cfg.layers, dataset=cfg.dataset, n_tokens=n_total, context=cfg.context,
-        batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype, drop_outliers=cfg.drop_outliers,
-        multi=multi)
+    cache_args = dict(path=cfg.cache, model_name=cfg.model, layers=cfg.layers, dataset=cfg.dataset,
+                      n_tokens=n_total, context=cfg.context, batch_size=cfg.harvest_batch, device=device,
+                      dtype=cfg.cache_dtype, drop_outliers=cfg.drop_outliers, multi=multi)
+    if world > 1 and not main_rank:
+        torch.distributed.barrier()      # rank 0 harvests (or checks) the cache first ...
+    cache = activations.build_cache(**cache_args)
+    if world > 1 and main_rank:
+        torch.distributed.barrier()      # ... then the others open the finished cache
     layers, d = cache.layers, cache.d
     if cache.n_tokens < n_total:
         print(f"note: the corpus gave {cache.n_tokens:,} tokens, fewer than the {n_total:,} asked for")
@@ -317,11 +335,15 @@ def train(cfg: TrainConfig) -> dict:
     for m in models.values():
         m.to(device)
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for k, m in models.items()}
+    # the modules that run forward: DDP wrappers under torchrun (buffers are reduced in sae.py)
+    fwd = {k: torch.nn.parallel.DistributedDataParallel(
+        m, broadcast_buffers=False, find_unused_parameters=cfg.dict == "polysae" and cfg.order < 3) if world > 1 else m
+           for k, m in models.items()}
     steps = cfg.tokens // cfg.batch_size
     scale_dev = cache.scale.to(device)[:, None]
 
     def batch(step: int) -> torch.Tensor:
-        idx = batch_indices(step, cfg.batch_size, n_train, cfg.seed)
+        idx = batch_indices(step, cfg.batch_size, n_train, cfg.seed)[rank::world]
         return cache.take(idx).to(device, non_blocking=True) * scale_dev
 
     ckpt = out / "checkpoint.pt"
@@ -338,9 +360,10 @@ def train(cfg: TrainConfig) -> dict:
            "dataset": cfg.dataset, "context": cfg.context, "cache": str(cache.path), "train_tokens": n_train,
            "eval_tokens": n_eval, "drop_outliers": cfg.drop_outliers}
     sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {steps} steps of {cfg.batch_size} tokens, "
-          f"{sum(sizes.values()):,} parameters on {device}")
-    if hasattr(next(iter(models.values())), "cost_report"):
+    if main_rank:
+        print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {steps} steps of {cfg.batch_size} tokens, "
+              f"{sum(sizes.values()):,} parameters on {device}" + (f" x {world} ranks" if world > 1 else ""))
+    if main_rank and hasattr(next(iter(models.values())), "cost_report"):
         print(next(iter(models.values())).cost_report())
 
     # 3. the loop --------------------------------------------------------------------------
@@ -352,7 +375,8 @@ def train(cfg: TrainConfig) -> dict:
         stop_requested = True
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=cfg.dict, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=cfg.dict, dynamic_ncols=True,
+               disable=not main_rank)
     t0, step = time.time(), start
     try:
         for step in bar:
@@ -364,7 +388,7 @@ def train(cfg: TrainConfig) -> dict:
                     g["lr"] = lr
                 xi = model_input(key, x, layers)
                 with autocast:
-                    o = m(xi)
+                    o = fwd[key](xi)
                 opts[key].zero_grad(set_to_none=True)
                 o.loss.backward()
                 m.before_step()
@@ -380,17 +404,25 @@ def train(cfg: TrainConfig) -> dict:
                 fail(f"the loss became {mean[0]} at step {step}: lower --lr or check the activations")
             bar.set_postfix(loss=f"{mean[0]:.3g}", L0=f"{mean[1]:.1f}", FVU=f"{mean[2]:.3f}",
                             dead=f"{mean[3]:.2f}", tok_s=f"{(done - start) * cfg.batch_size / (time.time() - t0):,.0f}")
-            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < steps:
+            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < steps and main_rank:
                 save_checkpoint(ckpt, models, opts, done, cfg)
+            if world > 1:  # every rank must stop at the same step
+                flag = torch.tensor(float(stop_requested), device=device)
+                stop_requested = bool(sae_mod.all_reduce(flag, "max").item())
             if stop_requested:
                 bar.close()
-                print(f"interrupted at step {done}: saving")
+                if main_rank:
+                    print(f"interrupted at step {done}: saving")
                 break
         else:
             done = steps
     finally:
         signal.signal(signal.SIGINT, old_handler)
     elapsed = time.time() - t0
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if not main_rank:
+            return {"steps": done}
     save_checkpoint(ckpt, models, opts, done, cfg)
 
     # 4. export ----------------------------------------------------------------------------
