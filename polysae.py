@@ -147,11 +147,10 @@ class PolySAE(SAE):
             self.W_enc.copy_((D1_FD / D1_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)).T)
 
     # -- the polynomial decoder ------------------------------------------------------------
-    def decode_nobias(self, z_BF: Tensor) -> Tensor:
-        """y1 + λ2·y2 + λ3·y3 (no b_dec); z: (B, F) → (B, d)."""
+    def polynomial(self, a_BR: Tensor) -> Tensor:
+        """The decoder on projections a = z U (B, R1) → y1 + λ2·y2 + λ3·y3 (B, d)."""
         c = self.config
         _, r2, r3 = c.ranks
-        a_BR = z_BF @ self.U
         y_BD = a_BR @ self.C1.T
         if c.order >= 2:
             y_BD = y_BD + self.lambda2 * (a_BR[:, :r2].pow(2) @ self.C2.T)
@@ -159,14 +158,18 @@ class PolySAE(SAE):
             y_BD = y_BD + self.lambda3 * (a_BR[:, :r3].pow(3) @ self.C3.T)
         return y_BD
 
+    def decode_nobias(self, z_BF: Tensor) -> Tensor:
+        """y1 + λ2·y2 + λ3·y3 (no b_dec); z: (B, F) → (B, d)."""
+        return self.polynomial(z_BF @ self.U)
+
     def decoder_vectors(self) -> Tensor:
         """(F, d) the linear term D1 = U C1ᵀ: latent i's direction (SAEBench normalises it)."""
         return self.U @ self.C1.T
 
     def decoder_norms(self) -> Tensor:
-        """(F,) ‖decode_nobias(e_i)‖ = ‖D1[i] + λ2 (U[i,:R2]²) C2ᵀ + λ3 (U[i,:R3]³) C3ᵀ‖."""
-        return self.decode_nobias(torch.eye(self.config.n_latents, dtype=self.U.dtype,
-                                            device=self.U.device)).norm(dim=-1)
+        """(F,) ‖decode_nobias(e_i)‖ = ‖D1[i] + λ2 (U[i,:R2]²) C2ᵀ + λ3 (U[i,:R3]³) C3ᵀ‖
+        (a one-hot z_i = 1 has projection a = U[i])."""
+        return self.polynomial(self.U).norm(dim=-1)
 
     # -- interactions ----------------------------------------------------------------------
     def _check_quadratic(self) -> None:
