@@ -1,0 +1,633 @@
+"""Evaluation of a trained dictionary: every number the two papers report, from a run folder.
+
+    python metrics.py RUN_DIR [RUN_DIR ...] [--device cuda] [--ce-tokens 10000] [--fc-tokens 10000]
+
+prints one table (a row per dictionary) and writes RUN_DIR/eval.json. All metrics are computed on
+held-out tokens: the run's cache tokens [train_tokens, train_tokens + eval_tokens) that train.py
+never trained on, or, when the cache is gone, tokens harvested from the windows of the run's text
+stream that follow the training tokens (a hub dataset's "test" split when it has one).
+
+Units. A dictionary reads x_model[l] = s_l · x_raw[l] (s_l = config.input_scale, activations.py's
+`estimate_scale`: E‖s_l x_l‖² = d). MSE is reported in the raw activation scale (per layer, and
+summed over layers) and in the normalised scale (s_l of the activation cache, so folded and
+unfolded exports compare).
+
+Reconstruction (papers.md §1.5, §2.3; SAEBench "core")        x: (N, L, d) held-out tokens
+    MSE   = (1/N) Σ_n Σ_l Σ_d (x − x̂)²           sum over d (and layers), mean over tokens
+    FVU   = Σ‖x − x̂‖² / Σ‖x − x̄‖²               x̄ the per-dimension mean over all N tokens;
+            numerator and denominator are accumulated over batches (the denominator with Chan's
+            merge of per-batch means and squared deviations) and divided once.
+    L0    = mean over tokens of #{i : z_i > 0}
+    dead  = fraction of latents that never fire on the held-out tokens (and the model's own
+            tokens_since_fired counter, `dead_fraction()`)
+
+Language-model loss with the reconstruction spliced in (single-layer dictionaries): the output of
+block l is replaced by x̂_raw = x̂ / s_l at the real tokens (special tokens keep their activation,
+as in the harvest), and the next-token cross-entropy is averaged over the predictions made at
+real tokens of real tokens (keep[t] and keep[t+1]).
+    CE increase        = CE_spliced − CE_clean
+    fraction recovered = (CE_ablate − CE_spliced) / (CE_ablate − CE_clean), with the block output
+                         zero-ablated or mean-ablated (mean of x_raw over the held-out tokens)
+
+Functional coherence (fmxcoders §1.5, formula papers.md [I]); a_i = ReLU(pre_i) after ReLU and
+before the sparsifier, "layer l zeroed" = x_model[l] = 0 in the dictionary's input space (pre_acts
+subtracts b_dec inside, so a zero input is what the model sees as a missing layer, exactly as in
+training's stochastic layer masking):
+    Δ_il = mean over the tokens where latent i fires (z_i > 0) of |a_i(x) − a_i(x, l zeroed)| / (a_i(x) + 1e-8)
+    FC_i = Σ_l Δ_il / max_l Δ_il ∈ [1, L]       1: driven by one layer, L: by all layers equally
+Reported: mean FC over latents that fired ≥ min_fires times, a histogram over [1, L], the fraction
+with FC ≥ 2, and the same spread ratio of the per-layer decoder norms Σ_l ‖d_il‖ / max_l ‖d_il‖,
+which standard crosscoders keep high while their FC is low (the paper's point).
+
+Class-conditional Wasserstein distance (PolySAE §2.3; SAEBench compute_mean_wasserstein_distance):
+latents mean-pooled over each text's tokens (probe.pooled_latents), for each class c one vs rest
+and every latent i the 1-D Wasserstein-1 distance
+    W1(u, v) = ∫ |F_u(t) − F_v(t)| dt            (F the empirical CDFs; samples of any sizes)
+averaged over all latents; reported per class and the mean / median over classes.
+
+Interaction vs co-occurrence (PolySAE §2.3, r = 0.06 vs 0.82): for the n most frequent latents
+on held-out tokens, over the off-diagonal pairs i < j, the Pearson correlation of the learned
+interaction weight ‖Θ2[i, j, :]‖ (polysae.PolySAE.interaction_matrix) with the co-occurrence
+frequency P(z_i > 0 and z_j > 0), next to that of the feature covariance Cov(z_i, z_j).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import activations
+import sae as sae_mod
+
+EPS = 1e-8
+
+
+# ----------------------------------------------------------------------------------------
+# Reconstruction: MSE, FVU (accumulated exactly), L0, dead latents
+# ----------------------------------------------------------------------------------------
+
+
+def mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Σ (x − x̂)² over every dimension but the first (tokens), then the mean over tokens."""
+    return (x - x_hat).pow(2).flatten(1).sum(-1).mean()
+
+
+def moments(x_N: Tensor) -> tuple[int, Tensor, Tensor]:
+    """(n, mean, m2) of a batch along dim 0, m2 = Σ_n (x − mean)² (float64, per dimension)."""
+    x = x_N.double()
+    mean = x.mean(0)
+    return x.shape[0], mean, (x - mean).pow(2).sum(0)
+
+
+def merge_moments(a: tuple[int, Tensor, Tensor], b: tuple[int, Tensor, Tensor]) -> tuple[int, Tensor, Tensor]:
+    """Chan et al. (1979): (n, mean, m2) of the union of two disjoint samples."""
+    (na, ma, m2a), (nb, mb, m2b) = a, b
+    if na == 0:
+        return b
+    if nb == 0:
+        return a
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), m2a + m2b + delta.pow(2) * (na * nb / n)
+
+
+class ReconStats:
+    """Accumulates, over batches, what the reconstruction metrics need for one dictionary.
+
+    update(x, out): x (B, L, d) or (B, d) in the dictionary's input units, out its sae.Output."""
+
+    def __init__(self):
+        self.n, self.sse_L, self.mom, self.l0 = 0, None, (0, None, None), 0.0
+        self.fire_count_F = None
+
+    @torch.no_grad()
+    def update(self, x: Tensor, out: sae_mod.Output) -> None:
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])                   # (B, L, d), L = 1 for an SAE
+        r3 = out.recon.reshape(x3.shape)
+        sse_L = (x3 - r3).double().pow(2).sum((0, 2)).cpu()
+        self.sse_L = sse_L if self.sse_L is None else self.sse_L + sse_L
+        n, mean_LD, m2_LD = moments(x3)
+        self.mom = merge_moments(self.mom, (n, mean_LD.cpu(), m2_LD.cpu()))
+        fired_BF = out.latents > 0
+        self.l0 += fired_BF.sum().item()
+        count_F = fired_BF.sum(0).cpu()
+        self.fire_count_F = count_F if self.fire_count_F is None else self.fire_count_F + count_F
+        self.n += x3.shape[0]
+
+    def result(self, s_model_L: Tensor, s_norm_L: Tensor) -> dict:
+        """Metrics; s_model_L the model's input scale, s_norm_L the data's normalising scale."""
+        if self.n == 0:
+            raise ValueError("no held-out tokens were evaluated (0 tokens)")
+        s_model, s_norm = s_model_L.double(), s_norm_L.double()
+        sse_raw_L = self.sse_L / s_model.pow(2)                      # back to raw activation units
+        sst_raw_L = self.mom[2].sum(-1) / s_model.pow(2)             # Σ‖x − x̄‖² per layer
+        sse_norm_L, sst_norm_L = sse_raw_L * s_norm.pow(2), sst_raw_L * s_norm.pow(2)
+        return {
+            "tokens": self.n,
+            "mse_raw": (sse_raw_L.sum() / self.n).item(),
+            "mse_raw_per_layer": (sse_raw_L / self.n).tolist(),
+            "mse_norm": (sse_norm_L.sum() / self.n).item(),
+            "fvu": (sse_norm_L.sum() / sst_norm_L.sum()).item(),
+            "fvu_per_layer": (sse_raw_L / sst_raw_L).tolist(),
+            "l0": self.l0 / self.n,
+            "dead_eval": (self.fire_count_F == 0).double().mean().item(),
+            "_sse_raw_L": sse_raw_L, "_sst_raw_L": sst_raw_L,
+            "_mean_raw_LD": self.mom[1] / s_model[:, None],
+        }
+
+
+# ----------------------------------------------------------------------------------------
+# Functional coherence and decoder-norm spread (multi-layer dictionaries)
+# ----------------------------------------------------------------------------------------
+
+
+def spread(v_FL: Tensor) -> Tensor:
+    """(F,) Σ_l v_il / max_l v_il ∈ [1, L] for non-negative v (nan where a row is all zero)."""
+    v = v_FL.double()
+    return v.sum(-1) / v.max(-1).values
+
+
+@torch.no_grad()
+def layer_deltas(model, x_BLD: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
+    """One batch: (Σ over firing tokens of |a − a_(l zeroed)| / (a + eps)) as (F, L), fires (F,)."""
+    a_BF = model.pre_acts(x_BLD).relu()
+    fired_BF = model.encode(x_BLD) > 0
+    L = x_BLD.shape[1]
+    sums = []
+    for l in range(L):
+        x_l = x_BLD.clone()
+        x_l[:, l] = 0
+        rel_BF = (a_BF - model.pre_acts(x_l).relu()).abs() / (a_BF + eps)
+        sums.append((rel_BF * fired_BF).double().sum(0))
+    return torch.stack(sums, dim=1), fired_BF.sum(0).double()
+
+
+@torch.no_grad()
+def functional_coherence(model, batches: Iterable[Tensor], min_fires: int = 10, bins: int = 10,
+                         eps: float = EPS) -> dict:
+    """FC over batches of normalised inputs (B, L, d); see the module docstring."""
+    dsum_FL, fires_F = None, None
+    for x in batches:
+        d, f = layer_deltas(model, x, eps)
+        dsum_FL, fires_F = (d, f) if dsum_FL is None else (dsum_FL + d, fires_F + f)
+    if dsum_FL is None:
+        raise ValueError("functional_coherence got no batches")
+    L = dsum_FL.shape[1]
+    delta_FL = dsum_FL / fires_F.clamp_min(1)[:, None]
+    fc_F = spread(delta_FL)
+    ok = (fires_F >= min_fires) & torch.isfinite(fc_F)
+    fc = fc_F[ok].cpu()
+    norm_spread_F = spread(model.decoder_norms().detach()).cpu()
+    hist = torch.histc(fc.float(), bins=bins, min=1.0, max=float(L)) if len(fc) else torch.zeros(bins)
+    return {"fc_mean": fc.mean().item() if len(fc) else math.nan,
+            "fc_median": fc.median().item() if len(fc) else math.nan,
+            "fc_frac_ge2": (fc >= 2).double().mean().item() if len(fc) else math.nan,
+            "fc_latents": int(ok.sum()), "min_fires": min_fires,
+            "fc_hist": hist.long().tolist(), "fc_hist_edges": torch.linspace(1, L, bins + 1).tolist(),
+            "norm_spread_mean": norm_spread_F[ok.cpu()].nanmean().item() if ok.any() else math.nan,
+            "norm_spread_mean_all": norm_spread_F.nanmean().item()}
+
+
+# ----------------------------------------------------------------------------------------
+# Wasserstein-1 between the classes (PolySAE / SAEBench)
+# ----------------------------------------------------------------------------------------
+
+
+def wasserstein_1d(u_NF: Tensor, v_MF: Tensor) -> Tensor:
+    """(F,) exact W1 = ∫|F_u − F_v| between the columns of u (N, F) and v (M, F), N ≠ M allowed."""
+    if u_NF.ndim != 2 or v_MF.ndim != 2 or u_NF.shape[1] != v_MF.shape[1] or not len(u_NF) or not len(v_MF):
+        raise ValueError(f"wasserstein_1d expects non-empty (N, F) and (M, F), got {tuple(u_NF.shape)} "
+                         f"and {tuple(v_MF.shape)}")
+    u = u_NF.T.contiguous().sort(-1).values                          # (F, N)
+    v = v_MF.T.contiguous().sort(-1).values                          # (F, M)
+    allv = torch.cat([u, v], -1).sort(-1).values                     # (F, N + M)
+    width = allv.diff(dim=-1)                                        # (F, N + M − 1)
+    left = allv[:, :-1].contiguous()
+    cdf_u = torch.searchsorted(u, left, right=True).to(u.dtype) / u.shape[1]
+    cdf_v = torch.searchsorted(v, left, right=True).to(v.dtype) / v.shape[1]
+    return ((cdf_u - cdf_v).abs() * width).sum(-1)
+
+
+def class_wasserstein(features_NF: Tensor, labels, chunk: int = 2048) -> dict:
+    """Per class (one vs rest): mean over latents of W1(latent | class, latent | rest);
+    then the mean and median over classes. features: (N, F) pooled latents, labels: N items."""
+    x = torch.as_tensor(features_NF, dtype=torch.float64)
+    labels = np.asarray(labels)
+    if x.ndim != 2 or len(labels) != len(x):
+        raise ValueError(f"class_wasserstein expects features (N, F) and N labels, got {tuple(x.shape)} "
+                         f"and {len(labels)} labels")
+    per = {}
+    for c in np.unique(labels):
+        pos = torch.as_tensor(labels == c)
+        if pos.all():
+            raise ValueError(f"class_wasserstein needs at least two classes, got only {c!r}")
+        w = torch.cat([wasserstein_1d(x[pos, i:i + chunk], x[~pos, i:i + chunk])
+                       for i in range(0, x.shape[1], chunk)])
+        per[str(c)] = w.mean().item()
+    vals = np.array(list(per.values()))
+    return {"per_class": per, "mean": float(vals.mean()), "median": float(np.median(vals))}
+
+
+# ----------------------------------------------------------------------------------------
+# Interaction weights vs co-occurrence (PolySAE)
+# ----------------------------------------------------------------------------------------
+
+
+def offdiag_pearson(a_NN: Tensor, b_NN: Tensor) -> float:
+    """Pearson correlation of two symmetric (n, n) matrices over the pairs i < j."""
+    if a_NN.shape != b_NN.shape or a_NN.ndim != 2 or a_NN.shape[0] != a_NN.shape[1] or a_NN.shape[0] < 3:
+        raise ValueError(f"offdiag_pearson expects two (n, n) matrices with n >= 3, got "
+                         f"{tuple(a_NN.shape)} and {tuple(b_NN.shape)}")
+    i, j = torch.triu_indices(*a_NN.shape, offset=1)
+    a, b = a_NN[i, j].double().cpu(), b_NN[i, j].double().cpu()
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+@torch.no_grad()
+def cooccurrence(latent_batches: Iterable[Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
+    """For latents idx (n,) over batches of z (B, F): co-occurrence frequency P(z_i>0, z_j>0)
+    and covariance Cov(z_i, z_j), both (n, n), over all tokens."""
+    n_tok, both, szz, sz = 0, 0.0, 0.0, 0.0
+    for z_BF in latent_batches:
+        z = z_BF[:, idx.to(z_BF.device)].double()
+        f = (z > 0).double()
+        both, szz, sz = both + f.T @ f, szz + z.T @ z, sz + z.sum(0)
+        n_tok += z.shape[0]
+    mean = sz / n_tok
+    cov = szz / n_tok - mean[:, None] * mean[None, :]
+    return (both / n_tok).cpu(), cov.cpu()
+
+
+def interaction_vs_cooccurrence(model, latent_batches: Iterable[Tensor], fire_count_F: Tensor,
+                                n: int = 512) -> dict:
+    """r(‖Θ2[i,j]‖, cooc) and r(cov, cooc) over the n most frequent firing latents."""
+    alive = int((fire_count_F > 0).sum())
+    n = min(n, alive)
+    if n < 3:
+        raise ValueError(f"interaction_vs_cooccurrence needs at least 3 latents that fire, got {alive}")
+    idx = fire_count_F.topk(n).indices
+    cooc, cov = cooccurrence(latent_batches, idx)
+    inter = model.interaction_matrix(idx).cpu()
+    return {"n_latents": n, "r_interaction_cooc": offdiag_pearson(inter, cooc),
+            "r_covariance_cooc": offdiag_pearson(cov, cooc)}
+
+
+# ----------------------------------------------------------------------------------------
+# LM loss with the reconstruction spliced in
+# ----------------------------------------------------------------------------------------
+
+
+def next_token_ce(logits_BTV: Tensor, input_ids_BT: Tensor, keep_BT: Tensor) -> tuple[float, int]:
+    """(Σ CE, count) of the predictions at real tokens t of real tokens t+1 (keep[t] & keep[t+1])."""
+    logp = logits_BTV[:, :-1].float().log_softmax(-1)
+    target = input_ids_BT[:, 1:].to(logp.device)
+    ce_BT = -logp.gather(-1, target[..., None])[..., 0]
+    mask = (keep_BT[:, :-1] & keep_BT[:, 1:]).to(logp.device)
+    return ce_BT[mask].double().sum().item(), int(mask.sum())
+
+
+@torch.no_grad()
+def spliced_ce(lm, batch: dict, layer: int, replace: Callable[[Tensor], Tensor] | None) -> tuple[float, int]:
+    """Σ CE and count with block `layer`'s output h replaced by replace(h[keep]) at the real
+    tokens (replace: (N, d) raw → (N, d) raw); replace=None is the clean model."""
+    dev = next(lm.parameters()).device
+    keep = batch["keep"].to(dev)
+
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        h[keep] = replace(h[keep]).to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = None
+    if replace is not None:
+        block = dict(lm.named_modules())[activations.block_paths(lm)[layer]]
+        handle = block.register_forward_hook(hook)
+    try:
+        logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                    use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return next_token_ce(logits, batch["input_ids"], keep)
+
+
+def frac_recovered(ce_clean: float, ce_spliced: float, ce_ablate: float) -> float:
+    """(CE_ablate − CE_spliced) / (CE_ablate − CE_clean): 1 perfect, 0 no better than ablation."""
+    return (ce_ablate - ce_spliced) / (ce_ablate - ce_clean)
+
+
+@torch.no_grad()
+def ce_recovered(lm, windows: Iterable[dict], layer: int, reconstruct: Callable[[Tensor], Tensor],
+                 mean_raw_D: Tensor) -> dict:
+    """CE clean / spliced / zero- / mean-ablated at block `layer` over token windows
+    (dicts of input_ids, attention_mask, keep), and the fractions recovered."""
+    totals = {"clean": [0.0, 0], "spliced": [0.0, 0], "zero": [0.0, 0], "mean": [0.0, 0]}
+    fns = {"clean": None, "spliced": reconstruct, "zero": torch.zeros_like,
+           "mean": lambda h: mean_raw_D.to(h.device, h.dtype).expand_as(h)}
+    for batch in windows:
+        for name, fn in fns.items():
+            s, n = spliced_ce(lm, batch, layer, fn)
+            totals[name][0] += s
+            totals[name][1] += n
+    if totals["clean"][1] == 0:
+        raise ValueError("ce_recovered got no real next-token predictions (empty windows)")
+    ce = {k: s / n for k, (s, n) in totals.items()}
+    return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
+            "ce_increase": ce["spliced"] - ce["clean"], "ce_tokens": totals["clean"][1],
+            "frac_recovered_zero": frac_recovered(ce["clean"], ce["spliced"], ce["zero"]),
+            "frac_recovered_mean": frac_recovered(ce["clean"], ce["spliced"], ce["mean"])}
+
+
+# ----------------------------------------------------------------------------------------
+# Held-out data
+# ----------------------------------------------------------------------------------------
+
+
+def _is_hub(dataset: str | None) -> bool:
+    if dataset in (None, "bbc"):
+        return False
+    name = dataset.rsplit(":", 1)[0] if ":" in dataset and not Path(dataset).expanduser().exists() else dataset
+    return not (Path(name).expanduser().exists() or any(c in name for c in "*?["))
+
+
+def heldout_windows(tokenizer, dataset: str | None, split: str, context: int, skip_tokens: int,
+                    batch_size: int = 16) -> Iterator[dict]:
+    """Collated windows (input_ids, attention_mask, keep) of the run's text stream, built like
+    the harvest (activations.tokenize), after skipping the windows that hold the first
+    `skip_tokens` real tokens (the training tokens of the cache)."""
+    seen, rows = 0, []
+    for row in activations._windows(tokenizer, activations.load_texts(dataset, split), context):
+        if seen < skip_tokens:
+            seen += int(activations._collate(tokenizer, [row], context)["keep"].sum())
+            continue
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield activations._collate(tokenizer, rows, context)
+            rows = []
+    if rows:
+        yield activations._collate(tokenizer, rows, context)
+
+
+def take_tokens(windows: Iterable[dict], n_tokens: int) -> Iterator[dict]:
+    """Windows until they hold at least n_tokens real tokens."""
+    done = 0
+    for w in windows:
+        if done >= n_tokens:
+            return
+        done += int(w["keep"].sum())
+        yield w
+
+
+def heldout_text(run: dict, cache_meta: dict | None) -> tuple[str, int]:
+    """(split, tokens to skip): a hub dataset's "test" split if it has one, else the training
+    stream after its training tokens."""
+    split = (cache_meta or {}).get("split", "train")
+    if _is_hub(run.get("dataset")):
+        try:
+            next(iter(activations.load_texts(run["dataset"], "test")))
+            return "test", 0
+        except (ValueError, StopIteration):
+            pass
+    return split, int(run.get("train_tokens", 0))
+
+
+# ----------------------------------------------------------------------------------------
+# One run folder
+# ----------------------------------------------------------------------------------------
+
+
+class Held:
+    """The held-out activations of a run: raw (B, L_all, d) batches over `layers`."""
+
+    def __init__(self, run: dict, eval_tokens: int | None, batch_size: int, device, lm_loader):
+        self.batch_size, self.device = batch_size, device
+        cache_path = run.get("cache")
+        self.cache = activations.ActivationCache(cache_path) if cache_path and Path(cache_path, "meta.json").exists() else None
+        if self.cache is not None:
+            self.layers = self.cache.layers
+            self.start = int(run["train_tokens"])
+            n = int(run["eval_tokens"]) if eval_tokens is None else min(eval_tokens, int(run["eval_tokens"]))
+            self.stop = min(self.start + n, self.cache.n_tokens)
+            self.scale = self.cache.scale
+            self.source = f"cache {self.cache.path} tokens [{self.start:,}, {self.stop:,})"
+            return
+        lm, tok = lm_loader()
+        self.layers = sorted(run["layers"])
+        split, skip = heldout_text(run, None)
+        n = eval_tokens or int(run.get("eval_tokens") or 20_000)
+        chunks, got = [], 0
+        for w in heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip):
+            h = activations.hidden_states(lm, w["input_ids"], w["attention_mask"], self.layers)
+            chunks.append(h[w["keep"].to(h.device)].float().cpu())
+            got += len(chunks[-1])
+            if got >= n:
+                break
+        if not chunks:
+            raise ValueError(f"no held-out tokens in dataset {run.get('dataset')!r} split {split!r} after "
+                             f"skipping {skip:,} tokens")
+        self.x = torch.cat(chunks)[:n]
+        self.scale = activations.estimate_scale(self.x)
+        ds = run.get("dataset") or "bbc"
+        self.source = (f"harvested {len(self.x):,} tokens of {ds} split {split} "
+                       f"(after the first {skip:,} tokens; no cache at {cache_path!r})")
+
+    def batches(self, max_tokens: int | None = None) -> Iterator[Tensor]:
+        stop = self.stop if self.cache is not None else len(self.x)
+        start = self.start if self.cache is not None else 0
+        if max_tokens is not None:
+            stop = min(stop, start + max_tokens)
+        for lo in range(start, stop, self.batch_size):
+            hi = min(lo + self.batch_size, stop)
+            x = self.cache.read(lo, hi) if self.cache is not None else self.x[lo:hi]
+            yield x.to(self.device)
+
+
+def _model_input(x_raw: Tensor, cols: list[int], s_model_L: Tensor, multi: bool) -> Tensor:
+    x = x_raw[:, cols] * s_model_L.to(x_raw.device)[:, None]
+    return x if multi else x[:, 0]
+
+
+@torch.no_grad()
+def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_tokens: int = 10_000,
+                 fc_tokens: int = 10_000, cooc_tokens: int | None = None, n_pairs: int = 512,
+                 min_fires: int = 10, wasserstein_task: str | None = "bbc", batch_size: int = 1024,
+                 lm_batch: int = 8) -> dict:
+    """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json."""
+    entries = sae_mod.load_run(run_dir, device)
+    run = entries[0][2].get("run", {})
+    if not run:
+        raise ValueError(f"{str(run_dir)!r} has no 'run' entry in config.json: not written by train.py")
+    lm_box = []
+
+    def lm_loader():
+        if not lm_box:
+            lm_box.append(activations.load_lm(run["model"], device=device))
+        return lm_box[0]
+
+    held = Held(run, eval_tokens, batch_size, device, lm_loader)
+    names, infos = [], []
+    for layers, model, meta in entries:
+        model.eval()
+        multi = hasattr(model.config, "n_layers")
+        names.append(f"layers {layers[0]}-{layers[-1]}" if multi else f"layer {layers[0]}")
+        infos.append({"cols": [held.layers.index(l) for l in layers], "multi": multi,
+                      "s_model": torch.tensor(model.config.input_scale, dtype=torch.float32),
+                      "s_norm": held.scale[[held.layers.index(l) for l in layers]]})
+
+    # 1. reconstruction: one pass over the held-out tokens for every dictionary of the run
+    stats = [ReconStats() for _ in entries]
+    for x_raw in held.batches():
+        for (_, model, _), info, st in zip(entries, infos, stats):
+            x = _model_input(x_raw, info["cols"], info["s_model"], info["multi"])
+            st.update(x, model(x))
+    results = []
+    for (layers, model, meta), info, st, name in zip(entries, infos, stats, names):
+        r = {"name": name, "dict": meta["class"], "layers": layers, **st.result(info["s_model"], info["s_norm"]),
+             "dead_counter": model.dead_fraction()}
+        results.append(r)
+
+    # 2. per-layer sets: the set as a whole, comparable with one crosscoder over the same layers
+    if len(entries) > 1:
+        sse = torch.cat([r["_sse_raw_L"] * i["s_norm"].double() ** 2 for r, i in zip(results, infos)])
+        sst = torch.cat([r["_sst_raw_L"] * i["s_norm"].double() ** 2 for r, i in zip(results, infos)])
+        results.append({"name": f"set of {len(entries)}", "dict": results[0]["dict"], "tokens": results[0]["tokens"],
+                        "mse_raw": sum(r["mse_raw"] for r in results),
+                        "mse_norm": sum(r["mse_norm"] for r in results),
+                        "fvu": (sse.sum() / sst.sum()).item(),
+                        "l0": sum(r["l0"] for r in results),
+                        "dead_eval": float(np.mean([r["dead_eval"] for r in results]))})
+
+    # 3. LM loss with the reconstruction spliced in (single-layer dictionaries)
+    if ce_tokens:
+        for (layers, model, meta), info, r in zip(entries, infos, results):
+            if info["multi"]:
+                continue
+            lm, tok = lm_loader()
+            split, skip = heldout_text(run, held.cache.meta if held.cache is not None else None)
+            s = info["s_model"].to(device)
+
+            def reconstruct(h_ND, model=model, s=s):
+                return model(h_ND.float() * s).recon / s
+
+            windows = take_tokens(heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip,
+                                                  lm_batch), ce_tokens)
+            r.update(ce_recovered(lm, windows, layers[0], reconstruct, r["_mean_raw_LD"][0].float()))
+
+    # 4. functional coherence (multi-layer dictionaries)
+    for (layers, model, meta), info, r in zip(entries, infos, results):
+        if info["multi"] and fc_tokens:
+            batches = (_model_input(x, info["cols"], info["s_model"], True) for x in held.batches(fc_tokens))
+            r.update(functional_coherence(model, batches, min_fires=min_fires, bins=10))
+
+    # 5. interaction weight vs co-occurrence (PolySAE)
+    for (layers, model, meta), info, r, st in zip(entries, infos, results, stats):
+        if hasattr(model, "interaction_matrix") and model.config.order >= 2:
+            zs = (model.encode(_model_input(x, info["cols"], info["s_model"], info["multi"]))
+                  for x in held.batches(cooc_tokens))
+            r.update(interaction_vs_cooccurrence(model, zs, st.fire_count_F, n_pairs))
+
+    # 6. class-conditional Wasserstein distance on a labelled task (probe.py pools the latents)
+    if wasserstein_task:
+        try:
+            import probe
+        except ImportError:
+            probe = None
+        if probe is None or not hasattr(probe, "pooled_latents"):
+            print("note: probe.py (pooled_latents) not available: Wasserstein skipped")
+        else:
+            texts, labels = _task_texts(probe, wasserstein_task)
+            for entry, r in zip(entries, results):
+                feats = probe.pooled_latents(entry, texts, device=device)
+                w = class_wasserstein(torch.as_tensor(feats), labels)
+                r.update({"wasserstein_mean": w["mean"], "wasserstein_median": w["median"],
+                          "wasserstein_per_class": w["per_class"], "wasserstein_task": wasserstein_task})
+
+    out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
+           "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
+    Path(run_dir, "eval.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _task_texts(probe, task: str) -> tuple[list[str], list]:
+    """(texts, labels) of a probe.py task (its held-out/test split when it has one)."""
+    data = probe.load_task(task)
+    if isinstance(data, dict):
+        part = data.get("test") or data.get("train") or data
+        return list(part["texts"]), list(part["labels"])
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (list, tuple)) and len(data[0]) \
+            and isinstance(data[0][0], str):
+        return list(data[0]), list(data[1])
+    if isinstance(data, tuple) and len(data) == 4:                     # train_x, train_y, test_x, test_y
+        return list(data[2]), list(data[3])
+    raise ValueError(f"probe.load_task({task!r}) returned an unexpected {type(data).__name__}")
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------
+
+COLUMNS = [("FVU", "fvu", ".4f"), ("MSE raw", "mse_raw", ".4g"), ("MSE norm", "mse_norm", ".4g"),
+           ("L0", "l0", ".1f"), ("dead", "dead_eval", ".3f"), ("dead ctr", "dead_counter", ".3f"),
+           ("ΔCE", "ce_increase", ".4f"), ("rec0", "frac_recovered_zero", ".3f"),
+           ("recμ", "frac_recovered_mean", ".3f"), ("FC", "fc_mean", ".2f"), ("FC≥2", "fc_frac_ge2", ".3f"),
+           ("normspr", "norm_spread_mean", ".2f"), ("W1", "wasserstein_mean", ".4g"),
+           ("r(Θ,co)", "r_interaction_cooc", ".3f"), ("r(cov,co)", "r_covariance_cooc", ".3f")]
+
+
+def format_table(evals: list[dict]) -> str:
+    head = ["run", "dictionary"] + [c[0] for c in COLUMNS]
+    rows = []
+    for e in evals:
+        for r in e["results"]:
+            cells = [Path(e["run"]).name, f"{r['dict'].split('.')[-1]} {r['name']}"]
+            for _, key, fmt in COLUMNS:
+                v = r.get(key)
+                cells.append("-" if v is None else format(v, fmt))
+            rows.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *rows]]
+    notes = []
+    for e in evals:
+        notes.append(f"{e['run']}: {e['data']}")
+        for r in e["results"]:
+            if len(r.get("mse_raw_per_layer", [])) > 1:
+                per = ", ".join(f"{m:.4g}/{f:.3f}" for m, f in zip(r["mse_raw_per_layer"], r["fvu_per_layer"]))
+                notes.append(f"  {r['name']} per layer MSE raw/FVU: {per}")
+            if "fc_hist" in r:
+                notes.append(f"  {r['name']} FC histogram over [1, {len(r['layers'])}] ({r['fc_latents']} latents "
+                             f"fired >= {r['min_fires']}x): {r['fc_hist']}")
+    return "\n".join(lines + [""] + notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders written by train.py")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="held-out tokens for reconstruction (default: all the run's held-out tokens; "
+                        "20,000 when harvesting)")
+    p.add_argument("--ce-tokens", type=int, default=10_000, help="tokens for the spliced LM loss (0: skip)")
+    p.add_argument("--fc-tokens", type=int, default=10_000, help="tokens for functional coherence (0: skip)")
+    p.add_argument("--cooc-tokens", type=int, default=None, help="tokens for co-occurrence (default: all)")
+    p.add_argument("--pairs", type=int, default=512, help="most frequent latents for interaction vs co-occurrence")
+    p.add_argument("--min-fires", type=int, default=10, help="latents firing fewer times get no FC")
+    p.add_argument("--wasserstein", default="bbc", help="probe.py task for the Wasserstein distance ('' skips)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    a = p.parse_args(argv)
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    evals = [evaluate_run(r, device, a.eval_tokens, a.ce_tokens, a.fc_tokens, a.cooc_tokens, a.pairs,
+                          a.min_fires, a.wasserstein or None, a.batch_size) for r in a.runs]
+    print(format_table(evals))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
