@@ -57,6 +57,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -317,15 +318,19 @@ def load_texts(dataset: str | None = None, split: str = "train", seed: int = 0) 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"unknown dataset {name!r}: not 'bbc', a local file/folder/glob, nor loadable "
                          f"from the Hugging Face hub ({first})") from None
+    rows = iter(ds)
     if column is None:
-        feats = ds.features or {}
-        names = [c for c in ("text", "content", "document", "article", "sentence") if c in feats]
-        names += [c for c, f in feats.items() if getattr(f, "dtype", None) == "string"]
+        first = next(rows, None)
+        if first is None:
+            raise ValueError(f"dataset {name!r} split {split!r} is empty")
+        rows = itertools.chain([first], rows)
+        names = [c for c in ("text", "content", "document", "article", "sentence") if c in first]
+        names += [c for c, v in first.items() if isinstance(v, str)]
         if not names:
-            raise ValueError(f"cannot find a text column in dataset {name!r} (columns: {list(feats)}): "
+            raise ValueError(f"cannot find a text column in dataset {name!r} (columns: {list(first)}): "
                              f"use '{name}:<column>'")
         column = names[0]
-    return (row[column] for row in ds)
+    return (row[column] for row in rows)
 
 
 def _windows(tokenizer, texts: Iterable[str], context: int) -> Iterator[list[int]]:
@@ -337,9 +342,11 @@ def _windows(tokenizer, texts: Iterable[str], context: int) -> Iterator[list[int
     buf: list[int] = []
     for text in texts:
         buf += tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
-        while len(buf) >= context - 1:
-            yield [bos] + buf[:context - 1]
-            buf = buf[context - 1:]
+        pos = 0                                   # (an index, not repeated slicing: long documents)
+        while len(buf) - pos >= context - 1:
+            yield [bos] + buf[pos:pos + context - 1]
+            pos += context - 1
+        buf = buf[pos:]
     if any(t != sep for t in buf):
         yield [bos] + buf
 

@@ -271,6 +271,28 @@ def test_local_texts(tmp_path):
         A.load_texts(str(tmp_path / "nothing*.txt"))
 
 
+def test_hub_dataset_streaming_and_column(monkeypatch):
+    import datasets
+    calls = []
+
+    def fake_load(name, split, streaming):
+        calls.append((name, split, streaming))
+        return datasets.Dataset.from_dict({"id": [1, 2], "body": ["x", "y"], "title": ["t1", "t2"]}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert list(A.load_texts("org/news", split="validation")) == ["x", "y"]     # first string column
+    assert list(A.load_texts("org/news:title")) == ["t1", "t2"]
+    assert calls == [("org/news", "validation", True), ("org/news", "train", True)]
+
+
+def test_unknown_dataset_error(offline_hub, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"^unknown dataset 'no-such-org/xyz-data': not 'bbc', a local") as e:
+        A.load_texts("no-such-org/xyz-data")
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------------------
 # Disk cache
 # ----------------------------------------------------------------------------------------
