@@ -360,20 +360,31 @@ def _is_hub(dataset: str | None) -> bool:
 
 def heldout_windows(tokenizer, dataset: str | None, split: str, context: int, skip_tokens: int,
                     batch_size: int = 16) -> Iterator[dict]:
-    """Collated windows (input_ids, attention_mask, keep) of the run's text stream, built like
-    the harvest (activations.tokenize), after skipping the windows that hold the first
-    `skip_tokens` real tokens (the training tokens of the cache)."""
-    seen, rows = 0, []
+    """Collated windows (input_ids, attention_mask, keep) of the run's text stream, built like the
+    harvest (activations.tokenize), that follow its first `skip_tokens` real tokens (the training
+    tokens of the cache). In the window holding the boundary the earlier tokens are context only
+    (keep False), so the kept tokens are exactly the cache's tokens from `skip_tokens` on."""
+    seen, rows, trim = 0, [], 0
     for row in activations._windows(tokenizer, activations.load_texts(dataset, split), context):
         if seen < skip_tokens:
-            seen += int(activations._collate(tokenizer, [row], context)["keep"].sum())
-            continue
+            n_keep = int(activations._collate(tokenizer, [row], context)["keep"].sum())
+            if seen + n_keep <= skip_tokens:
+                seen += n_keep
+                continue
+            trim, seen = skip_tokens - seen, skip_tokens
         rows.append(row)
         if len(rows) == batch_size:
-            yield activations._collate(tokenizer, rows, context)
-            rows = []
+            yield _trim_first(activations._collate(tokenizer, rows, context), trim)
+            rows, trim = [], 0
     if rows:
-        yield activations._collate(tokenizer, rows, context)
+        yield _trim_first(activations._collate(tokenizer, rows, context), trim)
+
+
+def _trim_first(batch: dict, n: int) -> dict:
+    """Mark the first n kept tokens of the first window as context only."""
+    if n:
+        batch["keep"][0, batch["keep"][0].nonzero()[:n, 0]] = False
+    return batch
 
 
 def take_tokens(windows: Iterable[dict], n_tokens: int) -> Iterator[dict]:
@@ -407,7 +418,7 @@ def heldout_text(run: dict, cache_meta: dict | None) -> tuple[str, int]:
 class Held:
     """The held-out activations of a run: raw (B, L_all, d) batches over `layers`."""
 
-    def __init__(self, run: dict, eval_tokens: int | None, batch_size: int, device, lm_loader):
+    def __init__(self, run: dict, layers: list[int], eval_tokens: int | None, batch_size: int, device, lm_loader):
         self.batch_size, self.device = batch_size, device
         cache_path = run.get("cache")
         self.cache = activations.ActivationCache(cache_path) if cache_path and Path(cache_path, "meta.json").exists() else None
@@ -420,7 +431,7 @@ class Held:
             self.source = f"cache {self.cache.path} tokens [{self.start:,}, {self.stop:,})"
             return
         lm, tok = lm_loader()
-        self.layers = sorted(run["layers"])
+        self.layers = sorted(layers)
         split, skip = heldout_text(run, None)
         n = eval_tokens or int(run.get("eval_tokens") or 20_000)
         chunks, got = [], 0
@@ -458,7 +469,8 @@ def _model_input(x_raw: Tensor, cols: list[int], s_model_L: Tensor, multi: bool)
 @torch.no_grad()
 def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_tokens: int = 10_000,
                  fc_tokens: int = 10_000, cooc_tokens: int | None = None, n_pairs: int = 512,
-                 min_fires: int = 10, wasserstein_task: str | None = "bbc", batch_size: int = 1024,
+                 min_fires: int = 10, wasserstein_task: str | None = "bbc_topic", wasserstein_texts: int = 4000,
+                 batch_size: int = 1024,
                  lm_batch: int = 8) -> dict:
     """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json."""
     entries = sae_mod.load_run(run_dir, device)
@@ -472,7 +484,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
             lm_box.append(activations.load_lm(run["model"], device=device))
         return lm_box[0]
 
-    held = Held(run, eval_tokens, batch_size, device, lm_loader)
+    held = Held(run, sorted({l for ls, _, _ in entries for l in ls}), eval_tokens, batch_size, device, lm_loader)
     names, infos = [], []
     for layers, model, meta in entries:
         model.eval()
@@ -536,38 +548,22 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
 
     # 6. class-conditional Wasserstein distance on a labelled task (probe.py pools the latents)
     if wasserstein_task:
-        try:
-            import probe
-        except ImportError:
-            probe = None
-        if probe is None or not hasattr(probe, "pooled_latents"):
-            print("note: probe.py (pooled_latents) not available: Wasserstein skipped")
-        else:
-            texts, labels = _task_texts(probe, wasserstein_task)
-            for entry, r in zip(entries, results):
-                feats = probe.pooled_latents(entry, texts, device=device)
-                w = class_wasserstein(torch.as_tensor(feats), labels)
-                r.update({"wasserstein_mean": w["mean"], "wasserstein_median": w["median"],
-                          "wasserstein_per_class": w["per_class"], "wasserstein_task": wasserstein_task})
+        import probe
+
+        texts, labels = probe.load_task(wasserstein_task, "train", n_train=wasserstein_texts)
+        lm, tok = lm_loader()
+        for (layers, model, meta), r in zip(entries, results):
+            feats = probe.pooled_latents(model, None, lm, tok, texts, layers, run.get("context", 128),
+                                         device=device)
+            w = class_wasserstein(feats, labels)
+            r.update({"wasserstein_mean": w["mean"], "wasserstein_median": w["median"],
+                      "wasserstein_per_class": w["per_class"], "wasserstein_task": wasserstein_task,
+                      "wasserstein_texts": len(texts)})
 
     out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
            "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
     Path(run_dir, "eval.json").write_text(json.dumps(out, indent=2))
     return out
-
-
-def _task_texts(probe, task: str) -> tuple[list[str], list]:
-    """(texts, labels) of a probe.py task (its held-out/test split when it has one)."""
-    data = probe.load_task(task)
-    if isinstance(data, dict):
-        part = data.get("test") or data.get("train") or data
-        return list(part["texts"]), list(part["labels"])
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (list, tuple)) and len(data[0]) \
-            and isinstance(data[0][0], str):
-        return list(data[0]), list(data[1])
-    if isinstance(data, tuple) and len(data) == 4:                     # train_x, train_y, test_x, test_y
-        return list(data[2]), list(data[3])
-    raise ValueError(f"probe.load_task({task!r}) returned an unexpected {type(data).__name__}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -619,12 +615,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cooc-tokens", type=int, default=None, help="tokens for co-occurrence (default: all)")
     p.add_argument("--pairs", type=int, default=512, help="most frequent latents for interaction vs co-occurrence")
     p.add_argument("--min-fires", type=int, default=10, help="latents firing fewer times get no FC")
-    p.add_argument("--wasserstein", default="bbc", help="probe.py task for the Wasserstein distance ('' skips)")
+    p.add_argument("--wasserstein", default="bbc_topic",
+                   help="probe.py task for the class-conditional Wasserstein distance ('' skips)")
+    p.add_argument("--wasserstein-texts", type=int, default=4000,
+                   help="n_train of probe.load_task: its train split, n/2 texts per class at most (SAEBench: 4000)")
     p.add_argument("--batch-size", type=int, default=1024)
     a = p.parse_args(argv)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     evals = [evaluate_run(r, device, a.eval_tokens, a.ce_tokens, a.fc_tokens, a.cooc_tokens, a.pairs,
-                          a.min_fires, a.wasserstein or None, a.batch_size) for r in a.runs]
+                          a.min_fires, a.wasserstein or None, a.wasserstein_texts, a.batch_size) for r in a.runs]
     print(format_table(evals))
     return 0
 

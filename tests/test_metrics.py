@@ -303,6 +303,26 @@ def test_spliced_clean_equals_the_plain_model_loss(lm_windows):
     assert s / n == pytest.approx(ce.item(), rel=1e-5)
 
 
+def test_heldout_windows_continue_the_cache_after_the_training_tokens(gpt2_dir, tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(6):
+        (texts / f"{i}.txt").write_text(f"Document {i}. " + "Some words that follow, and more of them. " * (5 + 3 * i))
+    cache = activations.build_cache(tmp_path / "acts", gpt2_dir, layers=[1, 2], dataset=str(texts),
+                                    n_tokens=100_000, context=32, dtype="float32")
+    lm, tok = activations.load_lm(gpt2_dir)
+    # naive: the windows of the whole stream, and the kept tokens each one holds
+    windows = activations.tokenize(tok, list(activations.load_texts(str(texts))), context=32)
+    per_window = windows["keep"].sum(1).tolist()
+    for skip in (sum(per_window[:5]), sum(per_window[:5]) + 7):   # at a window boundary, and inside one
+        got = list(metrics.heldout_windows(tok, str(texts), "train", 32, skip, batch_size=2))
+        assert torch.equal(got[0]["input_ids"], windows["input_ids"][5:7])
+        assert sum(int(w["keep"].sum()) for w in got) == cache.n_tokens - skip
+        h = torch.cat([activations.hidden_states(lm, w["input_ids"], w["attention_mask"], [1, 2])[w["keep"]]
+                       for w in got])
+        torch.testing.assert_close(h, cache.read(skip, cache.n_tokens), rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------
 # End to end: train.py runs on the tiny GPT-2, then `python metrics.py RUN ...`
 # ----------------------------------------------------------------------------------------
@@ -325,13 +345,13 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
         "--batch-size", "128", "--n-latents", "64", "--k", "4", "--context", "64", "--cache", str(cache),
         "--out", str(out), "--device", "cpu", "--dead-tokens", "1000", "--ckpt-every", "0"]))
     assert metrics.main([str(out), "--ce-tokens", "300", "--fc-tokens", "512", "--pairs", "16",
-                         "--min-fires", "1", "--device", "cpu"]) == 0
+                         "--min-fires", "1", "--device", "cpu", "--wasserstein-texts", "20"]) == 0
     printed = capsys.readouterr().out
     assert "FVU" in printed and out.name in printed
     ev = json.loads((out / "eval.json").read_text())
     assert "cache" in ev["data"]
     multi = kind in ("crosscoder", "fmxcoder")
-    keys = ["fvu", "mse_raw", "mse_norm", "l0", "dead_eval"]
+    keys = ["fvu", "mse_raw", "mse_norm", "l0", "dead_eval", "wasserstein_mean", "wasserstein_median"]
     keys += ["fc_mean", "fc_frac_ge2", "norm_spread_mean"] if multi else ["ce_increase", "frac_recovered_zero",
                                                                          "frac_recovered_mean"]
     keys += ["r_interaction_cooc", "r_covariance_cooc"] if kind == "polysae" else []
@@ -344,3 +364,14 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
         assert len(r["mse_raw_per_layer"]) == (4 if multi else 1)
     if kind == "sae":
         assert [r["name"] for r in ev["results"]] == ["layer 1", "layer 2", "set of 2"]
+        # without the cache, the same held-out tokens are harvested again from the text stream
+        with_cache = metrics.evaluate_run(out, "cpu", eval_tokens=256, ce_tokens=0, wasserstein_task=None)
+        for layer_dir in out.glob("layer_*"):
+            meta = json.loads((layer_dir / "config.json").read_text())
+            meta["run"]["cache"] = str(tmp_path / "gone")
+            (layer_dir / "config.json").write_text(json.dumps(meta))
+        harvested = metrics.evaluate_run(out, "cpu", eval_tokens=256, ce_tokens=0, wasserstein_task=None)
+        assert "harvested 256 tokens" in harvested["data"]
+        for a, b in zip(with_cache["results"][:2], harvested["results"][:2]):
+            assert b["mse_raw"] == pytest.approx(a["mse_raw"], rel=1e-3)   # the cache is float16
+            assert b["fvu_per_layer"] == pytest.approx(a["fvu_per_layer"], rel=1e-3)
