@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -83,7 +86,7 @@ class TrainConfig:
     dtype: str = "float32"                  # float32 | bfloat16 (autocast on CUDA)
     seed: int = 0
     out: str = "runs/latest"
-    cache: str | None = None                # activation cache folder; default under ~/.cache/fmxcoders/acts
+    cache: str | None = None                # activation cache folder (default under ~/.cache/fmxcoders/acts); "none" streams
     cache_dtype: str = "float16"
     harvest_batch: int = 16                 # texts per LM forward pass when harvesting
     drop_outliers: float | None = None      # drop tokens whose norm > this × median (attention sinks)
@@ -97,16 +100,22 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------
 
 
+def field_help() -> dict[str, str]:
+    """The comment after each TrainConfig field, used as its --help text."""
+    src = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    hints = typing.get_type_hints(TrainConfig)
+    hints, helps = typing.get_type_hints(TrainConfig), field_help()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
         if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
             continue
         base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
-        p.add_argument(flag, type=base, default=f.default, help=f"default: {f.default}")
+        p.add_argument(flag, type=base, default=f.default, help=f"{helps.get(f.name, '')} (default: {f.default})")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -164,32 +173,28 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------------------
 
 
-def build_dictionaries(cfg: TrainConfig, d: int, layers: list[int], scale: list[float]) -> dict[int | str, torch.nn.Module]:
-    """{key: model}. Per-layer sets are keyed by layer index, a multi-layer model by 'all'."""
+def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[float]) -> dict:
+    """{key: (class, config)}: per-layer sets (sae, polysae) are keyed by layer index, a
+    multi-layer model by "all". Building the configs validates every flag (ranks, k, ...),
+    so train.py calls this before harvesting anything."""
     common = dict(d_in=d, n_latents=cfg.n_latents, k=cfg.k, sparsity=cfg.sparsity, l1_coeff=cfg.l1_coeff,
                   aux_coeff=cfg.aux_coeff, dead_tokens=cfg.dead_tokens)
-    if cfg.dict in ("sae", "polysae"):
-        models = {}
-        for i, layer in enumerate(layers):
-            if cfg.dict == "sae":
-                models[layer] = sae_mod.SAE(sae_mod.SAEConfig(**common, input_scale=[scale[i]]))
-            else:
-                import polysae
-                ranks = int_list(cfg.ranks, "--ranks") if cfg.ranks else None
-                pc = polysae.PolySAEConfig(**common, input_scale=[scale[i]], order=cfg.order,
-                                           **({"ranks": ranks} if ranks else {}))
-                models[layer] = polysae.PolySAE(pc)
-        return models
+    if cfg.dict == "sae":
+        return {l: (sae_mod.SAE, sae_mod.SAEConfig(**common, input_scale=[s])) for l, s in zip(layers, scale)}
+    if cfg.dict == "polysae":
+        import polysae
+        extra = {"ranks": int_list(cfg.ranks, "--ranks")} if cfg.ranks else {}
+        return {l: (polysae.PolySAE, polysae.PolySAEConfig(**common, input_scale=[s], order=cfg.order, **extra))
+                for l, s in zip(layers, scale)}
     mask_prob = cfg.mask_prob if cfg.mask_prob is not None else (0.05 if cfg.dict == "fmxcoder" else 0.0)
+    common.update(n_layers=len(layers), mask_prob=mask_prob, input_scale=list(scale))
     if cfg.dict == "crosscoder":
         import crosscoder
-        cc = crosscoder.CrossCoderConfig(**common, n_layers=len(layers), mask_prob=mask_prob, input_scale=scale)
-        return {"all": crosscoder.CrossCoder(cc)}
+        return {"all": (crosscoder.CrossCoder, crosscoder.CrossCoderConfig(**common))}
     import fmxcoder
     rank = int_list(cfg.rank, "--rank")
-    fc = fmxcoder.FMXCoderConfig(**common, n_layers=len(layers), mask_prob=mask_prob, input_scale=scale,
-                                 rank=rank[0] if len(rank) == 1 else rank, factorization=cfg.factorization)
-    return {"all": fmxcoder.FMXCoder(fc)}
+    return {"all": (fmxcoder.FMXCoder, fmxcoder.FMXCoderConfig(
+        **common, rank=rank[0] if len(rank) == 1 else rank, factorization=cfg.factorization))}
 
 
 def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
@@ -260,29 +265,27 @@ def load_checkpoint(path: Path, models, opts, cfg: TrainConfig) -> int:
 
 
 @torch.no_grad()
-def evaluate(models, cache, layers, start: int, stop: int, device, batch: int = 2048) -> dict:
-    """FVU (accumulated, divided once), MSE (normalised units), L0 and dead fraction per model."""
+def evaluate(models, read, n: int, layers, scale_L1, device, batch: int = 2048) -> dict:
+    """FVU (numerator and denominator accumulated, divided once), MSE (normalised units), L0
+    and dead fractions of every model on held-out tokens read(lo, hi) -> raw (N, L, d)."""
     stats = {}
     for key, model in models.items():
         model.eval()
-        n, sse, sx, sxx, l0, fired = 0, 0.0, 0.0, 0.0, 0.0, None
-        for lo in range(start, stop, batch):
-            x = cache.read(lo, min(lo + batch, stop)).to(device) * cache.scale.to(device)[:, None]
-            x = model_input(key, x, layers)
+        count, sse, sx, sxx, l0, fired = 0, 0.0, 0.0, 0.0, 0.0, None
+        for lo in range(0, n, batch):
+            x = model_input(key, read(lo, min(lo + batch, n)).to(device) * scale_L1, layers)
             out = model(x)
-            n += x.shape[0]
+            count += x.shape[0]
             sse += (x - out.recon).pow(2).sum().item()
-            sx = sx + x.sum(0)
-            sxx = sxx + x.pow(2).sum(0)
+            sx, sxx = sx + x.sum(0), sxx + x.pow(2).sum(0)
             l0 += (out.latents > 0).sum().item()
             f = (out.latents > 0).any(0)
             fired = f if fired is None else fired | f
-        if n == 0:
-            continue
-        sst = (sxx - sx.pow(2) / n).sum().item()  # Σ‖x − mean‖² = Σx² − (Σx)²/n per dimension
-        stats[str(key)] = {"fvu": sse / sst, "mse": sse / n, "l0": l0 / n,
-                           "dead_eval": 1 - fired.float().mean().item(), "dead_counter": model.dead_fraction()}
         model.train()
+        if count:
+            sst = (sxx - sx.pow(2) / count).sum().item()  # Σ‖x − mean‖² = Σ x² − (Σ x)²/n per dimension
+            stats[str(key)] = {"fvu": sse / sst, "mse": sse / count, "l0": l0 / count,
+                               "dead_eval": 1 - fired.float().mean().item(), "dead_counter": model.dead_fraction()}
     return stats
 
 
@@ -291,11 +294,25 @@ def evaluate(models, cache, layers, start: int, stop: int, device, batch: int = 
 # ----------------------------------------------------------------------------------------
 
 
+def split_stream(chunks, n_first: int):
+    """Take the first n_first tokens of an iterator of (N, L, d) chunks; return them and an
+    iterator over the rest."""
+    first, got, it = [], 0, iter(chunks)
+    for x in it:
+        first.append(x[:n_first - got])
+        got += len(first[-1])
+        if got >= n_first:
+            rest = x[len(first[-1]):]
+            return torch.cat(first), itertools.chain([rest] if len(rest) else [], it)
+    fail(f"the corpus gave only {got:,} tokens, fewer than the {n_first:,} needed to hold out and estimate scales")
+
+
 def train(cfg: TrainConfig) -> dict:
     check_config(cfg)
     out, device = Path(cfg.out), resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     multi = cfg.dict in ("crosscoder", "fmxcoder")
+    streaming = cfg.cache == "none"
 
     # --- data parallel (torchrun sets WORLD_SIZE/RANK/LOCAL_RANK): rank r trains on rows r::world
     # of every global batch; DDP all-reduces the gradients, sae.py reduces the BatchTopK selection,
@@ -306,67 +323,101 @@ def train(cfg: TrainConfig) -> dict:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if cfg.batch_size % world:
             fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world}")
     main_rank = rank == 0
+    local_batch = cfg.batch_size // world
 
-    # 1. activations -----------------------------------------------------------------------
-    n_total = cfg.tokens + cfg.eval_tokens
-    cache_args = dict(path=cfg.cache, model_name=cfg.model, layers=cfg.layers, dataset=cfg.dataset,
-                      n_tokens=n_total, context=cfg.context, batch_size=cfg.harvest_batch, device=device,
-                      dtype=cfg.cache_dtype, drop_outliers=cfg.drop_outliers, multi=multi)
-    if world > 1 and not main_rank:
-        torch.distributed.barrier()      # rank 0 harvests (or checks) the cache first ...
-    cache = activations.build_cache(**cache_args)
-    if world > 1 and main_rank:
-        torch.distributed.barrier()      # ... then the others open the finished cache
-    layers, d = cache.layers, cache.d
-    if cache.n_tokens < n_total:
-        print(f"note: the corpus gave {cache.n_tokens:,} tokens, fewer than the {n_total:,} asked for")
-    n_eval = min(cfg.eval_tokens, cache.n_tokens // 10)
-    n_train = cache.n_tokens - n_eval
-    if n_train < cfg.batch_size:
-        fail(f"only {n_train:,} training tokens in the cache, fewer than --batch-size {cfg.batch_size}")
-    scale = cache.scale.tolist()
+    # 1. the language model's shape, and every dictionary flag checked before any harvesting
+    cache_path = None if streaming else Path(cfg.cache) if cfg.cache else None
+    lm = tok = None
+    if cache_path is not None and (cache_path / "meta.json").exists():
+        meta = json.loads((cache_path / "meta.json").read_text())
+        d, n_blocks = meta["d"], meta["n_blocks"]
+    else:
+        lm, tok = activations.load_lm(cfg.model, device=device)
+        d, n_blocks = lm.config.get_text_config().hidden_size, len(activations.block_paths(lm))
+    layers = activations.parse_layers(cfg.layers, n_blocks, multi)
+    dictionary_configs(cfg, d, layers, [1.0] * len(layers))
 
-    # 2. dictionaries ----------------------------------------------------------------------
-    models = build_dictionaries(cfg, d, layers, scale)
-    for m in models.values():
-        m.to(device)
+    # 2. activations: a memmap cache (default), or streamed from the LM through a shuffle buffer
+    steps = cfg.tokens // cfg.batch_size
+    if not streaming:
+        if world > 1 and not main_rank:
+            torch.distributed.barrier()      # rank 0 harvests (or checks) the cache first ...
+        cache = activations.build_cache(
+            cache_path, cfg.model, layers, dataset=cfg.dataset, n_tokens=cfg.tokens + cfg.eval_tokens,
+            context=cfg.context, batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype,
+            drop_outliers=cfg.drop_outliers, multi=multi, model=lm, tokenizer=tok)
+        if world > 1 and main_rank:
+            torch.distributed.barrier()      # ... then the others open the finished cache
+        n_eval = min(cfg.eval_tokens, cache.n_tokens // 10)
+        n_train = cache.n_tokens - n_eval
+        if n_train < cfg.batch_size:
+            fail(f"only {n_train:,} training tokens in the cache, fewer than --batch-size {cfg.batch_size}")
+        steps = min(steps, n_train // cfg.batch_size) if cache.meta.get("exhausted") else steps
+        scale_L = cache.scale
+        hooks, cache_dir = cache.meta.get("hooks"), str(cache.path)
+        read_eval = lambda lo, hi: cache.read(n_train + lo, n_train + hi)  # noqa: E731
+        x0 = cache.read(0, min(n_train, 4096))
+
+        def batches(start: int):
+            for step in range(start, steps):
+                idx = batch_indices(step, cfg.batch_size, n_train, cfg.seed)[rank::world]
+                yield cache.take(idx)
+    else:  # every rank harvests its own texts (rank r takes documents r, r + world, ...)
+        texts = itertools.islice(activations.load_texts(cfg.dataset), rank, None, world)
+        stream = activations.harvest(lm, tok, texts, layers, cfg.context, cfg.harvest_batch, device,
+                                     cfg.drop_outliers)
+        held, rest = split_stream(stream, max(cfg.eval_tokens, 4096))
+        n_eval, n_train = cfg.eval_tokens, cfg.tokens
+        sq = sae_mod.all_reduce(held.double().pow(2).sum(-1).mean(0).to(device), "sum") / world
+        scale_L = (d / sq).sqrt().float().cpu()  # E‖s x‖² = d, the same on every rank
+        hooks = [activations.block_paths(lm)[l] for l in layers]
+        cache_dir, read_eval, x0 = None, lambda lo, hi: held[lo:hi], held[n_eval:]
+        buffer_tokens = max(64 * cfg.batch_size, 2 ** 16)
+
+        def batches(start: int):  # resuming replays the (seeded) stream up to `start`
+            for step, x in enumerate(activations.ShuffleBuffer(rest, buffer_tokens, local_batch, cfg.seed)):
+                if step >= steps or len(x) < local_batch:
+                    return
+                if step >= start:
+                    yield x
+
+    scale = scale_L.tolist()
+    scale_L1 = scale_L.to(device)[:, None]
+
+    # 3. dictionaries and optimisers --------------------------------------------------------
+    models = {k: cls(c).to(device) for k, (cls, c) in dictionary_configs(cfg, d, layers, scale).items()}
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for k, m in models.items()}
     # the modules that run forward: DDP wrappers under torchrun (buffers are reduced in sae.py)
     fwd = {k: torch.nn.parallel.DistributedDataParallel(
         m, broadcast_buffers=False, find_unused_parameters=cfg.dict == "polysae" and cfg.order < 3) if world > 1 else m
            for k, m in models.items()}
-    steps = cfg.tokens // cfg.batch_size
-    scale_dev = cache.scale.to(device)[:, None]
-
-    def batch(step: int) -> torch.Tensor:
-        idx = batch_indices(step, cfg.batch_size, n_train, cfg.seed)[rank::world]
-        return cache.take(idx).to(device, non_blocking=True) * scale_dev
-
     ckpt = out / "checkpoint.pt"
     start = 0
     if cfg.resume and ckpt.exists():
         start = load_checkpoint(ckpt, models, opts, cfg)
-        print(f"resumed from {ckpt} at step {start}")
+        if main_rank:
+            print(f"resumed from {ckpt} at step {start}")
     else:
-        x0 = torch.cat([cache.read(0, min(n_train, 4096))]).to(device) * scale_dev
+        x0 = x0.to(device) * scale_L1
         for key, m in models.items():
             m.init_b_dec(model_input(key, x0, layers), cfg.b_dec_init)
 
-    run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "hooks": cache.meta.get("hooks"),
-           "dataset": cfg.dataset, "context": cfg.context, "cache": str(cache.path), "train_tokens": n_train,
-           "eval_tokens": n_eval, "drop_outliers": cfg.drop_outliers}
+    run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "hooks": hooks, "dataset": cfg.dataset,
+           "context": cfg.context, "cache": cache_dir, "train_tokens": n_train, "eval_tokens": n_eval,
+           "drop_outliers": cfg.drop_outliers}
     sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     if main_rank:
         print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {steps} steps of {cfg.batch_size} tokens, "
               f"{sum(sizes.values()):,} parameters on {device}" + (f" x {world} ranks" if world > 1 else ""))
-    if main_rank and hasattr(next(iter(models.values())), "cost_report"):
-        print(next(iter(models.values())).cost_report())
+        if hasattr(next(iter(models.values())), "cost_report"):
+            print(next(iter(models.values())).cost_report())
 
-    # 3. the loop --------------------------------------------------------------------------
+    # 4. the loop ---------------------------------------------------------------------------
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     stop_requested = False
 
@@ -375,13 +426,12 @@ def train(cfg: TrainConfig) -> dict:
         stop_requested = True
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=cfg.dict, dynamic_ncols=True,
-               disable=not main_rank)
-    t0, step = time.time(), start
+    bar = tqdm(total=steps, initial=start, desc=cfg.dict, dynamic_ncols=True, disable=not main_rank)
+    t0, done = time.time(), start
     try:
-        for step in bar:
+        for step, x_raw in enumerate(batches(start), start=start):
             lr = get_lr(step, cfg, steps)
-            x = batch(step)
+            x = x_raw.to(device, non_blocking=True) * scale_L1
             logs = []
             for key, m in models.items():
                 for g in opts[key].param_groups:
@@ -398,36 +448,38 @@ def train(cfg: TrainConfig) -> dict:
                 m.after_step()
                 logs.append((o.loss.item(), (o.latents > 0).float().sum(-1).mean().item(),
                              sae_mod.fvu(xi.float(), o.recon.float()).item(), m.dead_fraction()))
-            mean = [sum(v) / len(v) for v in zip(*logs)]
+            loss, l0, fvu, dead = (sum(v) / len(v) for v in zip(*logs))
             done = step + 1
-            if not math.isfinite(mean[0]):
-                fail(f"the loss became {mean[0]} at step {step}: lower --lr or check the activations")
-            bar.set_postfix(loss=f"{mean[0]:.3g}", L0=f"{mean[1]:.1f}", FVU=f"{mean[2]:.3f}",
-                            dead=f"{mean[3]:.2f}", tok_s=f"{(done - start) * cfg.batch_size / (time.time() - t0):,.0f}")
+            if not math.isfinite(loss):
+                fail(f"the loss became {loss} at step {step}: lower --lr or check the activations")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3g}", L0=f"{l0:.1f}", FVU=f"{fvu:.3f}", dead=f"{dead:.2f}",
+                            tok_s=f"{(done - start) * cfg.batch_size / (time.time() - t0):,.0f}")
             if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < steps and main_rank:
                 save_checkpoint(ckpt, models, opts, done, cfg)
             if world > 1:  # every rank must stop at the same step
                 flag = torch.tensor(float(stop_requested), device=device)
                 stop_requested = bool(sae_mod.all_reduce(flag, "max").item())
             if stop_requested:
-                bar.close()
                 if main_rank:
-                    print(f"interrupted at step {done}: saving")
+                    print(f"\ninterrupted at step {done}: saving")
                 break
-        else:
-            done = steps
     finally:
+        bar.close()
         signal.signal(signal.SIGINT, old_handler)
     elapsed = time.time() - t0
+    if done < steps and not stop_requested and main_rank:
+        print(f"note: the data ran out after {done} of {steps} steps")
     if world > 1:
         torch.distributed.destroy_process_group()
         if not main_rank:
             return {"steps": done}
     save_checkpoint(ckpt, models, opts, done, cfg)
 
-    # 4. export ----------------------------------------------------------------------------
-    metrics = evaluate(models, cache, layers, n_train, n_train + n_eval, device)
-    summary = {"steps": done, "tokens": done * cfg.batch_size, "tokens_per_s": (done - start) * cfg.batch_size / max(elapsed, 1e-9),
+    # 5. export -----------------------------------------------------------------------------
+    metrics = evaluate(models, read_eval, n_eval, layers, scale_L1, device)
+    summary = {"steps": done, "tokens": done * cfg.batch_size,
+               "tokens_per_s": (done - start) * cfg.batch_size / max(elapsed, 1e-9),
                "parameters": sizes, "eval": metrics}
     for key, m in models.items():
         if cfg.fold_scale:
