@@ -198,5 +198,5 @@ def test_learns_toy_atoms():
     shared = data.profile_NL.sum(-1) == 4
     assert res["fvu"] < 0.15
     assert frac > 0.9
-    assert best[shared].gt(0.9).float().mean() > 0.9
+    assert best[shared].gt(0.9).float().mean() > 0.9   # (1.0 at this seed; fmxcoder TR reaches 1.0 too)
     assert model.dead_fraction() < 0.5
