@@ -41,11 +41,14 @@ Forward, never materialising d × F × L (x here is x − b_dec; MACs per token)
   F·L·d·R (CP) or F·L·(R1R2R3 + d·R1R2) (TR) MACs per batch. `costs(config)` and
   `cost_report()` give all these numbers against the dense crosscoder.
 
-Init: the materialised decoder has the dense crosscoder's per-entry variance 1/(L·d)
-(CP: A ~ N(0, 1/d), B ~ N(0, 1/R), C ~ N(0, 1/L); TR: G1 ~ N(0, 1/(d·R2)), G2 ~ N(0, 1/R3),
-G3 ~ N(0, 1/(L·R1))), then each latent's slice of B / G2 is rescaled so its concatenated
-decoder norm is exactly 1, like the crosscoder's. The encoder factors start as copies of
-the decoder factors, so W_enc = W_dec transposed at init, as in the dense crosscoder.
+Init: the materialised decoder has the dense crosscoder's per-entry variance 1/(L·d).
+The latent factor gets a unit-scale code per latent, the two others share the rest:
+CP B ~ N(0, 1/R), A and C ~ N(0, (L·d)^-1/2); TR G2 ~ N(0, 1/(R2·R3)), G1 and G3 ~
+N(0, (R1·L·d)^-1/2). (On the toy data of synthetic.py this learned much faster under Adam
+than giving all three factors the same scale or A ~ N(0, 1/d), C ~ N(0, 1/L).) Then each
+latent's slice of B / G2 is rescaled so its concatenated decoder norm is exactly 1, like
+the crosscoder's. The encoder factors start as copies of the decoder factors, so
+W_enc = W_dec transposed at init, as in the dense crosscoder.
 
 Everything else (sparsifiers, losses, AuxK, masking with default p = 0.05, b_dec,
 fold_input_scale, save/load) is crosscoder.CrossCoder's.
