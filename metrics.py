@@ -5,12 +5,16 @@
 prints one table (a row per dictionary) and writes RUN_DIR/eval.json. All metrics are computed on
 held-out tokens: the run's cache tokens [train_tokens, train_tokens + eval_tokens) that train.py
 never trained on, or, when the cache is gone, tokens harvested from the windows of the run's text
-stream that follow the training tokens (a hub dataset's "test" split when it has one).
+stream that follow the training tokens (a hub dataset's "test" split when it has one). The LM
+loss always runs on those text windows, which continue the cache exactly at its first held-out
+token (approximately when the run dropped outlier tokens: the cache then holds fewer tokens than
+the windows, and the boundary is placed by the windows' token counts).
 
 Units. A dictionary reads x_model[l] = s_l · x_raw[l] (s_l = config.input_scale, activations.py's
 `estimate_scale`: E‖s_l x_l‖² = d). MSE is reported in the raw activation scale (per layer, and
 summed over layers) and in the normalised scale (s_l of the activation cache, so folded and
-unfolded exports compare).
+unfolded exports compare; without a cache the run's own s_l, or for a folded export one estimated
+on the held-out tokens).
 
 Reconstruction (papers.md §1.5, §2.3; SAEBench "core")        x: (N, L, d) held-out tokens
     MSE   = (1/N) Σ_n Σ_l Σ_d (x − x̂)²           sum over d (and layers), mean over tokens
@@ -388,26 +392,31 @@ def _trim_first(batch: dict, n: int) -> dict:
 
 
 def take_tokens(windows: Iterable[dict], n_tokens: int) -> Iterator[dict]:
-    """Windows until they hold at least n_tokens real tokens."""
+    """Windows holding exactly the next n_tokens kept tokens (later ones become context only)."""
     done = 0
     for w in windows:
         if done >= n_tokens:
             return
-        done += int(w["keep"].sum())
+        rows, cols = w["keep"].nonzero(as_tuple=True)               # kept tokens in reading order
+        w["keep"][rows[n_tokens - done:], cols[n_tokens - done:]] = False
+        done += min(len(rows), n_tokens - done)
         yield w
 
 
-def heldout_text(run: dict, cache_meta: dict | None) -> tuple[str, int]:
-    """(split, tokens to skip): a hub dataset's "test" split if it has one, else the training
-    stream after its training tokens."""
-    split = (cache_meta or {}).get("split", "train")
+def heldout_text(run: dict, cache_meta: dict | None) -> tuple[str, int, int | None]:
+    """Where the run's held-out text is: (split, real tokens to skip, at most this many tokens).
+    A hub dataset's "test" split when it has one; for a streamed run (train.py --cache none: it
+    holds out the *first* eval_tokens tokens of the stream) the stream's first eval_tokens tokens;
+    otherwise the cached stream after its train_tokens training tokens."""
     if _is_hub(run.get("dataset")):
         try:
             next(iter(activations.load_texts(run["dataset"], "test")))
-            return "test", 0
+            return "test", 0, None
         except (ValueError, StopIteration):
             pass
-    return split, int(run.get("train_tokens", 0))
+    if run.get("cache") is None:
+        return "train", 0, int(run.get("eval_tokens") or 0) or None
+    return (cache_meta or {}).get("split", "train"), int(run.get("train_tokens", 0)), None
 
 
 # ----------------------------------------------------------------------------------------
@@ -429,15 +438,18 @@ class Held:
             self.stop = min(self.start + n, self.cache.n_tokens)
             self.scale = self.cache.scale
             self.source = f"cache {self.cache.path} tokens [{self.start:,}, {self.stop:,})"
+            if run.get("drop_outliers"):
+                self.source += " (drop_outliers: the LM-loss windows follow the training tokens only approximately)"
             return
         lm, tok = lm_loader()
         self.layers = sorted(layers)
-        split, skip = heldout_text(run, None)
-        n = eval_tokens or int(run.get("eval_tokens") or 20_000)
+        split, skip, limit = heldout_text(run, None)
+        n = min(eval_tokens or int(run.get("eval_tokens") or 20_000), limit or math.inf)
         chunks, got = [], 0
         for w in heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip):
             h = activations.hidden_states(lm, w["input_ids"], w["attention_mask"], self.layers)
-            chunks.append(h[w["keep"].to(h.device)].float().cpu())
+            x = h[w["keep"].to(h.device)].float().cpu()
+            chunks.append(activations.drop_outlier_tokens(x, run["drop_outliers"]) if run.get("drop_outliers") else x)
             got += len(chunks[-1])
             if got >= n:
                 break
@@ -447,8 +459,9 @@ class Held:
         self.x = torch.cat(chunks)[:n]
         self.scale = activations.estimate_scale(self.x)
         ds = run.get("dataset") or "bbc"
-        self.source = (f"harvested {len(self.x):,} tokens of {ds} split {split} "
-                       f"(after the first {skip:,} tokens; no cache at {cache_path!r})")
+        where = f"after the first {skip:,} tokens" if skip else "the first tokens"
+        self.source = (f"harvested {len(self.x):,} tokens of {ds} split {split} ({where}; "
+                       + ("a streamed run" if cache_path is None else f"no cache at {cache_path!r}") + ")")
 
     def batches(self, max_tokens: int | None = None) -> Iterator[Tensor]:
         stop = self.stop if self.cache is not None else len(self.x)
@@ -490,9 +503,12 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
         model.eval()
         multi = hasattr(model.config, "n_layers")
         names.append(f"layers {layers[0]}-{layers[-1]}" if multi else f"layer {layers[0]}")
-        infos.append({"cols": [held.layers.index(l) for l in layers], "multi": multi,
-                      "s_model": torch.tensor(model.config.input_scale, dtype=torch.float32),
-                      "s_norm": held.scale[[held.layers.index(l) for l in layers]]})
+        s_model = torch.tensor(model.config.input_scale, dtype=torch.float32)
+        folded = meta.get("train", {}).get("fold_scale", False)
+        # the normalising scale: the cache's; else the run's own (unless folded into the weights)
+        s_norm = held.scale[[held.layers.index(l) for l in layers]] if held.cache is not None or folded else s_model
+        infos.append({"cols": [held.layers.index(l) for l in layers], "multi": multi, "s_model": s_model,
+                      "s_norm": s_norm})
 
     # 1. reconstruction: one pass over the held-out tokens for every dictionary of the run
     stats = [ReconStats() for _ in entries]
@@ -523,14 +539,14 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
             if info["multi"]:
                 continue
             lm, tok = lm_loader()
-            split, skip = heldout_text(run, held.cache.meta if held.cache is not None else None)
+            split, skip, limit = heldout_text(run, held.cache.meta if held.cache is not None else None)
             s = info["s_model"].to(device)
 
             def reconstruct(h_ND, model=model, s=s):
                 return model(h_ND.float() * s).recon / s
 
             windows = take_tokens(heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip,
-                                                  lm_batch), ce_tokens)
+                                                  lm_batch), min(ce_tokens, limit or ce_tokens))
             r.update(ce_recovered(lm, windows, layers[0], reconstruct, r["_mean_raw_LD"][0].float()))
 
     # 4. functional coherence (multi-layer dictionaries)

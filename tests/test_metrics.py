@@ -323,6 +323,17 @@ def test_heldout_windows_continue_the_cache_after_the_training_tokens(gpt2_dir, 
         torch.testing.assert_close(h, cache.read(skip, cache.n_tokens), rtol=1e-4, atol=1e-4)
 
 
+def test_take_tokens_keeps_exactly_n_tokens(lm_windows):
+    lm, tok, batch = lm_windows
+    total = int(batch["keep"].sum())
+    clone = lambda: {k: v.clone() for k, v in batch.items()}                  # noqa: E731
+    got = list(metrics.take_tokens([clone(), clone()], total + 5))
+    assert [int(w["keep"].sum()) for w in got] == [total, 5]
+    first_five = batch["keep"].flatten().nonzero()[:5, 0]
+    assert got[1]["keep"].flatten().nonzero()[:, 0].tolist() == first_five.tolist()
+    assert len(list(metrics.take_tokens([clone(), clone()], total))) == 1
+
+
 # ----------------------------------------------------------------------------------------
 # End to end: train.py runs on the tiny GPT-2, then `python metrics.py RUN ...`
 # ----------------------------------------------------------------------------------------
@@ -362,6 +373,10 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
             assert math.isfinite(r[key]), (kind, key, r[key])
         assert 0 < r["l0"] <= 64
         assert len(r["mse_raw_per_layer"]) == (4 if multi else 1)
+    # the same held-out tokens as train.py's own summary (its FVU: Σx² − (Σx)²/n in float32)
+    for (layers, _, meta), r in zip(sae.load_run(out), ev["results"]):
+        assert r["fvu"] == pytest.approx(meta["metrics"]["eval"]["fvu"], rel=1e-3)
+        assert r["l0"] == pytest.approx(meta["metrics"]["eval"]["l0"], rel=1e-6)
     if kind == "sae":
         assert [r["name"] for r in ev["results"]] == ["layer 1", "layer 2", "set of 2"]
         # without the cache, the same held-out tokens are harvested again from the text stream
@@ -375,3 +390,20 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
         for a, b in zip(with_cache["results"][:2], harvested["results"][:2]):
             assert b["mse_raw"] == pytest.approx(a["mse_raw"], rel=1e-3)   # the cache is float16
             assert b["fvu_per_layer"] == pytest.approx(a["fvu_per_layer"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_streamed_run_is_evaluated_on_the_tokens_it_held_out(gpt2_dir, tmp_path):
+    import train
+
+    out = tmp_path / "stream"
+    train.train(train.parse_args([
+        "--model", gpt2_dir, "--dict", "sae", "--layers", "1", "--tokens", "1024", "--eval-tokens", "512",
+        "--batch-size", "128", "--n-latents", "64", "--k", "4", "--context", "64", "--cache", "none",
+        "--out", str(out), "--device", "cpu", "--dead-tokens", "1000", "--ckpt-every", "0"]))
+    ev = metrics.evaluate_run(out, "cpu", ce_tokens=0, wasserstein_task=None)
+    assert "harvested 512 tokens" in ev["data"] and "streamed" in ev["data"]
+    (_, _, meta), = sae.load_run(out)
+    r = ev["results"][0]
+    assert r["fvu"] == pytest.approx(meta["metrics"]["eval"]["fvu"], rel=1e-3)
+    assert r["mse_norm"] == pytest.approx(meta["metrics"]["eval"]["mse"], rel=1e-3)
