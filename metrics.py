@@ -5,7 +5,8 @@
 prints one table (a row per dictionary) and writes RUN_DIR/eval.json. All metrics are computed on
 held-out tokens: the run's cache tokens [train_tokens, train_tokens + eval_tokens) that train.py
 never trained on, or, when the cache is gone, tokens harvested from the windows of the run's text
-stream that follow the training tokens (a hub dataset's "test" split when it has one). The LM
+stream that follow the training tokens (a hub dataset's "test" split when it has one; for a
+streamed run, train.py --cache none, the first eval_tokens tokens of the stream). The LM
 loss always runs on those text windows, which continue the cache exactly at its first held-out
 token (approximately when the run dropped outlier tokens: the cache then holds fewer tokens than
 the windows, and the boundary is placed by the windows' token counts).
