@@ -102,13 +102,14 @@ def batch_topk(pre_BF: Tensor, k: int, scale_F: Tensor | None = None) -> Tensor:
     """ReLU, then keep the B·k largest (score = act · scale) entries of the whole batch.
 
     Under torch.distributed (data-parallel training) the batch is the *global* batch: each
-    rank sends its local top-B·k scores, and an entry is kept when its score reaches the
-    (world·B·k)-th largest of them, so every rank selects exactly as one process would."""
+    rank sends its local top-(world·B·k) scores (one rank may hold all of the global winners),
+    and an entry is kept when its score reaches the (world·B·k)-th largest of them, so every
+    rank selects exactly as one process would."""
     acts_BF = F.relu(pre_BF)
     score_BF = acts_BF if scale_F is None else acts_BF * scale_F
     n_keep = min(k * acts_BF.shape[0], acts_BF.numel())
     if world_size() > 1:  # --- distributed: a global threshold from every rank's candidates
-        local = score_BF.detach().flatten().topk(n_keep).values
+        local = score_BF.detach().flatten().topk(min(n_keep * world_size(), score_BF.numel())).values
         gathered = [torch.empty_like(local) for _ in range(world_size())]
         torch.distributed.all_gather(gathered, local)
         kth = torch.cat(gathered).topk(n_keep * world_size()).values.min()
