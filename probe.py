@@ -66,7 +66,7 @@ from torch import Tensor
 import activations
 import sae as sae_mod
 
-NEWTON_MAX_DIM = 2048      # Newton (exact Hessian) up to this many features, L-BFGS above
+NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (the top-k probes), L-BFGS above
 OFFLINE_TEST_FRACTION = 0.25
 
 

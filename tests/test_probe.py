@@ -275,3 +275,50 @@ def test_per_layer_sae_set(gpt2, tmp_path):
         (feats["sae@0"]["top_2"]["f1"] + feats["sae@3"]["top_2"]["f1"]) / 2)
     assert all(np.isfinite(feats[fs]["top_1"]["f1"]) for fs in feats)
     assert "full" not in feats["sae@0"]
+
+
+def test_hub_loaders_sample_like_saebench(monkeypatch):
+    """The hub loaders on small stand-in datasets with the real column names: n/4 texts per class
+    and gender (bias_in_bios), n/2 per class (ag_news), pandas .sample(random_state=seed) as SAEBench."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+
+    def bios(n):
+        prof = rng.integers(0, 28, n)
+        return datasets.Dataset.from_dict({"hard_text": [f"bio {i} of {p}" for i, p in enumerate(prof)],
+                                           "profession": prof.tolist(), "gender": rng.integers(0, 2, n).tolist()})
+
+    def news(n):
+        lab = rng.integers(0, 4, n)
+        return datasets.Dataset.from_dict({"text": [f"news {i}" for i in range(n)], "label": lab.tolist()})
+
+    def europarl(pair):
+        a, b = pair.split("-")
+        return ({"translation": {a: f"{a} sentence {i}", b: f"{b} sentence {i}"}} for i in range(1000))
+
+    fakes = {"LabHC/bias_in_bios": datasets.DatasetDict({"train": bios(6000), "test": bios(3000)}),
+             "fancyzhx/ag_news": datasets.DatasetDict({"train": news(400), "test": news(200)})}
+
+    def load_dataset(name, *args, **kwargs):
+        return europarl(args[0]) if name == "Helsinki-NLP/europarl" else fakes[name]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    s = probe.TASKS["bias_in_bios_class_set2"].load(40, 20, 42)
+    assert Counter(s["train"][1]) == {c: 20 for c in probe.BIOS_SETS[2]}
+    assert Counter(s["test"][1]) == {c: 10 for c in probe.BIOS_SETS[2]}
+    df = fakes["LabHC/bias_in_bios"]["train"].to_pandas()
+    nurse = df[df.profession == 13]
+    expected = sum((nurse[nurse.gender == g].sample(n=10, random_state=42).hard_text.tolist() for g in (0, 1)), [])
+    assert [t for t, l in zip(*s["train"]) if l == "nurse"] == expected
+    assert all(t.endswith(" of 13") for t, l in zip(*s["train"]) if l == "nurse")
+
+    s = probe.TASKS["ag_news"].load(40, 20, 42)
+    assert Counter(s["train"][1]) == {c: 20 for c in probe.AG_NEWS}
+    df = fakes["fancyzhx/ag_news"]["test"].to_pandas()
+    assert [t for t, l in zip(*s["test"]) if l == "Sports"] == df[df.label == 1].sample(n=10, random_state=42).text.tolist()
+
+    s = probe.TASKS["europarl"].load(40, 20, 42)
+    assert Counter(s["train"][1]) == {c: 20 for c in ("en", "fr", "de", "es", "nl")}
+    assert all(t.startswith(l + " ") for split in s.values() for t, l in zip(*split))
+    assert not set(s["train"][0]) & set(s["test"][0])
