@@ -316,7 +316,8 @@ def test_hub_loaders_sample_like_saebench(monkeypatch):
     s = probe.TASKS["ag_news"].load(40, 20, 42)
     assert Counter(s["train"][1]) == {c: 20 for c in probe.AG_NEWS}
     df = fakes["fancyzhx/ag_news"]["test"].to_pandas()
-    assert [t for t, l in zip(*s["test"]) if l == "Sports"] == df[df.label == 1].sample(n=10, random_state=42).text.tolist()
+    sports = df[df.label == 1].sample(n=10, random_state=42).text.tolist()
+    assert [t for t, l in zip(*s["test"]) if l == "Sports"] == sports
 
     s = probe.TASKS["europarl"].load(40, 20, 42)
     assert Counter(s["train"][1]) == {c: 20 for c in ("en", "fr", "de", "es", "nl")}
