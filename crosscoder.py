@@ -44,8 +44,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from sae import (Output, auxk_loss, check_common, geometric_median, sparsify, update_dead_counter,
-                 update_threshold)
+from sae import Output, check_common, forward_with_losses, geometric_median, sparsify
 
 
 @dataclass
@@ -152,27 +151,9 @@ class CrossCoder(nn.Module):
     def forward(self, x_BLD: Tensor, target: Tensor | None = None) -> Output:
         """x: (B, L, d). In training the encoder sees x with layers masked (mask_prob);
         the reconstruction is always scored against the clean `target` (default x)."""
-        c = self.config
         self._check_input(x_BLD)
-        target = x_BLD if target is None else target
-        x_in = mask_layers(x_BLD, c.mask_prob) if self.training else x_BLD
-        pre_BF = self.pre_acts(x_in)
-        with torch.no_grad():
-            scale_F = self.decoder_scale()   # selection only: no gradient flows through it
-        z_BF = sparsify(pre_BF, c.sparsity, c.k, self.training, self.threshold, scale_F)
-        recon = self.decode(z_BF)
-        mse = (recon - target).pow(2).flatten(1).sum(-1).mean()
-        l1 = (z_BF * (self.decoder_scale() if c.sparsity == "relu" else scale_F)).sum(-1).mean()
-        auxk = mse.new_zeros(())
-        if self.training:
-            dead_F = self.tokens_since_fired >= c.dead_tokens
-            if c.aux_coeff > 0 and c.sparsity != "relu":
-                auxk = auxk_loss(pre_BF, dead_F, target - recon, self.decode_nobias, c.aux_k)
-            update_dead_counter(self.tokens_since_fired, z_BF)
-            if c.sparsity == "batchtopk":
-                update_threshold(self.threshold, z_BF, scale_F)
-        loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
-        return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
+        x_in = mask_layers(x_BLD, self.config.mask_prob) if self.training else x_BLD
+        return forward_with_losses(self, x_in, x_BLD if target is None else target)
 
     def loss(self, x_BLD: Tensor) -> Tensor:
         return self(x_BLD).loss

@@ -222,7 +222,40 @@ class Output(NamedTuple):
     loss: Tensor       # the training loss: mse + aux_coeff·auxk + l1_coeff·l1
     mse: Tensor        # mean over tokens of Σ (x − x̂)² over the model dimension (and layers)
     auxk: Tensor       # AuxK loss (0 when off, in eval mode, or when nothing is dead)
-    l1: Tensor         # decoder-norm-weighted L1 of z (reported for every sparsity)
+    l1: Tensor         # L1 of z: decoder-norm-weighted for sparsity="relu", plain Σ z otherwise
+
+
+def forward_with_losses(model: nn.Module, x_in: Tensor, target: Tensor) -> Output:
+    """The forward pass every dictionary shares (SAE, crosscoder, fmxcoder, PolySAE).
+
+    Encodes `x_in` with model.pre_acts and the configured sparsifier (scored by
+    model.decoder_scale(), computed without gradient), decodes with model.decode, scores the
+    reconstruction against `target` (crosscoders: the clean layers, while x_in may be masked),
+    and in training mode adds AuxK and updates the dead counter and BatchTopK threshold.
+    l1 is the decoder-norm-weighted L1 for sparsity="relu" (where it is in the loss) and the
+    plain Σ_f z_f otherwise (logging only; weighting would cost a decoder-norm pass)."""
+    c = model.config
+    pre_BF = model.pre_acts(x_in)
+    with torch.no_grad():
+        scale_F = model.decoder_scale()  # selection only: no gradient flows through it
+    z_BF = sparsify(pre_BF, c.sparsity, c.k, model.training, model.threshold, scale_F)
+    recon = model.decode(z_BF)
+    mse = (recon - target).pow(2).flatten(1).sum(-1).mean()
+    if c.sparsity == "relu":
+        w_F = model.decoder_scale()
+        l1 = (z_BF * (model.decoder_norms() if w_F is None else w_F)).sum(-1).mean()
+    else:
+        l1 = z_BF.sum(-1).mean()
+    auxk = mse.new_zeros(())
+    if model.training:
+        dead_F = model.tokens_since_fired >= c.dead_tokens
+        if c.aux_coeff > 0 and c.sparsity != "relu":
+            auxk = auxk_loss(pre_BF, dead_F, target - recon, model.decode_nobias, c.aux_k)
+        update_dead_counter(model.tokens_since_fired, z_BF)
+        if c.sparsity == "batchtopk":
+            update_threshold(model.threshold, z_BF, scale_F)
+    loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
+    return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
 
 
 @dataclass
@@ -305,25 +338,8 @@ class SAE(nn.Module):
     # -- forward with the losses ---------------------------------------------------------
     def forward(self, x: Tensor, target: Tensor | None = None) -> Output:
         """x: (B, d). `target` (default x) is what the reconstruction is scored against."""
-        c = self.config
-        target = x if target is None else target
         self._check_input(x)
-        pre_BF = self.pre_acts(x)
-        scale_F = self.decoder_scale()
-        z_BF = sparsify(pre_BF, c.sparsity, c.k, self.training, self.threshold, scale_F)
-        recon = self.decode(z_BF)
-        mse = (recon - target).pow(2).flatten(1).sum(-1).mean()
-        l1 = (z_BF * self.decoder_norms()).sum(-1).mean()
-        auxk = mse.new_zeros(())
-        if self.training:
-            dead_F = self.tokens_since_fired >= c.dead_tokens
-            if c.aux_coeff > 0 and c.sparsity != "relu":
-                auxk = auxk_loss(pre_BF, dead_F, target - recon, self.decode_nobias, c.aux_k)
-            update_dead_counter(self.tokens_since_fired, z_BF)
-            if c.sparsity == "batchtopk":
-                update_threshold(self.threshold, z_BF, scale_F)
-        loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
-        return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
+        return forward_with_losses(self, x, x if target is None else target)
 
     def loss(self, x: Tensor) -> Tensor:
         return self(x).loss

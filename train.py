@@ -144,7 +144,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def check_writable(out: Path) -> None:
-    probe = out / ".write-test"
+    probe = out / f".write-test-{os.getpid()}"  # per process: torchrun ranks check at once
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
