@@ -89,7 +89,7 @@ class TrainConfig:
     cache: str | None = None                # activation cache folder (default under ~/.cache/fmxcoders/acts); "none" streams
     cache_dtype: str = "float16"
     harvest_batch: int = 16                 # texts per LM forward pass when harvesting
-    drop_outliers: float | None = None      # drop tokens whose norm > this × median (attention sinks)
+    drop_outliers: float | None = 10.0      # drop tokens whose norm > this × median (attention sinks; 0 keeps all)
     ckpt_every: int = 200                   # steps between resumable checkpoints (0: only at the end)
     resume: bool = False                    # continue from out/checkpoint.pt
     fold_scale: bool = False                # fold the input scale into the weights on export
@@ -350,7 +350,7 @@ def train(cfg: TrainConfig) -> dict:
         cache = activations.build_cache(
             cache_path, cfg.model, layers, dataset=cfg.dataset, n_tokens=cfg.tokens + cfg.eval_tokens,
             context=cfg.context, batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype,
-            drop_outliers=cfg.drop_outliers, multi=multi, model=lm, tokenizer=tok)
+            drop_outliers=cfg.drop_outliers or None, multi=multi, model=lm, tokenizer=tok)
         if world > 1 and main_rank:
             torch.distributed.barrier()      # ... then the others open the finished cache
         n_eval = min(cfg.eval_tokens, cache.n_tokens // 10)
@@ -370,7 +370,7 @@ def train(cfg: TrainConfig) -> dict:
     else:  # every rank harvests its own texts (rank r takes documents r, r + world, ...)
         texts = itertools.islice(activations.load_texts(cfg.dataset), rank, None, world)
         stream = activations.harvest(lm, tok, texts, layers, cfg.context, cfg.harvest_batch, device,
-                                     cfg.drop_outliers)
+                                     cfg.drop_outliers or None)
         held, rest = split_stream(stream, max(cfg.eval_tokens, 4096))
         n_eval, n_train = cfg.eval_tokens, cfg.tokens
         sq = sae_mod.all_reduce(held.double().pow(2).sum(-1).mean(0).to(device), "sum") / world
@@ -409,7 +409,7 @@ def train(cfg: TrainConfig) -> dict:
 
     run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "hooks": hooks, "dataset": cfg.dataset,
            "context": cfg.context, "cache": cache_dir, "train_tokens": n_train, "eval_tokens": n_eval,
-           "drop_outliers": cfg.drop_outliers}
+           "drop_outliers": cfg.drop_outliers or None}
     sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     if main_rank:
         print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {steps} steps of {cfg.batch_size} tokens, "

@@ -103,6 +103,6 @@ def test_unwritable_out_and_cache_mismatch(gpt2_dir, cache_dir, tmp_path, capsys
     assert train.main(flags(gpt2_dir, cache_dir, blocker / "sub")) == 2
     assert "not writable" in capsys.readouterr().err
     # a cache made for layers 0-3 of the tiny GPT-2 cannot serve layers 1,2
-    activations.build_cache(cache_dir, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True)
+    activations.build_cache(cache_dir, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
     assert train.main(flags(gpt2_dir, cache_dir, tmp_path / "o", "--layers", "1,2")) == 2
     assert "layers" in capsys.readouterr().err
