@@ -16,11 +16,6 @@ EOT = 50256  # GPT-2's <|endoftext|>
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    return A.tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2")
-
-
-@pytest.fixture(scope="module")
 def gpt2(gpt2_dir):
     return A.load_lm(str(gpt2_dir))
 

@@ -248,13 +248,6 @@ def test_interaction_vs_cooccurrence_matches_naive_theta2_and_counts():
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    activations.tiny_gpt2(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def lm_windows(gpt2_dir):
     lm, tok = activations.load_lm(gpt2_dir)
     texts = ["The cat sat on the mat. " * 5, "Stocks fell sharply on Monday as investors worried.",

@@ -194,9 +194,8 @@ def test_task_names_and_hub_failure_is_one_line(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    path = activations.tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
-    return str(path), *activations.load_lm(str(path))
+def gpt2(gpt2_dir):
+    return gpt2_dir, *activations.load_lm(gpt2_dir)
 
 
 def test_pooling_matches_a_naive_per_text_loop(gpt2):

@@ -11,13 +11,6 @@ import train
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    activations.tiny_gpt2(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("acts"))
 
