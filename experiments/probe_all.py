@@ -1,0 +1,121 @@
+"""Sparse probing of several run folders with ONE language-model pass per task (probe.py's protocol).
+
+    python experiments/probe_all.py RUN [RUN ...] --task offline --n-train 300 --n-test 150 [--no-full]
+
+`python probe.py RUN` runs the LM over the probe texts once per run; on a 2-core CPU that pass
+dominates (about 250 tokens/s for SmolLM2-135M), so this script pools every dictionary of every run
+in the same pass (probe.pool accepts several readers) and then applies exactly probe.py's probe
+(probe.binary_tasks, probe.probe, probe.summarise). Each RUN/probe.json has probe.py's format.
+
+It also adds the class-conditional Wasserstein distance of metrics.py (metrics.class_wasserstein)
+on the pooled latents of the bbc_topic train split (the texts `metrics.py --wasserstein bbc_topic
+--wasserstein-texts N_TRAIN` would pool again), as report["wasserstein"][feature_set].
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import activations  # noqa: E402
+import metrics  # noqa: E402
+import probe  # noqa: E402
+import sae  # noqa: E402
+
+
+def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed=42, device="cpu",
+               batch_size=32, full=False, raw=True, C=1.0) -> dict:
+    runs = {}
+    for rd in run_dirs:
+        entries = sae.load_run(rd, device)
+        meta = entries[0][2].get("run", {})
+        kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
+        readers = {(kind if len(entries) == 1 else f"{kind}@{ls[0]}"): (m, ls, None) for ls, m, _ in entries}
+        runs[str(rd)] = {"kind": kind, "meta": meta, "readers": readers, "n": len(entries),
+                         "layers": sorted({l for ls, _, _ in entries for l in ls})}
+    models = {r["meta"].get("model") for r in runs.values()}
+    contexts = {r["meta"].get("context") or 128 for r in runs.values()}
+    if len(models) != 1 or len(contexts) != 1:
+        raise ValueError(f"all runs must share one LM and context, got models {models}, contexts {contexts}")
+    context = contexts.pop()
+    all_layers = sorted({l for r in runs.values() for l in r["layers"]})
+    flat = [(rd, key, rdr) for rd, r in runs.items() for key, rdr in r["readers"].items()]
+
+    lm, tok = activations.load_lm(models.pop(), device)
+    results = {rd: {} for rd in runs}
+    wass = {rd: {} for rd in runs}
+    for name in task_names:
+        t0 = time.time()
+        splits = probe.load_splits(name, n_train, n_test, seed)
+        classes = list(probe.TASKS[name].classes)
+        feats, ys = {}, {}
+        for split, (texts, labels) in splits.items():
+            lat, acts = probe.pool(lm, tok, texts, all_layers, [r for _, _, r in flat], context, batch_size,
+                                   device, raw)
+            feats[split] = {(rd, key): z for (rd, key, _), z in zip(flat, lat)}
+            if raw:
+                feats[split].update({("raw", l): acts[:, i] for i, l in enumerate(all_layers)})
+            ys[split] = torch.tensor([classes.index(l) for l in labels])
+        tasks = probe.binary_tasks(ys["train"], ys["test"], len(classes), seed)
+        done = {}
+        for fs in feats["train"]:
+            r = probe.probe(feats["train"][fs], feats["test"][fs], tasks, ks, full, C, device)
+            done[fs] = {col: {"f1": probe.mean(v["f1"]), "accuracy": probe.mean(v["accuracy"]),
+                              "per_class_f1": dict(zip(classes, v["f1"]))} for col, v in r.items()}
+        for rd, run in runs.items():
+            per_set = {key: done[(rd, key)] for key in run["readers"]}
+            if raw:
+                per_set.update({f"raw@{l}": done[("raw", l)] for l in run["layers"]})
+            for prefix in (["raw"] if raw else []) + ([run["kind"]] if run["n"] > 1 else []):
+                sets = [fs for fs in per_set if fs.startswith(prefix + "@")]
+                if len(sets) > 1:
+                    per_set[f"{prefix}@mean"] = {col: {"f1": probe.mean(per_set[fs][col]["f1"] for fs in sets)}
+                                                 for col in per_set[sets[0]]}
+            results[rd][name] = {"dataset": probe.TASKS[name].source, "group": probe.TASKS[name].group,
+                                 "classes": classes, "n_texts": {s: len(splits[s][0]) for s in splits},
+                                 "features": per_set, "seconds": round(time.time() - t0, 1)}
+            if name == "bbc_topic":
+                for key in run["readers"]:
+                    w = metrics.class_wasserstein(feats["train"][(rd, key)], splits["train"][1])
+                    wass[rd][key] = {"mean": w["mean"], "median": w["median"], "task": name,
+                                     "texts": len(splits["train"][0])}
+        print(f"{name}: {sum(len(s[0]) for s in splits.values())} texts, {len(flat)} dictionaries "
+              f"in {time.time() - t0:.0f} s", file=sys.stderr)
+
+    reports = {}
+    for rd, run in runs.items():
+        report = {"run": rd, "dict": run["kind"], "model": run["meta"]["model"], "layers": run["layers"],
+                  "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed,
+                               "context": context, "C": C, "full": full},
+                  "tasks": results[rd], "skipped": {}, "wasserstein": wass[rd],
+                  "note": "experiments/probe_all.py: one LM pass shared by all runs"}
+        report["mean"] = probe.summarise(report["tasks"])
+        (Path(rd) / "probe.json").write_text(json.dumps(report, indent=2))
+        reports[rd] = report
+        print(f"== {rd}\n{probe.table(report)}")
+    return reports
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--task", default="offline")
+    p.add_argument("--k", default="1,2,5")
+    p.add_argument("--n-train", type=int, default=300)
+    p.add_argument("--n-test", type=int, default=150)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--C", type=float, default=1.0)
+    p.add_argument("--no-full", action="store_true")
+    p.add_argument("--no-raw", action="store_true")
+    a = p.parse_args(argv)
+    probe_runs(a.runs, probe.resolve_tasks(a.task), [int(k) for k in a.k.split(",")], a.n_train, a.n_test,
+               a.seed, a.device, a.batch_size, not a.no_full, not a.no_raw, a.C)
+
+
+if __name__ == "__main__":
+    main()

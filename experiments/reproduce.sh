@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Scaled-down reproduction of the fmxcoders and PolySAE comparisons on SmolLM2-135M (offline, CPU).
+#   bash experiments/reproduce.sh            # everything: train, evaluate, probe, figure
+#   bash experiments/reproduce.sh train      # only the training runs (harvests the cache first)
+#   bash experiments/reproduce.sh eval       # metrics.py + probing + experiments/figure.py
+# Sizes are chosen to fit ~1 hour on a 2-core CPU (measured: harvest ~300 tok/s, dense crosscoder
+# F=2048 trains at ~340 tok/s); scale them up on a GPU (see README "Paper scale").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LAYERS=11-18                 # 8 middle blocks of SmolLM2-135M's 30 (the train.py default)
+MID=15                       # the single middle layer for PolySAE vs TopK SAE
+N_LATENTS=1024               # F (paper 16,384)
+K=32                         # active latents per token (paper 64)
+TOKENS=98304                 # training tokens per dictionary (paper 3e8-5e8)
+EVAL_TOKENS=10240            # held-out tokens (end of the cache) for MSE/FVU
+BATCH=256                    # tokens per step (paper 4,096)
+LR=1e-3
+DEAD=20000                   # tokens without firing before AuxK counts a latent as dead
+TR_RANK=32                   # fmxcoder TR rank 32x32x32 (train.py default)
+CP_RANK=576                  # fmxcoder CP rank (>= d = 576)
+MASK=0.05                    # layer-masking probability
+POLY_RANKS=576,64,64         # PolySAE ranks (d, 64, 64)
+FC_TOKENS=5000               # tokens for functional coherence
+PROBE_TRAIN=200              # probe texts per one-vs-rest task (train, test)
+PROBE_TEST=100
+# (Wasserstein: on the bbc_topic train texts of the probe, PROBE_TRAIN of them)
+CACHE=${CACHE:-$HOME/.cache/fmxcoders/acts/repro-smollm2-L11-18}   # ONE shared 8-layer cache
+CACHE1=${CACHE1:-$HOME/.cache/fmxcoders/acts/repro-smollm2-L15}    # layer 15 sliced out of it (no 2nd harvest)
+R=${RUNS:-runs/repro}
+
+COMMON="--n-latents $N_LATENTS --k $K --tokens $TOKENS --eval-tokens $EVAL_TOKENS --batch-size $BATCH --lr $LR --dead-tokens $DEAD --ckpt-every 0"
+STAGE=${1:-all}
+
+if [[ $STAGE == all || $STAGE == train ]]; then
+  # fmxcoders comparison: every dictionary reads the same cache (layers 11-18)
+  python train.py --dict crosscoder --layers $LAYERS --cache $CACHE $COMMON --out $R/crosscoder
+  python train.py --dict fmxcoder --factorization tr --rank $TR_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_tr
+  # PolySAE vs TopK SAE on layer 15 (same F, k, tokens, batches)
+  python experiments/slice_cache.py $CACHE $CACHE1 $MID
+  python train.py --dict sae --sparsity topk --layers $MID --cache $CACHE1 $COMMON --out $R/sae_L$MID
+  python train.py --dict polysae --sparsity topk --ranks $POLY_RANKS --layers $MID --cache $CACHE1 $COMMON --out $R/polysae_L$MID
+  python train.py --dict fmxcoder --factorization cp --rank $CP_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_cp
+  python train.py --dict sae --layers $LAYERS --cache $CACHE $COMMON --out $R/sae_per_layer
+  python train.py --dict fmxcoder --factorization tr --rank $TR_RANK --mask-prob 0 --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_tr_nomask
+  python train.py --dict crosscoder --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/crosscoder_mask
+  python train.py --dict fmxcoder --factorization cp --rank $CP_RANK --mask-prob 0 --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_cp_nomask
+fi
+
+MULTI="$R/sae_per_layer $R/crosscoder $R/crosscoder_mask $R/fmx_tr $R/fmx_tr_nomask $R/fmx_cp $R/fmx_cp_nomask"
+SINGLE="$R/sae_L$MID $R/polysae_L$MID"
+if [[ $STAGE == all || $STAGE == eval ]]; then
+  have() { for r in "$@"; do [[ -f $r/config.json || -f $r/summary.json ]] && echo "$r"; done; }
+  # reconstruction (held-out cache tokens), FC + decoder-norm spread; Wasserstein comes from probe_all.py below
+  python metrics.py $(have $MULTI) --fc-tokens $FC_TOKENS --ce-tokens 0 --wasserstein ''
+  # single layer: also the spliced LM loss and interaction vs co-occurrence
+  python metrics.py $(have $SINGLE) --ce-tokens 4096 --fc-tokens 0 --wasserstein ''
+  # sparse probing on the offline tasks (bbc_topic, us_places, chatterbot_language), probe.py's protocol:
+  # the same as `python probe.py RUN --task offline --n-train $PROBE_TRAIN --n-test $PROBE_TEST --no-full`
+  # for every RUN, with one LM pass shared by all runs (+ the class-conditional Wasserstein on bbc_topic)
+  python experiments/probe_all.py $(have $MULTI $SINGLE) --task offline --n-train $PROBE_TRAIN --n-test $PROBE_TEST --no-full
+  python experiments/figure.py $R
+fi

@@ -1,0 +1,49 @@
+"""Copy one layer out of a multi-layer activation cache into a single-layer cache (no LM pass).
+
+    python experiments/slice_cache.py SRC_CACHE DST_CACHE LAYER
+
+activations.ActivationCache stores shards of shape (n, L, d) plus meta.json; the copy keeps the
+same tokens in the same order (so the held-out region and the outlier-dropping decision, made on
+all L layers at harvest time, are the source's), the layer's own scale s_l, and writes shards of
+shape (n, 1, d). train.py then accepts it for `--layers LAYER` exactly like a fresh harvest.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import activations  # noqa: E402
+
+
+def slice_cache(src, dst, layer: int) -> Path:
+    src, dst = Path(src), Path(dst)
+    cache = activations.ActivationCache(src)
+    if layer not in cache.layers:
+        raise ValueError(f"layer {layer} is not in the cache {str(src)!r}, which holds layers {cache.layers}")
+    if (dst / "meta.json").exists():
+        meta = json.loads((dst / "meta.json").read_text())
+        if meta.get("sliced_from") == str(src) and meta["n_tokens"] == cache.n_tokens and meta["layers"] == [layer]:
+            print(f"{dst} already holds layer {layer} of {src}")
+            return dst
+        raise ValueError(f"{str(dst)!r} already holds another cache; delete it first")
+    i = cache.layers.index(layer)
+    dst.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for (name, n), mm in zip(cache.meta["shards"], cache._shards):
+        out = np.memmap(dst / name, dtype=cache.dtype, mode="w+", shape=(n, 1, cache.d))
+        out[:] = mm[:, i:i + 1]
+        out.flush()
+        shards.append([name, n])
+    meta = dict(cache.meta, layers=[layer], hooks=[cache.meta["hooks"][i]], scale=[cache.meta["scale"][i]],
+                shards=shards, shard_tokens=cache.shard_tokens, sliced_from=str(src))
+    (dst / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"wrote layer {layer} of {src} ({cache.n_tokens:,} tokens) to {dst}")
+    return dst
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit("usage: python experiments/slice_cache.py SRC_CACHE DST_CACHE LAYER")
+    slice_cache(sys.argv[1], sys.argv[2], int(sys.argv[3]))
