@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from sae import Output, check_common, forward_with_losses, geometric_median, sparsify
+from sae import Output, check_common, forward_with_losses, geometric_median, sparse_decode, sparsify
 
 
 @dataclass
@@ -113,7 +113,8 @@ class CrossCoder(nn.Module):
         return torch.einsum("bld,ldf->bf", x_BLD - self.b_dec, self.W_enc) + self.b_enc
 
     def decode_nobias(self, z_BF: Tensor) -> Tensor:
-        return torch.einsum("bf,fld->bld", z_BF, self.W_dec)
+        F_, L, d = self.W_dec.shape
+        return sparse_decode(z_BF, self.W_dec.view(F_, L * d)).view(-1, L, d)  # = einsum("bf,fld->bld")
 
     def decoder_vectors(self) -> Tensor:
         """(F, L, d) each latent's decoder vector at each layer."""

@@ -30,10 +30,10 @@ What the rank means, and what is rejected (ValueError):
 
 Forward, never materialising d × F × L (x here is x − b_dec; MACs per token):
   CP   encoder  u_l = Aᵀ x_l (L·d·R),  v = Σ_l C[l] ⊙ u_l (L·R),  pre = B v (F·R)
-       decoder  s = Bᵀ z (F·R; k·R if z were gathered),  x̂_l = A (C[l] ⊙ s) (L·R + L·R·d)
+       decoder  s = Bᵀ z (k·R: only the active rows, sae.sparse_decode),  x̂_l = A (C[l] ⊙ s) (L·R + L·R·d)
   TR   encoder  M_l = Σ_d x_l[d] G1[:, d, :] (L·d·R1R2),  N = Σ_l G3[:, l, :] M_l (L·R1R2R3),
                 pre_f = Tr(G2[:, f, :] N) (F·R2R3)
-       decoder  P = Σ_f z_f G2[:, f, :] (F·R2R3; k·R2R3 sparse),  Q_l = P G3[:, l, :]
+       decoder  P = Σ_f z_f G2[:, f, :] (k·R2R3, active latents only),  Q_l = P G3[:, l, :]
                 (L·R1R2R3),  x̂_l[d] = Tr(G1[:, d, :] Q_l) (L·d·R1R2)
   The dense crosscoder costs L·d·F per token for each of encoder and decoder. The
   selection score (crosscoder.py) needs the per-latent, per-layer decoder norms once per
@@ -62,6 +62,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from crosscoder import CrossCoder, CrossCoderConfig
+from sae import sparse_decode
 
 FACTORIZATIONS = ("cp", "tr")
 
@@ -132,7 +133,7 @@ def cp_encode(x_BLD: Tensor, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> Tensor
 
 
 def cp_decode(z_BF: Tensor, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> Tensor:
-    s_BR = z_BF @ B_FR
+    s_BR = sparse_decode(z_BF, B_FR)                       # Bᵀz from the k active rows
     return torch.einsum("blr,dr->bld", s_BR[:, None, :] * C_LR, A_DR)
 
 
@@ -157,7 +158,7 @@ def tr_decode(z_BF: Tensor, G1: Tensor, G2: Tensor, G3: Tensor) -> Tensor:
     (R1, d, R2), (_, F, R3), L = G1.shape, G2.shape, G3.shape[1]
     B = z_BF.shape[0]
     # P[n, b, c] = Σ_f z[n, f] G2[b, f, c]
-    P = z_BF @ G2.permute(1, 0, 2).reshape(F, R2 * R3)
+    P = sparse_decode(z_BF, G2.permute(1, 0, 2).reshape(F, R2 * R3))  # the k active slices
     # Q[n, b, l, a] = Σ_c P[n, b, c] G3[c, l, a]
     Q = P.view(B * R2, R3) @ G3.reshape(R3, L * R1)
     # x̂[n, l, d] = Σ_{a, b} Q[n, b, l, a] G1[a, d, b] = Tr(G1[:, d, :] Q_l)
@@ -173,7 +174,8 @@ def tr_layer(l: int, G1: Tensor, G2: Tensor, G3: Tensor) -> Tensor:
 
 def costs(cfg: FMXCoderConfig) -> dict:
     """Parameters (weights only, biases excluded) and MACs per token, factorised vs dense.
-    Decoder MACs are for the dense-z path this file runs; `*_sparse` is with k active."""
+    `dec_macs` counts a dense z; `*_sparse`, what the code runs: only the k active latents
+    are read (sae.sparse_decode), for the fmxcoder and the dense crosscoder alike."""
     d, F, L, k = cfg.d_in, cfg.n_latents, cfg.n_layers, cfg.k
     if cfg.factorization == "cp":
         (R,) = ranks(cfg)

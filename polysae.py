@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from sae import SAE, SAEConfig
+from sae import SAE, SAEConfig, sparse_decode
 
 
 @dataclass
@@ -160,7 +160,7 @@ class PolySAE(SAE):
 
     def decode_nobias(self, z_BF: Tensor) -> Tensor:
         """y1 + λ2·y2 + λ3·y3 (no b_dec); z: (B, F) → (B, d)."""
-        return self.polynomial(z_BF @ self.U)
+        return self.polynomial(sparse_decode(z_BF, self.U))  # a = z U, reading only active rows
 
     def decoder_vectors(self) -> Tensor:
         """(F, d) the linear term D1 = U C1ᵀ: latent i's direction (SAEBench normalises it)."""

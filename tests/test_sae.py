@@ -210,3 +210,22 @@ def test_sae_learns_ground_truth_atoms():
     best, _ = recovery(model.W_dec[:, None], layer0)
     assert best[present].gt(0.9).float().mean() > 0.8
     assert res["fvu"] < 0.3
+
+
+@pytest.mark.parametrize("density", [0.01, 0.5])
+def test_sparse_decode_equals_dense_product_and_gradients(density):
+    torch.manual_seed(5)
+    z = torch.randn(40, 64).relu() * (torch.rand(40, 64) < density)
+    z[3] = 0.0  # a token with no active latent
+    W = torch.randn(64, 24, requires_grad=True)
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    y_sparse, y_dense = sae.sparse_decode(z1, W), z2 @ W.detach().clone().requires_grad_()
+    assert torch.allclose(y_sparse, y_dense, atol=1e-5)
+    g = torch.randn_like(y_dense)
+    (y_sparse * g).sum().backward()
+    W_grad = W.grad.clone()
+    W.grad = None
+    (z2 @ W * g).sum().backward()
+    assert torch.allclose(W_grad, W.grad, atol=1e-5)
+    nz = z != 0
+    assert torch.allclose(z1.grad[nz], z2.grad[nz], atol=1e-5)
