@@ -77,7 +77,8 @@ def table_multi(R: Path) -> str:
         w = None
         if p and p.get("wasserstein"):
             w = float(np.mean([v["mean"] for v in p["wasserstein"].values()]))
-        params = (r["summary"].get("parameters") or {}).get("all")
+        ps = r["summary"].get("parameters") or {}
+        params = ps.get("all", sum(ps.values()) if ps else None)
         lines.append(f"| {label} | {fmt(params, ',')} | {fmt(e['fvu'])} | {fmt(e['mse_norm'], '.0f')} | "
                      f"{fmt(e['l0'], '.1f')} | {fmt(e['dead_eval'])} | {fmt(e.get('fc_mean'), '.2f')} | "
                      f"{fmt(e.get('fc_frac_ge2'), '.2f')} | {fmt(e.get('norm_spread_mean'), '.2f')} | "

@@ -33,28 +33,31 @@ COMMON="--n-latents $N_LATENTS --k $K --tokens $TOKENS --eval-tokens $EVAL_TOKEN
 STAGE=${1:-all}
 
 if [[ $STAGE == all || $STAGE == train ]]; then
+  # a finished run (summary.json written) is skipped, so re-running the script continues where it stopped
+  train() { local out=${*: -1}; if [[ -f $out/summary.json ]]; then echo "skip $out (done)"; else python train.py "$@"; fi; }
   # fmxcoders comparison: every dictionary reads the same cache (layers 11-18)
-  python train.py --dict crosscoder --layers $LAYERS --cache $CACHE $COMMON --out $R/crosscoder
-  python train.py --dict fmxcoder --factorization tr --rank $TR_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_tr
+  train --dict crosscoder --layers $LAYERS --cache $CACHE $COMMON --out $R/crosscoder
+  train --dict fmxcoder --factorization tr --rank $TR_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_tr
   # PolySAE vs TopK SAE on layer 15 (same F, k, tokens, batches)
   python experiments/slice_cache.py $CACHE $CACHE1 $MID
-  python train.py --dict sae --sparsity topk --layers $MID --cache $CACHE1 $COMMON --out $R/sae_L$MID
-  python train.py --dict polysae --sparsity topk --ranks $POLY_RANKS --layers $MID --cache $CACHE1 $COMMON --out $R/polysae_L$MID
-  python train.py --dict fmxcoder --factorization cp --rank $CP_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_cp
-  python train.py --dict sae --layers $LAYERS --cache $CACHE $COMMON --out $R/sae_per_layer
-  python train.py --dict fmxcoder --factorization tr --rank $TR_RANK --mask-prob 0 --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_tr_nomask
-  python train.py --dict crosscoder --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/crosscoder_mask
-  python train.py --dict fmxcoder --factorization cp --rank $CP_RANK --mask-prob 0 --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_cp_nomask
+  train --dict sae --sparsity topk --layers $MID --cache $CACHE1 $COMMON --out $R/sae_L$MID
+  train --dict polysae --sparsity topk --ranks $POLY_RANKS --layers $MID --cache $CACHE1 $COMMON --out $R/polysae_L$MID
+  train --dict fmxcoder --factorization cp --rank $CP_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_cp
+  train --dict sae --layers $LAYERS --cache $CACHE $COMMON --out $R/sae_per_layer
+  # ablations: masking on the crosscoder, no masking on the fmxcoders
+  train --dict crosscoder --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/crosscoder_mask
+  train --dict fmxcoder --factorization tr --rank $TR_RANK --mask-prob 0 --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_tr_nomask
+  train --dict fmxcoder --factorization cp --rank $CP_RANK --mask-prob 0 --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_cp_nomask
 fi
 
 MULTI="$R/sae_per_layer $R/crosscoder $R/crosscoder_mask $R/fmx_tr $R/fmx_tr_nomask $R/fmx_cp $R/fmx_cp_nomask"
 SINGLE="$R/sae_L$MID $R/polysae_L$MID"
 if [[ $STAGE == all || $STAGE == eval ]]; then
-  have() { for r in "$@"; do [[ -f $r/config.json || -f $r/summary.json ]] && echo "$r"; done; }
+  have() { for r in "$@"; do [[ -f $r/summary.json ]] && echo "$r"; done; }
   # reconstruction (held-out cache tokens), FC + decoder-norm spread; Wasserstein comes from probe_all.py below
   python metrics.py $(have $MULTI) --fc-tokens $FC_TOKENS --ce-tokens 0 --wasserstein ''
   # single layer: also the spliced LM loss and interaction vs co-occurrence
-  python metrics.py $(have $SINGLE) --ce-tokens 4096 --fc-tokens 0 --wasserstein ''
+  python metrics.py $(have $SINGLE) --ce-tokens 2048 --fc-tokens 0 --wasserstein ''
   # sparse probing on the offline tasks (bbc_topic, us_places, chatterbot_language), probe.py's protocol:
   # the same as `python probe.py RUN --task offline --n-train $PROBE_TRAIN --n-test $PROBE_TEST --no-full`
   # for every RUN, with one LM pass shared by all runs (+ the class-conditional Wasserstein on bbc_topic)
