@@ -29,7 +29,8 @@ With mask_prob = 0 (the default here) this is the plain crosscoder; mask_prob = 
 the "crosscoder + masking" ablation.
 
 Decoder norms are not constrained (the fmxcoders paper uses no decoder-norm
-normalisation), so `before_step` / `after_step` are no-ops. Init: per-layer decoder
+normalisation), so `before_step` is a no-op; `after_step` only refreshes the cached score
+scale when `norm_every` > 1 (the fmxcoder's default, see decoder_scale). Init: per-layer decoder
 vectors random with norm 1/√L (concatenated norm 1 per latent), W_enc = W_dec transposed,
 b_dec from data (`init_b_dec`, per-layer geometric median or mean).
 
@@ -60,6 +61,7 @@ class CrossCoderConfig:
     aux_coeff: float = 1 / 32     # AuxK weight; 0 disables it
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     input_scale: list[float] | None = None  # L floats, x_model[l] = x_raw[l] · s_l; None → ones
+    norm_every: int = 1           # training: refresh the selection score's decoder norms every n steps
 
     def __post_init__(self):
         check_common(self)
@@ -67,6 +69,8 @@ class CrossCoderConfig:
             raise ValueError(f"n_layers must be a positive integer, got {self.n_layers!r}")
         if not 0.0 <= self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob!r}")
+        if not isinstance(self.norm_every, int) or self.norm_every < 1:
+            raise ValueError(f"norm_every must be a positive integer, got {self.norm_every!r}")
         if self.input_scale is None:
             self.input_scale = [1.0] * self.n_layers
         self.input_scale = [float(s) for s in self.input_scale]
@@ -99,6 +103,11 @@ class CrossCoder(nn.Module):
         # Per-layer factor on the decoder norms in the selection score: 1, or s_l after
         # fold_input_scale, so that folding does not change which latents are selected.
         self.register_buffer("norm_scale", torch.ones(L))            # (L,)
+        # With norm_every = n > 1, training selects with the score scale of the last refresh
+        # (after optimiser steps 1, n + 1, ...; exact before the first step): saved, so a
+        # resumed run selects the same.
+        self.register_buffer("steps_done", torch.tensor(0))
+        self.register_buffer("score_scale", self.exact_decoder_scale().detach())  # (F,)
 
     # -- the weight-specific part (fmxcoder.FMXCoder overrides these) --------------------
     def init_weights(self) -> None:
@@ -135,9 +144,21 @@ class CrossCoder(nn.Module):
         self.W_dec *= dec_L[None, :, None]
 
     # -- the maps --------------------------------------------------------------------------
-    def decoder_scale(self) -> Tensor:
-        """(F,) per-latent score scale for the sparsifier: Σ_l ‖W_dec[f, l]‖ (× norm_scale)."""
+    def exact_decoder_scale(self) -> Tensor:
+        """(F,) Σ_l ‖W_dec[f, l]‖ · norm_scale[l], computed from the weights now."""
         return (self.decoder_norms() * self.norm_scale).sum(-1)
+
+    def decoder_scale(self) -> Tensor:
+        """(F,) per-latent score scale for the sparsifier. Exact, except in training with
+        config.norm_every > 1 (not for ReLU + L1, whose penalty needs its gradient): then the
+        value of the last refresh. The exact norms of a factorised decoder cost
+        F·L·d·R (CP) or F·L·d·R1R2 (TR) MACs per step whatever the batch size: more than the
+        forward pass at small batches (bench/bench_train.py); stale by < n steps, they pick
+        the same latents up to near-ties."""
+        c = self.config
+        if self.training and c.norm_every > 1 and c.sparsity != "relu" and self.steps_done > 0:
+            return self.score_scale
+        return self.exact_decoder_scale()
 
     def encode(self, x_BLD: Tensor) -> Tensor:
         c = self.config
@@ -182,8 +203,12 @@ class CrossCoder(nn.Module):
     def before_step(self) -> None:
         """No decoder-norm constraint (fmxcoders uses none): nothing to do."""
 
+    @torch.no_grad()
     def after_step(self) -> None:
-        """No decoder-norm constraint: nothing to do."""
+        """No decoder-norm constraint; every norm_every steps, refresh the selection scale."""
+        self.steps_done += 1
+        if self.config.norm_every > 1 and (self.steps_done - 1) % self.config.norm_every == 0:
+            self.score_scale.copy_(self.exact_decoder_scale())   # after steps 1, n + 1, 2n + 1, ...
 
     @torch.no_grad()
     def fold_input_scale(self) -> None:
@@ -197,6 +222,7 @@ class CrossCoder(nn.Module):
         self.b_dec /= s_L[:, None]
         self.norm_scale *= s_L
         self.config.input_scale = [1.0] * self.config.n_layers
+        self.score_scale.copy_(self.exact_decoder_scale())
 
     def dead_fraction(self) -> float:
         return (self.tokens_since_fired >= self.config.dead_tokens).float().mean().item()

@@ -70,6 +70,7 @@ class TrainConfig:
     aux_coeff: float = 1 / 32               # AuxK weight (0 disables)
     dead_tokens: int = 100_000              # tokens without firing before a latent counts as dead
     mask_prob: float | None = None          # layer masking p; default 0.05 for fmxcoder, 0 otherwise
+    norm_every: int | None = None           # crosscoders: refresh the selection's decoder norms every N steps (default 1; fmxcoder 10)
     factorization: str = "tr"               # fmxcoder: cp | tr
     rank: str = "32"                        # fmxcoder rank: "R" or "R1,R2,R3" (TR)
     ranks: str | None = None                # polysae "R1,R2,R3" (default d,64,64)
@@ -188,6 +189,8 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
                 for l, s in zip(layers, scale)}
     mask_prob = cfg.mask_prob if cfg.mask_prob is not None else (0.05 if cfg.dict == "fmxcoder" else 0.0)
     common.update(n_layers=len(layers), mask_prob=mask_prob, input_scale=list(scale))
+    if cfg.norm_every is not None:
+        common["norm_every"] = cfg.norm_every
     if cfg.dict == "crosscoder":
         import crosscoder
         return {"all": (crosscoder.CrossCoder, crosscoder.CrossCoderConfig(**common))}
@@ -471,6 +474,8 @@ def train(cfg: TrainConfig) -> dict:
     if done < steps and not stop_requested and main_rank:
         print(f"note: the data ran out after {done} of {steps} steps")
     if world > 1:
+        fwd.clear()                      # DDP reducers must go before their process group
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         if not main_rank:
             return {"steps": done}

@@ -11,12 +11,13 @@ The data are standard-normal tokens (throughput does not depend on them; with th
 10M tokens of a real run).
 
 Analytic FLOPs per step (B tokens; 2 FLOPs per MAC; the backward of a matmul costs twice its
-forward, so every weight matmul counts 3 × 2 × MACs = 6 × MACs; the decode is the dense z @ W
-path the code runs, sparsity does not reduce it):
-    sae        6 B (d F + F d)
-    polysae    6 B (d F + F R1 + d (R1 + R2 + R3))  +  2 F R1² (QR of U after the step)
-    crosscoder 6 B (L d F + F L d)  +  2 F L d (decoder norms for the selection score, no grad)
-    fmxcoder   6 B (enc_macs + dec_macs)  +  2 norm_macs_per_batch    (fmxcoder.costs)
+forward, so every weight matmul counts 3 × 2 × MACs = 6 × MACs; the first decoder contraction
+reads only the k active latents (sae.sparse_decode), so it costs k rows, not F):
+    sae        6 B (d F + k d)
+    polysae    6 B (d F + k R1 + d (R1 + R2 + R3))  +  2 F R1² (QR of U after the step)
+    crosscoder 6 B (L d F + k L d)  +  2 F L d (decoder norms for the selection score, no grad)
+    fmxcoder   6 B (enc_macs + dec_macs_sparse)  +  2 norm_macs_per_batch / norm_every   (fmxcoder.costs;
+               the decoder norms of the selection score are refreshed every norm_every = 10 steps)
 Adam, clipping, ReLU/top-k and the elementwise losses are not counted (O(params + B F)).
 Fraction of peak = (FLOPs / step time) / (best fp32 GFLOP/s of an n × n × n matmul, n = 4096
 on CUDA, 2048 on CPU, best of 5, timed at the start of this run).
@@ -65,16 +66,16 @@ def build(kind: str, a) -> torch.nn.Module:
 
 
 def flops_per_step(kind: str, model, a) -> float:
-    B, d, F, L = a.batch, a.d, a.n_latents, a.layers
+    B, d, F, L, k = a.batch, a.d, a.n_latents, a.layers, a.k
     if kind == "sae":
-        return 6 * B * 2 * d * F
+        return 6 * B * (d * F + k * d)
     if kind == "polysae":
         r1, r2, r3 = model.config.ranks
-        return 6 * B * (d * F + F * r1 + d * (r1 + r2 + r3)) + 2 * F * r1 ** 2
+        return 6 * B * (d * F + k * r1 + d * (r1 + r2 + r3)) + 2 * F * r1 ** 2
     if kind == "crosscoder":
-        return 6 * B * 2 * L * d * F + 2 * F * L * d
+        return 6 * B * (L * d * F + k * L * d) + 2 * F * L * d
     c = fmxcoder.costs(model.config)
-    return 6 * B * (c["enc_macs"] + c["dec_macs"]) + 2 * c["norm_macs_per_batch"]
+    return 6 * B * (c["enc_macs"] + c["dec_macs_sparse"]) + 2 * c["norm_macs_per_batch"] / model.config.norm_every
 
 
 def matmul_peak(device: torch.device) -> float:

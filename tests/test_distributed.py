@@ -65,7 +65,7 @@ def test_rank_shards_are_disjoint_and_cover_each_global_batch():
 @pytest.mark.parametrize("sparsity", ["batchtopk", "topk"])
 def test_two_ranks_equal_one_rank(setup, tmp_path, sparsity):
     extra = ["--dict", "crosscoder", "--sparsity", sparsity, "--mask-prob", "0"]
-    train.train(train.parse_args(flags(setup, tmp_path / "one", *extra)))
+    torchrun(flags(setup, tmp_path / "one", *extra), nproc=1)   # same launcher, same 1 thread per process
     res = torchrun(flags(setup, tmp_path / "two", *extra))
     assert_same_model(tmp_path / "one", tmp_path / "two")
     # only rank 0 writes: one checkpoint, one model, one summary, and one progress report

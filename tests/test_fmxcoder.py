@@ -211,3 +211,27 @@ def test_cp_learns_toy_atoms(factorization, rank):
     assert res["fvu"] < 0.15
     assert frac > 0.8
     assert best[shared].gt(0.9).float().mean() > 0.95
+
+
+def test_selection_norms_refresh_every_norm_every_steps_and_are_exact_in_eval():
+    model = make("tr", 3, norm_every=3, mask_prob=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(32, 3, 8)
+    model.train()
+    assert torch.equal(model.decoder_scale(), model.exact_decoder_scale())   # exact before step 1
+    refreshed_at = []
+    for step in range(1, 8):
+        opt.zero_grad()
+        model(x).loss.backward()
+        opt.step()
+        model.after_step()
+        if torch.equal(model.decoder_scale(), model.exact_decoder_scale()):
+            refreshed_at.append(step)
+        else:   # stale: the value of the last refresh, which no longer matches the weights
+            assert not torch.allclose(model.decoder_scale(), model.exact_decoder_scale(), atol=1e-7)
+    assert refreshed_at == [1, 4, 7]
+    model.eval()
+    assert torch.equal(model.decoder_scale(), model.exact_decoder_scale())
+    assert "score_scale" in model.state_dict() and int(model.steps_done) == 7   # resumes exactly
+    with pytest.raises(ValueError, match="norm_every must be a positive integer"):
+        make("tr", 3, norm_every=0)
