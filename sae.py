@@ -49,11 +49,11 @@ any dictionary in this project (sae, crosscoder, fmxcoder, polysae) from config.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +271,24 @@ def forward_with_losses(model: nn.Module, x_in: Tensor, target: Tensor) -> Outpu
             update_threshold(model.threshold, z_BF, scale_F)
     loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
     return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 1.0,
+               forward=None, autocast=None) -> Output:
+    """One optimiser step, as train.py takes it: forward with the losses (through `forward`,
+    e.g. a DistributedDataParallel wrapper, under `autocast` if given), backward, the model's
+    `before_step` (gradient projection), gradient clipping, the step, and `after_step`
+    (decoder renormalisation, PolySAE's re-orthonormalisation of U, ...)."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        out = (forward or model)(x)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    model.before_step()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    model.after_step()
+    return out
 
 
 @dataclass

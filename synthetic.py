@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sae import train_step
+
 
 @dataclass
 class ToyData:
@@ -72,14 +74,7 @@ def fit(model, data: ToyData, steps: int = 300, batch: int = 512, lr: float = 3e
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        x = take(data.sample(batch, g))
-        out = model(x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        model.before_step()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        model.after_step()
+        train_step(model, opt, take(data.sample(batch, g)))
     model.eval()
     with torch.no_grad():
         x = take(data.sample(4096, g))

@@ -43,7 +43,7 @@ import signal
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -440,15 +440,7 @@ def train(cfg: TrainConfig) -> dict:
                 for g in opts[key].param_groups:
                     g["lr"] = lr
                 xi = model_input(key, x, layers)
-                with autocast:
-                    o = fwd[key](xi)
-                opts[key].zero_grad(set_to_none=True)
-                o.loss.backward()
-                m.before_step()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
-                opts[key].step()
-                m.after_step()
+                o = sae_mod.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast)
                 logs.append((o.loss.item(), (o.latents > 0).float().sum(-1).mean().item(),
                              sae_mod.fvu(xi.float(), o.recon.float()).item(), m.dead_fraction()))
             loss, l0, fvu, dead = (sum(v) / len(v) for v in zip(*logs))

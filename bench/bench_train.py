@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -117,14 +116,7 @@ def run_one(kind: str, a) -> dict:
     model.train()
 
     def step(x):
-        o = model(x)
-        opt.zero_grad(set_to_none=True)
-        o.loss.backward()
-        model.before_step()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        model.after_step()
-        return o.loss.item()
+        return sae.train_step(model, opt, x).loss.item()
 
     for i in range(a.warmup):
         step(xs[i % 2])

@@ -90,14 +90,7 @@ def ours(a, first_batch):
     opt = torch.optim.Adam(m.parameters(), lr=a.lr, betas=(0.9, 0.999))
 
     def step(x):   # train.py's step
-        o = m(x)
-        opt.zero_grad(set_to_none=True)
-        o.loss.backward()
-        m.before_step()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        m.after_step()
-        o.loss.item()
+        sae.train_step(m, opt, x).loss.item()
     return step, lambda x: m(x).recon, m.eval
 
 
