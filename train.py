@@ -374,12 +374,13 @@ def train(cfg: TrainConfig) -> dict:
         texts = itertools.islice(activations.load_texts(cfg.dataset), rank, None, world)
         stream = activations.harvest(lm, tok, texts, layers, cfg.context, cfg.harvest_batch, device,
                                      cfg.drop_outliers or None)
-        held, rest = split_stream(stream, max(cfg.eval_tokens, 4096))
         n_eval, n_train = cfg.eval_tokens, cfg.tokens
+        held, rest = split_stream(stream, n_eval + 4096)  # held out, then 4,096 for the scale and b_dec
         sq = sae_mod.all_reduce(held.double().pow(2).sum(-1).mean(0).to(device), "sum") / world
         scale_L = (d / sq).sqrt().float().cpu()  # E‖s x‖² = d, the same on every rank
         hooks = [activations.block_paths(lm)[l] for l in layers]
         cache_dir, read_eval, x0 = None, lambda lo, hi: held[lo:hi], held[n_eval:]
+        rest = itertools.chain([x0], rest)                # ... which are trained on as well
         buffer_tokens = max(64 * cfg.batch_size, 2 ** 16)
 
         def batches(start: int):  # resuming replays the (seeded) stream up to `start`

@@ -99,3 +99,16 @@ def test_unwritable_out_and_cache_mismatch(gpt2_dir, cache_dir, tmp_path, capsys
     activations.build_cache(cache_dir, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
     assert train.main(flags(gpt2_dir, cache_dir, tmp_path / "o", "--layers", "1,2")) == 2
     assert "layers" in capsys.readouterr().err
+
+
+def test_streaming_without_a_cache(gpt2_dir, tmp_path):
+    """--cache none: held-out tokens first (more than the 4,096 used for the scale), then training
+    batches from the shuffle buffer; the exported model reconstructs its held-out tokens."""
+    args = flags(gpt2_dir, "none", tmp_path / "s", "--dict", "sae", "--layers", "1", "--eval-tokens", "4608",
+                 "--tokens", "2048")
+    summary = train.train(train.parse_args(args))
+    [(layers, model, meta)] = sae.load_run(tmp_path / "s")
+    assert layers == [1] and meta["run"]["cache"] is None and meta["run"]["eval_tokens"] == 4608
+    assert summary["steps"] == 16
+    assert 0 < summary["eval"]["1"]["fvu"] < 0.9
+    assert all(torch.isfinite(p).all() for p in model.parameters())
