@@ -29,7 +29,7 @@ CACHE=${CACHE:-$HOME/.cache/fmxcoders/acts/repro-smollm2-L11-18}   # ONE shared 
 CACHE1=${CACHE1:-$HOME/.cache/fmxcoders/acts/repro-smollm2-L15}    # layer 15 sliced out of it (no 2nd harvest)
 R=${RUNS:-runs/repro}
 
-COMMON="--n-latents $N_LATENTS --k $K --tokens $TOKENS --eval-tokens $EVAL_TOKENS --batch-size $BATCH --lr $LR --dead-tokens $DEAD --ckpt-every 0"
+COMMON="--n-latents $N_LATENTS --k $K --tokens $TOKENS --eval-tokens $EVAL_TOKENS --batch-size $BATCH --lr $LR --dead-tokens $DEAD --ckpt-every 0 --norm-every 1"   # exact selection norms every step, as the reported runs had (they predate the fmxcoder default of 10)
 STAGE=${1:-all}
 
 if [[ $STAGE == all || $STAGE == train ]]; then
