@@ -50,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 import activations
+import metrics
 import sae as sae_mod
 
 DICTS = ("sae", "crosscoder", "fmxcoder", "polysae")
@@ -269,26 +270,21 @@ def load_checkpoint(path: Path, models, opts, cfg: TrainConfig) -> int:
 
 @torch.no_grad()
 def evaluate(models, read, n: int, layers, scale_L1, device, batch: int = 2048) -> dict:
-    """FVU (numerator and denominator accumulated, divided once), MSE (normalised units), L0
-    and dead fractions of every model on held-out tokens read(lo, hi) -> raw (N, L, d)."""
+    """FVU, MSE (normalised units), L0 and dead fractions of every model on held-out tokens
+    read(lo, hi) -> raw (N, L, d), accumulated with metrics.ReconStats (divided once)."""
     stats = {}
     for key, model in models.items():
         model.eval()
-        count, sse, sx, sxx, l0, fired = 0, 0.0, 0.0, 0.0, 0.0, None
+        acc = metrics.ReconStats()
         for lo in range(0, n, batch):
             x = model_input(key, read(lo, min(lo + batch, n)).to(device) * scale_L1, layers)
-            out = model(x)
-            count += x.shape[0]
-            sse += (x - out.recon).pow(2).sum().item()
-            sx, sxx = sx + x.sum(0), sxx + x.pow(2).sum(0)
-            l0 += (out.latents > 0).sum().item()
-            f = (out.latents > 0).any(0)
-            fired = f if fired is None else fired | f
+            acc.update(x, model(x))
         model.train()
-        if count:
-            sst = (sxx - sx.pow(2) / count).sum().item()  # Σ‖x − mean‖² = Σ x² − (Σ x)²/n per dimension
-            stats[str(key)] = {"fvu": sse / sst, "mse": sse / count, "l0": l0 / count,
-                               "dead_eval": 1 - fired.float().mean().item(), "dead_counter": model.dead_fraction()}
+        if acc.n:
+            ones = torch.ones(len(layers) if key == "all" else 1)   # normalised units throughout
+            r = acc.result(ones, ones)
+            stats[str(key)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
+                               "dead_eval": r["dead_eval"], "dead_counter": model.dead_fraction()}
     return stats
 
 
