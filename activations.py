@@ -76,7 +76,8 @@ DEFAULT_MODEL = "smollm2-135m"
 SHORT_NAMES = ("smollm2-135m", "gemma3-270m")
 SCALE_TOKENS = 100_000           # tokens used to estimate the per-layer scale
 SHARD_BYTES = 256 * 2**20        # target size of one cache shard
-DTYPES = {"float16": np.float16, "float32": np.float32}
+DTYPES = {"float16": np.float16, "float32": np.float32}          # cache storage
+LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # LM weights
 
 
 def cache_root() -> Path:
@@ -142,9 +143,17 @@ def _short_model_dir(name: str) -> Path:
     return out
 
 
-def load_lm(name: str = DEFAULT_MODEL, device="cpu", dtype=torch.float32):
-    """(model in eval mode on `device`, tokenizer with a pad token, right padding)."""
+def load_lm(name: str = DEFAULT_MODEL, device="cpu", dtype="float32"):
+    """(model in eval mode on `device` with weights in `dtype` (a LM_DTYPES name or a torch dtype),
+    tokenizer with a pad token, right padding). bfloat16 halves the harvest time on GPUs and on CPUs
+    with AVX512-BF16 (measured on SmolLM2, layers 11-18: the bf16 activations differ from float32
+    by 0.5-0.7% of their variance, and have cosine 0.9999 with them)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if dtype not in LM_DTYPES:
+            raise ValueError(f"LM dtype must be one of {list(LM_DTYPES)}, got {dtype!r}")
+        dtype = LM_DTYPES[dtype]
 
     if name in SHORT_NAMES:
         where = str(_short_model_dir(name))
@@ -578,16 +587,17 @@ class ActivationCache:
             yield x * self.scale[:, None] if scaled else x
 
 
-def _settings(model_name, layers_spec, multi, dataset, split, context, dtype, drop_outliers) -> dict:
+def _settings(model_name, layers_spec, multi, dataset, split, context, dtype, drop_outliers, lm_dtype) -> dict:
     return {"model": model_name, "layers_spec": None if layers_spec is None else str(layers_spec),
             "multi": multi, "dataset": dataset, "split": split, "context": context, "dtype": dtype,
-            "drop_outliers": drop_outliers, "version": VERSION}
+            "drop_outliers": drop_outliers, "lm_dtype": lm_dtype, "version": VERSION}
 
 
-def default_cache_path(model_name, layers, multi, dataset, split, context, dtype, drop_outliers) -> Path:
+def default_cache_path(model_name, layers, multi, dataset, split, context, dtype, drop_outliers,
+                       lm_dtype="float32") -> Path:
     """$FMX_CACHE/acts/<model>-<hash of the settings>: same settings, same folder."""
-    key = json.dumps(_settings(model_name, layers, multi, dataset, split, context, dtype, drop_outliers),
-                     sort_keys=True)
+    key = json.dumps(_settings(model_name, layers, multi, dataset, split, context, dtype, drop_outliers,
+                               lm_dtype), sort_keys=True)
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(model_name)).name)
     return cache_root() / "acts" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
@@ -595,20 +605,23 @@ def default_cache_path(model_name, layers, multi, dataset, split, context, dtype
 def build_cache(path, model_name: str = DEFAULT_MODEL, layers=None, dataset: str | None = None,
                 n_tokens: int = 1_000_000, context: int = 128, batch_size: int = 16, device="cpu",
                 dtype: str = "float16", drop_outliers: float | None = None, multi: bool = True,
-                split: str = "train", model=None, tokenizer=None) -> ActivationCache:
+                split: str = "train", model=None, tokenizer=None, lm_dtype: str = "float32") -> ActivationCache:
     """Harvest `n_tokens` tokens into a cache folder and open it; reuse a complete matching one.
 
     path None → default_cache_path(...). layers: anything parse_layers takes (None → the
     default for `multi`). An existing cache is reused when model, layers, dataset, split, context,
-    dtype and drop_outliers match and it holds ≥ n_tokens (or the corpus ran out); it is
-    rebuilt when it holds too few; ValueError when it was made with other settings.
-    An already loaded (model, tokenizer) for `model_name` may be passed to skip loading."""
+    dtype, drop_outliers and lm_dtype (the LM's weights, see load_lm) match and it holds ≥ n_tokens
+    (or the corpus ran out); it is rebuilt when it holds too few; ValueError when it was made with
+    other settings.
+    An already loaded (model, tokenizer) for `model_name` in `lm_dtype` may be passed to skip loading."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if lm_dtype not in LM_DTYPES:
+        raise ValueError(f"lm_dtype must be one of {list(LM_DTYPES)}, got {lm_dtype!r}")
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     path = Path(path) if path is not None else default_cache_path(
-        model_name, layers, multi, dataset, split, context, dtype, drop_outliers)
+        model_name, layers, multi, dataset, split, context, dtype, drop_outliers, lm_dtype)
     if (path / "meta.json").exists():
         cache = ActivationCache(path)
         m = cache.meta
@@ -617,8 +630,9 @@ def build_cache(path, model_name: str = DEFAULT_MODEL, layers=None, dataset: str
                              f"{model_name!r} layers {layers if layers is not None else 'default'} were asked for")
         cache.check(model_name, parse_layers(layers, m["n_blocks"], multi))
         want = {"dataset": dataset, "split": split, "context": context, "dtype": dtype,
-                "drop_outliers": drop_outliers, "version": VERSION}
-        diff = {k: (m.get(k), v) for k, v in want.items() if m.get(k) != v}
+                "drop_outliers": drop_outliers, "lm_dtype": lm_dtype, "version": VERSION}
+        have = {"lm_dtype": "float32", **m}               # caches from before lm_dtype was recorded
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
             raise ValueError(f"cache {str(path)!r} was made with other settings (cached, asked): {diff}; "
                              f"delete it or choose another cache path")
@@ -629,12 +643,12 @@ def build_cache(path, model_name: str = DEFAULT_MODEL, layers=None, dataset: str
         raise ValueError(f"cache path {str(path)!r} exists but is not an activation cache (no meta.json)")
 
     if model is None:
-        model, tokenizer = load_lm(model_name, device=device)
+        model, tokenizer = load_lm(model_name, device=device, dtype=lm_dtype)
     paths = block_paths(model)
     layer_list = parse_layers(layers, len(paths), multi)
     _write_cache(path, model, tokenizer, layer_list, paths, load_texts(dataset, split), n_tokens, context,
                  batch_size, device, dtype, drop_outliers,
-                 {"model": model_name, "dataset": dataset, "split": split})
+                 {"model": model_name, "dataset": dataset, "split": split, "lm_dtype": lm_dtype})
     return ActivationCache(path, max_tokens=n_tokens)
 
 

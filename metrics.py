@@ -495,7 +495,8 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
 
     def lm_loader():
         if not lm_box:
-            lm_box.append(activations.load_lm(run["model"], device=device))
+            lm_box.append(activations.load_lm(run["model"], device=device,
+                                                 dtype=run.get("lm_dtype", "float32")))
         return lm_box[0]
 
     held = Held(run, sorted({l for ls, _, _ in entries for l in ls}), eval_tokens, batch_size, device, lm_loader)

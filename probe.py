@@ -641,7 +641,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
     if not data:
         raise TaskUnavailable("no task could be loaded: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
-    lm, tokenizer = activations.load_lm(meta["model"], device)
+    lm, tokenizer = activations.load_lm(meta["model"], device, meta.get("lm_dtype", "float32"))
     results = {}
     for name, splits in data.items():
         t0 = time.time()

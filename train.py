@@ -90,6 +90,8 @@ class TrainConfig:
     out: str = "runs/latest"
     cache: str | None = None                # activation cache folder (default under ~/.cache/fmxcoders/acts); "none" streams
     cache_dtype: str = "float16"
+    cache_tokens: int | None = None         # tokens to harvest into the cache (default tokens + eval-tokens); one big cache can serve many runs
+    lm_dtype: str = "float32"               # LM weights when harvesting and evaluating: float32 | bfloat16 | float16
     harvest_batch: int = 16                 # texts per LM forward pass when harvesting
     drop_outliers: float | None = 10.0      # drop tokens whose norm > this × median (attention sinks; 0 keeps all)
     ckpt_every: int = 200                   # steps between resumable checkpoints (0: only at the end)
@@ -140,6 +142,14 @@ def check_config(cfg: TrainConfig) -> None:
         fail(f"--decay must be none, cosine or linear, got {cfg.decay!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         fail(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.lm_dtype not in activations.LM_DTYPES:
+        fail(f"--lm-dtype must be one of {', '.join(activations.LM_DTYPES)}, got {cfg.lm_dtype!r}")
+    if cfg.cache_tokens is not None:
+        if cfg.cache == "none":
+            fail("--cache-tokens sizes the activation cache, but --cache none streams without one")
+        if cfg.cache_tokens <= cfg.eval_tokens:
+            fail(f"--cache-tokens must exceed --eval-tokens {cfg.eval_tokens} (the held-out end of the cache), "
+                 f"got {cfg.cache_tokens}")
     if cfg.mask_prob is not None and not 0 <= cfg.mask_prob < 1:
         fail(f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
     check_writable(Path(cfg.out))
@@ -336,7 +346,7 @@ def train(cfg: TrainConfig) -> dict:
         meta = json.loads((cache_path / "meta.json").read_text())
         d, n_blocks = meta["d"], meta["n_blocks"]
     else:
-        lm, tok = activations.load_lm(cfg.model, device=device)
+        lm, tok = activations.load_lm(cfg.model, device=device, dtype=cfg.lm_dtype)
         d, n_blocks = lm.config.get_text_config().hidden_size, len(activations.block_paths(lm))
     layers = activations.parse_layers(cfg.layers, n_blocks, multi)
     dictionary_configs(cfg, d, layers, [1.0] * len(layers))
@@ -347,7 +357,8 @@ def train(cfg: TrainConfig) -> dict:
         if world > 1 and not main_rank:
             torch.distributed.barrier()      # rank 0 harvests (or checks) the cache first ...
         cache = activations.build_cache(
-            cache_path, cfg.model, layers, dataset=cfg.dataset, n_tokens=cfg.tokens + cfg.eval_tokens,
+            cache_path, cfg.model, layers, dataset=cfg.dataset,
+            n_tokens=cfg.cache_tokens or cfg.tokens + cfg.eval_tokens, lm_dtype=cfg.lm_dtype,
             context=cfg.context, batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype,
             drop_outliers=cfg.drop_outliers or None, multi=multi, model=lm, tokenizer=tok)
         if world > 1 and main_rank:
@@ -409,7 +420,7 @@ def train(cfg: TrainConfig) -> dict:
 
     run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "hooks": hooks, "dataset": cfg.dataset,
            "context": cfg.context, "cache": cache_dir, "train_tokens": n_train, "eval_tokens": n_eval,
-           "drop_outliers": cfg.drop_outliers or None}
+           "drop_outliers": cfg.drop_outliers or None, "lm_dtype": cfg.lm_dtype}
     sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     if main_rank:
         print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {steps} steps of {cfg.batch_size} tokens, "

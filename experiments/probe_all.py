@@ -38,13 +38,15 @@ def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed
                          "layers": sorted({l for ls, _, _ in entries for l in ls})}
     models = {r["meta"].get("model") for r in runs.values()}
     contexts = {r["meta"].get("context") or 128 for r in runs.values()}
-    if len(models) != 1 or len(contexts) != 1:
-        raise ValueError(f"all runs must share one LM and context, got models {models}, contexts {contexts}")
+    lm_dtypes = {r["meta"].get("lm_dtype", "float32") for r in runs.values()}
+    if len(models) != 1 or len(contexts) != 1 or len(lm_dtypes) != 1:
+        raise ValueError(f"all runs must share one LM, LM dtype and context, got models {models}, "
+                         f"LM dtypes {lm_dtypes}, contexts {contexts}")
     context = contexts.pop()
     all_layers = sorted({l for r in runs.values() for l in r["layers"]})
     flat = [(rd, key, rdr) for rd, r in runs.items() for key, rdr in r["readers"].items()]
 
-    lm, tok = activations.load_lm(models.pop(), device)
+    lm, tok = activations.load_lm(models.pop(), device, lm_dtypes.pop())
     results = {rd: {} for rd in runs}
     wass = {rd: {} for rd in runs}
     for name in task_names:

@@ -331,6 +331,31 @@ def test_cache_round_trip(gpt2_dir, gpt2, texts, tmp_path, monkeypatch, dtype):
     reopened.check(name, [1, 3])
 
 
+def test_cache_with_bfloat16_lm(gpt2_dir, gpt2, tmp_path, monkeypatch):
+    """lm_dtype: the LM runs in bfloat16, the cache records it, and a float32 request is refused
+    rather than silently mixing the two; a cache written before lm_dtype existed counts as float32."""
+    model, tok = gpt2
+    path, name = tmp_path / "bf16", str(gpt2_dir)
+    cache = A.build_cache(path, name, "1,3", n_tokens=400, context=32, batch_size=4, lm_dtype="bfloat16")
+    assert cache.meta["lm_dtype"] == "bfloat16"
+    want = torch.cat(list(A.harvest(model, tok, A.load_texts(), [1, 3], context=32, batch_size=4, max_tokens=400)))
+    got = cache.read(0, 400)
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    assert cos.min() > 0.99 and not torch.equal(got, want.half().float())   # close, but really bf16
+    with pytest.raises(ValueError, match="lm_dtype.*'bfloat16', 'float32'"):
+        A.build_cache(path, name, "1,3", n_tokens=400, context=32)
+    with pytest.raises(ValueError, match="lm_dtype must be one of .* got 'int8'"):
+        A.build_cache(tmp_path / "x", name, "1,3", n_tokens=400, lm_dtype="int8")
+    with pytest.raises(ValueError, match="LM dtype must be one of .* got 'fp8'"):
+        A.load_lm(name, dtype="fp8")
+    old = A.build_cache(tmp_path / "old", name, "1", n_tokens=100, context=32, model=model, tokenizer=tok)
+    meta = json.loads((old.path / "meta.json").read_text())
+    del meta["lm_dtype"]
+    (old.path / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(A, "load_lm", lambda *a, **k: pytest.fail("should reuse the cache"))
+    assert A.build_cache(old.path, name, "1", n_tokens=100, context=32).n_tokens == 100
+
+
 def test_cache_batches(gpt2_dir, gpt2, tmp_path):
     model, tok = gpt2
     cache = A.build_cache(tmp_path / "c", str(gpt2_dir), "2", n_tokens=500, context=32, batch_size=4,

@@ -81,6 +81,8 @@ def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, monkeyp
     (["--dict", "fmxcoder", "--factorization", "tr", "--rank", "100000"], "rank"),
     (["--dict", "transcoder"], "--dict must be one of"),
     (["--dataset", "/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    (["--lm-dtype", "fp8"], "--lm-dtype must be one of float32, bfloat16, float16, got 'fp8'"),
+    (["--cache-tokens", "1000"], "--cache-tokens must exceed --eval-tokens 1024"),
 ])
 def test_bad_input_gives_one_line_error(gpt2_dir, cache_dir, tmp_path, capsys, extra, message):
     code = train.main(flags(gpt2_dir, str(tmp_path / "fresh-cache"), tmp_path / "o", *extra))
@@ -99,6 +101,20 @@ def test_unwritable_out_and_cache_mismatch(gpt2_dir, cache_dir, tmp_path, capsys
     activations.build_cache(cache_dir, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
     assert train.main(flags(gpt2_dir, cache_dir, tmp_path / "o", "--layers", "1,2")) == 2
     assert "layers" in capsys.readouterr().err
+
+
+def test_cache_tokens_one_big_cache_for_several_runs(gpt2_dir, tmp_path, capsys):
+    """--cache-tokens harvests more than one run needs; each run trains on random batches of all of
+    it but the held-out end, and records the LM dtype it was harvested with."""
+    cache = str(tmp_path / "big")
+    args = flags(gpt2_dir, cache, tmp_path / "a", "--dict", "sae", "--layers", "1", "--cache-tokens", "12000",
+                 "--lm-dtype", "bfloat16")
+    train.train(train.parse_args(args))
+    assert activations.ActivationCache(cache).n_tokens == 12000
+    [(_, _, meta)] = sae.load_run(tmp_path / "a")
+    assert meta["run"]["train_tokens"] == 12000 - 1024 and meta["run"]["lm_dtype"] == "bfloat16"
+    assert train.main(flags(gpt2_dir, "none", tmp_path / "b", "--cache-tokens", "6000")) == 2
+    assert "--cache none streams" in capsys.readouterr().err
 
 
 def test_streaming_without_a_cache(gpt2_dir, tmp_path):
