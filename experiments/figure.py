@@ -119,6 +119,27 @@ def table_single(R: Path) -> str:
     return "\n".join(lines)
 
 
+def table_length(R: Path) -> str | None:
+    """FVU, mean FC and probe F1 (top-1) against training tokens: R/<name> (the main runs) and
+    R/length/<name>_<tokens> (`reproduce.sh length`). None when no length run exists."""
+    if not (R / "length").exists():
+        return None
+    rows = []
+    for name, label in [("crosscoder", "crosscoder"), ("fmx_tr", "fmxcoder TR (masked)"),
+                        ("fmx_cp", "fmxcoder CP (masked)")]:
+        for run in [R / name, *(R / "length").glob(f"{name}_[0-9]*")]:
+            r = load(run)
+            if r is not None:
+                rows.append((label, r["summary"].get("tokens", 0), r["eval"], r["probe"]))
+    lines = ["| dictionary | training tokens | FVU | mean FC | dead | probe F1 top-1 | top-5 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, tokens, e, p in sorted(rows, key=lambda row: (row[0], row[1])):
+        key = dict_key(p) if p else None
+        lines.append(f"| {label} | {tokens:,} | {fmt(e['fvu'])} | {fmt(e.get('fc_mean'), '.2f')} | "
+                     f"{fmt(e['dead_eval'])} | {fmt(f1(p, key, 'top_1'))} | {fmt(f1(p, key, 'top_5'))} |")
+    return "\n".join(lines)
+
+
 def figure(R: Path, path: Path) -> None:
     runs = [(n, l) for n, l in MULTI[1:] if (R / n / "eval.json").exists()]
     heat = [(n, l) for n, l in [("crosscoder", "crosscoder"), ("fmx_tr", "fmxcoder TR")] if (R / n).exists()]
@@ -163,6 +184,10 @@ def main(R: Path) -> None:
           "`experiments/reproduce.sh`.\n\n## fmxcoders comparison (SmolLM2-135M, layers 11–18)\n\n"
           + table_multi(R) + "\n\n## PolySAE vs TopK SAE (SmolLM2-135M, layer 15, same F, k, tokens)\n\n"
           + table_single(R) + "\n")
+    length = table_length(R)
+    if length:
+        md += ("\n## Training length (crosscoder vs fmxcoders, same cache, batches of the same size)\n\n"
+               + length + "\n")
     (HERE / "results.md").write_text(md)
     print(md)
     figure(R, HERE / "fc_and_norms.png")

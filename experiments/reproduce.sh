@@ -3,6 +3,7 @@
 #   bash experiments/reproduce.sh            # everything: train, evaluate, probe, figure
 #   bash experiments/reproduce.sh train      # only the training runs (harvests the cache first)
 #   bash experiments/reproduce.sh eval       # metrics.py + probing + experiments/figure.py
+#   bash experiments/reproduce.sh length     # extra: crosscoder, fmxcoder TR and CP at 1/4 and 4x TOKENS
 # Sizes are chosen to fit ~1.5 hours on a 2-core CPU (measured: harvest 1,700 tok/s with the LM in
 # bfloat16, ~20 min for the 2 M-token cache); scale them up on a GPU (see README "Paper scale").
 # The corpus needs gensim's test data: pip install gensim (experiments/corpus.py).
@@ -24,9 +25,9 @@ TR_RANK=32                   # fmxcoder TR rank 32x32x32 (train.py default)
 CP_RANK=576                  # fmxcoder CP rank (>= d = 576)
 MASK=0.05                    # layer-masking probability
 POLY_RANKS=576,64,64         # PolySAE ranks (d, 64, 64)
-FC_TOKENS=5000               # tokens for functional coherence
-PROBE_TRAIN=200              # probe texts per one-vs-rest task (train, test)
-PROBE_TEST=100
+FC_TOKENS=20000              # tokens for functional coherence
+PROBE_TRAIN=400              # probe texts per one-vs-rest task (train, test)
+PROBE_TEST=200
 # (Wasserstein: on the bbc_topic train texts of the probe, PROBE_TRAIN of them)
 CORPUS=${CORPUS:-$HOME/.cache/fmxcoders/corpus/offline-2m.jsonl}   # BBC + Wikipedia + ABC news + Python docs
 CACHE=${CACHE:-$HOME/.cache/fmxcoders/acts/repro2m-smollm2-L11-18}  # ONE shared 8-layer cache
@@ -57,6 +58,23 @@ fi
 
 MULTI="$R/sae_per_layer $R/crosscoder $R/crosscoder_mask $R/fmx_tr $R/fmx_tr_nomask $R/fmx_cp $R/fmx_cp_nomask"
 SINGLE="$R/sae_L$MID $R/polysae_L$MID"
+if [[ $STAGE == length ]]; then
+  # Does the gap between fmxcoders and the crosscoder, or the crosscoder's FC, move with training length?
+  # The same three dictionaries at 1/4 and 4x the main runs' tokens (the 1x points are the main runs).
+  train() { local out=${*: -1}; if [[ -f $out/summary.json ]]; then echo "skip $out (done)"; else python train.py "$@"; fi; }
+  LEN_RUNS=""
+  for T in $((TOKENS / 4)) $((TOKENS * 4)); do
+    C="${COMMON/--tokens $TOKENS/--tokens $T}"
+    train --dict crosscoder --layers $LAYERS --cache $CACHE $C --out $R/length/crosscoder_$T
+    train --dict fmxcoder --factorization tr --rank $TR_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $C --out $R/length/fmx_tr_$T
+    train --dict fmxcoder --factorization cp --rank $CP_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $C --out $R/length/fmx_cp_$T
+    LEN_RUNS="$LEN_RUNS $R/length/crosscoder_$T $R/length/fmx_tr_$T $R/length/fmx_cp_$T"
+  done
+  python metrics.py $LEN_RUNS --fc-tokens $FC_TOKENS --ce-tokens 0 --wasserstein ''
+  python experiments/probe_all.py $LEN_RUNS --task offline --n-train $PROBE_TRAIN --n-test $PROBE_TEST --no-full
+  python experiments/figure.py $R
+fi
+
 if [[ $STAGE == all || $STAGE == eval ]]; then
   have() { for r in "$@"; do [[ -f $r/summary.json ]] && echo "$r"; done; }
   # reconstruction (held-out cache tokens), FC + decoder-norm spread; Wasserstein comes from probe_all.py below
