@@ -2,6 +2,7 @@
 
     python bench/bench_harvest.py                       # SmolLM2-135M (offline), layers 11-18, CPU
     python bench/bench_harvest.py --device cuda --batches 50 --batch-size 64
+    python bench/bench_harvest.py --lm-dtype bfloat16   # the LM in bfloat16 (train.py --lm-dtype)
 
 Three things are timed on the same token windows (BBC news, context 128, `--batch-size` windows
 per batch), interleaved batch by batch so a shared machine slows them alike:
@@ -54,12 +55,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch")
     p.add_argument("--batches", type=int, default=8, help="timed batches (after one warm-up batch)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--lm-dtype", default="float32", choices=list(activations.LM_DTYPES), help="LM weights")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a shared "
                                                           "machine fewer threads than cores avoids spin-wait collapse")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, tok = activations.load_lm(a.model, device=a.device)
+    model, tok = activations.load_lm(a.model, device=a.device, dtype=a.lm_dtype)
     n_blocks = len(activations.block_paths(model))
     layers = activations.parse_layers(a.layers, n_blocks, multi=True)
     deepest = max(layers)

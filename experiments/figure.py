@@ -159,7 +159,7 @@ def figure(R: Path, path: Path) -> None:
         axes[1].stairs(hs / max(hs.sum(), 1), edges, label=f"{label} (mean {s.mean():.2f})", lw=1.6)
     axes[0].set(title="(a) functional coherence FC_i", xlabel="FC (1 = one layer drives the latent, 8 = all)",
                 ylabel="fraction of latents")
-    axes[1].set(title="(b) decoder-norm spread", xlabel="Σ_l‖d_il‖ / max_l‖d_il‖")
+    axes[1].set(title="(b) decoder-norm spread (all latents)", xlabel="Σ_l‖d_il‖ / max_l‖d_il‖")
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     for ax, (name, label) in zip(axes[2:], heat):
