@@ -4,8 +4,9 @@
 #   bash experiments/reproduce.sh train      # only the training runs (harvests the cache first)
 #   bash experiments/reproduce.sh eval       # metrics.py + probing + experiments/figure.py
 #   bash experiments/reproduce.sh length     # extra: crosscoder, fmxcoder TR and CP at 1/4 and 2x TOKENS
-# Sizes fit ~70 minutes on a 2-core CPU (measured: harvest 1,844 tok/s with the LM in
-# bfloat16, 18 min for the 2 M-token cache; training 39 min; evaluation 12 min); scale them up on a GPU (see README "Paper scale").
+# Sizes fit ~70 minutes on a 2-core CPU (measured: harvest 1,844 tok/s with the LM in bfloat16,
+# 18 min for the 2 M-token cache; training 39 min; evaluation 12 min); scale them up on a GPU
+# (see README "Paper scale").
 # The corpus needs gensim's test data: pip install gensim (experiments/corpus.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
