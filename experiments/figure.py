@@ -58,6 +58,23 @@ def dict_key(p: dict) -> str:
     return f"{p['dict']}@mean" if f"{p['dict']}@mean" in p["mean"] else p["dict"]
 
 
+def f1_cells(p: dict | None, key: str | None, ks=(1, 2, 5)) -> str:
+    """The probe F1 columns top-k for k in ks, as " | "-joined table cells."""
+    return " | ".join(fmt(f1(p, key, f"top_{k}")) for k in ks)
+
+
+def loaded(R: Path, runs, lines: list[str], n_cols: int):
+    """(label, run, probe, probe feature key) of each (name, label) in runs that has an eval.json;
+    appends a "not run" row of n_cols cells to lines for the others."""
+    for name, label in runs:
+        r = load(R / name)
+        if r is None:
+            lines.append(f"| {label} | not run |" + " |" * (n_cols - 2))
+            continue
+        p = r["probe"]
+        yield label, r, p, dict_key(p) if p else None
+
+
 def spread(norms_FL: np.ndarray) -> np.ndarray:
     return norms_FL.sum(1) / np.maximum(norms_FL.max(1), 1e-12)
 
@@ -67,14 +84,8 @@ def table_multi(R: Path) -> str:
              "norm spread | probe F1 top-1 | top-2 | top-5 | W1 (bbc) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     per_layer = ["| dictionary | " + " | ".join(f"FVU L{l}" for l in range(11, 19)) + " |", "|---|" + "---:|" * 8]
-    for name, label in MULTI:
-        r = load(R / name)
-        if r is None:
-            lines.append(f"| {label} | not run |" + " |" * 11)
-            continue
-        e, p = r["eval"], r["probe"]
-        key = dict_key(p) if p else None
-        w = None
+    for label, r, p, key in loaded(R, MULTI, lines, 13):
+        e, w = r["eval"], None
         if p and p.get("wasserstein"):
             w = float(np.mean([v["mean"] for v in p["wasserstein"].values()]))
         ps = r["summary"].get("parameters") or {}
@@ -82,15 +93,13 @@ def table_multi(R: Path) -> str:
         lines.append(f"| {label} | {fmt(params, ',')} | {fmt(e['fvu'])} | {fmt(e['mse_norm'], '.0f')} | "
                      f"{fmt(e['l0'], '.1f')} | {fmt(e['dead_eval'])} | {fmt(e.get('fc_mean'), '.2f')} | "
                      f"{fmt(e.get('fc_frac_ge2'), '.2f')} | {fmt(e.get('norm_spread_mean'), '.2f')} | "
-                     f"{fmt(f1(p, key, 'top_1'))} | {fmt(f1(p, key, 'top_2'))} | {fmt(f1(p, key, 'top_5'))} | "
-                     f"{fmt(w, '.4f')} |")
+                     f"{f1_cells(p, key)} | {fmt(w, '.4f')} |")
         fvus = e.get("fvu_per_layer") or [x["fvu"] for x in r["per_layer"]]
         per_layer.append(f"| {label} | " + " | ".join(fmt(v) for v in fvus) + " |")
     raw = load(R / "crosscoder")
     if raw and raw["probe"]:
         p = raw["probe"]
-        lines.append(f"| *raw residual, mean of layers 11–18* | | | | | | | | | {fmt(f1(p, 'raw@mean', 'top_1'))} | "
-                     f"{fmt(f1(p, 'raw@mean', 'top_2'))} | {fmt(f1(p, 'raw@mean', 'top_5'))} | |")
+        lines.append(f"| *raw residual, mean of layers 11–18* | | | | | | | | | {f1_cells(p, 'raw@mean')} | |")
     return "\n".join(lines) + "\n\nFVU per layer (held-out tokens):\n\n" + "\n".join(per_layer)
 
 
@@ -98,24 +107,18 @@ def table_single(R: Path) -> str:
     lines = ["| dictionary (layer 15) | FVU | MSE (norm.) | L0 | dead | ΔCE | CE rec. (zero abl.) | probe F1 top-1 | "
              "top-2 | top-5 | W1 (bbc) | r(‖Θ2‖, co-occ.) | r(cov, co-occ.) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, label in [("sae_L15", "TopK SAE"), ("polysae_L15", "PolySAE (576, 64, 64)")]:
-        r = load(R / name)
-        if r is None:
-            lines.append(f"| {label} | not run |" + " |" * 11)
-            continue
-        e, p = r["eval"], r["probe"]
-        key = dict_key(p) if p else None
+    for label, r, p, key in loaded(R, [("sae_L15", "TopK SAE"), ("polysae_L15", "PolySAE (576, 64, 64)")],
+                                   lines, 13):
+        e = r["eval"]
         w = p["wasserstein"].get(key, {}).get("mean") if p and p.get("wasserstein") else None
         lines.append(f"| {label} | {fmt(e['fvu'])} | {fmt(e['mse_norm'], '.1f')} | {fmt(e['l0'], '.1f')} | "
                      f"{fmt(e['dead_eval'])} | {fmt(e.get('ce_increase'), '.4f')} | "
-                     f"{fmt(e.get('frac_recovered_zero'))} | {fmt(f1(p, key, 'top_1'))} | "
-                     f"{fmt(f1(p, key, 'top_2'))} | {fmt(f1(p, key, 'top_5'))} | {fmt(w, '.4f')} | "
+                     f"{fmt(e.get('frac_recovered_zero'))} | {f1_cells(p, key)} | {fmt(w, '.4f')} | "
                      f"{fmt(e.get('r_interaction_cooc'))} | {fmt(e.get('r_covariance_cooc'))} |")
     r = load(R / "sae_L15")
     if r and r["probe"]:
         p = r["probe"]
-        lines.append(f"| *raw residual, layer 15* | | | | | | | {fmt(f1(p, 'raw@15', 'top_1'))} | "
-                     f"{fmt(f1(p, 'raw@15', 'top_2'))} | {fmt(f1(p, 'raw@15', 'top_5'))} | | | |")
+        lines.append(f"| *raw residual, layer 15* | | | | | | | {f1_cells(p, 'raw@15')} | | | |")
     return "\n".join(lines)
 
 
@@ -136,7 +139,7 @@ def table_length(R: Path) -> str | None:
     for label, tokens, e, p in sorted(rows, key=lambda row: (row[0], row[1])):
         key = dict_key(p) if p else None
         lines.append(f"| {label} | {tokens:,} | {fmt(e['fvu'])} | {fmt(e.get('fc_mean'), '.2f')} | "
-                     f"{fmt(e['dead_eval'])} | {fmt(f1(p, key, 'top_1'))} | {fmt(f1(p, key, 'top_5'))} |")
+                     f"{fmt(e['dead_eval'])} | {f1_cells(p, key, (1, 5))} |")
     return "\n".join(lines)
 
 
