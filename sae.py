@@ -431,17 +431,30 @@ def _module_name(cls) -> str:
     return Path(inspect.getfile(cls)).stem if mod == "__main__" else mod
 
 
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a whole file so that a reader sees the old content or the new one, never a part:
+    a temporary file in the same folder, flushed to disk, then os.replace (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write `path/config.json` (class, config, extra metadata) and `path/model.safetensors`."""
-    from safetensors.torch import save_file
+    """Write `path/model.safetensors`, then `path/config.json` (class, config, extra metadata),
+    each atomically: a folder with a config.json always has the weights that go with it."""
+    from safetensors.torch import save
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"class": f"{_module_name(type(model))}.{type(model).__name__}",
             "config": dataclasses.asdict(model.config), **(extra or {})}
-    (path / "config.json").write_text(json.dumps(meta, indent=2))
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path / "model.safetensors"))
+    write_atomic(path / "model.safetensors", save(tensors))
+    write_atomic(path / "config.json", json.dumps(meta, indent=2))
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
