@@ -143,30 +143,44 @@ def _short_model_dir(name: str) -> Path:
     return out
 
 
+def _model_location(name: str) -> str:
+    """Where `name` loads from: a short name's converted folder, a local folder, or a hub name
+    (checked with AutoConfig, so an unknown name fails fast, before any weights)."""
+    from transformers import AutoConfig
+
+    if name in SHORT_NAMES:
+        return str(_short_model_dir(name))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    try:
+        AutoConfig.from_pretrained(name)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"unknown model {name!r}: not a short name ({', '.join(SHORT_NAMES)}), a local "
+                         f"folder, nor reachable on the Hugging Face hub ({first})") from None
+    return name
+
+
+def lm_config(name: str = DEFAULT_MODEL):
+    """The model's (text) config without loading its weights: hidden_size, num_hidden_layers,
+    max_position_embeddings, ... (train.py checks its flags against it before harvesting)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_model_location(name)).get_text_config()
+
+
 def load_lm(name: str = DEFAULT_MODEL, device="cpu", dtype="float32"):
     """(model in eval mode on `device` with weights in `dtype` (a LM_DTYPES name or a torch dtype),
     tokenizer with a pad token, right padding). bfloat16 halves the harvest time on GPUs and on CPUs
     with AVX512-BF16 (measured on SmolLM2, layers 11-18: the bf16 activations differ from float32
     by 0.5-0.7% of their variance, and have cosine 0.9999 with them)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         if dtype not in LM_DTYPES:
             raise ValueError(f"LM dtype must be one of {list(LM_DTYPES)}, got {dtype!r}")
         dtype = LM_DTYPES[dtype]
-
-    if name in SHORT_NAMES:
-        where = str(_short_model_dir(name))
-    elif Path(name).expanduser().is_dir():
-        where = str(Path(name).expanduser())
-    else:
-        where = name
-        try:
-            AutoConfig.from_pretrained(name)      # fail fast, before the weights
-        except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"unknown model {name!r}: not a short name ({', '.join(SHORT_NAMES)}), a local "
-                             f"folder, nor reachable on the Hugging Face hub ({first})") from None
+    where = _model_location(name)
     tokenizer = AutoTokenizer.from_pretrained(where)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device).eval()
     if tokenizer.pad_token_id is None:
@@ -430,16 +444,18 @@ def drop_outlier_tokens(x_NLD: Tensor, multiple: float) -> Tensor:
 
 @torch.no_grad()
 def harvest(model, tokenizer, texts: Iterable[str], layers, context: int = 128, batch_size: int = 16,
-            device="cpu", drop_outliers: float | None = None, max_tokens: int | None = None) -> Iterator[Tensor]:
-    """Yield (N_tokens, L, d) float32 CPU chunks, one per batch of `batch_size` windows, special
-    tokens excluded (and outliers if `drop_outliers`), at most `max_tokens` in all."""
+            device="cpu", drop_outliers: float | None = None, max_tokens: int | None = None,
+            out_device="cpu") -> Iterator[Tensor]:
+    """Yield (N_tokens, L, d) float32 chunks on `out_device` (default the CPU), one per batch of
+    `batch_size` windows, special tokens excluded (and outliers if `drop_outliers`), at most
+    `max_tokens` in all."""
     model.to(device)
     done, rows = 0, []
 
     def run(rows):
         batch = _collate(tokenizer, rows, context)
         h = hidden_states(model, batch["input_ids"], batch["attention_mask"], layers)
-        x = h[batch["keep"].to(h.device)].float().cpu()
+        x = h[batch["keep"].to(h.device)].float().to(out_device)
         return drop_outlier_tokens(x, drop_outliers) if drop_outliers else x
 
     for row in _windows(tokenizer, texts, context):
@@ -470,38 +486,78 @@ def estimate_scale(x_NLD: Tensor) -> Tensor:
 
 
 class ShuffleBuffer:
-    """Mix tokens across chunks (SAELens `mixing_buffer`): append chunks until the buffer holds
-    `size` tokens, permute it, serve the first half as batches, keep the second half; at the end
-    serve what remains, permuted. Every token is served exactly once.
+    """Mix tokens across chunks in a fixed-size store (tf.data's shuffle buffer; SAELens's
+    `mixing_buffer`, made linear). The store, allocated once, holds `size` tokens; each time it is
+    full a random half of it is served as batches and the freed slots take the next incoming
+    tokens. Every token is copied exactly twice (into the store, out of it) whatever `size` is, so
+    the cost per served token does not grow with the buffer. At the end of the stream what remains
+    is served in random order. Every token is served exactly once; the order is a function of
+    (the chunk sizes, seed) only.
 
         for x_BLD in ShuffleBuffer(harvest(...), size=2**16, batch_size=512): ...
+
+    dtype / device: of the store (default: the first chunk's); batches come out in them.
+    `moved_tokens` counts the tokens copied into and out of the store (2 per token).
     """
 
-    def __init__(self, chunks: Iterable[Tensor], size: int, batch_size: int, seed: int = 0):
+    def __init__(self, chunks: Iterable[Tensor], size: int, batch_size: int, seed: int = 0,
+                 dtype: torch.dtype | None = None, device=None):
         if size < 2 or batch_size < 1:
             raise ValueError(f"ShuffleBuffer needs size >= 2 and batch_size >= 1, got {size}, {batch_size}")
         self.chunks, self.size, self.batch_size = chunks, size, batch_size
+        self.dtype, self.device = dtype, device
         self.gen = torch.Generator().manual_seed(seed)
+        self.moved_tokens = 0
 
-    def _mixed(self) -> Iterator[Tensor]:
-        store = None
+    def _halves(self) -> Iterator[Tensor]:
+        """Random halves of the full store, then the rest: (n, ...) tensors, each a fresh copy."""
+        store = free = None          # free: the slots served last, refilled in order
+        filled = 0                   # slots filled: of the store (first fill) or of `free`
         for chunk in self.chunks:
-            store = chunk if store is None else torch.cat([store, chunk])
-            if len(store) >= self.size:
-                store = store[torch.randperm(len(store), generator=self.gen)]
-                half = len(store) // 2
-                yield store[:half]
-                store = store[half:]
-        if store is not None and len(store):
-            yield store[torch.randperm(len(store), generator=self.gen)]
+            if store is None:
+                store = torch.empty((self.size, *chunk.shape[1:]), dtype=self.dtype or chunk.dtype,
+                                    device=self.device or chunk.device)
+            pos = 0
+            while pos < len(chunk):
+                slots = self.size if free is None else len(free)
+                k = min(len(chunk) - pos, slots - filled)
+                part = chunk[pos:pos + k].to(store.device, store.dtype)
+                if free is None:
+                    store[filled:filled + k] = part
+                else:
+                    store[free[filled:filled + k]] = part
+                pos, filled, self.moved_tokens = pos + k, filled + k, self.moved_tokens + k
+                if filled == slots:                           # full: serve a random half
+                    free = torch.randperm(self.size, generator=self.gen)[:self.size // 2].to(store.device)
+                    filled = 0
+                    self.moved_tokens += len(free)
+                    yield store[free]
+        if store is None:
+            return
+        if free is None:
+            rest = store[:filled]
+        else:
+            valid = torch.ones(self.size, dtype=torch.bool, device=store.device)
+            valid[free[filled:]] = False                      # served, not refilled
+            rest = store[valid]
+        self.moved_tokens += len(rest)
+        yield rest[torch.randperm(len(rest), generator=self.gen).to(store.device)]
 
     def __iter__(self) -> Iterator[Tensor]:
-        pending = None
-        for part in self._mixed():
-            pending = part if pending is None else torch.cat([pending, part])
-            while len(pending) >= self.batch_size:
-                yield pending[:self.batch_size]
-                pending = pending[self.batch_size:]
+        pending = None                                        # < batch_size tokens carried over
+        for part in self._halves():
+            if pending is not None:
+                need = self.batch_size - len(pending)
+                if len(part) < need:
+                    pending = torch.cat([pending, part])
+                    continue
+                yield torch.cat([pending, part[:need]])
+                part, pending = part[need:], None
+            n_full = len(part) - len(part) % self.batch_size
+            for i in range(0, n_full, self.batch_size):
+                yield part[i:i + self.batch_size]
+            if n_full < len(part):
+                pending = part[n_full:]
         if pending is not None and len(pending):
             yield pending
 
@@ -550,21 +606,23 @@ class ActivationCache:
                  for i in range(start // S, (stop - 1) // S + 1)]
         return torch.from_numpy(np.concatenate(parts))
 
-    def take(self, idx: Tensor) -> Tensor:
-        """Raw float32 activations of arbitrary token indices, in the order given: (len(idx), L, d)."""
+    def take(self, idx: Tensor, as_stored: bool = False, pin_memory: bool = False) -> Tensor:
+        """Raw activations of arbitrary token indices, in the order given: (len(idx), L, d), float32
+        or, with as_stored, the cache's own dtype (half the bytes to move; convert on the device).
+        pin_memory: in page-locked memory, so that .to(cuda, non_blocking=True) is asynchronous."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n_tokens):
             raise ValueError(f"token indices must lie in [0, {self.n_tokens}), got {idx.min().item()}..{idx.max().item()}")
-        order = idx.argsort()
-        sorted_idx = idx[order].numpy()
-        out = np.empty((len(idx), len(self.layers), self.d), dtype=np.float32)
+        dtype = torch.from_numpy(np.empty(0, self.dtype)).dtype if as_stored else torch.float32
+        out = torch.empty((len(idx), len(self.layers), self.d), dtype=dtype, pin_memory=pin_memory)
+        out_np = out.numpy()
+        order = idx.argsort().numpy()                  # read each shard in ascending order
+        sorted_idx = idx.numpy()[order]
         shard_of = sorted_idx // self.shard_tokens
         for i in np.unique(shard_of):
             sel = shard_of == i
-            out[sel] = self._shards[i][sorted_idx[sel] - i * self.shard_tokens]
-        result = torch.empty_like(torch.from_numpy(out))
-        result[order] = torch.from_numpy(out)
-        return result
+            out_np[order[sel]] = self._shards[i][sorted_idx[sel] - i * self.shard_tokens]
+        return out
 
     def batches(self, batch_size: int, start_token: int = 0, stop_token: int | None = None, shuffle: bool = True,
                 seed: int = 0, scaled: bool = True, skip: int = 0, drop_last: bool = False) -> Iterator[Tensor]:

@@ -6,54 +6,82 @@
     python train.py --dict crosscoder --mask-prob 0.05  # the "crosscoder + masking" ablation
     python train.py --dict polysae --layers 15 --ranks 576,64,64
 
-Pipeline (each step is a few visible lines below):
-  1. activations.build_cache: run the LM once, keep the residual stream after the chosen blocks
-     for every non-special token in a memmap cache (reused by later runs with the same model,
-     layers, data and size), with one normalising scale per layer so that E‖s_l x_l‖² = d.
-     The last `--eval-tokens` tokens are held out for evaluation and never trained on.
-  2. Build the dictionary (or one per layer for `--dict sae|polysae` over several layers: the
-     per-layer baselines, all trained on the same batches in one pass).
-  3. A nanoGPT-style loop: Adam, optional linear warm-up and cosine/linear decay, gradient
-     clipping, the dictionary's `before_step`/`after_step` upkeep (decoder-norm projection and
-     renormalisation; PolySAE's re-orthonormalisation of U), a tqdm bar with loss, L0, FVU, dead
-     fraction and tokens/s, periodic checkpoints that resume exactly (`--resume`), and Ctrl-C
-     saves.
-  4. `--out` receives config.json + model.safetensors (`layer_<l>/` for per-layer sets), with the
-     training config, the run description (model, layers, hook modules, cache) and a metrics
-     summary on the held-out tokens. `sae.load_run(out)` loads it back.
+Pipeline (`train` below reads top to bottom):
+  1. Check every flag (`check_config`, then the layers and dictionary configs against the model's
+     config or the cache's metadata) before anything expensive; lock the --out folder (runs.py).
+  2. Activations (`open_cache` / `open_stream`, the same `Data` either way):
+       cache (default)  activations.build_cache runs the LM once and keeps the residual stream after
+                        the chosen blocks in a float16 memmap (reused by later runs with the same
+                        model, layers and data); the LM is loaded only if the cache must be built and
+                        freed right after. The last --eval-tokens tokens are held out, never trained on.
+       --cache none     the LM stays loaded and streams: the first --eval-tokens tokens are held out,
+                        the rest goes through a shuffle buffer (activations.ShuffleBuffer).
+     One normalising scale per layer so that E‖s_l x_l‖² = d. Batches are produced by a background
+     thread (`Prefetch`): cache reads or harvesting overlap with training.
+  3. The dictionary (or one per layer for --dict sae|polysae over several layers: the per-layer
+     baselines, all trained on the same batches in one pass), b_dec from data, optimisers.
+  4. A nanoGPT-style loop (`fit`): Adam, optional warm-up and cosine/linear decay, clipping, the
+     dictionary's before/after-step upkeep (sae.train_step), a tqdm bar whose loss, L0, FVU, dead
+     fraction and tokens/s are read every --log-every steps (the loop's only host-device syncs),
+     checkpoints that resume exactly (--resume), Ctrl-C saves.
+  5. Export into --out as a whole (runs.RunFolder): config.json + model.safetensors (layer_<l>/ per
+     layer for per-layer sets), summary.json (held-out FVU/MSE/L0/dead, timing, "complete"), and
+     checkpoint.pt. `sae.load_run(out)` loads it back.
 
-Batches: step s of epoch e reads the tokens perm_e[s·B : (s+1)·B] of the training region, where
-perm_e is a seeded permutation, so a run resumed at step s sees exactly the batches it would have.
+Batches from a cache: step s of epoch e reads the tokens perm_e[s·B : (s+1)·B] of the training
+region, perm_e a seeded permutation made once per epoch, so a run resumed at step s sees exactly
+the batches it would have. A streamed run resumes by replaying its (seeded) stream to step s:
+the LM runs again over the tokens already trained on, without training.
 
-Paper scale (fmxcoders §1.4 / PolySAE §2.2 of ../shared/design/papers.md), on a GPU:
+Randomness in a step (layer masking) is seeded from (--seed, rank, step) at the start of each
+step (`step_seed`): every rank draws different masks, and a resumed run, on any number of ranks,
+draws the masks the uninterrupted run drew, with no RNG state to save.
+
+Data parallel (torchrun): rank r trains on rows r::world of every global batch (cache) or on its
+own documents (stream); the models are identical on every rank (DDP broadcasts rank 0's at the
+start, all-reduces the gradients; sae.py reduces the BatchTopK selection, threshold and dead
+counters), which is checked once at the end (`assert_ranks_agree`). Rank 0 harvests the cache,
+logs and writes. Host-side agreements (stop on Ctrl-C or when a rank's documents run out) go
+through a CPU (gloo) group, so they never wait for the GPU.
+
+Paper scale (fmxcoders arXiv 2605.09438 §4; PolySAE arXiv 2602.01322 §5), on a GPU:
     --model gpt2 --layers 2-9 --n-latents 16384 --k 64 --sparsity batchtopk --batch-size 4096
     --lr 3e-4 --tokens 300000000 --cache none --device cuda
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import hashlib
 import inspect
 import itertools
 import json
 import math
 import os
+import queue
 import re
 import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
 import activations
 import metrics
+import runs
 import sae as sae_mod
 
 DICTS = ("sae", "crosscoder", "fmxcoder", "polysae")
+SAMPLE_TOKENS = 4096          # tokens for the b_dec init (and, streamed, the scale)
 
 
 @dataclass
@@ -78,29 +106,31 @@ class TrainConfig:
     order: int = 3                          # polysae polynomial order
     b_dec_init: str = "median"              # median | mean | zero
     tokens: int = 100_000                   # training tokens (paper: 3e8–5e8); ~4 min on 2 CPU cores
-    eval_tokens: int = 10_000               # held-out tokens at the end of the cache
+    eval_tokens: int = 10_000               # held-out tokens (the end of the cache; the start of a stream)
     batch_size: int = 512                   # tokens per step (paper: 4096)
     lr: float = 1e-3                        # Adam learning rate (paper: 3e-4 at batch 4096)
     warmup_steps: int = 0
     decay: str = "none"                     # none | cosine | linear (to 0 over the run)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0                  # gradient-norm clipping (0: off)
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"                  # float32 | bfloat16 (autocast on CUDA)
+    dtype: str = "float32"                  # float32 | bfloat16 (autocast)
     seed: int = 0
-    out: str = "runs/latest"
+    out: str = "runs/latest"                # the run folder (refused if it holds another run: see --resume, --overwrite)
     cache: str | None = None                # activation cache folder (default under ~/.cache/fmxcoders/acts); "none" streams
-    cache_dtype: str = "float16"
+    cache_dtype: str = "float16"            # float16 | float32: cache (and streaming buffer) storage
     cache_tokens: int | None = None         # tokens to harvest into the cache (default tokens + eval-tokens); one big cache can serve many runs
     lm_dtype: str = "float32"               # LM weights when harvesting and evaluating: float32 | bfloat16 | float16
     harvest_batch: int = 16                 # texts per LM forward pass when harvesting
     drop_outliers: float | None = 10.0      # drop tokens whose norm > this × median (attention sinks; 0 keeps all)
     ckpt_every: int = 200                   # steps between resumable checkpoints (0: only at the end)
-    resume: bool = False                    # continue from out/checkpoint.pt
+    log_every: int = 25                     # steps between progress-bar readings of loss, L0, FVU (host syncs)
+    resume: bool = False                    # continue the run in --out from its checkpoint.pt
+    overwrite: bool = False                 # delete the run already in --out and start a new one
     fold_scale: bool = False                # fold the input scale into the weights on export
 
 
 # ----------------------------------------------------------------------------------------
-# CLI derived from the dataclass
+# CLI derived from the dataclass, and every check that needs no model
 # ----------------------------------------------------------------------------------------
 
 
@@ -127,62 +157,107 @@ def fail(msg: str) -> typing.NoReturn:
     raise ValueError(msg)
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+CHOICES = {"dict": DICTS, "sparsity": sae_mod.SPARSITIES, "decay": ("none", "cosine", "linear"),
+           "dtype": ("float32", "bfloat16"), "lm_dtype": tuple(activations.LM_DTYPES),
+           "cache_dtype": tuple(activations.DTYPES), "b_dec_init": ("median", "mean", "zero"),
+           "factorization": ("cp", "tr")}
+POSITIVE = ("n_latents", "k", "tokens", "batch_size", "context", "dead_tokens", "harvest_batch", "log_every")
+NON_NEGATIVE = ("eval_tokens", "warmup_steps", "ckpt_every", "l1_coeff", "aux_coeff", "grad_clip")
+
+
 def check_config(cfg: TrainConfig) -> None:
-    """Reject bad flags before any expensive work."""
-    if cfg.dict not in DICTS:
-        fail(f"--dict must be one of {', '.join(DICTS)}, got {cfg.dict!r}")
+    """Reject bad flags before any expensive work (the model-dependent checks follow in `train`)."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            fail(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    for name in POSITIVE:
+        if getattr(cfg, name) < 1:
+            fail(f"{flag(name)} must be a positive integer, got {getattr(cfg, name)}")
+    for name in NON_NEGATIVE:
+        v = getattr(cfg, name)
+        if not math.isfinite(v) or v < 0:
+            fail(f"{flag(name)} must be a finite number >= 0, got {v}")
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        fail(f"--lr must be a finite number > 0, got {cfg.lr}")
     if cfg.k >= cfg.n_latents:
         fail(f"--k must be smaller than --n-latents, got k={cfg.k} >= n_latents={cfg.n_latents}")
-    for name in ("tokens", "batch_size", "context", "n_latents", "k"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.eval_tokens < 0:
-        fail(f"--eval-tokens must be >= 0, got {cfg.eval_tokens}")
-    if cfg.decay not in ("none", "cosine", "linear"):
-        fail(f"--decay must be none, cosine or linear, got {cfg.decay!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        fail(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.lm_dtype not in activations.LM_DTYPES:
-        fail(f"--lm-dtype must be one of {', '.join(activations.LM_DTYPES)}, got {cfg.lm_dtype!r}")
+    if cfg.tokens < cfg.batch_size:
+        fail(f"--tokens {cfg.tokens:,} is less than one batch (--batch-size {cfg.batch_size:,}): it would train 0 steps")
+    if cfg.context < 2:
+        fail(f"--context must be at least 2 (BOS + one token), got {cfg.context}")
+    if cfg.mask_prob is not None and not 0 <= cfg.mask_prob < 1:
+        fail(f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
+    if cfg.norm_every is not None and cfg.norm_every < 1:
+        fail(f"--norm-every must be a positive integer, got {cfg.norm_every}")
+    if cfg.order not in (1, 2, 3):
+        fail(f"--order must be 1, 2 or 3, got {cfg.order}")
+    if cfg.drop_outliers is not None and not (cfg.drop_outliers == 0 or 1 < cfg.drop_outliers < math.inf):
+        fail(f"--drop-outliers must be 0 (keep all tokens) or a multiple of the median norm > 1, got {cfg.drop_outliers}")
     if cfg.cache_tokens is not None:
         if cfg.cache == "none":
             fail("--cache-tokens sizes the activation cache, but --cache none streams without one")
         if cfg.cache_tokens <= cfg.eval_tokens:
             fail(f"--cache-tokens must exceed --eval-tokens {cfg.eval_tokens} (the held-out end of the cache), "
                  f"got {cfg.cache_tokens}")
-    if cfg.mask_prob is not None and not 0 <= cfg.mask_prob < 1:
-        fail(f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
-    check_writable(Path(cfg.out))
+    resolve_device(cfg.device)
+    int_list(cfg.rank, "--rank")
+    if cfg.ranks is not None:
+        int_list(cfg.ranks, "--ranks")
+    if cfg.resume and cfg.overwrite:
+        fail("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    runs.check_writable(Path(cfg.out))
 
 
-def check_writable(out: Path) -> None:
-    probe = out / f".write-test-{os.getpid()}"  # per process: torchrun ranks check at once
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        fail(f"--out {str(out)!r} is not writable ({e.strerror or e})")
-
-
-def int_list(spec: str, flag: str) -> list[int]:
+def int_list(spec: str, name: str) -> list[int]:
     try:
         return [int(v) for v in str(spec).replace(" ", "").split(",") if v]
     except ValueError:
-        fail(f"{flag} must be an integer or comma-separated integers, got {spec!r}")
+        fail(f"{name} must be an integer or comma-separated integers, got {spec!r}")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    return device
 
 
 # ----------------------------------------------------------------------------------------
-# Building the dictionaries
+# The model's shape (without its weights) and the dictionaries
 # ----------------------------------------------------------------------------------------
+
+
+def cache_path(cfg: TrainConfig, multi: bool) -> Path | None:
+    if cfg.cache == "none":
+        return None
+    return Path(cfg.cache) if cfg.cache else activations.default_cache_path(
+        cfg.model, cfg.layers, multi, cfg.dataset, "train", cfg.context, cfg.cache_dtype, cfg.drop_outliers or None,
+        cfg.lm_dtype)
+
+
+def model_shape(cfg: TrainConfig, multi: bool) -> tuple[int, int]:
+    """(d, number of blocks), from an existing cache's metadata or the model's config (no weights);
+    checks --context against the model's maximum positions."""
+    path = cache_path(cfg, multi)
+    if path is not None and (path / "meta.json").exists():
+        meta = json.loads((path / "meta.json").read_text())
+        return meta["d"], meta["n_blocks"]
+    config = activations.lm_config(cfg.model)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_pos is not None and cfg.context > max_pos:
+        fail(f"--context {cfg.context} exceeds the {max_pos} positions of model {cfg.model!r}")
+    return config.hidden_size, config.num_hidden_layers
 
 
 def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[float]) -> dict:
@@ -195,6 +270,9 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
         return {l: (sae_mod.SAE, sae_mod.SAEConfig(**common, input_scale=[s])) for l, s in zip(layers, scale)}
     if cfg.dict == "polysae":
         import polysae
+        if cfg.ranks is None and d > cfg.n_latents:
+            fail(f"--dict polysae: the default --ranks {d},64,64 (R1 = d) needs R1 <= --n-latents {cfg.n_latents}; "
+                 f"pass --ranks {cfg.n_latents},64,64 or more latents")
         extra = {"ranks": int_list(cfg.ranks, "--ranks")} if cfg.ranks else {}
         return {l: (polysae.PolySAE, polysae.PolySAEConfig(**common, input_scale=[s], order=cfg.order, **extra))
                 for l, s in zip(layers, scale)}
@@ -217,90 +295,142 @@ def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# Data: deterministic shuffled batches from the cache
+# Ranks (torchrun)
 # ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    control: object = None        # a gloo group for host-side flags: agreeing never waits for the GPU
+    owns_group: bool = False      # train() initialised the process group, so it destroys it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true on every rank if it is true on any rank (a CPU all-reduce, no device sync)."""
+        if self.world == 1:
+            return flags
+        t = torch.tensor([int(f) for f in flags])
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=self.control)
+        return tuple(bool(v) for v in t.tolist())
+
+    def broadcast(self, models: dict) -> None:
+        """Rank 0's parameters and buffers to every rank (b_dec is set from each rank's own data)."""
+        if self.world > 1:
+            for m in models.values():
+                for t in m.state_dict().values():
+                    torch.distributed.broadcast(t, 0)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier(group=self.control)
+
+
+def setup_ranks(cfg: TrainConfig, device: torch.device) -> tuple[Ranks, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join (or reuse) the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), device
+    if cfg.batch_size % world:
+        fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world}")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    owns = not torch.distributed.is_initialized()
+    if owns:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # rank 0 may harvest a cache for hours while the others wait: a long timeout for the control group
+    control = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    return Ranks(int(os.environ.get("RANK", "0")), world, control, owns), device
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The RNG seed of one step on one rank (distinct for every rank < 2^16 and step < 2^32)."""
+    return ((seed * 2**32 + step) * 2**16 + rank) % 2**63
+
+
+def assert_ranks_agree(models: dict, ranks: Ranks) -> None:
+    """Every parameter and buffer must be bit-identical on all ranks (a SHA-1 per model, gathered)."""
+    if ranks.world == 1:
+        return
+    digests = {}
+    for key, m in models.items():
+        h = hashlib.sha1()
+        for name, t in m.state_dict().items():
+            h.update(name.encode() + t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests[str(key)] = h.hexdigest()
+    gathered = [None] * ranks.world
+    torch.distributed.all_gather_object(gathered, digests, group=ranks.control)
+    bad = [k for k in digests if len({g[k] for g in gathered}) > 1]
+    if bad:
+        raise RuntimeError(f"the models {bad} differ between ranks: data-parallel training went out of sync")
+
+
+# ----------------------------------------------------------------------------------------
+# Data: the same object from a cache or a stream
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    batches: Callable[[int], Iterator[torch.Tensor]]  # batches(s): this rank's raw (B/world, L, d) batches from step s on
+    steps: int                                         # optimiser steps planned
+    scale_L: torch.Tensor                              # (L,) normalising scale, E‖s_l x_l‖² = d
+    sample: torch.Tensor                               # raw (N, L, d) tokens for the b_dec init
+    read_eval: Callable[[int, int], torch.Tensor]      # raw held-out tokens [lo, hi) as (n, L, d)
+    n_eval: int
+    run: dict                                          # saved with the model: hooks, cache, token counts
+
+
+@lru_cache(maxsize=1)
+def epoch_permutation(n_train: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded order of the training tokens in one epoch (made once per epoch, int32 when it fits)."""
+    dtype = torch.int32 if n_train < 2**31 else torch.int64
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), dtype=dtype)
 
 
 def batch_indices(step: int, batch: int, n_train: int, seed: int) -> torch.Tensor:
-    """Token indices of step `step`: a slice of the seeded permutation of its epoch."""
-    per_epoch = n_train // batch
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[i * batch:(i + 1) * batch]
+    """Token indices of step `step`: a slice of its epoch's permutation (cost O(batch) per step)."""
+    epoch, i = divmod(step, n_train // batch)
+    return epoch_permutation(n_train, seed, epoch)[i * batch:(i + 1) * batch].long()
 
 
-def get_lr(step: int, cfg: TrainConfig, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    if cfg.decay == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
-    if cfg.decay == "linear":
-        return cfg.lr * (1 - frac)
-    return cfg.lr
+def open_cache(cfg: TrainConfig, layers: list[int], multi: bool, ranks: Ranks, device: torch.device) -> Data:
+    """Rank 0 opens the activation cache, harvesting it first if it is missing (the LM is loaded for
+    that only, and freed after); the other ranks wait, then open it."""
+    path, n_tokens = cache_path(cfg, multi), cfg.cache_tokens or cfg.tokens + cfg.eval_tokens
+    build = dict(model_name=cfg.model, layers=layers, dataset=cfg.dataset, n_tokens=n_tokens, lm_dtype=cfg.lm_dtype,
+                 context=cfg.context, batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype,
+                 drop_outliers=cfg.drop_outliers or None, multi=multi)
+    if ranks.main:
+        cache = activations.build_cache(path, **build)
+    ranks.barrier()
+    if not ranks.main:
+        cache = activations.build_cache(path, **build)    # complete now: opened, never harvested again
+    n_eval, B = cfg.eval_tokens, cfg.batch_size
+    n_train = cache.n_tokens - n_eval
+    if n_train < B:
+        fail(f"the cache {str(path)!r} holds {cache.n_tokens:,} tokens: after the {n_eval:,} held out by --eval-tokens, "
+             f"{max(n_train, 0):,} are left, fewer than one batch (--batch-size {B})")
+    steps = cfg.tokens // B
+    if cache.meta.get("exhausted") and steps > n_train // B:
+        print(f"warning: the corpus ran out at {cache.n_tokens:,} tokens: training {n_train // B} steps (one pass "
+              f"over its {n_train:,} training tokens) instead of the {steps} --tokens asks for", file=sys.stderr)
+        steps = n_train // B
+    pin = device.type == "cuda"
 
+    def batches(start: int):
+        for step in range(start, steps):
+            idx = batch_indices(step, B, n_train, cfg.seed)[ranks.rank::ranks.world]
+            yield cache.take(idx, as_stored=True, pin_memory=pin)   # converted to float32 on the device
 
-# ----------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, models, opts, step: int, cfg: TrainConfig) -> None:
-    state = {"models": {str(k): m.state_dict() for k, m in models.items()},
-             "opts": {str(k): o.state_dict() for k, o in opts.items()},
-             "step": step, "config": dataclasses.asdict(cfg),
-             "rng": {"torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
-
-
-def load_checkpoint(path: Path, models, opts, cfg: TrainConfig) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {k: v for k, v in state["config"].items() if k not in ("resume", "device", "ckpt_every")}
-    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
-    diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}
-    if diff:
-        fail(f"cannot resume {str(path)!r}: flags differ from the checkpoint's (saved, now): {diff}")
-    for k, m in models.items():
-        m.load_state_dict(state["models"][str(k)])
-    for k, o in opts.items():
-        o.load_state_dict(state["opts"][str(k)])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
-
-
-# ----------------------------------------------------------------------------------------
-# Evaluation summary on held-out tokens
-# ----------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(models, read, n: int, layers, scale_L1, device, batch: int = 2048) -> dict:
-    """FVU, MSE (normalised units), L0 and dead fractions of every model on held-out tokens
-    read(lo, hi) -> raw (N, L, d), accumulated with metrics.ReconStats (divided once)."""
-    stats = {}
-    for key, model in models.items():
-        model.eval()
-        acc = metrics.ReconStats()
-        for lo in range(0, n, batch):
-            x = model_input(key, read(lo, min(lo + batch, n)).to(device) * scale_L1, layers)
-            acc.update(x, model(x))
-        model.train()
-        if acc.n:
-            ones = torch.ones(len(layers) if key == "all" else 1)   # normalised units throughout
-            r = acc.result(ones, ones)
-            stats[str(key)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
-                               "dead_eval": r["dead_eval"], "dead_counter": model.dead_fraction()}
-    return stats
-
-
-# ----------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------
+    run = {"hooks": cache.meta.get("hooks"), "cache": str(cache.path), "train_tokens": n_train, "eval_tokens": n_eval}
+    return Data(batches, steps, cache.scale, cache.read(0, min(n_train, SAMPLE_TOKENS)),
+                lambda lo, hi: cache.read(n_train + lo, n_train + hi), n_eval, run)
 
 
 def split_stream(chunks, n_first: int):
@@ -316,197 +446,301 @@ def split_stream(chunks, n_first: int):
     fail(f"the corpus gave only {got:,} tokens, fewer than the {n_first:,} needed to hold out and estimate scales")
 
 
-def train(cfg: TrainConfig) -> dict:
-    check_config(cfg)
-    out, device = Path(cfg.out), resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    multi = cfg.dict in ("crosscoder", "fmxcoder")
-    streaming = cfg.cache == "none"
+def open_stream(cfg: TrainConfig, layers: list[int], ranks: Ranks, device: torch.device) -> Data:
+    """--cache none: each rank harvests its own documents (r, r + world, ...) with the LM on `device`;
+    the first eval_tokens tokens are held out, the next SAMPLE_TOKENS set the scale and b_dec (and are
+    trained on), everything after goes through a shuffle buffer on `device`."""
+    lm, tok = activations.load_lm(cfg.model, device=device, dtype=cfg.lm_dtype)
+    texts = itertools.islice(activations.load_texts(cfg.dataset), ranks.rank, None, ranks.world)
+    chunks = activations.harvest(lm, tok, texts, layers, cfg.context, cfg.harvest_batch, device,
+                                 cfg.drop_outliers or None, out_device=device)
+    n_eval = cfg.eval_tokens
+    held, rest = split_stream(chunks, n_eval + SAMPLE_TOKENS)
+    sq_L = sae_mod.all_reduce(held.double().pow(2).sum(-1).mean(0), "sum") / ranks.world
+    scale_L = (held.shape[-1] / sq_L).sqrt().float().cpu()          # the same on every rank
+    local_batch, steps = cfg.batch_size // ranks.world, cfg.tokens // cfg.batch_size
+    sample = held[n_eval:]
+    store_dtype = activations.LM_DTYPES[cfg.cache_dtype]
 
-    # --- data parallel (torchrun sets WORLD_SIZE/RANK/LOCAL_RANK): rank r trains on rows r::world
-    # of every global batch; DDP all-reduces the gradients, sae.py reduces the BatchTopK selection,
-    # threshold and dead counters, so every rank holds the same model; rank 0 alone writes.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if cfg.batch_size % world:
-            fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world}")
-    main_rank = rank == 0
-    local_batch = cfg.batch_size // world
+    def batches(start: int):   # resuming replays the (seeded) stream up to `start`
+        buffer = activations.ShuffleBuffer(itertools.chain([sample], rest), max(64 * local_batch, 2 ** 16),
+                                           local_batch, cfg.seed + ranks.rank, store_dtype, device)
+        for step, x in enumerate(buffer):
+            if step >= steps or len(x) < local_batch:
+                return
+            if step >= start:
+                yield x
 
-    # 1. the language model's shape, and every dictionary flag checked before any harvesting
-    cache_path = None if streaming else Path(cfg.cache) if cfg.cache else None
-    lm = tok = None
-    if cache_path is not None and (cache_path / "meta.json").exists():
-        meta = json.loads((cache_path / "meta.json").read_text())
-        d, n_blocks = meta["d"], meta["n_blocks"]
-    else:
-        lm, tok = activations.load_lm(cfg.model, device=device, dtype=cfg.lm_dtype)
-        d, n_blocks = lm.config.get_text_config().hidden_size, len(activations.block_paths(lm))
-    layers = activations.parse_layers(cfg.layers, n_blocks, multi)
-    dictionary_configs(cfg, d, layers, [1.0] * len(layers))
+    run = {"hooks": [activations.block_paths(lm)[l] for l in layers], "cache": None,
+           "train_tokens": cfg.tokens, "eval_tokens": n_eval}
+    return Data(batches, steps, scale_L, sample, lambda lo, hi: held[lo:hi], n_eval, run)
 
-    # 2. activations: a memmap cache (default), or streamed from the LM through a shuffle buffer
-    steps = cfg.tokens // cfg.batch_size
-    if not streaming:
-        if world > 1 and not main_rank:
-            torch.distributed.barrier()      # rank 0 harvests (or checks) the cache first ...
-        cache = activations.build_cache(
-            cache_path, cfg.model, layers, dataset=cfg.dataset,
-            n_tokens=cfg.cache_tokens or cfg.tokens + cfg.eval_tokens, lm_dtype=cfg.lm_dtype,
-            context=cfg.context, batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype,
-            drop_outliers=cfg.drop_outliers or None, multi=multi, model=lm, tokenizer=tok)
-        if world > 1 and main_rank:
-            torch.distributed.barrier()      # ... then the others open the finished cache
-        n_eval = min(cfg.eval_tokens, cache.n_tokens // 10)
-        n_train = cache.n_tokens - n_eval
-        if n_train < cfg.batch_size:
-            fail(f"only {n_train:,} training tokens in the cache, fewer than --batch-size {cfg.batch_size}")
-        steps = min(steps, n_train // cfg.batch_size) if cache.meta.get("exhausted") else steps
-        scale_L = cache.scale
-        hooks, cache_dir = cache.meta.get("hooks"), str(cache.path)
-        read_eval = lambda lo, hi: cache.read(n_train + lo, n_train + hi)  # noqa: E731
-        x0 = cache.read(0, min(n_train, 4096))
 
-        def batches(start: int):
-            for step in range(start, steps):
-                idx = batch_indices(step, cfg.batch_size, n_train, cfg.seed)[rank::world]
-                yield cache.take(idx)
-    else:  # every rank harvests its own texts (rank r takes documents r, r + world, ...)
-        texts = itertools.islice(activations.load_texts(cfg.dataset), rank, None, world)
-        stream = activations.harvest(lm, tok, texts, layers, cfg.context, cfg.harvest_batch, device,
-                                     cfg.drop_outliers or None)
-        n_eval, n_train = cfg.eval_tokens, cfg.tokens
-        held, rest = split_stream(stream, n_eval + 4096)  # held out, then 4,096 for the scale and b_dec
-        sq = sae_mod.all_reduce(held.double().pow(2).sum(-1).mean(0).to(device), "sum") / world
-        scale_L = (d / sq).sqrt().float().cpu()  # E‖s x‖² = d, the same on every rank
-        hooks = [activations.block_paths(lm)[l] for l in layers]
-        cache_dir, read_eval, x0 = None, lambda lo, hi: held[lo:hi], held[n_eval:]
-        rest = itertools.chain([x0], rest)                # ... which are trained on as well
-        buffer_tokens = max(64 * cfg.batch_size, 2 ** 16)
+_END = object()
 
-        def batches(start: int):  # resuming replays the (seeded) stream up to `start`
-            for step, x in enumerate(activations.ShuffleBuffer(rest, buffer_tokens, local_batch, cfg.seed)):
-                if step >= steps or len(x) < local_batch:
+
+class Prefetch:
+    """Iterate `source` in a background thread, `depth` items ahead: the next batches are read from
+    the cache (or harvested) while the dictionary trains on this one. `busy` = seconds spent in the
+    source, `waited` = seconds the consumer waited for it. Exceptions reach the consumer."""
+
+    def __init__(self, source: Iterator, depth: int = 2, device: torch.device | None = None):
+        self.q, self.stop = queue.Queue(depth), threading.Event()
+        self.busy = self.waited = 0.0
+        self.thread = threading.Thread(target=self._run, args=(source, device), daemon=True)
+        self.thread.start()
+
+    def _run(self, source, device) -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)                      # the current device is per thread
+        try:
+            while not self.stop.is_set():
+                t = time.perf_counter()
+                item = next(source, _END)
+                self.busy += time.perf_counter() - t
+                self._put(item)
+                if item is _END:
                     return
-                if step >= start:
-                    yield x
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
+            self._put(e)
 
-    scale = scale_L.tolist()
-    scale_L1 = scale_L.to(device)[:, None]
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                return self.q.put(item, timeout=0.1)
+            except queue.Full:
+                pass
 
-    # 3. dictionaries and optimisers --------------------------------------------------------
-    models = {k: cls(c).to(device) for k, (cls, c) in dictionary_configs(cfg, d, layers, scale).items()}
+    def next(self):
+        """The next item, or None at the end."""
+        t = time.perf_counter()
+        item = self.q.get()
+        self.waited += time.perf_counter() - t
+        if isinstance(item, BaseException):
+            raise item
+        return None if item is _END else item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+
+def get_lr(step: int, cfg: TrainConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.decay == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.decay == "linear":
+        return cfg.lr * (1 - frac)
+    return cfg.lr
+
+
+class Logs:
+    """Loss, L0 and FVU summed on the device every step; read (one sync) every --log-every steps."""
+
+    def __init__(self):
+        self.sums, self.n = None, 0
+
+    def add(self, out: sae_mod.Output, x: torch.Tensor) -> None:
+        """One model's step (no sync: the sums stay on the device)."""
+        v = torch.stack([out.loss.detach().float(), (out.latents > 0).float().sum(-1).mean(),
+                         sae_mod.fvu(x.float(), out.recon.detach().float())])
+        self.sums = v if self.sums is None else self.sums + v
+        self.n += 1
+
+    def read(self, models: dict, step: int) -> dict:
+        loss, l0, fvu = (self.sums / self.n).tolist()          # means over steps and models
+        if not math.isfinite(loss):
+            fail(f"the loss became {loss} by step {step}: lower --lr or check the activations")
+        self.sums, self.n = None, 0
+        dead = sum(m.dead_fraction() for m in models.values()) / len(models)
+        return {"loss": f"{loss:.3g}", "L0": f"{l0:.1f}", "FVU": f"{fvu:.3f}", "dead": f"{dead:.2f}"}
+
+
+class StopOnSigint:
+    """Ctrl-C sets `requested`; the loop ends after the current step and saves."""
+
+    def __enter__(self):
+        self.requested = False
+        self.old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old)
+
+
+def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: Ranks, folder) -> dict:
+    """Train from step `start` to data.steps (or until Ctrl-C, or the data run out on any rank)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    scale_L1 = data.scale_L.to(device)[:, None]
+    feed = Prefetch(data.batches(start), device=device)
+    bar = tqdm(total=data.steps, initial=start, desc=cfg.dict, dynamic_ncols=True, disable=not ranks.main)
+    logs, done, t0 = Logs(), start, time.perf_counter()
+    interrupted = exhausted = False
+    with StopOnSigint() as sigint:
+        try:
+            for step in range(start, data.steps):
+                x_raw = feed.next()
+                exhausted, interrupted = ranks.any(x_raw is None, sigint.requested)
+                if exhausted or interrupted:
+                    break
+                torch.manual_seed(step_seed(cfg.seed, ranks.rank, step))
+                lr = get_lr(step, cfg, data.steps)
+                x = x_raw.to(device, non_blocking=True).float() * scale_L1
+                for key, m in models.items():
+                    for g in opts[key].param_groups:
+                        g["lr"] = lr
+                    xi = model_input(key, x, layers)
+                    out = sae_mod.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast)
+                    logs.add(out, xi)
+                done = step + 1
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == data.steps:
+                    tok_s = (done - start) * cfg.batch_size / (time.perf_counter() - t0)
+                    bar.set_postfix(**logs.read(models, done), tok_s=f"{tok_s:,.0f}")
+                if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < data.steps and ranks.main:
+                    folder.save_checkpoint(runs.checkpoint_state(models, opts, done, cfg))
+        finally:
+            feed.close()
+            bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {"steps": done, "steps_planned": data.steps, "interrupted": interrupted,
+            "data_exhausted": exhausted and not interrupted,
+            "tokens_per_s": (done - start) * cfg.batch_size / max(seconds, 1e-9),
+            "time": {"loop_s": seconds, "data_s": feed.busy, "waited_for_data_s": feed.waited}}
+
+
+@torch.no_grad()
+def evaluate(models, data: Data, layers, device, batch: int = 2048) -> dict:
+    """FVU, MSE (normalised units), L0 and dead fractions of every model on the held-out tokens,
+    accumulated with metrics.ReconStats (divided once)."""
+    stats, scale_L1 = {}, data.scale_L.to(device)[:, None]
+    for key, model in models.items():
+        model.eval()
+        acc = metrics.ReconStats()
+        for lo in range(0, data.n_eval, batch):
+            x = model_input(key, data.read_eval(lo, min(lo + batch, data.n_eval)).to(device).float() * scale_L1, layers)
+            acc.update(x, model(x))
+        model.train()
+        if acc.n:
+            ones = torch.ones(len(layers) if key == "all" else 1)   # normalised units throughout
+            r = acc.result(ones, ones)
+            stats[str(key)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
+                               "dead_eval": r["dead_eval"], "dead_counter": model.dead_fraction()}
+    return stats
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+
+def export(folder: runs.RunFolder, models: dict, cfg: TrainConfig, run: dict, summary: dict) -> None:
+    """Write every dictionary and summary.json into a fresh folder that replaces --out as a whole."""
+    with folder.export() as new:
+        for key, m in models.items():
+            if cfg.fold_scale:
+                m.fold_input_scale()
+            extra = {"run": {**run, "layers": run["layers"] if key == "all" else [key]},
+                     "train": dataclasses.asdict(cfg), "metrics": {**summary, "eval": summary["eval"].get(str(key))}}
+            sae_mod.save(m, new if key == "all" else new / f"layer_{key}", extra)
+        sae_mod.write_atomic(new / "summary.json", json.dumps({"run": run, **summary}, indent=2))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Check, harvest or stream, train, evaluate, export; returns the summary (see the module docstring)."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    multi, streaming = cfg.dict in ("crosscoder", "fmxcoder"), cfg.cache == "none"
+    d, n_blocks = model_shape(cfg, multi)
+    layers = activations.parse_layers(cfg.layers, n_blocks, multi)
+    dictionary_configs(cfg, d, layers, [1.0] * len(layers))          # every dictionary flag, before any work
+    ranks, device = setup_ranks(cfg, device)
+    folder = runs.RunFolder(cfg.out, cfg.resume, cfg.overwrite) if ranks.main else None
+    try:
+        with folder or contextlib.nullcontext():
+            return _train(cfg, device, layers, d, multi, streaming, ranks, folder)
+    finally:
+        if ranks.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> dict:
+    finished = runs.read_summary(cfg.out) if cfg.resume else None
+    if finished is not None and finished.get("complete"):
+        if ranks.main:
+            print(f"{cfg.out} already finished its {finished['steps']} steps: nothing to resume")
+        return finished
+    torch.manual_seed(cfg.seed)
+    t_setup = time.perf_counter()
+    data = open_stream(cfg, layers, ranks, device) if streaming else open_cache(cfg, layers, multi, ranks, device)
+    models = {k: cls(c).to(device) for k, (cls, c) in dictionary_configs(cfg, d, layers, data.scale_L.tolist()).items()}
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for k, m in models.items()}
-    # the modules that run forward: DDP wrappers under torchrun (buffers are reduced in sae.py)
-    fwd = {k: torch.nn.parallel.DistributedDataParallel(
-        m, broadcast_buffers=False, find_unused_parameters=cfg.dict == "polysae" and cfg.order < 3) if world > 1 else m
-           for k, m in models.items()}
-    ckpt = out / "checkpoint.pt"
     start = 0
-    if cfg.resume and ckpt.exists():
-        start = load_checkpoint(ckpt, models, opts, cfg)
-        if main_rank:
-            print(f"resumed from {ckpt} at step {start}")
+    if cfg.resume:   # every rank reads the checkpoint (rank 0 checked that it exists)
+        start = runs.load_checkpoint(Path(cfg.out) / "checkpoint.pt", models, opts, cfg)
+        if ranks.main:
+            print(f"resumed from {cfg.out}/checkpoint.pt at step {start}")
     else:
-        x0 = x0.to(device) * scale_L1
+        x0 = data.sample.to(device).float() * data.scale_L.to(device)[:, None]
         for key, m in models.items():
             m.init_b_dec(model_input(key, x0, layers), cfg.b_dec_init)
-
-    run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "hooks": hooks, "dataset": cfg.dataset,
-           "context": cfg.context, "cache": cache_dir, "train_tokens": n_train, "eval_tokens": n_eval,
-           "drop_outliers": cfg.drop_outliers or None, "lm_dtype": cfg.lm_dtype}
+    ranks.broadcast(models)     # after init/resume: every rank starts from rank 0's model
+    fwd = {k: torch.nn.parallel.DistributedDataParallel(
+        m, broadcast_buffers=False, find_unused_parameters=cfg.dict == "polysae" and cfg.order < 3)
+           if ranks.world > 1 else m for k, m in models.items()}
+    run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "dataset": cfg.dataset, "context": cfg.context,
+           "drop_outliers": cfg.drop_outliers or None, "lm_dtype": cfg.lm_dtype, **data.run}
     sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    if main_rank:
-        print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {steps} steps of {cfg.batch_size} tokens, "
-              f"{sum(sizes.values()):,} parameters on {device}" + (f" x {world} ranks" if world > 1 else ""))
+    if ranks.main:
+        print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {data.steps} steps of {cfg.batch_size} tokens, "
+              f"{sum(sizes.values()):,} parameters on {device}" + (f" x {ranks.world} ranks" if ranks.world > 1 else ""))
         if hasattr(next(iter(models.values())), "cost_report"):
             print(next(iter(models.values())).cost_report())
+    setup_s = time.perf_counter() - t_setup
 
-    # 4. the loop ---------------------------------------------------------------------------
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    stop_requested = False
-
-    def on_sigint(*_):
-        nonlocal stop_requested
-        stop_requested = True
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    bar = tqdm(total=steps, initial=start, desc=cfg.dict, dynamic_ncols=True, disable=not main_rank)
-    t0, done = time.time(), start
-    try:
-        for step, x_raw in enumerate(batches(start), start=start):
-            lr = get_lr(step, cfg, steps)
-            x = x_raw.to(device, non_blocking=True) * scale_L1
-            logs = []
-            for key, m in models.items():
-                for g in opts[key].param_groups:
-                    g["lr"] = lr
-                xi = model_input(key, x, layers)
-                o = sae_mod.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast)
-                logs.append((o.loss.item(), (o.latents > 0).float().sum(-1).mean().item(),
-                             sae_mod.fvu(xi.float(), o.recon.float()).item(), m.dead_fraction()))
-            loss, l0, fvu, dead = (sum(v) / len(v) for v in zip(*logs))
-            done = step + 1
-            if not math.isfinite(loss):
-                fail(f"the loss became {loss} at step {step}: lower --lr or check the activations")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3g}", L0=f"{l0:.1f}", FVU=f"{fvu:.3f}", dead=f"{dead:.2f}",
-                            tok_s=f"{(done - start) * cfg.batch_size / (time.time() - t0):,.0f}")
-            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < steps and main_rank:
-                save_checkpoint(ckpt, models, opts, done, cfg)
-            if world > 1:  # every rank must stop at the same step
-                flag = torch.tensor(float(stop_requested), device=device)
-                stop_requested = bool(sae_mod.all_reduce(flag, "max").item())
-            if stop_requested:
-                if main_rank:
-                    print(f"\ninterrupted at step {done}: saving")
-                break
-    finally:
-        bar.close()
-        signal.signal(signal.SIGINT, old_handler)
-    elapsed = time.time() - t0
-    if done < steps and not stop_requested and main_rank:
-        print(f"note: the data ran out after {done} of {steps} steps")
-    if world > 1:
-        fwd.clear()                      # DDP reducers must go before their process group
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-        if not main_rank:
-            return {"steps": done}
-    save_checkpoint(ckpt, models, opts, done, cfg)
-
-    # 5. export -----------------------------------------------------------------------------
-    metrics = evaluate(models, read_eval, n_eval, layers, scale_L1, device)
-    summary = {"steps": done, "tokens": done * cfg.batch_size,
-               "tokens_per_s": (done - start) * cfg.batch_size / max(elapsed, 1e-9),
-               "parameters": sizes, "eval": metrics}
-    for key, m in models.items():
-        if cfg.fold_scale:
-            m.fold_input_scale()
-        extra = {"run": {**run, "layers": layers if key == "all" else [key]},
-                 "train": dataclasses.asdict(cfg), "metrics": {**summary, "eval": metrics.get(str(key))}}
-        sae_mod.save(m, out if key == "all" else out / f"layer_{key}", extra)
-    (out / "summary.json").write_text(json.dumps({"run": run, **summary}, indent=2))
-    for key, s in metrics.items():
+    result = fit(cfg, models, opts, fwd, data, start, layers, device, ranks, folder)
+    fwd.clear()                                            # DDP reducers go before their process group
+    assert_ranks_agree(models, ranks)
+    if not ranks.main:
+        return result
+    folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg))
+    summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
+               "parameters": sizes, "eval": evaluate(models, data, layers, device)}
+    summary["time"]["setup_s"] = setup_s
+    export(folder, models, cfg, run, summary)
+    if result["interrupted"]:
+        print(f"\ninterrupted at step {result['steps']} of {result['steps_planned']}: saved {cfg.out} (incomplete; "
+              f"continue with the same flags and --resume)")
+    elif result["data_exhausted"]:
+        print(f"note: the data ran out after {result['steps']} of {result['steps_planned']} steps")
+    for key, s in summary["eval"].items():
         name = "all layers" if key == "all" else f"layer {key}"
         print(f"held-out {name}: FVU {s['fvu']:.4f}  MSE {s['mse']:.4g}  L0 {s['l0']:.1f}  dead {s['dead_eval']:.3f}")
-    print(f"wrote {out} ({summary['tokens_per_s']:,.0f} tokens/s)")
+    t = summary["time"]
+    print(f"wrote {cfg.out} ({summary['tokens_per_s']:,.0f} tokens/s; {t['loop_s']:.0f} s training, of which "
+          f"{t['waited_for_data_s']:.0f} s waiting for data; data produced in {t['data_s']:.0f} s beside it)")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        train(parse_args(argv))
+        summary = train(parse_args(argv))
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 130 if summary.get("interrupted") else 0
 
 
 if __name__ == "__main__":
