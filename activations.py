@@ -525,13 +525,13 @@ class ShuffleBuffer:
                 if free is None:
                     store[filled:filled + k] = part
                 else:
-                    store[free[filled:filled + k]] = part
+                    store.index_copy_(0, free[filled:filled + k], part)
                 pos, filled, self.moved_tokens = pos + k, filled + k, self.moved_tokens + k
                 if filled == slots:                           # full: serve a random half
                     free = torch.randperm(self.size, generator=self.gen)[:self.size // 2].to(store.device)
                     filled = 0
                     self.moved_tokens += len(free)
-                    yield store[free]
+                    yield store.index_select(0, free)
         if store is None:
             return
         if free is None:

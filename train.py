@@ -348,6 +348,14 @@ def setup_ranks(cfg: TrainConfig, device: torch.device) -> tuple[Ranks, torch.de
     return Ranks(int(os.environ.get("RANK", "0")), world, control, owns), device
 
 
+def ddp(model, **kwargs):
+    """DistributedDataParallel that leaves the buffers alone in forward (sae.py reduces the dead
+    counters and the BatchTopK threshold itself); the flag was renamed in torch 2.13."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return torch.nn.parallel.DistributedDataParallel(model, **{name: False}, **kwargs)
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The RNG seed of one step on one rank (distinct for every rank < 2^16 and step < 2^32)."""
     return ((seed * 2**32 + step) * 2**16 + rank) % 2**63
@@ -697,9 +705,8 @@ def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> di
         for key, m in models.items():
             m.init_b_dec(model_input(key, x0, layers), cfg.b_dec_init)
     ranks.broadcast(models)     # after init/resume: every rank starts from rank 0's model
-    fwd = {k: torch.nn.parallel.DistributedDataParallel(
-        m, broadcast_buffers=False, find_unused_parameters=cfg.dict == "polysae" and cfg.order < 3)
-           if ranks.world > 1 else m for k, m in models.items()}
+    fwd = {k: ddp(m, find_unused_parameters=cfg.dict == "polysae" and cfg.order < 3) if ranks.world > 1 else m
+           for k, m in models.items()}
     run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "dataset": cfg.dataset, "context": cfg.context,
            "drop_outliers": cfg.drop_outliers or None, "lm_dtype": cfg.lm_dtype, **data.run}
     sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}

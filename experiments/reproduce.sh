@@ -35,13 +35,21 @@ CACHE=${CACHE:-$HOME/.cache/fmxcoders/acts/repro2m-smollm2-L11-18}  # ONE shared
 CACHE1=${CACHE1:-$HOME/.cache/fmxcoders/acts/repro2m-smollm2-L15}   # layer 15 sliced out of it (no 2nd harvest)
 R=${RUNS:-runs/repro}
 
-COMMON="--dataset $CORPUS --cache-tokens $CACHE_TOKENS --lm-dtype $LM_DTYPE --n-latents $N_LATENTS --k $K --tokens $TOKENS --eval-tokens $EVAL_TOKENS --batch-size $BATCH --lr $LR --dead-tokens $DEAD --ckpt-every 0 --norm-every 1"   # exact selection norms every step, as the reported runs had (they predate the fmxcoder default of 10)
+# A finished run (summary.json with "complete": true) is skipped, an interrupted one (Ctrl-C, or killed
+# after a checkpoint) resumed, anything else started afresh: re-running the script continues where it stopped.
+train() {
+  local out=${*: -1}
+  if python -c 'import runs, sys; s = runs.read_summary(sys.argv[1]); sys.exit(not (s and s.get("complete", True)))' "$out"; then
+    echo "skip $out (done)"
+  elif [[ -f $out/checkpoint.pt ]]; then python train.py "$@" --resume
+  else python train.py "$@" --overwrite; fi
+}
+
+COMMON="--dataset $CORPUS --cache-tokens $CACHE_TOKENS --lm-dtype $LM_DTYPE --n-latents $N_LATENTS --k $K --tokens $TOKENS --eval-tokens $EVAL_TOKENS --batch-size $BATCH --lr $LR --dead-tokens $DEAD --ckpt-every 500 --norm-every 1"   # exact selection norms every step, as the reported runs had (they predate the fmxcoder default of 10)
 STAGE=${1:-all}
 
 if [[ $STAGE == all || $STAGE == train ]]; then
-  # a finished run (summary.json written) is skipped, so re-running the script continues where it stopped
   [[ -f $CORPUS ]] || python experiments/corpus.py $CORPUS
-  train() { local out=${*: -1}; if [[ -f $out/summary.json ]]; then echo "skip $out (done)"; else python train.py "$@"; fi; }
   # fmxcoders comparison: every dictionary reads the same cache (layers 11-18)
   train --dict crosscoder --layers $LAYERS --cache $CACHE $COMMON --out $R/crosscoder
   train --dict fmxcoder --factorization tr --rank $TR_RANK --mask-prob $MASK --layers $LAYERS --cache $CACHE $COMMON --out $R/fmx_tr
@@ -62,7 +70,6 @@ SINGLE="$R/sae_L$MID $R/polysae_L$MID"
 if [[ $STAGE == length ]]; then
   # Does the gap between fmxcoders and the crosscoder, or the crosscoder's FC, move with training length?
   # The same three dictionaries at 1/4 and 2x the main runs' tokens (the 1x points are the main runs).
-  train() { local out=${*: -1}; if [[ -f $out/summary.json ]]; then echo "skip $out (done)"; else python train.py "$@"; fi; }
   LEN_RUNS=""
   for T in $((TOKENS / 4)) $((TOKENS * 2)); do
     C="${COMMON/--tokens $TOKENS/--tokens $T}"
