@@ -29,9 +29,13 @@ def flags(gpt2_dir, cache_dir, out, *extra):
     ("fmxcoder", ["--factorization", "cp", "--rank", "64"]),
     ("polysae", ["--ranks", "64,16,16"]),
 ])
-def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_path, kind, extra):
+def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_path, kind, extra, device):
+    """A short train.py run of every kind on the test device (pytest --device cuda: the LM, the
+    harvest, the training and the export run there)."""
     out = tmp_path / kind
-    summary = train.train(train.parse_args(flags(gpt2_dir, cache_dir, out, "--dict", kind, *extra)))
+    summary = train.train(train.parse_args(flags(gpt2_dir, cache_dir, out, "--dict", kind, *extra,
+                                                 "--device", str(device))))
+    assert summary["complete"] and summary["steps"] == 3072 // 128
     entries = sae.load_run(out)
     cache = activations.ActivationCache(cache_dir)
     n_train = summary["eval"] and cache.n_tokens - entries[0][2]["run"]["eval_tokens"]
@@ -117,14 +121,17 @@ def test_cache_tokens_one_big_cache_for_several_runs(gpt2_dir, tmp_path, capsys)
     assert "--cache none streams" in capsys.readouterr().err
 
 
-def test_streaming_without_a_cache(gpt2_dir, tmp_path):
+def test_streaming_without_a_cache(gpt2_dir, tmp_path, device):
     """--cache none: held-out tokens first (more than the 4,096 used for the scale), then training
-    batches from the shuffle buffer; the exported model reconstructs its held-out tokens."""
+    batches from the shuffle buffer (on the device); the exported model reconstructs its held-out
+    tokens, and the summary splits the time between producing data and training."""
     args = flags(gpt2_dir, "none", tmp_path / "s", "--dict", "sae", "--layers", "1", "--eval-tokens", "4608",
-                 "--tokens", "2048")
+                 "--tokens", "2048", "--device", str(device))
     summary = train.train(train.parse_args(args))
     [(layers, model, meta)] = sae.load_run(tmp_path / "s")
     assert layers == [1] and meta["run"]["cache"] is None and meta["run"]["eval_tokens"] == 4608
     assert summary["steps"] == 16
     assert 0 < summary["eval"]["1"]["fvu"] < 0.9
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    t = summary["time"]
+    assert t["loop_s"] > 0 and t["data_s"] > 0 and 0 <= t["waited_for_data_s"] <= t["loop_s"]
