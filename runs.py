@@ -5,6 +5,7 @@ lost, mixed up with another run's, or read before it is finished.
     DIR/model.safetensors    its weights               (per-layer sets: DIR/layer_<l>/ for each layer)
     DIR/summary.json         steps, tokens, timing, held-out metrics, "complete": true | false
     DIR/checkpoint.pt        model + optimiser state of the last step, for --resume
+    DIR/curve.jsonl          with --eval-every: one line of held-out metrics per evaluation step
 
 The rules (`RunFolder`):
   * one writer: the folder is locked (flock on the directory) for the run's lifetime; a second
@@ -127,9 +128,26 @@ class RunFolder:
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint)
 
+    @property
+    def curve(self) -> Path:
+        return self.path / "curve.jsonl"
+
+    def append_curve(self, record: dict) -> None:
+        """One line of curve.jsonl (flushed to disk: a killed run keeps every line it wrote)."""
+        with open(self.curve, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_curve(self, step: int) -> None:
+        """Drop the curve lines after `step` (written after the checkpoint a resumed run restarts from)."""
+        if self.curve.exists():
+            lines = [l for l in self.curve.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            write_atomic(self.curve, "".join(l + "\n" for l in lines))
+
     def export(self) -> "_Export":
         """Context manager yielding a fresh folder to write the run's files into; on success it
-        replaces the contents of `path` as a whole (the checkpoint is carried over, hard-linked)."""
+        replaces the contents of `path` as a whole (checkpoint and curve carried over, hard-linked)."""
         return _Export(self)
 
 
@@ -148,8 +166,9 @@ class _Export:
             shutil.rmtree(self.new, ignore_errors=True)
             return
         path = self.folder.path
-        if self.folder.checkpoint.exists():
-            os.link(self.folder.checkpoint, self.new / "checkpoint.pt")
+        for f in (self.folder.checkpoint, self.folder.curve):
+            if f.exists():
+                os.link(f, self.new / f.name)
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         os.rename(path, old)                           # the two renames: old run out, new run in
         os.rename(self.new, path)
@@ -160,7 +179,7 @@ def load_checkpoint(path: Path, models: dict, opts: dict, config) -> int:
     """Restore models and optimisers from `path`; return the step to continue from. The run's
     flags must equal the checkpoint's, except those that do not change the result."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    ignore = ("resume", "overwrite", "device", "ckpt_every", "log_every")
+    ignore = ("resume", "overwrite", "device", "ckpt_every", "log_every", "eval_every", "eval_panel")
     saved = {k: v for k, v in state["config"].items() if k not in ignore}
     now = {k: v for k, v in dataclasses.asdict(config).items() if k in saved}
     diff = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}

@@ -124,6 +124,8 @@ class TrainConfig:
     drop_outliers: float | None = 10.0      # drop tokens whose norm > this × median (attention sinks; 0 keeps all)
     ckpt_every: int = 200                   # steps between resumable checkpoints (0: only at the end)
     log_every: int = 25                     # steps between progress-bar readings of loss, L0, FVU (host syncs)
+    eval_every: int = 0                     # steps between held-out evaluations appended to --out/curve.jsonl (0: off)
+    eval_panel: int = 8192                  # held-out tokens of those evaluations (FVU, L0, dead; FC for crosscoders)
     resume: bool = False                    # continue the run in --out from its checkpoint.pt
     overwrite: bool = False                 # delete the run already in --out and start a new one
     fold_scale: bool = False                # fold the input scale into the weights on export
@@ -165,8 +167,9 @@ CHOICES = {"dict": DICTS, "sparsity": sae_mod.SPARSITIES, "decay": ("none", "cos
            "dtype": ("float32", "bfloat16"), "lm_dtype": tuple(activations.LM_DTYPES),
            "cache_dtype": tuple(activations.DTYPES), "b_dec_init": ("median", "mean", "zero"),
            "factorization": ("cp", "tr")}
-POSITIVE = ("n_latents", "k", "tokens", "batch_size", "context", "dead_tokens", "harvest_batch", "log_every")
-NON_NEGATIVE = ("eval_tokens", "warmup_steps", "ckpt_every", "l1_coeff", "aux_coeff", "grad_clip")
+POSITIVE = ("n_latents", "k", "tokens", "batch_size", "context", "dead_tokens", "harvest_batch", "log_every",
+            "eval_panel")
+NON_NEGATIVE = ("eval_tokens", "warmup_steps", "ckpt_every", "eval_every", "l1_coeff", "aux_coeff", "grad_clip")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -594,6 +597,8 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
     bar = tqdm(total=data.steps, initial=start, desc=cfg.dict, dynamic_ncols=True, disable=not ranks.main)
     logs, done, t0 = Logs(), start, time.perf_counter()
     interrupted = exhausted = False
+    if cfg.eval_every and start == 0 and ranks.main:
+        folder.append_curve({"step": 0, "tokens": 0, "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
     with StopOnSigint() as sigint:
         try:
             for step in range(start, data.steps):
@@ -615,6 +620,9 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
                 if done % cfg.log_every == 0 or done == data.steps:
                     tok_s = (done - start) * cfg.batch_size / (time.perf_counter() - t0)
                     bar.set_postfix(**logs.read(models, done), tok_s=f"{tok_s:,.0f}")
+                if cfg.eval_every and done % cfg.eval_every == 0 and ranks.main:
+                    folder.append_curve({"step": done, "tokens": done * cfg.batch_size,
+                                         "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
                 if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < data.steps and ranks.main:
                     folder.save_checkpoint(runs.checkpoint_state(models, opts, done, cfg))
         finally:
@@ -630,22 +638,30 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
 
 
 @torch.no_grad()
-def evaluate(models, data: Data, layers, device, batch: int = 2048) -> dict:
-    """FVU, MSE (normalised units), L0 and dead fractions of every model on the held-out tokens,
-    accumulated with metrics.ReconStats (divided once)."""
+def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, batch: int = 2048) -> dict:
+    """FVU, MSE (normalised units), L0 and dead fractions of every model on the first n_tokens
+    held-out tokens (default all), accumulated with metrics.ReconStats (divided once); with
+    n_tokens (the --eval-every panel) also the functional coherence and decoder-norm spread of
+    multi-layer dictionaries (metrics.functional_coherence)."""
     stats, scale_L1 = {}, data.scale_L.to(device)[:, None]
+    n = data.n_eval if n_tokens is None else min(n_tokens, data.n_eval)
+    panel = lambda key: (model_input(key, data.read_eval(lo, min(lo + batch, n)).to(device).float() * scale_L1,
+                                     layers) for lo in range(0, n, batch))
     for key, model in models.items():
         model.eval()
         acc = metrics.ReconStats()
-        for lo in range(0, data.n_eval, batch):
-            x = model_input(key, data.read_eval(lo, min(lo + batch, data.n_eval)).to(device).float() * scale_L1, layers)
+        for x in panel(key):
             acc.update(x, model(x))
-        model.train()
         if acc.n:
             ones = torch.ones(len(layers) if key == "all" else 1)   # normalised units throughout
             r = acc.result(ones, ones)
             stats[str(key)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
                                "dead_eval": r["dead_eval"], "dead_counter": model.dead_fraction()}
+            if n_tokens is not None and key == "all":
+                fc = metrics.functional_coherence(model, panel(key))
+                stats[str(key)].update({k: fc[k] for k in ("fc_mean", "fc_median", "fc_frac_ge2", "fc_latents",
+                                                           "norm_spread_mean", "norm_spread_mean_all")})
+        model.train()
     return stats
 
 
@@ -699,6 +715,7 @@ def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> di
     if cfg.resume:   # every rank reads the checkpoint (rank 0 checked that it exists)
         start = runs.load_checkpoint(Path(cfg.out) / "checkpoint.pt", models, opts, cfg)
         if ranks.main:
+            folder.truncate_curve(start)
             print(f"resumed from {cfg.out}/checkpoint.pt at step {start}")
     else:
         x0 = data.sample.to(device).float() * data.scale_L.to(device)[:, None]

@@ -203,3 +203,28 @@ def test_a_run_that_fails_after_the_checks_removes_the_folder_it_made(gpt2_dir, 
     out = tmp_path / "run"
     last = error_of(capsys, train.main(flags(gpt2_dir, str(tmp_path / "c"), out, "--dataset", str(empty))))
     assert "gave no tokens" in last and not out.exists()
+
+
+def test_eval_every_writes_a_curve_that_survives_interruption(gpt2_dir, cache_dir, tmp_path, monkeypatch):
+    """--eval-every: held-out FVU/L0/dead (and FC for a crosscoder) at step 0 and every N steps in
+    curve.jsonl; a run interrupted after a checkpoint and resumed writes the same curve."""
+    common = ["--dict", "crosscoder", "--tokens", "2048", "--eval-every", "4", "--eval-panel", "512",
+              "--ckpt-every", "4"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main(flags(gpt2_dir, cache_dir, full, *common)) == 0
+    curve = [json.loads(l) for l in (full / "curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [0, 4, 8, 12, 16]
+    assert all(1 <= r["eval"]["all"]["fc_mean"] <= 4 and 0 < r["eval"]["all"]["fvu"] for r in curve)
+    assert curve[-1]["eval"]["all"]["fvu"] < curve[0]["eval"]["all"]["fvu"]      # it learns
+    real = train.get_lr
+
+    def ctrl_c(step, cfg, total):
+        if step == 9:                   # after the step-8 checkpoint and curve line; step 9 is redone
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, cfg, total)
+
+    monkeypatch.setattr(train, "get_lr", ctrl_c)
+    assert train.main(flags(gpt2_dir, cache_dir, part, *common)) == 130
+    monkeypatch.setattr(train, "get_lr", real)
+    assert train.main(flags(gpt2_dir, cache_dir, part, *common, "--resume")) == 0
+    assert (part / "curve.jsonl").read_text() == (full / "curve.jsonl").read_text()
