@@ -392,7 +392,8 @@ def hub_errors() -> tuple[type[Exception], ...]:
     return OSError, datasets.exceptions.DatasetsError, huggingface_hub.errors.HFValidationError
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), at most 200 characters."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
@@ -422,7 +423,7 @@ def load_texts(dataset: str | None = None, split: str = "train", seed: int = 0) 
         first = next(rows, None) if column is None else None
     except hub_errors() as e:
         raise ValueError(f"cannot load dataset {name!r}: not 'bbc', a local file/folder/glob, nor loadable "
-                         f"from the Hugging Face hub ({type(e).__name__}: {_first_line(e)})") from e
+                         f"from the Hugging Face hub ({type(e).__name__}: {first_line(e)})") from e
     if column is None:
         if first is None:
             raise ValueError(f"dataset {name!r} split {split!r} is empty")
