@@ -360,15 +360,16 @@ def _jsonl_texts(f: Path, text: str, column: str) -> Iterator[str]:
 
 
 def _check_local(files: list[Path], column: str) -> None:
-    """Before any harvesting: the first TEXT_CHECK_BYTES of each file decode as UTF-8, and the first
-    line of a .jsonl file is a JSON object with a text field `column`."""
+    """Before any harvesting: the first TEXT_CHECK_BYTES of each file decode as UTF-8, and each of
+    their complete lines in a .jsonl file is a JSON object with a text field `column`."""
     for f in files:
         with open(f, "rb") as fh:
             head = fh.read(TEXT_CHECK_BYTES)
             whole = not fh.read(1)
         text = _decode(f, head, final=whole)
-        if f.suffix == ".jsonl":
-            next(_jsonl_texts(f, text if whole else text[:text.rfind("\n") + 1], column), None)
+        if f.suffix == ".jsonl":                          # every complete line of the head
+            for _ in _jsonl_texts(f, text if whole else text[:text.rfind("\n") + 1], column):
+                pass
 
 
 def _iter_local(files: list[Path], column: str) -> Iterator[str]:

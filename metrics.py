@@ -513,8 +513,8 @@ def open_run(run_dir, device="cpu", allow_incomplete: bool = False) -> list[tupl
     try:
         return sae_mod.load_run(run_dir, device)
     except RuntimeError as e:         # load_state_dict: missing, unexpected or mis-shaped tensors
-        raise ValueError(f"the weights in {str(run_dir)!r} do not fit their config.json "
-                         f"({activations.first_line(e)}): {RERUN}") from e
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"the weights in {str(run_dir)!r} do not fit their config.json ({detail}): {RERUN}") from e
 
 
 def run_entry(run_dir, meta: dict, keys=("model",)) -> dict:
