@@ -163,7 +163,7 @@ def _check_model_dir(path: Path) -> None:
     try:
         json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON ({e}): {fix}") from None
+        raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON ({e}): {fix}") from e
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         raise ValueError(f"folder {str(path)!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}): {fix}")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -340,7 +340,7 @@ def _decode(f: Path, raw: bytes, final: bool = True) -> str:
         return codecs.getincrementaldecoder("utf-8")().decode(raw, final=final)
     except UnicodeDecodeError as e:
         raise ValueError(f"dataset file {str(f)!r} is not UTF-8 text (byte {e.start:,}: {e.reason}): "
-                         f"convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out") from None
+                         f"convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out") from e
 
 
 def _jsonl_texts(f: Path, text: str, column: str) -> Iterator[str]:
@@ -351,7 +351,7 @@ def _jsonl_texts(f: Path, text: str, column: str) -> Iterator[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"dataset file {str(f)!r} line {i} is not JSON ({e.msg})") from None
+            raise ValueError(f"dataset file {str(f)!r} line {i} is not JSON ({e.msg})") from e
         if not isinstance(row, dict) or not isinstance(row.get(column), str):
             fields = list(row) if isinstance(row, dict) else type(row).__name__
             raise ValueError(f"dataset file {str(f)!r} line {i} has no text field {column!r} (fields: {fields}): "
@@ -637,7 +637,7 @@ def read_meta(folder: Path) -> dict:
     try:
         meta = json.loads(meta_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise corrupt(f"meta.json is not valid JSON, truncated? ({e})") from None
+        raise corrupt(f"meta.json is not valid JSON, truncated? ({e})") from e
     if not isinstance(meta, dict):
         raise corrupt(f"meta.json holds a {type(meta).__name__}, not an object")
     for key, typ in META_FIELDS.items():

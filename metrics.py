@@ -441,7 +441,7 @@ def check_saved(folder: Path) -> dict:
     try:
         meta = json.loads(cfg_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(cfg_file)!r} is not valid JSON, truncated? ({e}): {RERUN}") from None
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON, truncated? ({e}): {RERUN}") from e
     if not (isinstance(meta, dict) and isinstance(meta.get("class"), str) and "." in meta["class"]
             and isinstance(meta.get("config"), dict)):
         raise ValueError(f"{str(cfg_file)!r} has no \"class\" and \"config\" entries: not a dictionary saved by "
@@ -459,14 +459,14 @@ def check_saved(folder: Path) -> dict:
         cls.config_class(**meta["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit {meta['class']} ({e}): the run was "
-                         f"written by another version of this code") from None
+                         f"written by another version of this code") from e
     if not weights.is_file():
         raise ValueError(f"{str(weights)!r} is missing: {RERUN}")
     try:
         with safe_open(str(weights), "pt"):
             pass
     except SafetensorError as e:
-        raise ValueError(f"{str(weights)!r} is truncated or damaged ({e}): {RERUN}") from None
+        raise ValueError(f"{str(weights)!r} is truncated or damaged ({e}): {RERUN}") from e
     return meta
 
 
@@ -547,7 +547,14 @@ def check_writable(folder: Path) -> None:
         test.write_bytes(b"")
         test.unlink()
     except OSError as e:
-        raise ValueError(f"cannot write into {str(folder)!r} ({e.strerror or e})") from None
+        raise ValueError(f"cannot write into {str(folder)!r} ({e.strerror or e})") from e
+
+
+def check_min(*flags: tuple[str, float | None, float]) -> None:
+    """(flag, value, lowest) triples: ValueError naming the first flag below its lowest value (None: unset)."""
+    for flag, v, lo in flags:
+        if v is not None and v < lo:
+            raise ValueError(f"{flag} must be at least {lo}, got {v}")
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -790,12 +797,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate a run whose training was interrupted (summary.json: \"complete\": false)")
     try:
         a = p.parse_args(argv)
-        for flag, v, lo in (("--eval-tokens", a.eval_tokens, 1), ("--ce-tokens", a.ce_tokens, 0),
-                            ("--fc-tokens", a.fc_tokens, 0), ("--cooc-tokens", a.cooc_tokens, 1),
-                            ("--pairs", a.pairs, 3), ("--min-fires", a.min_fires, 1),
-                            ("--wasserstein-texts", a.wasserstein_texts, 2), ("--batch-size", a.batch_size, 1)):
-            if v is not None and v < lo:
-                raise ValueError(f"{flag} must be at least {lo}, got {v}")
+        check_min(("--eval-tokens", a.eval_tokens, 1), ("--ce-tokens", a.ce_tokens, 0),
+                  ("--fc-tokens", a.fc_tokens, 0), ("--cooc-tokens", a.cooc_tokens, 1), ("--pairs", a.pairs, 3),
+                  ("--min-fires", a.min_fires, 1), ("--wasserstein-texts", a.wasserstein_texts, 2),
+                  ("--batch-size", a.batch_size, 1))
         device = resolve_device(a.device)
         if a.wasserstein:
             import probe

@@ -48,7 +48,6 @@ writes RUN_DIR/probe.json and prints one table (rows: task × feature set; colum
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -628,7 +627,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
             old = json.loads(out.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{str(out)!r} is not valid JSON ({e}): delete it (its earlier tasks are lost) or "
-                             f"pass another --out") from None
+                             f"pass another --out") from e
     metrics.check_writable(out.parent)
     kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
     layers = sorted({l for ls, _, _ in entries for l in ls})
@@ -747,10 +746,8 @@ def parse_args(argv=None):
     if any(k < 1 for k in ks):
         raise ValueError(f"--k must be positive integers like 1,2,5, got {args.k!r}")
     args.k = ks
-    for flag, v, lo in (("--n-train", args.n_train, 2), ("--n-test", args.n_test, 2),
-                        ("--batch-size", args.batch_size, 1), ("--context", args.context, 2)):
-        if v is not None and v < lo:
-            raise ValueError(f"{flag} must be at least {lo}, got {v}")
+    metrics.check_min(("--n-train", args.n_train, 2), ("--n-test", args.n_test, 2),
+                      ("--batch-size", args.batch_size, 1), ("--context", args.context, 2))
     if not args.C > 0:
         raise ValueError(f"--C must be positive, got {args.C}")
     args.device = metrics.resolve_device(args.device)
