@@ -473,19 +473,18 @@ def check_saved(folder: Path) -> dict:
 def check_complete(run_dir: Path, metas: list[dict]) -> None:
     """ValueError if train.py marked the run interrupted: "complete": false in summary.json or in a
     config.json's "metrics" entry. Runs written before that field existed count as complete."""
-    flags = [m.get("metrics", {}).get("complete") for m in metas if isinstance(m.get("metrics"), dict)]
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            flags.append(json.loads(summary.read_bytes()).get("complete"))
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            pass                          # a damaged summary: the dictionaries' own config.json decide
-    if False in flags:
-        steps = metas[0].get("metrics", {}).get("steps") if isinstance(metas[0].get("metrics"), dict) else None
-        raise ValueError(f"{str(run_dir)!r} holds an interrupted run (training stopped"
-                         + (f" after {steps:,} steps" if isinstance(steps, int) else "")
-                         + "): resume it with python train.py <the same flags> --resume, or pass "
-                           "--allow-incomplete to use it as it is")
+    records = [m["metrics"] for m in metas if isinstance(m.get("metrics"), dict)]
+    try:
+        records.insert(0, json.loads((run_dir / "summary.json").read_bytes()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        pass                              # none, or damaged: the dictionaries' own config.json decide
+    records = [r for r in records if isinstance(r, dict)]
+    if any(r.get("complete") is False for r in records):
+        steps, planned = records[0].get("steps"), records[0].get("steps_planned")
+        where = (f" after {steps:,}" + (f" of {planned:,}" if isinstance(planned, int) else "") + " steps"
+                 if isinstance(steps, int) else "")
+        raise ValueError(f"{str(run_dir)!r} holds an interrupted run (training stopped{where}): resume it with "
+                         f"python train.py <the same flags> --resume, or pass --allow-incomplete to use it as it is")
 
 
 def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
