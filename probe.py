@@ -48,7 +48,6 @@ writes RUN_DIR/probe.json and prints one table (rows: task × feature set; colum
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -64,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import activations
+import metrics
 import sae as sae_mod
 
 NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (the top-k probes), L-BFGS above
@@ -222,10 +222,9 @@ def _hub(name: str, *args, **kwargs):
 
     try:
         return datasets.load_dataset(name, *args, **kwargs)
-    except Exception as e:  # the hub raises many types (ConnectionError, DatasetNotFoundError, ...)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise TaskUnavailable(f"cannot load {name!r} from the Hugging Face hub ({first}); "
-                              f"the offline tasks are {', '.join(OFFLINE)}") from None
+    except activations.hub_errors() as e:         # not found, unreachable, bad name; a bug propagates
+        raise TaskUnavailable(f"cannot load {name!r} from the Hugging Face hub ({activations.first_line(e)}); "
+                              f"the offline tasks are {', '.join(OFFLINE)}") from e
 
 
 def _two_column(dataset, text, col1, col2, class_ids, names):
@@ -612,13 +611,24 @@ def mean(values) -> float | None:
 
 def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000, n_test: int = 1000,
               seed: int = 42, device="cpu", batch_size: int = 32, context: int | None = None,
-              full: bool = True, raw: bool = True, C: float = 1.0, out: str | None = None) -> dict:
-    """Probe every dictionary of a run folder (sae.load_run) on the named tasks; writes probe.json."""
+              full: bool = True, raw: bool = True, C: float = 1.0, out: str | None = None,
+              allow_incomplete: bool = False) -> dict:
+    """Probe every dictionary of a run folder (sae.load_run) on the named tasks; writes probe.json
+    (atomically; the tasks of an earlier probe.json with the same settings are kept). ValueError
+    naming the file and the fix for an unusable or interrupted run (see metrics.open_run) and an
+    earlier probe.json that is not JSON, before any work."""
     run_dir = Path(run_dir)
-    entries = sae_mod.load_run(run_dir, device)
-    meta = entries[0][2].get("run", {})
-    if not meta.get("model"):
-        raise ValueError(f"{run_dir}/config.json has no run.model: not a folder written by train.py")
+    entries = metrics.open_run(run_dir, device, allow_incomplete)
+    meta = metrics.run_entry(run_dir, entries[0][2], ("model",))
+    out = Path(out) if out else run_dir / "probe.json"
+    old = {}
+    if out.exists():                          # keep other tasks probed with the same settings
+        try:
+            old = json.loads(out.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(out)!r} is not valid JSON ({e}): delete it (its earlier tasks are lost) or "
+                             f"pass another --out") from e
+    metrics.check_writable(out.parent)
     kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
     layers = sorted({l for ls, _, _ in entries for l in ls})
     readers = {(kind if len(entries) == 1 else f"{kind}@{ls[0]}"): (m, ls, None) for ls, m, _ in entries}
@@ -674,13 +684,10 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
               "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed, "context": context,
                            "C": C, "full": full},
               "tasks": results, "skipped": skipped}
-    out = Path(out) if out else run_dir / "probe.json"
-    if out.exists():                          # keep other tasks probed with the same settings
-        old = json.loads(out.read_text())
-        if old.get("settings") == report["settings"]:
-            report["tasks"] = {**old.get("tasks", {}), **results}
+    if isinstance(old, dict) and old.get("settings") == report["settings"]:
+        report["tasks"] = {**old.get("tasks", {}), **results}
     report["mean"] = summarise(report["tasks"])
-    out.write_text(json.dumps(report, indent=2))
+    sae_mod.write_atomic(out, json.dumps(report, indent=2))
     return report
 
 
@@ -713,7 +720,8 @@ def table(report: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sparse probing (SAEBench protocol) of a trained run folder.")
+    """The flags, checked (ValueError with a one-line message; the tasks are resolved into args.tasks)."""
+    p = metrics.ArgParser(description="Sparse probing (SAEBench protocol) of a trained run folder.")
     p.add_argument("run", help="run folder written by train.py (config.json or layer_*/config.json)")
     p.add_argument("--task", default="all", help="all | offline | saebench | comma-separated names: "
                    + ", ".join(TASKS))
@@ -721,34 +729,43 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=4000, help="train texts per one-vs-rest task (n/2 per class)")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="texts per LM forward pass")
     p.add_argument("--context", type=int, default=None, help="tokens per text (default: the run's context)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     p.add_argument("--no-full", action="store_true", help="skip the probe on all latents / all dims")
     p.add_argument("--no-raw", action="store_true", help="skip the raw-activation reference probes")
     p.add_argument("--out", default=None, help="output json (default RUN/probe.json)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="probe a run whose training was interrupted (summary.json: \"complete\": false)")
     args = p.parse_args(argv)
     try:
-        args.k = [int(v) for v in args.k.split(",")]
-        if any(k < 1 for k in args.k):
-            raise ValueError
+        ks = [int(v) for v in args.k.split(",")]
     except ValueError:
-        p.error(f"--k must be positive integers like 1,2,5, got {args.k!r}")
+        ks = [0]
+    if any(k < 1 for k in ks):
+        raise ValueError(f"--k must be positive integers like 1,2,5, got {args.k!r}")
+    args.k = ks
+    metrics.check_min(("--n-train", args.n_train, 2), ("--n-test", args.n_test, 2),
+                      ("--batch-size", args.batch_size, 1), ("--context", args.context, 2))
+    if not args.C > 0:
+        raise ValueError(f"--C must be positive, got {args.C}")
+    args.device = metrics.resolve_device(args.device)
+    args.tasks = resolve_tasks(args.task)
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None) -> int:
     try:
-        report = probe_run(args.run, resolve_tasks(args.task), args.k, args.n_train, args.n_test, args.seed,
-                           args.device, args.batch_size, args.context, not args.no_full, not args.no_raw,
-                           args.C, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"probe.py: error: {e}")
+        args = parse_args(argv)
+        report = probe_run(args.run, args.tasks, args.k, args.n_train, args.n_test, args.seed, args.device,
+                           args.batch_size, args.context, not args.no_full, not args.no_raw, args.C, args.out,
+                           args.allow_incomplete)
+    except metrics.USER_ERRORS as e:
+        return metrics.cli_error(e)
     print(table(report))
-    return report
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -254,7 +254,7 @@ def model_shape(cfg: TrainConfig, multi: bool) -> tuple[int, int]:
     checks --context against the model's maximum positions."""
     path = cache_path(cfg, multi)
     if path is not None and (path / "meta.json").exists():
-        meta = json.loads((path / "meta.json").read_text())
+        meta = activations.read_meta(path)            # a damaged cache fails here, naming the folder
         return meta["d"], meta["n_blocks"]
     config = activations.lm_config(cfg.model)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -7,7 +7,6 @@ same tokens in the same order (so the held-out region and the outlier-dropping d
 all L layers at harvest time, are the source's), the layer's own scale s_l, and writes shards of
 shape (n, 1, d). train.py then accepts it for `--layers LAYER` exactly like a fresh harvest.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ def slice_cache(src, dst, layer: int) -> Path:
     if layer not in cache.layers:
         raise ValueError(f"layer {layer} is not in the cache {str(src)!r}, which holds layers {cache.layers}")
     if (dst / "meta.json").exists():
-        meta = json.loads((dst / "meta.json").read_text())
+        meta = activations.read_meta(dst)
         if meta.get("sliced_from") == str(src) and meta["n_tokens"] == cache.n_tokens and meta["layers"] == [layer]:
             print(f"{dst} already holds layer {layer} of {src}")
             return dst
@@ -38,7 +37,7 @@ def slice_cache(src, dst, layer: int) -> Path:
         shards.append([name, n])
     meta = dict(cache.meta, layers=[layer], hooks=[cache.meta["hooks"][i]], scale=[cache.meta["scale"][i]],
                 shards=shards, shard_tokens=cache.shard_tokens, sliced_from=str(src))
-    (dst / "meta.json").write_text(json.dumps(meta, indent=2))
+    activations.write_meta(dst, meta)                 # a fresh checksum (meta_sha256) for the sliced metadata
     print(f"wrote layer {layer} of {src} ({cache.n_tokens:,} tokens) to {dst}")
     return dst
 
