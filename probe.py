@@ -578,17 +578,19 @@ def binary_tasks(y_train: Tensor, y_test: Tensor, n_classes: int, seed: int) -> 
 
 def probe(x_train: Tensor, x_test: Tensor, tasks: list, ks=(1, 2, 5), full: bool = True, C: float = 1.0,
           device="cpu", max_iter: int = 100) -> dict:
-    """Probe one feature set: {"top_<k>" | "full": {"f1": [per class], "accuracy": [per class]}}.
-    x_*: (N, D) features; tasks from binary_tasks. A class with no positive or negative is None."""
-    res = {name: {"f1": [], "accuracy": []} for name in [f"top_{k}" for k in ks] + (["full"] if full else [])}
+    """Probe one feature set: {"top_<k>" | "full": {"f1": [per class], "accuracy": [per class],
+    "pred": [per class: (test idx, test y, prediction)]}}. x_*: (N, D) features; tasks from
+    binary_tasks. A class with no positive or negative is None. The predictions feed bootstrap_f1."""
+    res = {name: {"f1": [], "accuracy": [], "pred": []}
+           for name in [f"top_{k}" for k in ks] + (["full"] if full else [])}
     for tr_idx, tr_y, te_idx, te_y in tasks:
         ok = min(tr_y.sum().item(), (1 - tr_y).sum().item(), te_y.sum().item(), (1 - te_y).sum().item()) > 0
         xtr, xte = x_train[tr_idx].to(device), x_test[te_idx].to(device)
         ytr, yte = tr_y.to(device), te_y.to(device)
         for name in res:
             if not ok:
-                res[name]["f1"].append(None)
-                res[name]["accuracy"].append(None)
+                for key in ("f1", "accuracy", "pred"):
+                    res[name][key].append(None)
                 continue
             cols = None if name == "full" else top_k_by_mean_diff(xtr, ytr, int(name[4:]))
             a, b = (xtr, xte) if cols is None else (xtr[:, cols], xte[:, cols])
@@ -596,7 +598,35 @@ def probe(x_train: Tensor, x_test: Tensor, tasks: list, ks=(1, 2, 5), full: bool
             pred = ((b.double() @ w + b0) > 0).double()
             res[name]["f1"].append(f1_binary(yte, pred))
             res[name]["accuracy"].append((pred == yte).double().mean().item())
+            res[name]["pred"].append((te_idx, te_y, pred.cpu()))
     return res
+
+
+def f1_weighted(y_true: Tensor, y_pred: Tensor, w: Tensor) -> float:
+    """F1 of the positive class when example n counts w_n times (a bootstrap resample)."""
+    tp = (w * ((y_pred == 1) & (y_true == 1))).sum().item()
+    fp = (w * ((y_pred == 1) & (y_true == 0))).sum().item()
+    fn = (w * ((y_pred == 0) & (y_true == 1))).sum().item()
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def bootstrap_f1(per_task: dict, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile interval of the mean probe F1 over resamples of the test texts.
+
+    per_task: {task: (group, number of test texts, [per class (test idx, y, pred) or None])}. Each
+    resample draws every task's test texts with replacement (tasks independently), weights each
+    one-vs-rest example by how often its text was drawn, and aggregates exactly as `summarise`
+    does: F1 per class, mean over classes, mean over the tasks of a group, mean over groups."""
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(n_boot):
+        groups: dict[str, list] = {}
+        for group, n, classes in per_task.values():
+            counts = torch.bincount(torch.randint(n, (n,), generator=g), minlength=n).double()
+            groups.setdefault(group, []).append(mean(f1_weighted(y, p, counts[idx]) for idx, y, p in
+                                                     (c for c in classes if c is not None)))
+        values.append(mean(mean(v) for v in groups.values()))
+    return metrics.percentile_interval(values, level)
 
 
 def mean(values) -> float | None:
@@ -612,7 +642,7 @@ def mean(values) -> float | None:
 def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000, n_test: int = 1000,
               seed: int = 42, device="cpu", batch_size: int = 32, context: int | None = None,
               full: bool = True, raw: bool = True, C: float = 1.0, out: str | None = None,
-              allow_incomplete: bool = False) -> dict:
+              allow_incomplete: bool = False, n_boot: int = 1000) -> dict:
     """Probe every dictionary of a run folder (sae.load_run) on the named tasks; writes probe.json
     (atomically; the tasks of an earlier probe.json with the same settings are kept). ValueError
     naming the file and the fix for an unusable or interrupted run (see metrics.open_run) and an
@@ -652,7 +682,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
         raise TaskUnavailable("no task could be loaded: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
     lm, tokenizer = activations.load_lm(meta["model"], device, meta.get("lm_dtype", "float32"))
-    results = {}
+    results, preds = {}, {}
     for name, splits in data.items():
         t0 = time.time()
         classes = list(TASKS[name].classes)
@@ -664,17 +694,8 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
             if raw:
                 feats[split].update({f"raw@{l}": acts[:, i] for i, l in enumerate(layers)})
             ys[split] = torch.tensor([classes.index(l) for l in labels])
-        tasks = binary_tasks(ys["train"], ys["test"], len(classes), seed)
-        per_set = {}
-        for fs in feats["train"]:
-            r = probe(feats["train"][fs], feats["test"][fs], tasks, ks, full, C, device)
-            per_set[fs] = {col: {"f1": mean(v["f1"]), "accuracy": mean(v["accuracy"]),
-                                 "per_class_f1": dict(zip(classes, v["f1"]))} for col, v in r.items()}
-        for prefix in (["raw"] if raw else []) + ([kind] if len(entries) > 1 else []):
-            layer_sets = [fs for fs in per_set if fs.startswith(prefix + "@")]
-            if len(layer_sets) > 1:
-                per_set[f"{prefix}@mean"] = {col: {"f1": mean(per_set[fs][col]["f1"] for fs in layer_sets)}
-                                             for col in per_set[layer_sets[0]]}
+        per_set, preds[name] = probe_task(name, feats, ys, seed, ks, full, C, device, n_boot,
+                                          (["raw"] if raw else []) + ([kind] if len(entries) > 1 else []))
         results[name] = {"dataset": TASKS[name].source, "group": TASKS[name].group, "classes": classes,
                          "n_texts": {s: len(splits[s][0]) for s in splits}, "features": per_set,
                          "seconds": round(time.time() - t0, 1)}
@@ -687,8 +708,46 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
     if isinstance(old, dict) and old.get("settings") == report["settings"]:
         report["tasks"] = {**old.get("tasks", {}), **results}
     report["mean"] = summarise(report["tasks"])
+    if n_boot and report["tasks"].keys() == preds.keys():     # an interval needs every task's predictions
+        report["mean_ci"] = mean_intervals(report["tasks"], preds, n_boot, seed)
     sae_mod.write_atomic(out, json.dumps(report, indent=2))
     return report
+
+
+def probe_task(name: str, feats: dict, ys: dict, seed: int, ks, full: bool, C: float, device, n_boot: int,
+               prefixes=()) -> tuple[dict, dict]:
+    """Probe every feature set of one task: (per_set, preds). per_set[fs][col] holds the mean F1
+    and accuracy over classes, per-class F1 and, with n_boot, "f1_ci" (bootstrap_f1 over this task's
+    test texts); "<prefix>@mean" adds the mean over the layers of a per-layer set. feats[split][fs]:
+    (N, D) features, ys[split]: (N,) class indices."""
+    classes = list(TASKS[name].classes)
+    tasks = binary_tasks(ys["train"], ys["test"], len(classes), seed)
+    per_set, preds = {}, {}
+    for fs in feats["train"]:
+        r = probe(feats["train"][fs], feats["test"][fs], tasks, ks, full, C, device)
+        preds[fs] = {col: v["pred"] for col, v in r.items()}
+        per_set[fs] = {col: {"f1": mean(v["f1"]), "accuracy": mean(v["accuracy"]),
+                             "per_class_f1": dict(zip(classes, v["f1"]))} for col, v in r.items()}
+        if n_boot:
+            for col, v in r.items():
+                per_set[fs][col]["f1_ci"] = bootstrap_f1({name: ("", len(ys["test"]), v["pred"])}, n_boot, seed)
+    for prefix in prefixes:
+        layer_sets = [fs for fs in per_set if fs.startswith(prefix + "@")]
+        if len(layer_sets) > 1:
+            per_set[f"{prefix}@mean"] = {col: {"f1": mean(per_set[fs][col]["f1"] for fs in layer_sets)}
+                                         for col in per_set[layer_sets[0]]}
+    return per_set, preds
+
+
+def mean_intervals(tasks: dict, preds: dict, n_boot: int, seed: int) -> dict:
+    """{feature set: {col: [lo, hi]}}: bootstrap_f1 of `summarise`'s mean over every task."""
+    out: dict = {}
+    for fs in dict.fromkeys(fs for p in preds.values() for fs in p):
+        for col in dict.fromkeys(c for p in preds.values() if fs in p for c in p[fs]):
+            per_task = {t: (tasks[t]["group"], tasks[t]["n_texts"]["test"], p[fs][col])
+                        for t, p in preds.items() if fs in p and col in p[fs]}
+            out.setdefault(fs, {})[col] = bootstrap_f1(per_task, n_boot, seed)
+    return out
 
 
 def summarise(tasks: dict) -> dict:
@@ -716,6 +775,9 @@ def table(report: dict) -> str:
         for i, (fs, r) in enumerate(t["features"].items()):
             lines.append(f"{(name if i == 0 else ''):<28}{fs:<18}" + "".join(" " + fmt((r.get(c) or {}).get("f1"))
                                                                              for c in cols))
+    for fs, cis in report.get("mean_ci", {}).items():
+        lines.append(f"{'95% interval':<28}{fs:<18}" + "".join(
+            f" {cis[c][0]:.2f}-{cis[c][1]:.2f}".rjust(8) if c in cis else f"{'-':>8}" for c in cols))
     return "\n".join(lines)
 
 
@@ -738,6 +800,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output json (default RUN/probe.json)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="probe a run whose training was interrupted (summary.json: \"complete\": false)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of the test texts for the 95%% intervals of the F1s (0: none)")
     args = p.parse_args(argv)
     try:
         ks = [int(v) for v in args.k.split(",")]
@@ -747,7 +811,8 @@ def parse_args(argv=None):
         raise ValueError(f"--k must be positive integers like 1,2,5, got {args.k!r}")
     args.k = ks
     metrics.check_min(("--n-train", args.n_train, 2), ("--n-test", args.n_test, 2),
-                      ("--batch-size", args.batch_size, 1), ("--context", args.context, 2))
+                      ("--batch-size", args.batch_size, 1), ("--context", args.context, 2),
+                      ("--bootstrap", args.bootstrap, 0))
     if not args.C > 0:
         raise ValueError(f"--C must be positive, got {args.C}")
     args.device = metrics.resolve_device(args.device)
@@ -760,7 +825,7 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         report = probe_run(args.run, args.tasks, args.k, args.n_train, args.n_test, args.seed, args.device,
                            args.batch_size, args.context, not args.no_full, not args.no_raw, args.C, args.out,
-                           args.allow_incomplete)
+                           args.allow_incomplete, args.bootstrap)
     except metrics.USER_ERRORS as e:
         return metrics.cli_error(e)
     print(table(report))

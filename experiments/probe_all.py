@@ -7,9 +7,12 @@ dominates (about 250 tokens/s for SmolLM2-135M), so this script pools every dict
 in the same pass (probe.pool accepts several readers) and then applies exactly probe.py's probe
 (probe.binary_tasks, probe.probe, probe.summarise). Each RUN/probe.json has probe.py's format.
 
-It also adds the class-conditional Wasserstein distance of metrics.py (metrics.class_wasserstein)
-on the pooled latents of the bbc_topic train split (the texts `metrics.py --wasserstein bbc_topic
---wasserstein-texts N_TRAIN` would pool again), as report["wasserstein"][feature_set].
+Every F1 gets a 95% bootstrap interval over the test texts (probe.bootstrap_f1). It also adds the
+class-conditional Wasserstein distance of metrics.py on the pooled latents of the bbc_topic train
+split, raw and with each latent multiplied by the norm of what it writes (decoder_norm_per_latent),
+with paired bootstrap intervals (metrics.wasserstein_intervals: the same resampled texts for every
+dictionary, whose replicates are kept so that experiments/ can take intervals of ratios), as
+report["wasserstein"][feature_set].
 """
 import argparse
 import json
@@ -26,8 +29,17 @@ import probe  # noqa: E402
 import sae  # noqa: E402
 
 
+def decoder_norm_per_latent(model) -> torch.Tensor:
+    """(F,) the size of what each latent writes: ‖W_dec[i]‖ (SAE), the polynomial decoder's norm
+    at unit activation (PolySAE), Σ_l ‖W_dec[i, l]‖ (crosscoders). W1 of z_i · this does not depend
+    on how a dictionary splits a feature's scale between its activation and its decoder."""
+    with torch.no_grad():
+        n = model.decoder_norms().float().cpu()
+    return n.sum(-1) if n.ndim == 2 else n
+
+
 def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed=42, device="cpu",
-               batch_size=32, full=False, raw=True, C=1.0) -> dict:
+               batch_size=32, full=False, raw=True, C=1.0, n_boot=1000, n_boot_w1=200) -> dict:
     runs = {}
     for rd in run_dirs:
         entries = sae.load_run(rd, device)
@@ -47,8 +59,7 @@ def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed
     flat = [(rd, key, rdr) for rd, r in runs.items() for key, rdr in r["readers"].items()]
 
     lm, tok = activations.load_lm(models.pop(), device, lm_dtypes.pop())
-    results = {rd: {} for rd in runs}
-    wass = {rd: {} for rd in runs}
+    results, preds, wass = {rd: {} for rd in runs}, {rd: {} for rd in runs}, {rd: {} for rd in runs}
     for name in task_names:
         t0 = time.time()
         splits = probe.load_splits(name, n_train, n_test, seed)
@@ -61,29 +72,27 @@ def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed
             if raw:
                 feats[split].update({("raw", l): acts[:, i] for i, l in enumerate(all_layers)})
             ys[split] = torch.tensor([classes.index(l) for l in labels])
-        tasks = probe.binary_tasks(ys["train"], ys["test"], len(classes), seed)
-        done = {}
-        for fs in feats["train"]:
-            r = probe.probe(feats["train"][fs], feats["test"][fs], tasks, ks, full, C, device)
-            done[fs] = {col: {"f1": probe.mean(v["f1"]), "accuracy": probe.mean(v["accuracy"]),
-                              "per_class_f1": dict(zip(classes, v["f1"]))} for col, v in r.items()}
-        for rd, run in runs.items():
-            per_set = {key: done[(rd, key)] for key in run["readers"]}
+        for rd, run in runs.items():            # probe.py's probe_task on this run's feature sets
+            mine = {s: {k: f for (r, k), f in feats[s].items() if r == rd} for s in feats}
             if raw:
-                per_set.update({f"raw@{l}": done[("raw", l)] for l in run["layers"]})
-            for prefix in (["raw"] if raw else []) + ([run["kind"]] if run["n"] > 1 else []):
-                sets = [fs for fs in per_set if fs.startswith(prefix + "@")]
-                if len(sets) > 1:
-                    per_set[f"{prefix}@mean"] = {col: {"f1": probe.mean(per_set[fs][col]["f1"] for fs in sets)}
-                                                 for col in per_set[sets[0]]}
+                for s in feats:
+                    mine[s].update({f"raw@{l}": feats[s][("raw", l)] for l in run["layers"]})
+            per_set, preds[rd][name] = probe.probe_task(
+                name, mine, ys, seed, ks, full, C, device, n_boot,
+                (["raw"] if raw else []) + ([run["kind"]] if run["n"] > 1 else []))
             results[rd][name] = {"dataset": probe.TASKS[name].source, "group": probe.TASKS[name].group,
                                  "classes": classes, "n_texts": {s: len(splits[s][0]) for s in splits},
                                  "features": per_set, "seconds": round(time.time() - t0, 1)}
-            if name == "bbc_topic":
-                for key in run["readers"]:
-                    w = metrics.class_wasserstein(feats["train"][(rd, key)], splits["train"][1])
-                    wass[rd][key] = {"mean": w["mean"], "median": w["median"], "task": name,
-                                     "texts": len(splits["train"][0])}
+        if name == "bbc_topic":                 # W1 of every dictionary on the same resampled texts
+            sets = {}
+            for rd, key, (model, _, _) in flat:
+                z = feats["train"][(rd, key)]
+                sets[f"{rd}|{key}"] = z
+                sets[f"{rd}|{key}|dnorm"] = z * decoder_norm_per_latent(model)
+            w = metrics.wasserstein_intervals(sets, splits["train"][1], n_boot_w1, seed, keep_replicates=True)
+            for rd, key, _ in flat:
+                wass[rd][key] = {"raw": w[f"{rd}|{key}"], "decoder_norm_scaled": w[f"{rd}|{key}|dnorm"],
+                                 "task": name, "texts": len(splits["train"][0])}
         print(f"{name}: {sum(len(s[0]) for s in splits.values())} texts, {len(flat)} dictionaries "
               f"in {time.time() - t0:.0f} s", file=sys.stderr)
 
@@ -95,7 +104,9 @@ def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed
                   "tasks": results[rd], "skipped": {}, "wasserstein": wass[rd],
                   "note": "experiments/probe_all.py: one LM pass shared by all runs"}
         report["mean"] = probe.summarise(report["tasks"])
-        (Path(rd) / "probe.json").write_text(json.dumps(report, indent=2))
+        if n_boot:
+            report["mean_ci"] = probe.mean_intervals(report["tasks"], preds[rd], n_boot, seed)
+        sae.write_atomic(Path(rd) / "probe.json", json.dumps(report, indent=2))
         reports[rd] = report
         print(f"== {rd}\n{probe.table(report)}")
     return reports
@@ -114,9 +125,11 @@ def main(argv=None):
     p.add_argument("--C", type=float, default=1.0)
     p.add_argument("--no-full", action="store_true")
     p.add_argument("--no-raw", action="store_true")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the F1 intervals (0: none)")
+    p.add_argument("--bootstrap-w1", type=int, default=200, help="paired resamples for the W1 intervals")
     a = p.parse_args(argv)
     probe_runs(a.runs, probe.resolve_tasks(a.task), [int(k) for k in a.k.split(",")], a.n_train, a.n_test,
-               a.seed, a.device, a.batch_size, not a.no_full, not a.no_raw, a.C)
+               a.seed, a.device, a.batch_size, not a.no_full, not a.no_raw, a.C, a.bootstrap, a.bootstrap_w1)
 
 
 if __name__ == "__main__":

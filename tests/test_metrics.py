@@ -400,3 +400,28 @@ def test_streamed_run_is_evaluated_on_the_tokens_it_held_out(gpt2_dir, tmp_path)
     r = ev["results"][0]
     assert r["fvu"] == pytest.approx(meta["metrics"]["eval"]["fvu"], rel=1e-3)
     assert r["mse_norm"] == pytest.approx(meta["metrics"]["eval"]["mse"], rel=1e-3)
+
+
+def test_wasserstein_intervals_pair_the_resamples():
+    """W1 is scale-equivariant, so features × 2 have exactly twice the W1 on every paired resample
+    (the ratio interval is [2, 2]); an independent copy of the same distribution has a ratio interval
+    around 1; the intervals narrow with more texts."""
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n):
+        labels = np.array(["a", "b", "c"] * (n // 3))
+        x = torch.rand(len(labels), 16, generator=g, dtype=torch.float64)
+        x[labels == "a", :4] += 0.5                       # class a differs on 4 of 16 latents
+        return x, labels
+
+    widths = []
+    for n in (60, 600):
+        x, labels = sample(n)
+        y, _ = sample(n)
+        out = metrics.wasserstein_intervals({"x": x, "2x": 2 * x, "y": y}, labels, n_boot=100, seed=1, reference="x")
+        assert out["2x"]["mean"] == pytest.approx(2 * out["x"]["mean"])
+        assert out["ratio_ci"]["2x"] == pytest.approx([2.0, 2.0])
+        lo, hi = out["ratio_ci"]["y"]
+        assert lo < 1 < hi
+        widths.append(out["x"]["mean_ci"][1] - out["x"]["mean_ci"][0])
+    assert widths[1] < 0.6 * widths[0]

@@ -322,3 +322,50 @@ def test_hub_loaders_sample_like_saebench(monkeypatch):
     assert Counter(s["train"][1]) == {c: 20 for c in ("en", "fr", "de", "es", "nl")}
     assert all(t.startswith(l + " ") for split in s.values() for t, l in zip(*split))
     assert not set(s["train"][0]) & set(s["test"][0])
+
+
+def test_bootstrap_f1_equals_a_naive_resampling_loop():
+    """bootstrap_f1 weights each example by how often its text was drawn; the naive reference
+    copies the examples that many times and scores them with scikit-learn, task by task, then
+    aggregates like summarise (classes, then tasks of a group, then groups)."""
+    from sklearn.metrics import f1_score
+
+    g = torch.Generator().manual_seed(0)
+    per_task = {}
+    for t, (group, n) in enumerate([("a", 40), ("a", 30), ("b", 50)]):
+        classes = []
+        for c in range(3):
+            idx = torch.randperm(n, generator=g)[:20]
+            y = (torch.rand(20, generator=g) < 0.5).double()
+            pred = torch.where(torch.rand(20, generator=g) < 0.7, y, 1 - y)
+            classes.append((idx, y, pred))
+        per_task[f"t{t}"] = (group, n, classes + [None])
+    lo, hi = probe.bootstrap_f1(per_task, n_boot=200, seed=3)
+
+    rng = torch.Generator().manual_seed(3)
+    reps = []
+    for _ in range(200):
+        groups = {}
+        for group, n, classes in per_task.values():
+            drawn = torch.randint(n, (n,), generator=rng).tolist()
+            f1s = []
+            for idx, y, pred in classes[:3]:
+                rows = [i for text in drawn for i, t in enumerate(idx.tolist()) if t == text]
+                f1s.append(f1_score(y[rows].numpy(), pred[rows].numpy(), zero_division=0.0) if rows else 0.0)
+            groups.setdefault(group, []).append(np.mean(f1s))
+        reps.append(np.mean([np.mean(v) for v in groups.values()]))
+    want = np.quantile(reps, [0.025, 0.975])
+    assert lo == pytest.approx(want[0], abs=1e-12) and hi == pytest.approx(want[1], abs=1e-12)
+    assert lo < hi
+
+
+def test_percentile_interval_of_a_mean_matches_the_normal_approximation():
+    import metrics
+
+    x = torch.randn(400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    reps = [x[torch.randint(400, (400,), generator=g)].mean().item() for _ in range(2000)]
+    lo, hi = metrics.percentile_interval(reps)
+    half = 1.96 * x.std().item() / 20
+    assert lo == pytest.approx(x.mean().item() - half, abs=0.15 * half)
+    assert hi == pytest.approx(x.mean().item() + half, abs=0.15 * half)
