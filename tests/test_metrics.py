@@ -51,11 +51,12 @@ def test_fvu_is_zero_for_perfect_and_one_for_predicting_the_mean():
     assert mean["fvu_per_layer"] == pytest.approx([1.0] * 3, abs=1e-9)
 
 
-def test_fvu_accumulated_over_uneven_batches_equals_one_shot_formula():
+def test_fvu_accumulated_over_uneven_batches_equals_one_shot_formula(device):
     torch.manual_seed(1)
     x = torch.randn(1000, 2, 16) * 3 + 1000.0       # a large offset: naive Σx² − (Σx)²/n would suffer
     recon = x + 0.5 * torch.randn_like(x)
     lat = torch.rand(1000, 32)
+    x, recon, lat = x.to(device), recon.to(device), lat.to(device)
     ones = torch.ones(2)
     got = accumulate(x, recon, lat, [1, 2, 997 - 300, 300]).result(ones, ones)
     assert got["fvu"] == pytest.approx(naive_fvu(x, recon), rel=1e-6)
@@ -130,13 +131,13 @@ def hand_crosscoder(L=4, d=6):
     return cc.eval()
 
 
-def test_fc_is_one_for_a_single_layer_latent_and_L_for_an_all_layer_latent():
+def test_fc_is_one_for_a_single_layer_latent_and_L_for_an_all_layer_latent(device):
     L = 4
-    cc = hand_crosscoder(L)
+    cc = hand_crosscoder(L).to(device)
     torch.manual_seed(4)
     v = torch.randn(64, 6)
     v[:, 0] = v[:, 0].abs() + 0.1                   # the read direction is positive: latents 0, 1 fire
-    x = v[:, None, :].expand(64, L, 6).contiguous()  # the same vector at every layer
+    x = v[:, None, :].expand(64, L, 6).contiguous().to(device)  # the same vector at every layer
     dsum, fires = metrics.layer_deltas(cc, x)
     assert fires.tolist() == [64, 64, 0, 0]
     delta = dsum / fires.clamp_min(1)[:, None]
@@ -154,7 +155,7 @@ def test_decoder_norm_spread_on_hand_built_norms():
     assert metrics.spread(norms).tolist() == pytest.approx([1.0, 3.0, 1.5, 2.0])
 
 
-def test_fc_report_includes_decoder_norm_spread_of_the_crosscoder():
+def test_fc_report_includes_decoder_norm_spread_of_the_crosscoder(device):
     L = 3
     cc = hand_crosscoder(L)
     with torch.no_grad():
@@ -164,7 +165,7 @@ def test_fc_report_includes_decoder_norm_spread_of_the_crosscoder():
     v = torch.randn(32, 6)
     v[:, 0] = v[:, 0].abs() + 0.1
     x = v[:, None].expand(32, L, 6).contiguous()
-    fc = metrics.functional_coherence(cc, [x], min_fires=1)
+    fc = metrics.functional_coherence(cc.to(device), [x.to(device)], min_fires=1)
     assert fc["norm_spread_mean"] == pytest.approx((1 + L) / 2)
 
 
@@ -173,13 +174,13 @@ def test_fc_report_includes_decoder_norm_spread_of_the_crosscoder():
 # ----------------------------------------------------------------------------------------
 
 
-def test_wasserstein_equals_scipy_on_unequal_samples():
+def test_wasserstein_equals_scipy_on_unequal_samples(device):
     rng = np.random.default_rng(5)
     u = rng.normal(0, 1, size=(37, 6))
     v = rng.exponential(2, size=(91, 6))
     u[:5, 0] = 0.0                                   # ties and zeros, as in sparse latents
     v[:40, 0] = 0.0
-    got = metrics.wasserstein_1d(torch.tensor(u), torch.tensor(v)).numpy()
+    got = metrics.wasserstein_1d(torch.tensor(u, device=device), torch.tensor(v, device=device)).cpu().numpy()
     want = [wasserstein_distance(u[:, i], v[:, i]) for i in range(6)]
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
@@ -216,17 +217,17 @@ def test_offdiag_pearson_identical_is_one_and_matches_numpy():
     assert metrics.offdiag_pearson(torch.tensor(a), torch.tensor(b)) == pytest.approx(want, rel=1e-10)
 
 
-def test_interaction_vs_cooccurrence_matches_naive_theta2_and_counts():
+def test_interaction_vs_cooccurrence_matches_naive_theta2_and_counts(device):
     torch.manual_seed(8)
-    model = PolySAE(PolySAEConfig(d_in=8, n_latents=24, k=4, ranks=(8, 4, 2))).eval()
+    model = PolySAE(PolySAEConfig(d_in=8, n_latents=24, k=4, ranks=(8, 4, 2))).eval().to(device)
     with torch.no_grad():
-        batches = [model.encode(torch.randn(n, 8)) for n in (50, 31)]
-    z = torch.cat(batches)
+        batches = [model.encode(torch.randn(n, 8).to(device)) for n in (50, 31)]
+    z = torch.cat(batches).cpu()
     counts = (z > 0).sum(0)
     r = metrics.interaction_vs_cooccurrence(model, batches, counts, n=10)
     idx = counts.topk(10).indices
     # independent: Θ2[i,j,:] = Σ_{r≤R2} U_ir U_jr C2[:, r] built explicitly, then a naive count loop
-    U, C2 = model.U.detach()[:, :4], model.C2.detach()
+    U, C2 = model.U.detach().cpu()[:, :4], model.C2.detach().cpu()
     theta = torch.einsum("ir,jr,dr->ijd", U[idx], U[idx], C2).norm(dim=-1).numpy()
     zi = z[:, idx].double().numpy()
     cooc = np.zeros((10, 10))
@@ -339,7 +340,7 @@ def test_take_tokens_keeps_exactly_n_tokens(lm_windows):
     ("crosscoder", ["--layers", "0-3"]),
     ("fmxcoder", ["--layers", "0-3", "--rank", "16"]),
 ])
-def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp_path, kind, extra, capsys):
+def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp_path, kind, extra, capsys, device):
     import train
 
     cache = tmp_path_factory.getbasetemp() / f"acts-{kind}"
@@ -347,9 +348,9 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
     train.train(train.parse_args([
         "--model", gpt2_dir, "--dict", kind, *extra, "--tokens", "2048", "--eval-tokens", "512",
         "--batch-size", "128", "--n-latents", "64", "--k", "4", "--context", "64", "--cache", str(cache),
-        "--out", str(out), "--device", "cpu", "--dead-tokens", "1000", "--ckpt-every", "0"]))
+        "--out", str(out), "--device", str(device), "--dead-tokens", "1000", "--ckpt-every", "0"]))
     assert metrics.main([str(out), "--ce-tokens", "300", "--fc-tokens", "512", "--pairs", "16",
-                         "--min-fires", "1", "--device", "cpu", "--wasserstein-texts", "20"]) == 0
+                         "--min-fires", "1", "--device", str(device), "--wasserstein-texts", "20"]) == 0
     printed = capsys.readouterr().out
     assert "FVU" in printed and out.name in printed
     ev = json.loads((out / "eval.json").read_text())

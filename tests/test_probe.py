@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("solver", ["newton", "lbfgs"])
 @pytest.mark.parametrize("C", [1.0, 0.05])
-def test_logistic_regression_matches_sklearn(solver, C):
+def test_logistic_regression_matches_sklearn(solver, C, device):
     from sklearn.linear_model import LogisticRegression
 
     g = torch.Generator().manual_seed(1)
@@ -34,7 +34,8 @@ def test_logistic_regression_matches_sklearn(solver, C):
     x[:, 3] += 2.0                                                     # an offset, so b matters
     logits = x[:, 0] - 0.7 * x[:, 1] + 0.3 * x[:, 3] - 0.6 + torch.randn(600, generator=g, dtype=torch.float64)
     y = (logits > 0).double()
-    w, b = probe.fit_logistic(x, y, C=C, solver=solver)
+    w, b = probe.fit_logistic(x.to(device), y.to(device), C=C, solver=solver)
+    w, b = w.cpu(), b.cpu()
     ref = LogisticRegression(C=C, tol=1e-12, max_iter=100_000).fit(x.numpy(), y.numpy())   # L2 (default)
     np.testing.assert_allclose(w.numpy(), ref.coef_[0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(b.item(), ref.intercept_[0], rtol=1e-5, atol=1e-7)
@@ -198,16 +199,18 @@ def gpt2(gpt2_dir):
     return gpt2_dir, *activations.load_lm(gpt2_dir)
 
 
-def test_pooling_matches_a_naive_per_text_loop(gpt2):
+def test_pooling_matches_a_naive_per_text_loop(gpt2, device):
+    """probe.pool with the dictionaries on the test device, against a naive CPU loop."""
     path, lm, tok = gpt2
     texts = ["The cat sat on the mat.", "Stocks fell sharply in early trading on Monday, " * 5, "Hi",
              "Sacramento is the capital of California.", ""]
     torch.manual_seed(0)
     cc = crosscoder.CrossCoder(crosscoder.CrossCoderConfig(d_in=64, n_latents=96, k=6, n_layers=2,
                                                           input_scale=[0.5, 2.0])).eval()
-    lat, acts = probe.pool(lm, tok, texts, [1, 2], [(cc, [1, 2], None)], context=16, batch_size=2)
+    lat, acts = probe.pool(lm, tok, texts, [1, 2], [(cc, [1, 2], None)], context=16, batch_size=2, device=device)
     one = sae.SAE(sae.SAEConfig(d_in=64, n_latents=96, k=6)).eval()
-    lat_sae = probe.pooled_latents(one, [3.0], lm, tok, texts, [2], context=16, batch_size=3)
+    lat_sae = probe.pooled_latents(one, [3.0], lm, tok, texts, [2], context=16, batch_size=3, device=device)
+    cc, one = cc.cpu(), one.cpu()
     for n, text in enumerate(texts):
         ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][:15]
         with torch.no_grad():   # HF hidden_states[l + 1] is block l's output (not the last block)
@@ -231,7 +234,7 @@ def _save_run(model, path, layers, lm_path):
 
 
 @pytest.mark.slow
-def test_command_line_end_to_end(gpt2, tmp_path):
+def test_command_line_end_to_end(gpt2, tmp_path, device):
     path, _, _ = gpt2
     torch.manual_seed(0)
     cc = crosscoder.CrossCoder(crosscoder.CrossCoderConfig(d_in=64, n_latents=128, k=8, n_layers=2,
@@ -239,7 +242,7 @@ def test_command_line_end_to_end(gpt2, tmp_path):
     _save_run(cc, tmp_path / "cc", [1, 2], path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "probe.py"), str(tmp_path / "cc"), "--task", "bbc_topic",
-                           "--n-train", "64", "--n-test", "32", "--device", "cpu"],
+                           "--n-train", "64", "--n-test", "32", "--device", str(device)],
                           capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "bbc_topic" in proc.stdout and "crosscoder" in proc.stdout and "raw@2" in proc.stdout
