@@ -118,6 +118,7 @@ class TrainConfig:
     out: str = "runs/latest"                # the run folder (refused if it holds another run: see --resume, --overwrite)
     cache: str | None = None                # activation cache folder (default under ~/.cache/fmxcoders/acts); "none" streams
     cache_dtype: str = "float16"            # float16 | float32: cache (and streaming buffer) storage
+    passes: int = 1                         # --cache none: passes over a finite corpus (the held-out tokens never trained on)
     cache_tokens: int | None = None         # tokens to harvest into the cache (default tokens + eval-tokens); one big cache can serve many runs
     lm_dtype: str = "float32"               # LM weights when harvesting and evaluating: float32 | bfloat16 | float16
     harvest_batch: int = 16                 # texts per LM forward pass when harvesting
@@ -168,7 +169,7 @@ CHOICES = {"dict": DICTS, "sparsity": sae_mod.SPARSITIES, "decay": ("none", "cos
            "cache_dtype": tuple(activations.DTYPES), "b_dec_init": ("median", "mean", "zero"),
            "factorization": ("cp", "tr")}
 POSITIVE = ("n_latents", "k", "tokens", "batch_size", "context", "dead_tokens", "harvest_batch", "log_every",
-            "eval_panel")
+            "eval_panel", "passes")
 NON_NEGATIVE = ("eval_tokens", "warmup_steps", "ckpt_every", "eval_every", "l1_coeff", "aux_coeff", "grad_clip")
 
 
@@ -200,6 +201,9 @@ def check_config(cfg: TrainConfig) -> None:
         fail(f"--order must be 1, 2 or 3, got {cfg.order}")
     if cfg.drop_outliers is not None and not (cfg.drop_outliers == 0 or 1 < cfg.drop_outliers < math.inf):
         fail(f"--drop-outliers must be 0 (keep all tokens) or a multiple of the median norm > 1, got {cfg.drop_outliers}")
+    if cfg.passes > 1 and cfg.cache != "none":
+        fail(f"--passes {cfg.passes} repeats a streamed corpus (--cache none); a cached run already draws "
+             f"--tokens from its cache in as many epochs as it takes")
     if cfg.cache_tokens is not None:
         if cfg.cache == "none":
             fail("--cache-tokens sizes the activation cache, but --cache none streams without one")
@@ -462,11 +466,19 @@ def open_stream(cfg: TrainConfig, layers: list[int], ranks: Ranks, device: torch
     the first eval_tokens tokens are held out, the next SAMPLE_TOKENS set the scale and b_dec (and are
     trained on), everything after goes through a shuffle buffer on `device`."""
     lm, tok = activations.load_lm(cfg.model, device=device, dtype=cfg.lm_dtype)
-    texts = itertools.islice(activations.load_texts(cfg.dataset), ranks.rank, None, ranks.world)
-    chunks = activations.harvest(lm, tok, texts, layers, cfg.context, cfg.harvest_batch, device,
-                                 cfg.drop_outliers or None, out_device=device)
     n_eval = cfg.eval_tokens
-    held, rest = split_stream(chunks, n_eval + SAMPLE_TOKENS)
+
+    def one_pass():
+        texts = itertools.islice(activations.load_texts(cfg.dataset), ranks.rank, None, ranks.world)
+        return activations.harvest(lm, tok, texts, layers, cfg.context, cfg.harvest_batch, device,
+                                   cfg.drop_outliers or None, out_device=device)
+
+    def later_passes():                        # over a finite corpus, skipping the held-out tokens each time
+        for _ in range(cfg.passes - 1):
+            yield from split_stream(one_pass(), n_eval)[1]
+
+    held, rest = split_stream(one_pass(), n_eval + SAMPLE_TOKENS)
+    rest = itertools.chain(rest, later_passes())
     sq_L = sae_mod.all_reduce(held.double().pow(2).sum(-1).mean(0), "sum") / ranks.world
     scale_L = (held.shape[-1] / sq_L).sqrt().float().cpu()          # the same on every rank
     local_batch, steps = cfg.batch_size // ranks.world, cfg.tokens // cfg.batch_size

@@ -135,3 +135,23 @@ def test_streaming_without_a_cache(gpt2_dir, tmp_path, device):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     t = summary["time"]
     assert t["loop_s"] > 0 and t["data_s"] > 0 and 0 <= t["waited_for_data_s"] <= t["loop_s"]
+
+
+def test_passes_repeat_a_finite_streamed_corpus_without_its_held_out_tokens(gpt2_dir, tmp_path):
+    """--cache none over a corpus of ~7k tokens: one pass runs out after a few steps, two passes
+    train on the same training tokens twice (the held-out ones never)."""
+    import activations
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(activations.bbc_news()[0][:20]):
+        (corpus / f"{i:02d}.txt").write_text(text)
+    runs = {}
+    for passes in (1, 2):
+        args = flags(gpt2_dir, "none", tmp_path / f"p{passes}", "--dict", "sae", "--layers", "1", "--dataset",
+                     str(corpus), "--eval-tokens", "512", "--tokens", "100000", "--passes", str(passes))
+        runs[passes] = train.train(train.parse_args(args))
+    one, two = runs[1], runs[2]
+    assert one["data_exhausted"] and two["data_exhausted"]
+    # pass 1 trains on the tokens after the 512 held out; pass 2 on the same ones again
+    assert abs(two["steps"] - 2 * one["steps"]) <= 1
