@@ -68,10 +68,10 @@ def experiments() -> dict[str, dict[str, list[str]]]:
                    "fmx_tr": TR + MASK + MULTI + full, "fmx_tr_nomask": TR + NOMASK + MULTI + full,
                    "fmx_cp": CP + MASK + MULTI + full, "fmx_cp_nomask": CP + NOMASK + MULTI + full},
         "window": {"window_crosscoder": CC + MULTI + window + full, "window_fmx_tr": TR + MASK + MULTI + window + full},
-        # dense crosscoders with as many weights as the TR (2,240,512) and CP (1,271,808) fmxcoders:
-        # 2 d L F = 9,216 F weights, so F = 243 and 138 (fmxcoder.costs gives the counts)
-        "matched": {"crosscoder_F243": CC + MULTI + full + ["--n-latents", "243"],
-                    "crosscoder_F138": CC + MULTI + full + ["--n-latents", "138"]},
+        # dense crosscoders with as many weights as the TR (2,244,608) and CP (1,262,592) fmxcoders
+        # (fmxcoder.costs): 2 d L F = 9,216 F weights, so F = 244 (2,248,704) and 137 (exactly)
+        "matched": {"crosscoder_F244": CC + MULTI + full + ["--n-latents", "244"],
+                    "crosscoder_F137": CC + MULTI + full + ["--n-latents", "137"]},
         "auxk": {f"{name}_aux{c}": flags + MULTI + tokens(10_000) + ["--aux-coeff", c]
                  for name, flags in (("crosscoder", CC), ("fmx_tr", TR + MASK)) for c in ("0", "1.0")},
         "polysae": {f"{kind}_{conv}": ["--dict", kind, "--layers", "15", "--cache", str(CACHE_L15), "--n-latents", "1024",
