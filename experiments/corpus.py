@@ -14,7 +14,7 @@ No hub dataset is reachable here, so the corpus is everything usable that pip pa
 
 The documents are shuffled together (seed 0), so every part of the activation cache, its held-out
 end included, mixes the sources. One JSON object per line, {"text": ..., "source": ...}, which
-`train.py --dataset OUT.jsonl` reads (activations.load_texts). The BBC articles are also the
+`train.py --dataset OUT.jsonl` reads (corpora.load_texts). The BBC articles are also the
 texts of the bbc_topic probe: the dictionaries are unsupervised, so the probe's labels never
 reach training, but a reader comparing with the papers (trained on web text) should know.
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import activations  # noqa: E402
+import corpora  # noqa: E402
 
 MIN_CHARS = 200          # drop stubs, redirects and one-line entries
 
@@ -66,7 +67,7 @@ def python_docs() -> list[str]:
 
 
 def main(out: str) -> None:
-    sources = {"bbc": activations.bbc_news()[0], "wikipedia": wikipedia(), "lee": lee_news(),
+    sources = {"bbc": corpora.bbc_news()[0], "wikipedia": wikipedia(), "lee": lee_news(),
                "pydoc": python_docs()}
     rows = [{"text": t, "source": name} for name, docs in sources.items() for t in docs]
     random.Random(0).shuffle(rows)

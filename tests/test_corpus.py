@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import activations
+import corpora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 corpus = pytest.importorskip("corpus")
@@ -30,5 +31,5 @@ def test_corpus_file_mixes_sources_and_loads(tmp_path):
     assert {s: sources.count(s) for s in set(sources)}["bbc"] == 2225
     assert set(sources) == {"bbc", "wikipedia", "lee", "pydoc"}
     assert set(sources[-300:]) == set(sources)                   # shuffled: the held-out end mixes them
-    texts = list(activations.load_texts(str(out)))
+    texts = list(corpora.load_texts(str(out)))
     assert texts == [r["text"] for r in rows]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import activations
+import corpora
 import sae
 import train
 
@@ -115,7 +116,7 @@ def corpus(tmp_path_factory):
     (documents 1, 3, ...) only short ones, so rank 1's stream ends long before rank 0's."""
     import activations
 
-    texts = activations.bbc_news()[0]
+    texts = corpora.bbc_news()[0]
     d = tmp_path_factory.mktemp("uneven")
     (d / "a000.txt").write_text(" ".join(texts[:80]))         # ~40k tokens for rank 0
     for i in range(1, 26):                                     # rank 1: 12 articles, ~6k tokens

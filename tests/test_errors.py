@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import activations as A
+import corpora
 import metrics
 import probe
 
@@ -249,14 +250,14 @@ def test_a_bad_local_dataset_file_is_named_before_harvesting(tmp_path, name, con
     f.write_bytes(content)
     for spec in (str(f), str(f.parent), str(f.parent / "*")):
         with pytest.raises(ValueError) as e:
-            A.load_texts(spec)                                 # at the call, not when iterated
+            corpora.load_texts(spec)                                 # at the call, not when iterated
         assert f"dataset file {str(f)!r} " in str(e.value) and words in str(e.value)
 
 
 def test_a_bad_byte_after_the_checked_head_is_named_when_read(tmp_path):
     f = tmp_path / "long.txt"
-    f.write_bytes(b"word " * (A.TEXT_CHECK_BYTES // 5 + 10) + b"\xff")
-    texts = A.load_texts(str(f))
+    f.write_bytes(b"word " * (corpora.TEXT_CHECK_BYTES // 5 + 10) + b"\xff")
+    texts = corpora.load_texts(str(f))
     with pytest.raises(ValueError, match="is not UTF-8 text"):
         next(texts)
 
@@ -264,11 +265,11 @@ def test_a_bad_byte_after_the_checked_head_is_named_when_read(tmp_path):
 def test_local_dataset_paths_that_do_not_exist(tmp_path):
     for spec in (str(tmp_path / "nope"), "./no-such-corpus", "corpus.jsonl"):
         with pytest.raises(ValueError, match=f"dataset file or folder {spec!r} does not exist"):
-            A.load_texts(spec)
+            corpora.load_texts(spec)
     with pytest.raises(ValueError, match="dataset name is empty"):
-        A.load_texts("")
+        corpora.load_texts("")
     (tmp_path / "u.txt").write_text("café", encoding="utf-8")
-    assert list(A.load_texts(str(tmp_path / "u.txt"))) == ["café"]
+    assert list(corpora.load_texts(str(tmp_path / "u.txt"))) == ["café"]
 
 
 def test_hub_errors_keep_their_cause_and_bugs_propagate(monkeypatch):
@@ -280,7 +281,7 @@ def test_hub_errors_keep_their_cause_and_bugs_propagate(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", not_found)
     with pytest.raises(ValueError) as e:
-        A.load_texts("org/gone")
+        corpora.load_texts("org/gone")
     assert str(e.value).startswith("cannot load dataset 'org/gone'") and "DatasetNotFoundError" in str(e.value)
     assert isinstance(e.value.__cause__, DatasetNotFoundError)
     with pytest.raises(probe.TaskUnavailable) as e:
@@ -292,7 +293,7 @@ def test_hub_errors_keep_their_cause_and_bugs_propagate(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", bug)
     with pytest.raises(ZeroDivisionError):
-        A.load_texts("org/any")
+        corpora.load_texts("org/any")
     with pytest.raises(ZeroDivisionError):
         probe.TASKS["ag_news"].load(40, 20, 0)
 

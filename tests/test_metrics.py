@@ -8,6 +8,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 import activations
+import corpora
 import metrics
 import sae
 from crosscoder import CrossCoder, CrossCoderConfig
@@ -253,7 +254,7 @@ def lm_windows(gpt2_dir):
     lm, tok = activations.load_lm(gpt2_dir)
     texts = ["The cat sat on the mat. " * 5, "Stocks fell sharply on Monday as investors worried.",
              "A short one."]
-    return lm, tok, activations.tokenize(tok, texts, context=32)
+    return lm, tok, corpora.tokenize(tok, texts, context=32)
 
 
 def test_next_token_ce_matches_torch_cross_entropy_on_kept_positions(lm_windows):
@@ -306,10 +307,10 @@ def test_heldout_windows_continue_the_cache_after_the_training_tokens(gpt2_dir, 
                                     n_tokens=100_000, context=32, dtype="float32")
     lm, tok = activations.load_lm(gpt2_dir)
     # naive: the windows of the whole stream, and the kept tokens each one holds
-    windows = activations.tokenize(tok, list(activations.load_texts(str(texts))), context=32)
+    windows = corpora.tokenize(tok, list(corpora.load_texts(str(texts))), context=32)
     per_window = windows["keep"].sum(1).tolist()
     for skip in (sum(per_window[:5]), sum(per_window[:5]) + 7):   # at a window boundary, and inside one
-        got = list(metrics.heldout_windows(tok, str(texts), "train", 32, skip, batch_size=2))
+        got = list(corpora.heldout_windows(tok, str(texts), "train", 32, skip, batch_size=2))
         assert torch.equal(got[0]["input_ids"], windows["input_ids"][5:7])
         assert sum(int(w["keep"].sum()) for w in got) == cache.n_tokens - skip
         h = torch.cat([activations.hidden_states(lm, w["input_ids"], w["attention_mask"], [1, 2])[w["keep"]]
@@ -321,11 +322,11 @@ def test_take_tokens_keeps_exactly_n_tokens(lm_windows):
     lm, tok, batch = lm_windows
     total = int(batch["keep"].sum())
     clone = lambda: {k: v.clone() for k, v in batch.items()}                  # noqa: E731
-    got = list(metrics.take_tokens([clone(), clone()], total + 5))
+    got = list(corpora.take_tokens([clone(), clone()], total + 5))
     assert [int(w["keep"].sum()) for w in got] == [total, 5]
     first_five = batch["keep"].flatten().nonzero()[:5, 0]
     assert got[1]["keep"].flatten().nonzero()[:, 0].tolist() == first_five.tolist()
-    assert len(list(metrics.take_tokens([clone(), clone()], total))) == 1
+    assert len(list(corpora.take_tokens([clone(), clone()], total))) == 1
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import activations
+import corpora
 import crosscoder
 import probe
 import sae
@@ -136,7 +137,7 @@ def test_bbc_topic_loads_offline_with_five_classes():
     s = probe.load_splits("bbc_topic", 4000, 1000, seed=42)
     (tr, ltr), (te, lte) = s["train"], s["test"]
     assert set(ltr) == set(lte) == set(probe.TASKS["bbc_topic"].classes)
-    texts, labels = activations.bbc_news()
+    texts, labels = corpora.bbc_news()
     assert len(tr) + len(te) == len(set(texts)) > 2000           # duplicates kept once
     assert len(set(tr)) == len(tr) and not set(tr) & set(te)
     n_business = len({t for t, l in zip(texts, labels) if l == "business"})

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import activations
+import corpora
 import sae
 import train
 
@@ -144,7 +145,7 @@ def test_passes_repeat_a_finite_streamed_corpus_without_its_held_out_tokens(gpt2
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i, text in enumerate(activations.bbc_news()[0][:20]):
+    for i, text in enumerate(corpora.bbc_news()[0][:20]):
         (corpus / f"{i:02d}.txt").write_text(text)
     runs = {}
     for passes in (1, 2):
