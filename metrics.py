@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 import activations
+import activation_cache
 from corpora import heldout_text, heldout_windows, take_tokens
 import sae as sae_mod
 
@@ -555,7 +556,7 @@ class Held:
     def __init__(self, run: dict, layers: list[int], eval_tokens: int | None, batch_size: int, device, lm_loader):
         self.batch_size, self.device = batch_size, device
         cache_path = run.get("cache")
-        self.cache = activations.ActivationCache(cache_path) if cache_path and Path(cache_path, "meta.json").exists() else None
+        self.cache = activation_cache.ActivationCache(cache_path) if cache_path and Path(cache_path, "meta.json").exists() else None
         if self.cache is not None:
             self.layers = self.cache.layers
             self.start = int(run["train_tokens"])
@@ -780,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in a.runs:                  # every run (and its cache) checked before the first is evaluated
             cache = (check_run(r, a.allow_incomplete)[0].get("run") or {}).get("cache")
             if cache and Path(cache, "meta.json").exists():
-                activations.read_meta(Path(cache))
+                activation_cache.read_meta(Path(cache))
         evals = [evaluate_run(r, device, a.eval_tokens, a.ce_tokens, a.fc_tokens, a.cooc_tokens, a.pairs,
                               a.min_fires, a.wasserstein or None, a.wasserstein_texts, a.batch_size,
                               allow_incomplete=a.allow_incomplete) for r in a.runs]

@@ -10,7 +10,7 @@ Pipeline (`train` below reads top to bottom):
   1. Check every flag (`check_config`, then the layers and dictionary configs against the model's
      config or the cache's metadata) before anything expensive; lock the --out folder (runs.py).
   2. Activations (`open_cache` / `open_stream`, the same `Data` either way):
-       cache (default)  activations.build_cache runs the LM once and keeps the residual stream after
+       cache (default)  activation_cache.build_cache runs the LM once and keeps the residual stream after
                         the chosen blocks in a float16 memmap (reused by later runs with the same
                         model, layers and data); the LM is loaded only if the cache must be built and
                         freed right after. The last --eval-tokens tokens are held out, never trained on.
@@ -76,6 +76,7 @@ import torch
 from tqdm import tqdm
 
 import activations
+import activation_cache
 import metrics
 import runs
 import sae as sae_mod
@@ -167,7 +168,7 @@ def flag(name: str) -> str:
 
 CHOICES = {"dict": DICTS, "sparsity": sae_mod.SPARSITIES, "decay": ("none", "cosine", "linear"),
            "dtype": ("float32", "bfloat16"), "lm_dtype": tuple(activations.LM_DTYPES),
-           "cache_dtype": tuple(activations.DTYPES), "b_dec_init": ("median", "mean", "zero"),
+           "cache_dtype": tuple(activation_cache.DTYPES), "b_dec_init": ("median", "mean", "zero"),
            "factorization": ("cp", "tr")}
 POSITIVE = ("n_latents", "k", "tokens", "batch_size", "context", "dead_tokens", "harvest_batch", "log_every",
             "eval_panel", "passes")
@@ -249,7 +250,7 @@ def resolve_device(name: str) -> torch.device:
 def cache_path(cfg: TrainConfig, multi: bool) -> Path | None:
     if cfg.cache == "none":
         return None
-    return Path(cfg.cache) if cfg.cache else activations.default_cache_path(
+    return Path(cfg.cache) if cfg.cache else activation_cache.default_cache_path(
         cfg.model, cfg.layers, multi, cfg.dataset, "train", cfg.context, cfg.cache_dtype, cfg.drop_outliers or None,
         cfg.lm_dtype)
 
@@ -259,7 +260,7 @@ def model_shape(cfg: TrainConfig, multi: bool) -> tuple[int, int]:
     checks --context against the model's maximum positions."""
     path = cache_path(cfg, multi)
     if path is not None and (path / "meta.json").exists():
-        meta = activations.read_meta(path)            # a damaged cache fails here, naming the folder
+        meta = activation_cache.read_meta(path)            # a damaged cache fails here, naming the folder
         return meta["d"], meta["n_blocks"]
     config = activations.lm_config(cfg.model)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -423,10 +424,10 @@ def open_cache(cfg: TrainConfig, layers: list[int], multi: bool, ranks: Ranks, d
                  context=cfg.context, batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype,
                  drop_outliers=cfg.drop_outliers or None, multi=multi)
     if ranks.main:
-        cache = activations.build_cache(path, **build)
+        cache = activation_cache.build_cache(path, **build)
     ranks.barrier()
     if not ranks.main:
-        cache = activations.build_cache(path, **build)    # complete now: opened, never harvested again
+        cache = activation_cache.build_cache(path, **build)    # complete now: opened, never harvested again
     n_eval, B = cfg.eval_tokens, cfg.batch_size
     n_train = cache.n_tokens - n_eval
     if n_train < B:

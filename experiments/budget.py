@@ -109,12 +109,12 @@ def prepare(stage: str) -> None:
     """The caches an experiment reads (each built once; the corpus first)."""
     if not CORPUS.exists():
         subprocess.check_call([sys.executable, str(ROOT / "experiments" / "corpus.py"), str(CORPUS)], cwd=ROOT)
-    import activations
+    import activation_cache
     common = dict(dataset=str(CORPUS), n_tokens=2_000_000, context=128, batch_size=16, dtype="float16",
                   drop_outliers=10.0, multi=True, lm_dtype="bfloat16")
-    activations.build_cache(CACHE, "smollm2-135m", layers="11-18", **common)
+    activation_cache.build_cache(CACHE, "smollm2-135m", layers="11-18", **common)
     if stage == "window":
-        activations.build_cache(CACHE_WINDOW, "smollm2-135m", layers="4,7,10,13,16,19,22,25", **common)
+        activation_cache.build_cache(CACHE_WINDOW, "smollm2-135m", layers="4,7,10,13,16,19,22,25", **common)
     if stage == "polysae":
         subprocess.check_call([sys.executable, str(ROOT / "experiments" / "slice_cache.py"), str(CACHE),
                                str(CACHE_L15), "15"], cwd=ROOT)

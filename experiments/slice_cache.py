@@ -2,7 +2,7 @@
 
     python experiments/slice_cache.py SRC_CACHE DST_CACHE LAYER
 
-activations.ActivationCache stores shards of shape (n, L, d) plus meta.json; the copy keeps the
+activation_cache.ActivationCache stores shards of shape (n, L, d) plus meta.json; the copy keeps the
 same tokens in the same order (so the held-out region and the outlier-dropping decision, made on
 all L layers at harvest time, are the source's), the layer's own scale s_l, and writes shards of
 shape (n, 1, d). train.py then accepts it for `--layers LAYER` exactly like a fresh harvest.
@@ -14,15 +14,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import activations  # noqa: E402
+import activation_cache  # noqa: E402
 
 
 def slice_cache(src, dst, layer: int) -> Path:
     src, dst = Path(src), Path(dst)
-    cache = activations.ActivationCache(src)
+    cache = activation_cache.ActivationCache(src)
     if layer not in cache.layers:
         raise ValueError(f"layer {layer} is not in the cache {str(src)!r}, which holds layers {cache.layers}")
     if (dst / "meta.json").exists():
-        meta = activations.read_meta(dst)
+        meta = activation_cache.read_meta(dst)
         if meta.get("sliced_from") == str(src) and meta["n_tokens"] == cache.n_tokens and meta["layers"] == [layer]:
             print(f"{dst} already holds layer {layer} of {src}")
             return dst
@@ -37,7 +38,7 @@ def slice_cache(src, dst, layer: int) -> Path:
         shards.append([name, n])
     meta = dict(cache.meta, layers=[layer], hooks=[cache.meta["hooks"][i]], scale=[cache.meta["scale"][i]],
                 shards=shards, shard_tokens=cache.shard_tokens, sliced_from=str(src))
-    activations.write_meta(dst, meta)                 # a fresh checksum (meta_sha256) for the sliced metadata
+    activation_cache.write_meta(dst, meta)                 # a fresh checksum (meta_sha256) for the sliced metadata
     print(f"wrote layer {layer} of {src} ({cache.n_tokens:,} tokens) to {dst}")
     return dst
 

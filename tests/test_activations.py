@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import activations as A  # noqa: E402
+import activation_cache  # noqa: E402
 import corpora
 
 EOT = 50256  # GPT-2's <|endoftext|>
@@ -297,17 +298,17 @@ def test_unknown_dataset_error(offline_hub, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_cache_round_trip(gpt2_dir, gpt2, texts, tmp_path, monkeypatch, dtype):
     model, tok = gpt2
-    monkeypatch.setattr(A, "SHARD_BYTES", 2 * 64 * 2 * 300)        # ~300 tokens per float16 shard
+    monkeypatch.setattr(activation_cache, "SHARD_BYTES", 2 * 64 * 2 * 300)        # ~300 tokens per float16 shard
     path, name = tmp_path / "cache", str(gpt2_dir)
-    cache = A.build_cache(path, name, "1,3", n_tokens=1000, context=32, batch_size=4, dtype=dtype,
+    cache = activation_cache.build_cache(path, name, "1,3", n_tokens=1000, context=32, batch_size=4, dtype=dtype,
                           model=model, tokenizer=tok)
     want = torch.cat(list(A.harvest(model, tok, corpora.load_texts(), [1, 3], context=32, batch_size=4, max_tokens=1000)))
     assert len(cache.meta["shards"]) > 1
     m = json.loads((path / "meta.json").read_text())
     assert m["model"] == name and m["layers"] == [1, 3] and m["hooks"] == ["transformer.h.1", "transformer.h.3"]
-    assert (m["d"], m["dtype"], m["n_tokens"], m["context"], m["version"]) == (64, dtype, 1000, 32, A.VERSION)
+    assert (m["d"], m["dtype"], m["n_tokens"], m["context"], m["version"]) == (64, dtype, 1000, 32, activation_cache.VERSION)
     assert m["tokens_per_s"] > 0 and m["scale_tokens"] == 1000
-    reopened = A.ActivationCache(path)
+    reopened = activation_cache.ActivationCache(path)
     raw = reopened.read(0, 1000)
     rounded = want.to(getattr(torch, dtype)).float()             # the cache's rounding, done by torch
     assert torch.equal(raw, rounded)
@@ -319,14 +320,14 @@ def test_cache_round_trip(gpt2_dir, gpt2, texts, tmp_path, monkeypatch, dtype):
 
     # a second call reuses the cache: it never loads a model
     monkeypatch.setattr(A, "load_lm", lambda *a, **k: pytest.fail("should reuse the cache"))
-    again = A.build_cache(path, name, [1, 3], n_tokens=600, context=32, dtype=dtype)
+    again = activation_cache.build_cache(path, name, [1, 3], n_tokens=600, context=32, dtype=dtype)
     assert again.n_tokens == 600 and torch.equal(again.read(0, 600), raw[:600])
     with pytest.raises(ValueError, match=r"holds model .* layers \[1, 3\], but model .* layers \[0, 3\]"):
-        A.build_cache(path, name, "0,3", n_tokens=600, context=32, dtype=dtype)
+        activation_cache.build_cache(path, name, "0,3", n_tokens=600, context=32, dtype=dtype)
     with pytest.raises(ValueError, match=r"holds model .*gpt2.* but model 'other-model'"):
-        A.build_cache(path, "other-model", "1,3", n_tokens=600, context=32, dtype=dtype)
+        activation_cache.build_cache(path, "other-model", "1,3", n_tokens=600, context=32, dtype=dtype)
     with pytest.raises(ValueError, match="context"):
-        A.build_cache(path, name, "1,3", n_tokens=600, context=64, dtype=dtype)
+        activation_cache.build_cache(path, name, "1,3", n_tokens=600, context=64, dtype=dtype)
     with pytest.raises(ValueError, match="holds model"):
         reopened.check("other-model", [1, 3])
     reopened.check(name, [1, 3])
@@ -337,29 +338,29 @@ def test_cache_with_bfloat16_lm(gpt2_dir, gpt2, tmp_path, monkeypatch):
     rather than silently mixing the two; a cache written before lm_dtype existed counts as float32."""
     model, tok = gpt2
     path, name = tmp_path / "bf16", str(gpt2_dir)
-    cache = A.build_cache(path, name, "1,3", n_tokens=400, context=32, batch_size=4, lm_dtype="bfloat16")
+    cache = activation_cache.build_cache(path, name, "1,3", n_tokens=400, context=32, batch_size=4, lm_dtype="bfloat16")
     assert cache.meta["lm_dtype"] == "bfloat16"
     want = torch.cat(list(A.harvest(model, tok, corpora.load_texts(), [1, 3], context=32, batch_size=4, max_tokens=400)))
     got = cache.read(0, 400)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cos.min() > 0.99 and not torch.equal(got, want.half().float())   # close, but really bf16
     with pytest.raises(ValueError, match="lm_dtype.*'bfloat16', 'float32'"):
-        A.build_cache(path, name, "1,3", n_tokens=400, context=32)
+        activation_cache.build_cache(path, name, "1,3", n_tokens=400, context=32)
     with pytest.raises(ValueError, match="lm_dtype must be one of .* got 'int8'"):
-        A.build_cache(tmp_path / "x", name, "1,3", n_tokens=400, lm_dtype="int8")
+        activation_cache.build_cache(tmp_path / "x", name, "1,3", n_tokens=400, lm_dtype="int8")
     with pytest.raises(ValueError, match="LM dtype must be one of .* got 'fp8'"):
         A.load_lm(name, dtype="fp8")
-    old = A.build_cache(tmp_path / "old", name, "1", n_tokens=100, context=32, model=model, tokenizer=tok)
+    old = activation_cache.build_cache(tmp_path / "old", name, "1", n_tokens=100, context=32, model=model, tokenizer=tok)
     meta = json.loads((old.path / "meta.json").read_text())
     del meta["lm_dtype"], meta["meta_sha256"]                    # as written before either existed
     (old.path / "meta.json").write_text(json.dumps(meta))
     monkeypatch.setattr(A, "load_lm", lambda *a, **k: pytest.fail("should reuse the cache"))
-    assert A.build_cache(old.path, name, "1", n_tokens=100, context=32).n_tokens == 100
+    assert activation_cache.build_cache(old.path, name, "1", n_tokens=100, context=32).n_tokens == 100
 
 
 def test_cache_batches(gpt2_dir, gpt2, tmp_path):
     model, tok = gpt2
-    cache = A.build_cache(tmp_path / "c", str(gpt2_dir), "2", n_tokens=500, context=32, batch_size=4,
+    cache = activation_cache.build_cache(tmp_path / "c", str(gpt2_dir), "2", n_tokens=500, context=32, batch_size=4,
                           multi=False, model=model, tokenizer=tok)
     raw = cache.read(0, 500)
     batches = list(cache.batches(64, start_token=100, stop_token=450, seed=3, scaled=False))
@@ -387,7 +388,7 @@ def test_cache_exhausted_corpus(gpt2_dir, gpt2, tmp_path):
     model, tok = gpt2
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "one.txt").write_text("The cat sat on the mat. " * 20)
-    cache = A.build_cache(tmp_path / "c", str(gpt2_dir), "0", dataset=str(tmp_path / "docs"), n_tokens=10_000,
+    cache = activation_cache.build_cache(tmp_path / "c", str(gpt2_dir), "0", dataset=str(tmp_path / "docs"), n_tokens=10_000,
                           context=32, model=model, tokenizer=tok, multi=False)
     n_text = len(tok.encode("The cat sat on the mat. " * 20))
     assert cache.n_tokens == n_text and cache.meta["exhausted"]

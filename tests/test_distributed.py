@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import activations
+import activation_cache
 import corpora
 import sae
 import train
@@ -23,7 +24,7 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     gpt2 = activations.tiny_gpt2(base / "gpt2")
     cache = base / "acts"
-    activations.build_cache(cache, str(gpt2), [0, 1, 2], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
+    activation_cache.build_cache(cache, str(gpt2), [0, 1, 2], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
     return str(gpt2), str(cache)
 
 

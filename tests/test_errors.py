@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import activations as A
+import activation_cache
 import corpora
 import metrics
 import probe
@@ -183,8 +184,8 @@ def lm(gpt2_dir):
 @pytest.fixture
 def cache(gpt2_dir, lm, tmp_path, monkeypatch):
     """A 3-shard cache (120 tokens per shard) of layers 1 and 2."""
-    monkeypatch.setattr(A, "SHARD_BYTES", 120 * 2 * 64 * 2)
-    return A.build_cache(tmp_path / "cache", gpt2_dir, "1,2", n_tokens=300, context=32, model=lm[0],
+    monkeypatch.setattr(activation_cache, "SHARD_BYTES", 120 * 2 * 64 * 2)
+    return activation_cache.build_cache(tmp_path / "cache", gpt2_dir, "1,2", n_tokens=300, context=32, model=lm[0],
                          tokenizer=lm[1]).path
 
 
@@ -210,13 +211,13 @@ CACHE_DAMAGE = {
 
 @pytest.mark.parametrize("damage", CACHE_DAMAGE)
 def test_a_damaged_cache_names_its_folder_and_the_fix(cache, gpt2_dir, monkeypatch, damage):
-    A.ActivationCache(cache).read(0, 300)                       # intact: opens and reads
+    activation_cache.ActivationCache(cache).read(0, 300)                       # intact: opens and reads
     change, words = CACHE_DAMAGE[damage]
     change(cache)
     before = snapshot(cache)
     monkeypatch.setattr(A, "load_lm", lambda *a, **k: pytest.fail("must not harvest over a damaged cache"))
-    for open_it in (lambda: A.ActivationCache(cache),
-                    lambda: A.build_cache(cache, gpt2_dir, "1,2", n_tokens=300, context=32)):
+    for open_it in (lambda: activation_cache.ActivationCache(cache),
+                    lambda: activation_cache.build_cache(cache, gpt2_dir, "1,2", n_tokens=300, context=32)):
         with pytest.raises(ValueError) as e:
             open_it()
         msg = str(e.value)
@@ -227,14 +228,14 @@ def test_a_damaged_cache_names_its_folder_and_the_fix(cache, gpt2_dir, monkeypat
 
 def test_an_old_cache_without_checksum_opens_and_a_slice_gets_its_own(cache, tmp_path):
     edit_json(cache / "meta.json", lambda m: m.pop("meta_sha256"))
-    assert A.ActivationCache(cache).n_tokens == 300
+    assert activation_cache.ActivationCache(cache).n_tokens == 300
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
     from slice_cache import slice_cache
 
-    sliced = A.ActivationCache(slice_cache(cache, tmp_path / "slice", 2))
-    assert sliced.meta["meta_sha256"] == A.meta_checksum(sliced.meta)
-    assert (sliced.read(0, 300) == A.ActivationCache(cache).read(0, 300)[:, 1:]).all()
+    sliced = activation_cache.ActivationCache(slice_cache(cache, tmp_path / "slice", 2))
+    assert sliced.meta["meta_sha256"] == activation_cache.meta_checksum(sliced.meta)
+    assert (sliced.read(0, 300) == activation_cache.ActivationCache(cache).read(0, 300)[:, 1:]).all()
 
 
 @pytest.mark.parametrize("name,content,words", [

@@ -8,6 +8,7 @@ import torch
 from scipy.stats import wasserstein_distance
 
 import activations
+import activation_cache
 import corpora
 import metrics
 import sae
@@ -303,7 +304,7 @@ def test_heldout_windows_continue_the_cache_after_the_training_tokens(gpt2_dir, 
     texts.mkdir()
     for i in range(6):
         (texts / f"{i}.txt").write_text(f"Document {i}. " + "Some words that follow, and more of them. " * (5 + 3 * i))
-    cache = activations.build_cache(tmp_path / "acts", gpt2_dir, layers=[1, 2], dataset=str(texts),
+    cache = activation_cache.build_cache(tmp_path / "acts", gpt2_dir, layers=[1, 2], dataset=str(texts),
                                     n_tokens=100_000, context=32, dtype="float32")
     lm, tok = activations.load_lm(gpt2_dir)
     # naive: the windows of the whole stream, and the kept tokens each one holds

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import activations
+import activation_cache
 import runs
 import sae
 import train
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, gpt2_dir):
     path = tmp_path_factory.mktemp("acts") / "c"
-    activations.build_cache(path, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
+    activation_cache.build_cache(path, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
     return str(path)
 
 
@@ -174,8 +175,8 @@ def test_kill_9_then_resume_is_bit_identical(gpt2_dir, cache_dir, tmp_path):
     (["--cache-dtype", "int8"], "--cache-dtype must be one of float16, float32, got 'int8'"),
 ])
 def test_bad_flags_fail_before_any_work(gpt2_dir, tmp_path, capsys, monkeypatch, extra, message):
-    for name in ("load_lm", "build_cache", "harvest"):
-        monkeypatch.setattr(activations, name, lambda *a, **k: pytest.fail("expensive work before the check"))
+    for module, name in ((activations, "load_lm"), (activations, "harvest"), (activation_cache, "build_cache")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("expensive work before the check"))
     out = tmp_path / "never"
     last = error_of(capsys, train.main(flags(gpt2_dir, str(tmp_path / "no-cache"), out, *extra)))
     assert last.startswith("error: ") and message in last

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import activations
+import activation_cache
 import corpora
 import sae
 import train
@@ -38,7 +39,7 @@ def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_
                                                  "--device", str(device))))
     assert summary["complete"] and summary["steps"] == 3072 // 128
     entries = sae.load_run(out)
-    cache = activations.ActivationCache(cache_dir)
+    cache = activation_cache.ActivationCache(cache_dir)
     n_train = summary["eval"] and cache.n_tokens - entries[0][2]["run"]["eval_tokens"]
     x = cache.read(n_train, cache.n_tokens) * cache.scale[:, None]
     expected_layers = [[0], [1], [2], [3]] if kind in ("sae", "polysae") else [[0, 1, 2, 3]]
@@ -103,7 +104,7 @@ def test_unwritable_out_and_cache_mismatch(gpt2_dir, cache_dir, tmp_path, capsys
     assert train.main(flags(gpt2_dir, cache_dir, blocker / "sub")) == 2
     assert "not writable" in capsys.readouterr().err
     # a cache made for layers 0-3 of the tiny GPT-2 cannot serve layers 1,2
-    activations.build_cache(cache_dir, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
+    activation_cache.build_cache(cache_dir, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
     assert train.main(flags(gpt2_dir, cache_dir, tmp_path / "o", "--layers", "1,2")) == 2
     assert "layers" in capsys.readouterr().err
 
@@ -115,7 +116,7 @@ def test_cache_tokens_one_big_cache_for_several_runs(gpt2_dir, tmp_path, capsys)
     args = flags(gpt2_dir, cache, tmp_path / "a", "--dict", "sae", "--layers", "1", "--cache-tokens", "12000",
                  "--lm-dtype", "bfloat16")
     train.train(train.parse_args(args))
-    assert activations.ActivationCache(cache).n_tokens == 12000
+    assert activation_cache.ActivationCache(cache).n_tokens == 12000
     [(_, _, meta)] = sae.load_run(tmp_path / "a")
     assert meta["run"]["train_tokens"] == 12000 - 1024 and meta["run"]["lm_dtype"] == "bfloat16"
     assert train.main(flags(gpt2_dir, "none", tmp_path / "b", "--cache-tokens", "6000")) == 2
@@ -141,8 +142,6 @@ def test_streaming_without_a_cache(gpt2_dir, tmp_path, device):
 def test_passes_repeat_a_finite_streamed_corpus_without_its_held_out_tokens(gpt2_dir, tmp_path):
     """--cache none over a corpus of ~7k tokens: one pass runs out after a few steps, two passes
     train on the same training tokens twice (the held-out ones never)."""
-    import activations
-
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, text in enumerate(corpora.bbc_news()[0][:20]):
