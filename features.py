@@ -33,7 +33,14 @@ For every latent i of a dictionary, with z_i(t) its activation at token t (encod
              `inter_latents` most frequent ones (both i and j; the others have none)
 
 Shapes: a batch is B windows of T tokens; z: (B, T, F); the kept examples (F, K, W) with W = left + 1 + right.
-Token ids are stored once per snippet; `vocab` maps them to strings; -1 marks positions outside the window.
+
+features.json: {"run", "model", "text", "tokens" (read), "windows", "settings", "hist_edges", "vocab" {id: string},
+"special_ids", "pool": {"tokens" [P][W], "window" [P], "center" [P]}, "dictionaries": [{"name", "kind", "layers",
+"n_latents", "alive", "fc_tokens", "latents": [{"id", "fires", "density", "max_act", "mean_act", "promoted" and
+"suppressed" [[token id, logit]], and when it fired "hist", "top" and per band "quantiles"[b]["examples"]: examples
+{"act" (window max), "window", "peak" (index in the snippet), "tokens" [W] ids, "acts" [W]}, "pool_fires"; for
+crosscoders "layer_delta", "fc", "decoder_norms"; for PolySAE "partners" [[j, weight]]}]}]}. Ids are −1 at
+positions outside the window; acts are in the dictionary's normalised input units (activations.py).
 """
 from __future__ import annotations
 
@@ -243,12 +250,14 @@ def final_norm(lm):
 
 
 @torch.no_grad()
-def token_logits(lm, dirs_FD: Tensor, n: int, chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def token_logits(lm, dirs_FD: Tensor, n: int, chunk: int = 256, progress: bool = False) -> tuple[Tensor, ...]:
     """(top values, top ids, bottom values, bottom ids), each (F, n): the logits (norm(d) − norm(0)) W_Uᵀ
     of the directions d (raw residual units) through the LM's final norm and unembedding."""
+    from tqdm import tqdm
+
     norm, W_VD = final_norm(lm), lm.get_output_embeddings().weight
     out = []
-    for lo in range(0, len(dirs_FD), chunk):
+    for lo in tqdm(range(0, len(dirs_FD), chunk), desc="logit lens", disable=not progress, dynamic_ncols=True):
         d = dirs_FD[lo:lo + chunk].to(W_VD.device, W_VD.dtype)
         u = norm(d) - norm(torch.zeros_like(d)) if norm is not None else d
         logits = (u @ W_VD.T).float()
@@ -382,7 +391,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
         extra = per_layer(tr, model, s) if multi else {}
         if hasattr(model, "interaction_matrix"):
             extra["partners"] = partners(model, tr.fires.cpu(), s.inter_latents, s.partners)
-        logits = token_logits(lm, last_layer_directions(model), s.logits)
+        logits = token_logits(lm, last_layer_directions(model), s.logits, progress=progress)
         lat = latent_records(tr, s, pool["tokens"], logits, extra)
         dicts.append({"name": f"layers {layers[0]}-{layers[-1]}" if multi else f"layer {layers[0]}",
                       "kind": meta["class"].split(".")[0], "class": meta["class"], "layers": layers,
