@@ -138,7 +138,6 @@ class Tracker:
         self.total = torch.zeros(F, dtype=torch.float64, device=device)
         self.hist = torch.zeros(F, s.bins, dtype=torch.long, device=device)
         self.inner_edges = torch.logspace(math.log10(HIST_LO), math.log10(HIST_HI), s.bins + 1, device=device)[1:-1]
-        self.pool_max = torch.zeros(0, F, device=device)                         # (P, F)
         self.dsum, self.dfires = None, None                                      # per-layer profile sums
 
     @torch.no_grad()
@@ -187,17 +186,18 @@ def dictionary_input(x_NLD: Tensor, cols: list[int], model) -> Tensor:
 def stream(entries, lm, tok, windows, n_tokens: int, s: Settings, drop_outliers: float | None,
            device, progress: bool = True) -> tuple[list[Tracker], dict]:
     """One pass over `windows` (collated dicts, metrics.heldout_windows): a Tracker per dictionary and
-    the shared pool of random snippets {"ids": (P, W), "window": (P,), "center": (P,)}."""
+    the shared pool of random snippets {"ids": (P, W), "window": (P,), "center": (P,), "max<i>": (P, F_i)}."""
     from tqdm import tqdm
 
     layers = sorted({l for ls, _, _ in entries for l in ls})
     cols = [[layers.index(l) for l in ls] for ls, _, _ in entries]
     trackers = [Tracker(m.config.n_latents, s, device) for _, m, _ in entries]
     gen = torch.Generator(device=device).manual_seed(s.seed)
-    pool_key = torch.full((0,), -math.inf, device=device)
-    pool_ids = torch.zeros(0, s.left + 1 + s.right, dtype=torch.long, device=device)
-    pool_window = torch.zeros(0, dtype=torch.long, device=device)
-    pool_center = torch.zeros(0, dtype=torch.long, device=device)
+    # the pool: a uniform sample of windows (smallest iid keys), one snippet each, with every latent's max on it
+    pool = Best(1, s.pool, {"ids": ((s.left + 1 + s.right,), torch.long), "window": ((), torch.long),
+                            "center": ((), torch.long),
+                            **{f"max{i}": ((m.config.n_latents,), torch.float32) for i, (_, m, _) in enumerate(entries)}},
+                device)
     n_windows, n_seen = 0, 0
     bar = tqdm(total=n_tokens, desc="features", unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress)
     for batch in metrics.take_tokens(windows, n_tokens):
@@ -209,31 +209,29 @@ def stream(entries, lm, tok, windows, n_tokens: int, s: Settings, drop_outliers:
         x_NLD = h_BTLD[valid_BT].float()
         B, T = valid_BT.shape
         window_B = torch.arange(n_windows, n_windows + B, device=device)[None]
-        # the pool's candidates: one snippet per window, centred on a random valid token
-        center_B = (torch.rand(B, T, generator=gen, device=device) * valid_BT).argmax(1)
+        center_B = (torch.rand(B, T, generator=gen, device=device) * valid_BT).argmax(1)  # a random valid token
         key_B = torch.rand(B, generator=gen, device=device).masked_fill(~valid_BT.any(1), -math.inf)
-        pool_key, idx_P = torch.cat([pool_key, key_B]).topk(min(s.pool, len(pool_key) + B))
-        for (ls, model, _), c, tr in zip(entries, cols, trackers):
+        cand = {"window": window_B, "center": center_B[None]}
+        for i, ((ls, model, _), c, tr) in enumerate(zip(entries, cols, trackers)):
             z_NF = model.encode(dictionary_input(x_NLD, c, model)).float()
             z_BTF = z_NF.new_zeros(B, T, z_NF.shape[1])
             z_BTF[valid_BT] = z_NF
             tr.update(z_BTF, ids_BT, window_B, gen)
-            cand, cand_ids = snippets(z_BTF, ids_BT, center_B[None].expand(z_NF.shape[1], -1), s.left, s.right)
-            tr.pool_max = torch.cat([tr.pool_max, cand.amax(2).T])[idx_P]
+            acts_FBW, ids_FBW = snippets(z_BTF, ids_BT, center_B[None].expand(z_NF.shape[1], -1), s.left, s.right)
+            cand |= {f"max{i}": acts_FBW.amax(2).T[None], "ids": ids_FBW[:1]}
             if hasattr(model.config, "n_layers") and n_seen < s.fc_tokens:
                 d_FL, f_F = metrics.layer_deltas(model, dictionary_input(x_NLD[:s.fc_tokens - n_seen], c, model))
                 tr.dsum, tr.dfires = (d_FL, f_F) if tr.dsum is None else (tr.dsum + d_FL, tr.dfires + f_F)
-        pool_ids = torch.cat([pool_ids, cand_ids[0]])[idx_P]
-        pool_window = torch.cat([pool_window, window_B[0]])[idx_P]
-        pool_center = torch.cat([pool_center, center_B])[idx_P]
+        pool.offer(key_B[None], **cand)
         n_windows += B
         n_seen += len(x_NLD)
         bar.update(len(x_NLD))
     bar.close()
     if n_seen == 0:
         raise ValueError("no held-out tokens to read (the run's text stream ends at its training tokens)")
-    return trackers, {"ids": pool_ids, "window": pool_window, "center": pool_center, "tokens": n_seen,
-                      "windows": n_windows}
+    kept = pool.key[0] > -math.inf
+    out = {k: v[0][kept] for k, v in pool.data.items()}
+    return trackers, {**out, "tokens": n_seen, "windows": n_windows}
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,9 +314,9 @@ def quantile_bands(sample: list[dict], bands: int, per_band: int, top_windows: s
     return out
 
 
-def latent_records(tr: Tracker, s: Settings, n_tokens: int, logits, extra: dict) -> list[dict]:
+def latent_records(tr: Tracker, s: Settings, n_tokens: int, pool_max_PF: Tensor, logits, extra: dict) -> list[dict]:
     fires, hist = tr.fires.cpu(), tr.hist.cpu()
-    total, fired_pool = tr.total.cpu(), (tr.pool_max > 0).cpu()
+    total, fired_pool = tr.total.cpu(), (pool_max_PF > 0).cpu()
     tr.top.cpu(), tr.sample.cpu()
     tv, ti, bv, bi = logits
     out = []
@@ -386,13 +384,13 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
     windows = metrics.heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip, lm_batch)
     trackers, pool = stream(entries, lm, tok, windows, n_tokens, s, run.get("drop_outliers"), device, progress)
     dicts = []
-    for (layers, model, meta), tr in zip(entries, trackers):
+    for i, ((layers, model, meta), tr) in enumerate(zip(entries, trackers)):
         multi = hasattr(model.config, "n_layers")
         extra = per_layer(tr, model, s) if multi else {}
         if hasattr(model, "interaction_matrix"):
             extra["partners"] = partners(model, tr.fires.cpu(), s.inter_latents, s.partners)
         logits = token_logits(lm, last_layer_directions(model), s.logits, progress=progress)
-        lat = latent_records(tr, s, pool["tokens"], logits, extra)
+        lat = latent_records(tr, s, pool["tokens"], pool[f"max{i}"], logits, extra)
         dicts.append({"name": f"layers {layers[0]}-{layers[-1]}" if multi else f"layer {layers[0]}",
                       "kind": meta["class"].split(".")[0], "class": meta["class"], "layers": layers,
                       "n_latents": len(lat), "alive": sum(r["fires"] > 0 for r in lat),

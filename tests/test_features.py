@@ -22,28 +22,28 @@ import train
 KINDS = {"sae": [], "crosscoder": [], "fmxcoder": ["--rank", "16"], "polysae": ["--ranks", "32,8,8"]}
 FLAGS = ["--tokens", "1536", "--eval-tokens", "512", "--batch-size", "128", "--n-latents", "64", "--k", "4",
          "--context", "32", "--layers", "0-2", "--dead-tokens", "1000", "--ckpt-every", "0", "--lr", "3e-3",
-         "--drop-outliers", "0", "--device", "cpu"]
+         "--drop-outliers", "0"]
 SETTINGS = dict(top=6, samples=8, bands=2, per_band=2, left=4, right=2, pool=24, bins=20, fc_tokens=400,
                 min_fires=3, logits=5, partners=3, inter_latents=64)
 N_TOKENS = 800
 
 
 @pytest.fixture(scope="module")
-def runs(gpt2_dir, tmp_path_factory):
+def runs(gpt2_dir, tmp_path_factory, device):
     root = tmp_path_factory.mktemp("feature-runs")
     for kind, extra in KINDS.items():
         train.train(train.parse_args(["--model", gpt2_dir, "--cache", str(root / "acts"), "--out", str(root / kind),
-                                      "--dict", kind, *FLAGS, *extra]))
+                                      "--dict", kind, "--device", str(device), *FLAGS, *extra]))
     return {kind: root / kind for kind in KINDS}
 
 
 @pytest.fixture(scope="module")
-def feats(runs):
-    """features.json of every run, written by the command line."""
+def feats(runs, device):
+    """features.json of every run, written by the command line (on the --device of pytest)."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
     out = {}
     for kind, run in runs.items():
-        assert features.main([str(run), "--tokens", str(N_TOKENS), "--quiet", *flags]) == 0
+        assert features.main([str(run), "--tokens", str(N_TOKENS), "--device", str(device), "--quiet", *flags]) == 0
         out[kind] = json.loads((run / "features.json").read_text())
     return out
 
