@@ -60,7 +60,11 @@ tr.sel{background:#dcebff}
 .chip{display:inline-block;font-family:monospace;background:#eef;margin:1px;padding:0 3px;border-radius:3px}
 .neg{background:#fee}
 .muted{color:#888}
-h3{margin:12px 0 4px}
+h3{margin:10px 0 4px;font-size:14px}
+h2{margin:4px 0}
+.row{display:flex;gap:16px}
+.col{flex:1;min-width:0}
+.col.wide{flex:2}
 svg text{font-size:10px;fill:#555}
 """
 
@@ -134,14 +138,14 @@ function renderList() {
 }
 function bars(values, labels, w, h, color) {
   const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
-  svg.setAttribute('width', w); svg.setAttribute('height', h + 14);
+  svg.setAttribute('viewBox', `0 0 ${w} ${h + 14}`); svg.setAttribute('style', `width:100%;max-width:${w}px`);
   const max = Math.max(...values, 1e-12), bw = w / values.length;
   values.forEach((v, i) => {
     const r = document.createElementNS(svg.namespaceURI, 'rect'), bh = h * v / max;
     for (const [k, x] of Object.entries({x: i * bw + 1, y: h - bh, width: Math.max(bw - 2, 1), height: bh, fill: color})) r.setAttribute(k, x);
     const t = document.createElementNS(svg.namespaceURI, 'title'); t.textContent = `${labels[i]}: ${fmt(v)}`; r.append(t);
     svg.append(r);
-    if ((labels.length <= 16 || i % Math.ceil(labels.length / 8) === 0) && i * bw < w - 24) {
+    if ((labels.length <= 10 || i % Math.ceil(labels.length / 5) === 0) && i * bw < w - 24) {
       const tx = document.createElementNS(svg.namespaceURI, 'text');
       tx.setAttribute('x', i * bw + 1); tx.setAttribute('y', h + 12); tx.textContent = labels[i]; svg.append(tx);
     }
@@ -162,27 +166,29 @@ function chips(list, cls) { return el('div', {}, ...list.map(([id, v]) => el('sp
 function show(id) {
   selected = id;
   const d = dict(), r = d.latents[id], j = judged(id), c = $('card');
-  c.replaceChildren(el('h2', {text: `latent ${id}`}), el('div', {class: 'muted', text: `${d.name} · ${d.kind}`}));
-  c.append(el('p', {text: `density ${fmt(r.density)} (${r.fires} of ${F.tokens} tokens) · max ${fmt(r.max_act)} · mean ${fmt(r.mean_act)}` + (r.fc !== undefined ? ` · FC ${fmt(r.fc)}` : '')}));
+  const ctx = el('div', {class: 'col wide'}), side = el('div', {class: 'col'});
+  c.replaceChildren(el('h2', {text: `latent ${id}`}), el('div', {class: 'muted', text: `${d.name} · ${d.kind}`}),
+    el('p', {text: `density ${fmt(r.density)} (${r.fires} of ${F.tokens} tokens) · max ${fmt(r.max_act)} · mean ${fmt(r.mean_act)}` + (r.fc !== undefined ? ` · FC ${fmt(r.fc)}` : '')}));
   if (j) c.append(el('p', {}, el('b', {text: 'judge: '}), `“${j.explanation}” · detection accuracy ${fmt(j.accuracy)}, F1 ${fmt(j.f1)}`));
+  c.append(el('div', {class: 'row'}, ctx, side));
+  if (!r.fires) ctx.append(el('p', {class: 'muted', text: 'this latent never fired on the held-out tokens read'}));
+  if (r.top) ctx.append(el('h3', {text: `top ${r.top.length} contexts`}), ...r.top.map(e => example(e, r.max_act)));
+  for (const b of r.quantiles || []) if (b.examples.length)
+    ctx.append(el('h3', {text: `quantile band ${b.band} of ${b.of} (window max ${fmt(b.range[0])}–${fmt(b.range[1])})`}), ...b.examples.map(e => example(e, r.max_act)));
   const L = d.layers.map(String);
-  if (r.layer_delta) c.append(el('h3', {text: 'Δ_l: how much the activation changes when layer l is zeroed'}), bars(r.layer_delta, L, 260, 60, '#4a7'));
-  if (r.decoder_norms) c.append(el('h3', {text: 'decoder norm per layer'}), bars(r.decoder_norms, L, 260, 60, '#47a'));
+  if (r.layer_delta) side.append(el('h3', {text: 'Δ_l: change when layer l is zeroed'}), bars(r.layer_delta, L, 240, 50, '#4a7'));
+  if (r.decoder_norms) side.append(el('h3', {text: 'decoder norm per layer'}), bars(r.decoder_norms, L, 240, 50, '#47a'));
   if (r.hist) {   // the bins from the first to the last non-empty one
     const lo = Math.max(0, r.hist.findIndex(v => v > 0) - 1), hi = Math.min(r.hist.length, r.hist.length - [...r.hist].reverse().findIndex(v => v > 0) + 1);
-    c.append(el('h3', {text: 'activation histogram (log-spaced bins, lower edges)'}), bars(r.hist.slice(lo, hi), F.hist_edges.slice(lo, hi).map(fmt), 420, 60, '#e80'));
+    side.append(el('h3', {text: 'activations (log-spaced bins)'}), bars(r.hist.slice(lo, hi), F.hist_edges.slice(lo, hi).map(fmt), 240, 50, '#e80'));
   }
-  c.append(el('h3', {text: 'promoted tokens (logit lens)'}), chips(r.promoted, ''), el('h3', {text: 'suppressed tokens'}), chips(r.suppressed, 'neg'));
+  side.append(el('h3', {text: 'promoted tokens (logit lens)'}), chips(r.promoted, ''), el('h3', {text: 'suppressed tokens'}), chips(r.suppressed, 'neg'));
   if (r.partners) {
-    c.append(el('h3', {text: 'interacts most with (‖Θ2‖)'}));
+    side.append(el('h3', {text: 'interacts most with (‖Θ2‖)'}));
     const p = el('div');
     for (const [k, w] of r.partners) { const a = el('a', {href: '#', text: `${k} (${fmt(w)})`}); a.onclick = ev => { ev.preventDefault(); show(k); }; p.append(a, ' '); }
-    c.append(p);
+    side.append(p);
   }
-  if (!r.fires) c.append(el('p', {class: 'muted', text: 'this latent never fired on the held-out tokens read'}));
-  if (r.top) c.append(el('h3', {text: `top ${r.top.length} contexts`}), ...r.top.map(e => example(e, r.max_act)));
-  for (const b of r.quantiles || []) if (b.examples.length)
-    c.append(el('h3', {text: `quantile band ${b.band} of ${b.of} (window max ${fmt(b.range[0])}–${fmt(b.range[1])})`}), ...b.examples.map(e => example(e, r.max_act)));
   renderList();
 }
 function init() {
