@@ -16,7 +16,9 @@ SAEBench's autointerp, Karvonen et al. 2025):
   2. detect. In a new conversation it sees the explanation and 2n shuffled, unmarked held-out snippets:
      n activating ones (the next `n_detect_top` top examples and the second example of each band, never
      shown in step 1) and n on which the latent is exactly zero (random snippets of the pool), and answers
-     with the numbers of those that it predicts contain the concept.
+     with the numbers of those that it predicts contain the concept (`--detect batch`, SAEBench's form;
+     `--detect each` asks instead one Yes/No question per snippet, 2n calls of at most 4 answer tokens, which
+     small local judges follow far more reliably than a list format).
   3. score. Detection accuracy over the 2n snippets (balanced: chance is 0.5) and F1 of the activating
      class. A latent is *coherent* when its accuracy ≥ `threshold` (0.8 by default).
 Per dictionary: the fraction of judged latents that are coherent, that fraction × the eligible latents
@@ -28,8 +30,8 @@ many non-activating pool snippets.
 Judges: any OpenAI-compatible /chat/completions endpoint (vLLM, llama.cpp's server, Ollama, hosted APIs;
 key from the environment variable `--api-key-env`) or a local Hugging Face causal LM (greedy decoding,
 its chat template). Every answer is cached in RUN_DIR/autointerp_cache.jsonl under a hash of (judge,
-messages, max_tokens), so a rerun costs nothing. Cost: two calls per latent, about 900 + 500 prompt
-tokens at the default sizes (the usage is counted and printed).
+messages, max_tokens), so a rerun costs nothing. The usage (prompt and completion tokens) is counted and
+printed; README.md gives the measured cost per latent.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ DETECT_PROMPT = (
     "fires on and {n} numbered text excerpts. Some contain what the description says, some do not. Answer "
     "with the numbers of the excerpts that contain it, separated by commas (for example: {example}), "
     "or with the word None. Answer with the numbers only.")
+EACH_PROMPT = (
+    "You are helping to interpret a feature of a language model. You get a description of what the feature "
+    "fires on and one text excerpt. Answer Yes if the excerpt contains what the description says, else No.")
 
 
 @dataclass
@@ -68,6 +73,7 @@ class JudgeSettings:
     threshold: float = 0.8     # detection accuracy above which a latent counts as coherent
     explain_tokens: int = 40   # max tokens of the explanation
     detect_tokens: int = 40    # max tokens of the detection answer
+    detect: str = "batch"      # batch: one call lists the numbers (SAEBench); each: a Yes/No call per excerpt
     seed: int = 0
 
 
@@ -104,6 +110,17 @@ def detect_messages(explanation: str, texts: list[str]) -> list[dict]:
     body = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(texts))
     return [{"role": "system", "content": DETECT_PROMPT.format(n=len(texts), example=example)},
             {"role": "user", "content": f"Description: {explanation}\n\nExcerpts:\n{body}"}]
+
+
+def each_messages(explanation: str, text: str) -> list[dict]:
+    return [{"role": "system", "content": EACH_PROMPT},
+            {"role": "user", "content": f"Description: {explanation}\n\nExcerpt: {text}\n\nYes or No?"}]
+
+
+def parse_yes_no(answer: str) -> bool | None:
+    """True / False for an answer starting with yes / no (any case, punctuation after it), else None."""
+    m = re.match(r"\W*(yes|no)\b", answer.strip().lower())
+    return None if m is None else m.group(1) == "yes"
 
 
 def parse_explanation(answer: str) -> str | None:
@@ -282,9 +299,14 @@ def judge_latent(r: dict, feats: dict, judge, s: JudgeSettings, rng: random.Rand
     out = {"id": r["id"], "explanation": explanation, "explain_answer": answer, "truth": [t for _, t in items]}
     if explanation is None:
         return out | {"status": "unparseable explanation"}
-    answer = judge(detect_messages(explanation, [t for t, _ in items]), s.detect_tokens)
-    picked = parse_predictions(answer, len(items))
-    out["detect_answer"] = answer
+    if s.detect == "each":
+        answers = [judge(each_messages(explanation, t), min(s.detect_tokens, 4)) for t, _ in items]
+        said = [parse_yes_no(a) for a in answers]
+        picked = None if None in said else [i + 1 for i, yes in enumerate(said) if yes]
+        out["detect_answer"] = answers
+    else:
+        out["detect_answer"] = judge(detect_messages(explanation, [t for t, _ in items]), s.detect_tokens)
+        picked = parse_predictions(out["detect_answer"], len(items))
     if picked is None:
         return out | {"status": "unparseable detection"}
     pred = [i + 1 in picked for i in range(len(items))]
@@ -369,6 +391,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     s = JudgeSettings(**{k: getattr(a, k) for k in asdict(JudgeSettings())})
     try:
+        if s.detect not in ("batch", "each"):
+            raise ValueError(f"--detect must be batch or each, got {s.detect!r}")
         missing = [r for r in a.runs if not Path(r, "features.json").exists()]
         if missing:
             raise FileNotFoundError(f"no features.json in {missing[0]!r}: run python features.py {missing[0]} first")

@@ -93,6 +93,11 @@ class KeywordJudge:
                 return "This feature fires on US states.", usage
             return "Fires on assorted words", usage
         desc = user.split("\n")[0]
+        if "\nExcerpt: " in user:                  # --detect each: one excerpt, Yes or No
+            text = user.split("\nExcerpt: ")[1].split("\n")[0]
+            yes = re.search(r"\d", text) if "digits" in desc else any(s.strip() in text for s in STATES.values()) \
+                if "states" in desc else random.Random(text).random() < 0.5
+            return ("Yes." if yes else "no"), usage
         lines = re.findall(r"^(\d+)\. (.*)$", user, flags=re.M)
         if "digits" in desc:
             picked = [n for n, t in lines if re.search(r"\d", t)]
@@ -142,6 +147,12 @@ def test_parse_explanation(answer, want):
     assert autointerp.parse_explanation(answer) == want
 
 
+@pytest.mark.parametrize("answer,want", [("Yes", True), ("yes.", True), ("No, it does not", False), (" NO", False),
+                                         ("**Yes**", True), ("Maybe", None), ("", None), ("Yesterday", None)])
+def test_parse_yes_no(answer, want):
+    assert autointerp.parse_yes_no(answer) == want
+
+
 def test_scores_match_sklearn():
     rng = random.Random(1)
     for _ in range(50):
@@ -163,10 +174,11 @@ def test_render_marks_runs_of_firing_tokens_and_drops_specials():
 # ----------------------------------------------------------------------------------------
 
 
-def test_known_concepts_are_coherent_and_random_ones_are_not(tmp_path):
+@pytest.mark.parametrize("detect", ["batch", "each"])
+def test_known_concepts_are_coherent_and_random_ones_are_not(tmp_path, detect):
     run = synthetic_features(tmp_path / "run")
     judge = KeywordJudge()
-    rep = autointerp.judge_run(run, judge, S, progress=False)
+    rep = autointerp.judge_run(run, judge, autointerp.JudgeSettings(latents=10, detect=detect), progress=False)
     [d] = rep["dictionaries"]
     assert (d["alive"], d["eligible"], d["judged"], d["scored"]) == (4, 3, 3, 3)
     by_id = {x["id"]: x for x in d["latents"]}
@@ -180,12 +192,14 @@ def test_known_concepts_are_coherent_and_random_ones_are_not(tmp_path):
         assert x["f1"] == pytest.approx(f1_score(x["truth"], pred, zero_division=0))
     assert d["coherent_fraction"] == pytest.approx(2 / 3) and d["coherent_estimate"] == 2
     assert d["accuracy"] == pytest.approx(sum(x["accuracy"] for x in d["latents"]) / 3)
-    # the detection snippets were never shown for the explanation
-    for explain, detect in zip(judge.prompts[0::2], judge.prompts[1::2]):
-        shown = set(re.findall(r"^\d+\. (.*)$", explain[-1]["content"].replace("<<", "").replace(">>", ""), re.M))
-        assert not shown & set(re.findall(r"^\d+\. (.*)$", detect[-1]["content"], re.M))
+    explains = [p[-1]["content"] for p in judge.prompts if not p[-1]["content"].startswith("Description:")]
+    detects = "\n".join(p[-1]["content"] for p in judge.prompts if p[-1]["content"].startswith("Description:"))
+    assert len(explains) == 3 and len(judge.prompts) == 3 + 3 * (1 if detect == "batch" else 10)
+    for explain in explains:                       # the detection snippets were never shown for the explanation
+        for text in re.findall(r"^\d+\. (.*)$", explain.replace("<<", "").replace(">>", ""), re.M):
+            assert text not in detects
     page = (run / "features.html").read_text()
-    assert "US states" in page and json.loads((run / "autointerp.json").read_text())["calls"] == 6
+    assert "US states" in page and json.loads((run / "autointerp.json").read_text())["calls"] == len(judge.prompts)
 
 
 @pytest.mark.parametrize("answer,field", [("", "unparseable_explanations"), ("???", "unparseable_explanations"),
