@@ -118,15 +118,17 @@ def each_messages(explanation: str, text: str) -> list[dict]:
 
 
 def parse_yes_no(answer: str) -> bool | None:
-    """True / False for an answer starting with yes / no (any case, punctuation after it), else None."""
-    m = re.match(r"\W*(yes|no)\b", answer.strip().lower())
+    """True / False for an answer starting with yes / no (any case, after a list number such as "1."),
+    else None."""
+    m = re.match(r"\W*(?:\d+[.)]\s*)?\W*(yes|no)\b", answer.strip().lower())
     return None if m is None else m.group(1) == "yes"
 
 
 def parse_explanation(answer: str) -> str | None:
-    """The first non-empty line, quotes and a leading "Fires on"/"This feature fires on" dropped;
-    None when nothing of at least two letters is left."""
+    """The first non-empty line, a list number, quotes and a leading "Fires on"/"This feature fires on"
+    dropped; None when nothing of at least two letters is left."""
     line = next((ln.strip() for ln in answer.splitlines() if ln.strip()), "")
+    line = re.sub(r"^\d+[.)]\s+", "", line)
     line = re.sub(r"^(explanation|answer)\s*:\s*", "", line, flags=re.I).strip(" \"'*`")
     line = re.sub(r"^(this|the)\s+(feature|neuron|latent)\s+", "", line, flags=re.I)
     line = re.sub(r"^(fires|activates)\s+on\s+", "", line, flags=re.I).rstrip(".").strip()

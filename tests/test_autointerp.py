@@ -142,13 +142,14 @@ def test_parse_predictions(answer, n, want):
 @pytest.mark.parametrize("answer,want", [
     ("Fires on digits.", "digits"), ("This feature fires on US states\nmore", "US states"),
     ('"Fires on the word the."', "the word the"), ("Explanation: numbers in dates", "numbers in dates"),
-    ("", None), ("\n\n???", None), ("12, 99", None)])
+    ("1. Ireland", "Ireland"), ("", None), ("\n\n???", None), ("12, 99", None)])
 def test_parse_explanation(answer, want):
     assert autointerp.parse_explanation(answer) == want
 
 
 @pytest.mark.parametrize("answer,want", [("Yes", True), ("yes.", True), ("No, it does not", False), (" NO", False),
-                                         ("**Yes**", True), ("Maybe", None), ("", None), ("Yesterday", None)])
+                                         ("**Yes**", True), ("1. Yes.", True), ("Maybe", None), ("", None),
+                                         ("Yesterday", None), ("1. 3", None)])
 def test_parse_yes_no(answer, want):
     assert autointerp.parse_yes_no(answer) == want
 
