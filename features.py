@@ -397,7 +397,8 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
                       "fc_tokens": min(s.fc_tokens, pool["tokens"]) if multi else 0, "latents": lat})
     pool_ids = pool["ids"].tolist()
     return {"version": VERSION, "run": str(run_dir), "model": run["model"], "dataset": run.get("dataset"),
-            "text": f"{run.get('dataset') or 'bbc'} split {split}, after the first {skip:,} tokens (held out)",
+            "text": f"{run.get('dataset') or 'bbc'} split {split}, "
+                    + (f"after the first {skip:,} tokens (held out)" if skip else "its first tokens (held out)"),
             "tokens": pool["tokens"], "windows": pool["windows"], "settings": asdict(s),
             "hist_edges": [num(e) for e in torch.logspace(math.log10(HIST_LO), math.log10(HIST_HI), s.bins + 1)],
             "vocab": vocabulary(tok, dicts, pool_ids), "special_ids": sorted(set(tok.all_special_ids)),
