@@ -105,14 +105,18 @@ def test_top_examples_density_histogram_and_pool_match_a_naive_loop(runs, feats,
             want_bins = np.clip(np.floor((np.log10(fired) - lo) / ((hi - lo) / bins)), 0, bins - 1).astype(int)
             assert r["hist"] == np.bincount(want_bins, minlength=bins).tolist()
             top = cands[:SETTINGS["top"]]
-            assert [e["window"] for e in r["top"]] == [c[1] for c in top]
             np.testing.assert_allclose([e["act"] for e in r["top"]], [c[0] for c in top], rtol=1e-3)
-            for e, (_, wi, t) in zip(r["top"], top):
-                assert e["tokens"] == snippet(rows[wi]["ids"].tolist(), t, left, right, -1)
-                np.testing.assert_allclose(e["acts"], snippet(rows[wi]["z"][di][:, f].tolist(), t, left, right, 0.0),
-                                           rtol=5e-3, atol=1e-6)   # 3 significant digits
+            # the windows themselves (ties, e.g. the same token right after BOS, may come in any order)
+            peak = {wi: (m, t) for m, wi, t in cands}
+            assert len({e["window"] for e in r["top"]}) == len(top)
+            for e in r["top"]:
+                m, t = peak[e["window"]]
+                assert e["act"] == pytest.approx(m, rel=1e-3)
+                assert e["tokens"] == snippet(rows[e["window"]]["ids"].tolist(), t, left, right, -1)
+                np.testing.assert_allclose(e["acts"], snippet(rows[e["window"]]["z"][di][:, f].tolist(), t, left,
+                                                              right, 0.0), rtol=5e-3, atol=1e-6)   # 3 significant digits
             window_max = {c[1]: c[0] for c in cands}
-            top_windows = {c[1] for c in top}
+            top_windows = {e["window"] for e in r["top"]}
             prev_hi = -1.0
             for band in r["quantiles"]:
                 assert band["range"][0] >= prev_hi and band["range"][0] <= band["range"][1]
@@ -133,7 +137,7 @@ def test_per_layer_profile_equals_metrics_deltas_on_the_cache_tokens(runs, feats
     x_raw = torch.cat([row["h"][row["keep"]] for row in rows])[:SETTINGS["fc_tokens"]]
     cache = activations.ActivationCache(meta["run"]["cache"])
     start = meta["run"]["train_tokens"]                  # the same tokens as the cache's held-out ones
-    n = cache.n_tokens - start
+    n = min(cache.n_tokens - start, len(x_raw))
     assert n > 100
     torch.testing.assert_close(x_raw[:n], cache.read(start, start + n), rtol=2e-3, atol=2e-3)
     dsum, fires = metrics.layer_deltas(model, x_raw * torch.tensor(model.config.input_scale)[:, None])
