@@ -5,7 +5,7 @@
 streams held-out text of the run through the LM and every dictionary of the run (the four kinds, per-layer
 sets included), in batches of context windows with bounded memory, and writes RUN_DIR/features.json and the
 browsable page RUN_DIR/features.html (dashboard.py). The text is the run's held-out stream (metrics.py:
-the windows that follow its training tokens, `metrics.heldout_text`), read as the harvest reads it: the
+the windows that follow its training tokens, `corpora.heldout_text`), read as the harvest reads it: the
 same windows, special tokens excluded, attention-sink outliers dropped when the run dropped them.
 
 For every latent i of a dictionary, with z_i(t) its activation at token t (encode, as in inference):
@@ -54,7 +54,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import activation_cache
 import activations
+import corpora
 import metrics
 import sae as sae_mod
 
@@ -185,7 +187,7 @@ def dictionary_input(x_NLD: Tensor, cols: list[int], model) -> Tensor:
 @torch.no_grad()
 def stream(entries, lm, tok, windows, n_tokens: int, s: Settings, drop_outliers: float | None,
            device, progress: bool = True) -> tuple[list[Tracker], dict]:
-    """One pass over `windows` (collated dicts, metrics.heldout_windows): a Tracker per dictionary and
+    """One pass over `windows` (collated dicts, corpora.heldout_windows): a Tracker per dictionary and
     the shared pool of random snippets {"ids": (P, W), "window": (P,), "center": (P,), "max<i>": (P, F_i)}."""
     from tqdm import tqdm
 
@@ -200,7 +202,7 @@ def stream(entries, lm, tok, windows, n_tokens: int, s: Settings, drop_outliers:
                 device)
     n_windows, n_seen = 0, 0
     bar = tqdm(total=n_tokens, desc="features", unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress)
-    for batch in metrics.take_tokens(windows, n_tokens):
+    for batch in corpora.take_tokens(windows, n_tokens):
         h_BTLD = activations.hidden_states(lm, batch["input_ids"], batch["attention_mask"], layers).to(device)
         valid_BT = batch["keep"].to(device)
         if drop_outliers:
@@ -378,10 +380,10 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
     lm, tok = activations.load_lm(run["model"], device=device, dtype=run.get("lm_dtype", "float32"))
     cache_meta = None
     if run.get("cache") and Path(run["cache"], "meta.json").exists():
-        cache_meta = json.loads(Path(run["cache"], "meta.json").read_text())
-    split, skip, limit = metrics.heldout_text(run, cache_meta)
+        cache_meta = activation_cache.read_meta(Path(run["cache"]))
+    split, skip, limit = corpora.heldout_text(run, cache_meta)
     n_tokens = min(n_tokens, limit or n_tokens)
-    windows = metrics.heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip, lm_batch)
+    windows = corpora.heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip, lm_batch)
     trackers, pool = stream(entries, lm, tok, windows, n_tokens, s, run.get("drop_outliers"), device, progress)
     dicts = []
     for i, ((layers, model, meta), tr) in enumerate(zip(entries, trackers)):

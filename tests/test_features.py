@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import activation_cache
 import activations
 import dashboard
 import features
@@ -135,7 +136,7 @@ def test_per_layer_profile_equals_metrics_deltas_on_the_cache_tokens(runs, feats
     entries, rows = naive_pass(runs["crosscoder"])
     [(layers, model, meta)] = entries
     x_raw = torch.cat([row["h"][row["keep"]] for row in rows])[:SETTINGS["fc_tokens"]]
-    cache = activations.ActivationCache(meta["run"]["cache"])
+    cache = activation_cache.ActivationCache(meta["run"]["cache"])
     start = meta["run"]["train_tokens"]                  # the same tokens as the cache's held-out ones
     n = min(cache.n_tokens - start, len(x_raw))
     assert n > 100
