@@ -74,6 +74,7 @@ import activations
 import activation_cache
 from corpora import heldout_text, heldout_windows, take_tokens
 import sae as sae_mod
+import tasks
 
 EPS = 1e-8
 
@@ -695,7 +696,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
     if wasserstein_task:
         import probe
 
-        texts, labels = probe.load_task(wasserstein_task, "train", n_train=wasserstein_texts)
+        texts, labels = tasks.load_task(wasserstein_task, "train", n_train=wasserstein_texts)
         lm, tok = lm_loader()
         for (layers, model, meta), r in zip(entries, results):
             feats = probe.pooled_latents(model, None, lm, tok, texts, layers, run.get("context", 128),
@@ -763,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wasserstein", default="bbc_topic",
                    help="probe.py task for the class-conditional Wasserstein distance ('' skips)")
     p.add_argument("--wasserstein-texts", type=int, default=4000,
-                   help="n_train of probe.load_task: its train split, n/2 texts per class at most (SAEBench: 4000)")
+                   help="n_train of tasks.load_task: its train split, n/2 texts per class at most (SAEBench: 4000)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--allow-incomplete", action="store_true",
                    help="evaluate a run whose training was interrupted (summary.json: \"complete\": false)")
@@ -777,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.wasserstein:
             import probe
 
-            probe.get_task(a.wasserstein)
+            tasks.get_task(a.wasserstein)
         for r in a.runs:                  # every run (and its cache) checked before the first is evaluated
             cache = (check_run(r, a.allow_incomplete)[0].get("run") or {}).get("cache")
             if cache and Path(cache, "meta.json").exists():

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import activations  # noqa: E402
 import metrics  # noqa: E402
 import probe  # noqa: E402
+import tasks  # noqa: E402
 import sae  # noqa: E402
 
 
@@ -62,8 +63,8 @@ def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed
     results, preds, wass = {rd: {} for rd in runs}, {rd: {} for rd in runs}, {rd: {} for rd in runs}
     for name in task_names:
         t0 = time.time()
-        splits = probe.load_splits(name, n_train, n_test, seed)
-        classes = list(probe.TASKS[name].classes)
+        splits = tasks.load_splits(name, n_train, n_test, seed)
+        classes = list(tasks.TASKS[name].classes)
         feats, ys = {}, {}
         for split, (texts, labels) in splits.items():
             lat, acts = probe.pool(lm, tok, texts, all_layers, [r for _, _, r in flat], context, batch_size,
@@ -80,7 +81,7 @@ def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed
             per_set, preds[rd][name] = probe.probe_task(
                 name, mine, ys, seed, ks, full, C, device, n_boot,
                 (["raw"] if raw else []) + ([run["kind"]] if run["n"] > 1 else []))
-            results[rd][name] = {"dataset": probe.TASKS[name].source, "group": probe.TASKS[name].group,
+            results[rd][name] = {"dataset": tasks.TASKS[name].source, "group": tasks.TASKS[name].group,
                                  "classes": classes, "n_texts": {s: len(splits[s][0]) for s in splits},
                                  "features": per_set, "seconds": round(time.time() - t0, 1)}
         if name == "bbc_topic":                 # W1 of every dictionary on the same resampled texts
@@ -128,7 +129,7 @@ def main(argv=None):
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples for the F1 intervals (0: none)")
     p.add_argument("--bootstrap-w1", type=int, default=200, help="paired resamples for the W1 intervals")
     a = p.parse_args(argv)
-    probe_runs(a.runs, probe.resolve_tasks(a.task), [int(k) for k in a.k.split(",")], a.n_train, a.n_test,
+    probe_runs(a.runs, tasks.resolve_tasks(a.task), [int(k) for k in a.k.split(",")], a.n_train, a.n_test,
                a.seed, a.device, a.batch_size, not a.no_full, not a.no_raw, a.C, a.bootstrap, a.bootstrap_w1)
 
 

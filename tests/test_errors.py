@@ -11,6 +11,7 @@ import activation_cache
 import corpora
 import metrics
 import probe
+import tasks
 
 
 def snapshot(folder) -> dict:
@@ -285,8 +286,8 @@ def test_hub_errors_keep_their_cause_and_bugs_propagate(monkeypatch):
         corpora.load_texts("org/gone")
     assert str(e.value).startswith("cannot load dataset 'org/gone'") and "DatasetNotFoundError" in str(e.value)
     assert isinstance(e.value.__cause__, DatasetNotFoundError)
-    with pytest.raises(probe.TaskUnavailable) as e:
-        probe.TASKS["ag_news"].load(40, 20, 0)
+    with pytest.raises(tasks.TaskUnavailable) as e:
+        tasks.TASKS["ag_news"].load(40, 20, 0)
     assert isinstance(e.value.__cause__, DatasetNotFoundError) and "bbc_topic" in str(e.value)
 
     def bug(*a, **k):
@@ -296,7 +297,7 @@ def test_hub_errors_keep_their_cause_and_bugs_propagate(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         corpora.load_texts("org/any")
     with pytest.raises(ZeroDivisionError):
-        probe.TASKS["ag_news"].load(40, 20, 0)
+        tasks.TASKS["ag_news"].load(40, 20, 0)
 
 
 def test_a_model_folder_without_model_weights_or_tokenizer(gpt2_dir, tmp_path):

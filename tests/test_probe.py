@@ -15,6 +15,7 @@ import activations
 import corpora
 import crosscoder
 import probe
+import tasks
 import sae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,31 +135,31 @@ def test_summary_averages_groups_first():
 
 
 def test_bbc_topic_loads_offline_with_five_classes():
-    s = probe.load_splits("bbc_topic", 4000, 1000, seed=42)
+    s = tasks.load_splits("bbc_topic", 4000, 1000, seed=42)
     (tr, ltr), (te, lte) = s["train"], s["test"]
-    assert set(ltr) == set(lte) == set(probe.TASKS["bbc_topic"].classes)
+    assert set(ltr) == set(lte) == set(tasks.TASKS["bbc_topic"].classes)
     texts, labels = corpora.bbc_news()
     assert len(tr) + len(te) == len(set(texts)) > 2000           # duplicates kept once
     assert len(set(tr)) == len(tr) and not set(tr) & set(te)
     n_business = len({t for t, l in zip(texts, labels) if l == "business"})
     assert Counter(lte)["business"] == round(0.25 * n_business)
-    small = probe.load_splits("bbc_topic", 40, 20, seed=42)
-    assert Counter(small["train"][1]) == {c: 20 for c in probe.TASKS["bbc_topic"].classes}
+    small = tasks.load_splits("bbc_topic", 40, 20, seed=42)
+    assert Counter(small["train"][1]) == {c: 20 for c in tasks.TASKS["bbc_topic"].classes}
     assert set(small["test"][0]) <= set(te)                         # same split, only cut shorter
-    assert probe.load_task("bbc_topic", "test", 40, 20, seed=42) == small["test"]
+    assert tasks.load_task("bbc_topic", "test", 40, 20, seed=42) == small["test"]
 
 
 def test_us_places_loads_offline_and_splits_by_entity():
     import us
 
-    ent = probe.us_places_entities()
+    ent = tasks.us_places_entities()
     assert list(ent) == ["state", "us_city", "world_city", "country"]
     assert 45 <= len(ent["state"]) <= 50 and {"Texas", "Ohio"} <= set(ent["state"])
     assert "Georgia" not in ent["state"] and "Georgia" not in ent["country"]     # ambiguous: dropped
     assert {"Sacramento", "Chicago"} <= set(ent["us_city"]) and "Tokyo" in ent["world_city"]
     assert "France" in ent["country"]
     assert all(s.name in ent["state"] for s in us.states.STATES if s.name not in ("Georgia", "New York"))
-    s = probe.load_splits("us_places", 4000, 1000, seed=0)
+    s = tasks.load_splits("us_places", 4000, 1000, seed=0)
     for c in ent:
         # the bare-name frame "{}" shows which entities went where: never in both splits
         bare = {split: {t for t, l in zip(*s[split]) if l == c and t in ent[c]} for split in s}
@@ -167,26 +168,26 @@ def test_us_places_loads_offline_and_splits_by_entity():
 
 
 def test_chatterbot_language_loads_offline():
-    s = probe.load_splits("chatterbot_language", 4000, 1000, seed=0)
+    s = tasks.load_splits("chatterbot_language", 4000, 1000, seed=0)
     assert set(s["train"][1]) == set(s["test"][1]) == {"en", "fr", "de", "es", "nl"}
     assert not set(s["train"][0]) & set(s["test"][0])
     assert Counter(s["test"][1])["fr"] >= 10
 
 
 def test_task_names_and_hub_failure_is_one_line(monkeypatch):
-    assert probe.resolve_tasks("offline") == probe.OFFLINE
-    assert probe.resolve_tasks("fancyzhx/ag_news,bbc_topic") == ["ag_news", "bbc_topic"]
-    assert len(probe.SAEBENCH) == 8
+    assert tasks.resolve_tasks("offline") == tasks.OFFLINE
+    assert tasks.resolve_tasks("fancyzhx/ag_news,bbc_topic") == ["ag_news", "bbc_topic"]
+    assert len(tasks.SAEBENCH) == 8
     with pytest.raises(ValueError, match="unknown task 'nope'"):
-        probe.resolve_tasks("nope")
+        tasks.resolve_tasks("nope")
 
     def unreachable(*a, **k):
         raise ConnectionError("Couldn't reach 'fancyzhx/ag_news' on the Hub (LocalEntryNotFoundError)\nmore")
 
     import datasets
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
-    with pytest.raises(probe.TaskUnavailable) as e:
-        probe.TASKS["ag_news"].load(40, 20, 0)
+    with pytest.raises(tasks.TaskUnavailable) as e:
+        tasks.TASKS["ag_news"].load(40, 20, 0)
     assert "fancyzhx/ag_news" in str(e.value) and "\n" not in str(e.value) and "bbc_topic" in str(e.value)
 
 
@@ -307,22 +308,22 @@ def test_hub_loaders_sample_like_saebench(monkeypatch):
         return europarl(args[0]) if name == "Helsinki-NLP/europarl" else fakes[name]
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    s = probe.TASKS["bias_in_bios_class_set2"].load(40, 20, 42)
-    assert Counter(s["train"][1]) == {c: 20 for c in probe.BIOS_SETS[2]}
-    assert Counter(s["test"][1]) == {c: 10 for c in probe.BIOS_SETS[2]}
+    s = tasks.TASKS["bias_in_bios_class_set2"].load(40, 20, 42)
+    assert Counter(s["train"][1]) == {c: 20 for c in tasks.BIOS_SETS[2]}
+    assert Counter(s["test"][1]) == {c: 10 for c in tasks.BIOS_SETS[2]}
     df = fakes["LabHC/bias_in_bios"]["train"].to_pandas()
     nurse = df[df.profession == 13]
     expected = sum((nurse[nurse.gender == g].sample(n=10, random_state=42).hard_text.tolist() for g in (0, 1)), [])
     assert [t for t, l in zip(*s["train"]) if l == "nurse"] == expected
     assert all(t.endswith(" of 13") for t, l in zip(*s["train"]) if l == "nurse")
 
-    s = probe.TASKS["ag_news"].load(40, 20, 42)
-    assert Counter(s["train"][1]) == {c: 20 for c in probe.AG_NEWS}
+    s = tasks.TASKS["ag_news"].load(40, 20, 42)
+    assert Counter(s["train"][1]) == {c: 20 for c in tasks.AG_NEWS}
     df = fakes["fancyzhx/ag_news"]["test"].to_pandas()
     sports = df[df.label == 1].sample(n=10, random_state=42).text.tolist()
     assert [t for t, l in zip(*s["test"]) if l == "Sports"] == sports
 
-    s = probe.TASKS["europarl"].load(40, 20, 42)
+    s = tasks.TASKS["europarl"].load(40, 20, 42)
     assert Counter(s["train"][1]) == {c: 20 for c in ("en", "fr", "de", "es", "nl")}
     assert all(t.startswith(l + " ") for split in s.values() for t, l in zip(*split))
     assert not set(s["train"][0]) & set(s["test"][0])
