@@ -140,7 +140,7 @@ class Selection(NamedTuple):
     def dense(self) -> Tensor:
         """(B, F) z with zeros elsewhere (differentiable in vals)."""
         B, F_ = self.shape
-        return self.vals.new_zeros(B * F_).scatter(0, self.idx, self.vals).view(B, F_)
+        return self.vals.new_zeros(B * F_).scatter_(0, self.idx, self.vals).view(B, F_)
 
     def offsets(self) -> Tensor:
         """(B,) where each token's entries start in idx (for F.embedding_bag)."""
@@ -149,9 +149,11 @@ class Selection(NamedTuple):
 
 
 def scores(pre_BF: Tensor, scale_F: Tensor | None = None) -> Tensor:
-    """The selection score: ReLU(pre), times the per-latent scale if given."""
-    acts_BF = F.relu(pre_BF)
-    return acts_BF if scale_F is None else acts_BF * scale_F
+    """The selection score: pre, times the positive per-latent scale if given. Selecting on pre
+    rather than ReLU(pre) picks the same positive entries (only which of the entries that ReLU
+    zeroes fill a row with fewer than k positives differs, and those decode as 0) and saves a
+    pass over (B, F)."""
+    return pre_BF if scale_F is None else pre_BF * scale_F
 
 
 @torch.no_grad()
@@ -283,13 +285,22 @@ def sparsify(pre_BF: Tensor, sparsity: str, k: int, training: bool,
     raise ValueError(f"sparsity must be one of {SPARSITIES}, got {sparsity!r}")
 
 
+def entries(z: Tensor | Selection) -> tuple[Tensor, Tensor]:
+    """(latent index, value) of z's entries: the selected ones of a Selection, all of a dense z."""
+    if isinstance(z, Selection):
+        return z.idx % z.shape[1], z.vals
+    return torch.arange(z.shape[1], device=z.device).expand_as(z), z
+
+
 @torch.no_grad()
-def update_threshold(threshold: Tensor, z_BF: Tensor, scale_F: Tensor | None = None,
+def update_threshold(threshold: Tensor, z: Tensor | Selection, scale_F: Tensor | None = None,
                      momentum: float = 0.01) -> None:
-    """EMA (in place) of the smallest kept score of a BatchTopK batch; the first batch sets it
-    (θ < 0 means uncalibrated); a batch that keeps nothing leaves it. No host reads."""
-    score_BF = z_BF if scale_F is None else z_BF * scale_F
-    smallest = torch.where(z_BF > 0, score_BF, torch.inf).amin().to(threshold.dtype)
+    """EMA (in place) of the smallest kept score of a BatchTopK batch (z dense or a Selection);
+    the first batch sets it (θ < 0 means uncalibrated); a batch that keeps nothing leaves it.
+    No host reads."""
+    cols, vals = entries(z)
+    score = vals if scale_F is None else vals * scale_F[cols]
+    smallest = torch.where(vals > 0, score, torch.inf).amin().to(threshold.dtype)
     all_reduce(smallest, "min")  # distributed: the smallest over the global batch
     new = torch.where(threshold < 0, smallest, torch.lerp(threshold, smallest, momentum))
     threshold.copy_(torch.where(torch.isfinite(smallest), new, threshold))
@@ -330,11 +341,16 @@ def read_int(t: Tensor) -> int:
 
 
 @torch.no_grad()
-def update_dead_counter(tokens_since_fired_F: Tensor, z_BF: Tensor) -> None:
-    """Add the batch's tokens to every counter, reset those of latents that fired."""
-    fired_F = (z_BF > 0).any(dim=0).to(torch.uint8)
+def update_dead_counter(tokens_since_fired_F: Tensor, z: Tensor | Selection) -> None:
+    """Add the batch's tokens to every counter, reset those of latents that fired (z > 0
+    somewhere; z dense (B, F) or a Selection)."""
+    if isinstance(z, Selection):
+        fired_F = torch.zeros_like(tokens_since_fired_F, dtype=torch.uint8).scatter_reduce_(
+            0, z.idx % z.shape[1], (z.vals > 0).to(torch.uint8), "amax")
+    else:
+        fired_F = (z > 0).any(dim=0).to(torch.uint8)
     all_reduce(fired_F, "max")  # distributed: fired on any rank
-    tokens_since_fired_F += z_BF.shape[0] * world_size()
+    tokens_since_fired_F += z.shape[0] * world_size()
     tokens_since_fired_F.masked_fill_(fired_F.bool(), 0)
 
 
@@ -458,10 +474,10 @@ def forward_with_losses(model: nn.Module, x_in: Tensor, target: Tensor) -> Outpu
             idx_A, keep_A = auxk_indices(pre_BF.detach(), dead_F, c.aux_k)
             z_aux = Selection(idx_A, selected_values(enc, pre_BF, idx_A, keep_A, sparse_bw), tuple(pre_BF.shape))
             auxk = auxk_loss(z_aux, dead_F, target - recon, model.decode_nobias, c.aux_k)
-        update_dead_counter(counter_F, z_BF)
+        update_dead_counter(counter_F, z_sel)
         model.dead_bound.set(counter_F, bound + z_BF.shape[0] * world_size())
         if c.sparsity == "batchtopk":
-            update_threshold(model.threshold, z_BF, scale_F)
+            update_threshold(model.threshold, z_sel, scale_F)
     loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
     return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
 
