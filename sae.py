@@ -220,17 +220,17 @@ class SparseEncoderGrad(torch.autograd.Function):
             starts_B = torch.searchsorted(idx_N, torch.arange(B, device=dev) * F_)
             grad_h = F.embedding_bag(cols_N, W_FD, starts_B, mode="sum", per_sample_weights=g_N).to(h_BD.dtype)
         if ctx.needs_input_grad[1]:  # ∂L/∂W[f] = Σ_{n: f_n = f} g_n h[b_n]: group the entries by latent
-            cols_N, order_N = cols_N.sort()
-            starts_F = torch.searchsorted(cols_N, torch.arange(F_, device=dev))
+            by_latent_N, order_N = cols_N.sort()
+            starts_F = torch.searchsorted(by_latent_N, torch.arange(F_, device=dev))
             grad_W = F.embedding_bag(rows_N[order_N], h_BD.to(W_FD.dtype), starts_F, mode="sum",
                                      per_sample_weights=g_N[order_N])
         if ctx.needs_input_grad[2]:  # ∂L/∂b[f] = Σ_{n: f_n = f} g_n
-            grad_b = torch.zeros(F_, dtype=ctx.b_dtype, device=dev).index_add_(0, idx_N % F_, g_N.to(ctx.b_dtype))
+            grad_b = torch.zeros(F_, dtype=ctx.b_dtype, device=dev).index_add_(0, cols_N, g_N.to(ctx.b_dtype))
         return grad_h, grad_W, grad_b, None, None
 
 
-def selected_values(enc: tuple[Tensor, Tensor, Tensor], pre_BF: Tensor, idx_N: Tensor,
-                    keep_N: Tensor | None, sparse_backward: bool) -> Tensor:
+def selected_values(enc: tuple[Tensor, Tensor, Tensor] | None, pre_BF: Tensor, idx_N: Tensor,
+                    keep_N: Tensor | None, sparse_backward: bool = False) -> Tensor:
     """ReLU(pre) at the selected entries (times keep). The gradient reaches the encoder
     enc = (h, W, b) through SparseEncoderGrad if `sparse_backward` (then pre carries no graph), else
     through pre's own dense autograd graph (the reference)."""
@@ -248,8 +248,7 @@ def selected_values(enc: tuple[Tensor, Tensor, Tensor], pre_BF: Tensor, idx_N: T
 
 
 def _dense(pre_BF: Tensor, idx_N: Tensor, keep_N: Tensor | None) -> Tensor:
-    vals_N = F.relu(pre_BF.reshape(-1).gather(0, idx_N))
-    return Selection(idx_N, vals_N if keep_N is None else vals_N * keep_N, tuple(pre_BF.shape)).dense()
+    return Selection(idx_N, selected_values(None, pre_BF, idx_N, keep_N), tuple(pre_BF.shape)).dense()
 
 
 def topk(pre_BF: Tensor, k: int, scale_F: Tensor | None = None) -> Tensor:
@@ -345,10 +344,10 @@ def update_dead_counter(tokens_since_fired_F: Tensor, z: Tensor | Selection) -> 
     """Add the batch's tokens to every counter, reset those of latents that fired (z > 0
     somewhere; z dense (B, F) or a Selection)."""
     if isinstance(z, Selection):
-        fired_F = torch.zeros_like(tokens_since_fired_F, dtype=torch.uint8).scatter_reduce_(
-            0, z.idx % z.shape[1], (z.vals > 0).to(torch.uint8), "amax")
+        fired_F = torch.zeros_like(tokens_since_fired_F, dtype=torch.int32).scatter_reduce_(
+            0, z.idx % z.shape[1], (z.vals > 0).to(torch.int32), "amax")
     else:
-        fired_F = (z > 0).any(dim=0).to(torch.uint8)
+        fired_F = (z > 0).any(dim=0).to(torch.int32)
     all_reduce(fired_F, "max")  # distributed: fired on any rank
     tokens_since_fired_F += z.shape[0] * world_size()
     tokens_since_fired_F.masked_fill_(fired_F.bool(), 0)
@@ -464,7 +463,7 @@ def forward_with_losses(model: nn.Module, x_in: Tensor, target: Tensor) -> Outpu
             w_F = model.decoder_scale()
             l1 = (z_BF * (model.decoder_norms() if w_F is None else w_F)).sum(-1).mean()
     recon = model.decode(z_sel)
-    mse = (recon - target).pow(2).flatten(1).sum(-1).mean()
+    mse = F.mse_loss(recon, target, reduction="sum") / recon.shape[0]   # mean_b Σ (x̂ − x)², one fused pass
     auxk = mse.new_zeros(())
     if model.training:
         counter_F = model.tokens_since_fired
@@ -615,8 +614,8 @@ class SAE(nn.Module):
         """Remove the gradient component parallel to each decoder row (keeps ‖row‖ = 1 to
         first order, so Adam does not waste steps growing the norm)."""
         if self.W_dec.grad is not None:
-            W, g = self.W_dec, self.W_dec.grad
-            g -= (g * W).sum(-1, keepdim=True) * W / W.pow(2).sum(-1, keepdim=True)
+            W, g = self.W_dec, self.W_dec.grad   # g −= (⟨g, W⟩ / ⟨W, W⟩) W, row by row
+            g.addcmul_((torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W)).neg_()[:, None], W)
 
     @torch.no_grad()
     def after_step(self) -> None:
