@@ -7,7 +7,10 @@ One dictionary reads the residual stream at L layers at once and writes all of t
     z     = S(pre)                                          z:   (B, F)
     x̂_l  = z W_dec[:, l] + b_dec[l]                        x̂:  (B, L, d)  W_dec: (F, L, d)
 
-The encoder *sums* over layers, the decoder has one vector per latent and layer.
+The encoder *sums* over layers, the decoder has one vector per latent and layer. The encoder
+is one product of the L layers side by side, pre = [x_1 − b_dec[1], …, x_L − b_dec[L]] W + b_enc
+with W = W_enc viewed as (L·d, F) (`encoder_linear`): its backward reads only the selected
+latents (sae.SparseEncoderGrad), so the L per-layer weight gradients are sparse the same way.
 S is a sparsifier from sae.py (TopK, BatchTopK, or ReLU + L1). Latents are selected by
 their score  z_f · Σ_l ‖W_dec[f, l]‖  (activation times the sum over layers of the decoder
 norms, Minder et al. 2025 / the crosscoder L1 weighting) but the unscaled z_f is decoded.

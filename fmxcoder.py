@@ -40,6 +40,10 @@ Forward, never materialising d × F × L (x here is x − b_dec; MACs per token)
   batch; they are computed one layer at a time (a (F, d) slice, never the whole tensor):
   F·L·d·R (CP) or F·L·(R1R2R3 + d·R1R2) (TR) MACs per batch. `costs(config)` and
   `cost_report()` give all these numbers against the dense crosscoder.
+  Backward of the last encoder contraction (pre = v Bᵀ, pre = N G2ᵀ): its gradient is non-zero
+  only at the selected latents, so the gradients of the latent factor (B, G2) and of v / N read
+  those k entries per token (sae.SparseEncoderGrad, where sae.SPARSE_BACKWARD is on): k·R (CP)
+  or k·R2R3 (TR) MACs each instead of F·R or F·R2R3. The contractions before it stay dense.
 
 Init: the materialised decoder has the dense crosscoder's per-entry variance 1/(L·d).
 The latent factor gets a unit-scale code per latent, the two others share the rest:

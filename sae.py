@@ -210,6 +210,7 @@ class SparseEncoderGrad(torch.autograd.Function):
         return pre_BF.reshape(-1).gather(0, idx_N)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_N: Tensor):
         h_BD, W_FD, idx_N = ctx.saved_tensors
         (B, F_), dev = ctx.shape, idx_N.device
@@ -614,8 +615,8 @@ class SAE(nn.Module):
         """Remove the gradient component parallel to each decoder row (keeps ‖row‖ = 1 to
         first order, so Adam does not waste steps growing the norm)."""
         if self.W_dec.grad is not None:
-            W, g = self.W_dec, self.W_dec.grad   # g −= (⟨g, W⟩ / ⟨W, W⟩) W, row by row
-            g.addcmul_((torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W)).neg_()[:, None], W)
+            W, g = self.W_dec, self.W_dec.grad   # g −= (⟨g, W⟩ / ‖W‖²) W, row by row
+            g.addcmul_(((g * W).sum(-1) / W.norm(dim=-1).square()).neg_()[:, None], W)
 
     @torch.no_grad()
     def after_step(self) -> None:

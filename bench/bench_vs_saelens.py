@@ -25,7 +25,9 @@ Fairness. The implementations are stepped *interleaved* (one step of each in tur
 on its own), so a noisy or shared machine slows all of them alike. Each side keeps its own
 defaults where they are part of the method:
   ours          unit-norm decoder rows (gradient projection + renormalisation), W_enc = W_decᵀ,
-                b_dec = geometric median of the first batch, AuxK coefficient 1/32
+                b_dec = geometric median of the first batch, AuxK coefficient 1/32; one step =
+                sae.train_step with train.py's Adam (CPU: the sparse encoder backward, the
+                default there); a second row steps the same model with Adam(fused=True)
   SAELens       TopKTrainingSAE defaults: decoder rows initialised at norm 0.1, selection on
                 pre-activation × decoder norm (rescale_acts_by_decoder_norm), AuxK coefficient 1,
                 b_dec = 0; one step = SAETrainer.step (forward + losses, dead-feature counters,
@@ -95,11 +97,12 @@ def fvu(recon_fn, x_ND: torch.Tensor, device, chunk: int = 4096) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def ours(a, first_batch):
+def ours(a, first_batch, fused_adam=False):
+    """sae.SAE stepped by train.py's step, with train.py's Adam, or with Adam(fused=True)."""
     m = sae.SAE(sae.SAEConfig(d_in=first_batch.shape[1], n_latents=a.n_latents, k=a.k,
                               dead_tokens=a.dead_steps * a.batch)).to(a.device)
     m.init_b_dec(first_batch.to(a.device), "median")
-    opt = torch.optim.Adam(m.parameters(), lr=a.lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(m.parameters(), lr=a.lr, betas=(0.9, 0.999), fused=fused_adam)
 
     def step(x):   # train.py's step
         sae.train_step(m, opt, x).loss.item()
@@ -148,6 +151,7 @@ def dictionary_learning(a, first_batch):
 
 IMPLS = {
     "ours (sae.py)": ours,
+    "ours (sae.py), Adam(fused=True)": partial(ours, fused_adam=True),
     "SAELens": saelens,
     "SAELens, rescale_acts_by_decoder_norm=False": partial(saelens, rescale_acts_by_decoder_norm=False),
     "SAELens, rescale_acts_by_decoder_norm=False, use_sparse_activations=True": partial(
