@@ -138,7 +138,7 @@ def cp_encode(x_BLD: Tensor, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> tuple[
     """(v, B): the encoder up to its last contraction, pre = v Bᵀ (the latent factor B is the
     "W" of sae.SparseEncoderGrad: its gradient Gᵀv and v's, G B, read only the selected entries)."""
     u_BLR = torch.einsum("bld,dr->blr", x_BLD, A_DR)
-    v_BR = torch.einsum("blr,lr->br", u_BLR, C_LR)
+    v_BR = (u_BLR * C_LR).sum(1)      # Σ_l C[l] ⊙ u_l (einsum "blr,lr->br" ran as R tiny copies + bmm's)
     return v_BR, B_FR
 
 

@@ -214,17 +214,18 @@ class SparseEncoderGrad(torch.autograd.Function):
     def backward(ctx, g_N: Tensor):
         h_BD, W_FD, idx_N = ctx.saved_tensors
         (B, F_), dev = ctx.shape, idx_N.device
+        # contiguous rows: embedding_bag's row gathers from a strided tensor are slow (CP's v is one)
+        W_rows, h_rows = W_FD.contiguous(), h_BD.to(W_FD.dtype).contiguous()
         g_N = g_N.to(W_FD.dtype)
         rows_N, cols_N = idx_N // F_, idx_N % F_
         grad_h = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:  # ∂L/∂h[b] = Σ_{n: b_n = b} g_n W[f_n]: each token's entries are contiguous
             starts_B = torch.searchsorted(idx_N, torch.arange(B, device=dev) * F_)
-            grad_h = F.embedding_bag(cols_N, W_FD, starts_B, mode="sum", per_sample_weights=g_N).to(h_BD.dtype)
+            grad_h = F.embedding_bag(cols_N, W_rows, starts_B, mode="sum", per_sample_weights=g_N).to(h_BD.dtype)
         if ctx.needs_input_grad[1]:  # ∂L/∂W[f] = Σ_{n: f_n = f} g_n h[b_n]: group the entries by latent
             by_latent_N, order_N = cols_N.sort()
             starts_F = torch.searchsorted(by_latent_N, torch.arange(F_, device=dev))
-            grad_W = F.embedding_bag(rows_N[order_N], h_BD.to(W_FD.dtype), starts_F, mode="sum",
-                                     per_sample_weights=g_N[order_N])
+            grad_W = F.embedding_bag(rows_N[order_N], h_rows, starts_F, mode="sum", per_sample_weights=g_N[order_N])
         if ctx.needs_input_grad[2]:  # ∂L/∂b[f] = Σ_{n: f_n = f} g_n
             grad_b = torch.zeros(F_, dtype=ctx.b_dtype, device=dev).index_add_(0, cols_N, g_N.to(ctx.b_dtype))
         return grad_h, grad_W, grad_b, None, None
