@@ -118,11 +118,11 @@ def orthonormal_retraction(U: Tensor, eps_norm: float = 1e-6, eps_jitter: float 
     the device (the jitter is drawn every call and used only when the guard holds)."""
     W = U if U.dtype in (torch.float32, torch.float64) else U.float()  # QR needs fp32/fp64
     fro = torch.linalg.matrix_norm(W)
-    W = torch.where(fro < eps_jitter, W + jitter_std * torch.randn_like(W), W)
-    Q, R = torch.linalg.qr(W, mode="reduced")
+    noise = torch.randn_like(W).mul_((fro < eps_jitter) * jitter_std)   # 0 unless ‖U‖_F < eps_jitter
+    Q, R = torch.linalg.qr(noise.add_(W), mode="reduced")
     sign = torch.sign(torch.diagonal(R))
-    Q = Q * torch.where(sign == 0, 1.0, sign)
-    return torch.where(fro < eps_norm, U, Q.to(U.dtype))
+    Q = Q.mul_(torch.where(sign == 0, 1.0, sign)).to(U.dtype).contiguous()  # QR's Q is column-major
+    return torch.where(fro < eps_norm, U, Q)
 
 
 class PolySAE(SAE):
