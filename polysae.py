@@ -114,8 +114,8 @@ def orthonormal_retraction(U: Tensor, eps_norm: float = 1e-6, eps_jitter: float 
                            jitter_std: float = 1e-6) -> Tensor:
     """Q of the reduced QR of U (F, R) with diag(R) > 0, i.e. U = Q R, QᵀQ = I.
     Returns U unchanged if ‖U‖_F < eps_norm; adds jitter first if ‖U‖_F < eps_jitter.
-    The guards are torch.where selections, not Python ifs on ‖U‖_F, so the host never reads
-    the device (the jitter is drawn every call and used only when the guard holds)."""
+    The guards are tensor operations (a 0/1 factor on the jitter, torch.where for the skip), not
+    Python ifs on ‖U‖_F, so the host never reads the device; the jitter is drawn every call."""
     W = U if U.dtype in (torch.float32, torch.float64) else U.float()  # QR needs fp32/fp64
     fro = torch.linalg.matrix_norm(W)
     noise = torch.randn_like(W).mul_((fro < eps_jitter) * jitter_std)   # 0 unless ‖U‖_F < eps_jitter

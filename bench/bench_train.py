@@ -237,8 +237,8 @@ def main(argv=None) -> int:
     for r in rows:
         fracs = " | ".join(f"{100 * r['matmul_gflop_step'] / r['step_s'] / v:.0f} %" for v in peaks.values())
         print(f"| {r['kind']} | {r['path']}{' *' if r['path'] == default else ''} | {r['dtype']} | {r['params']:,} | "
-              f"{r['tok_s']:,.0f} | {1e3 * r['step_s']:,.0f} | {r['gflop_step']:,.1f} | {r['matmul_gflop_step']:,.1f} | "
-              f"{fracs} | {r['peak_mb']:,.0f} |")
+              f"{r['tok_s']:,.0f} | {1e3 * r['step_s']:,.0f} | {r['gflop_step']:,.1f} | "
+              f"{r['matmul_gflop_step']:,.1f} | {fracs} | {r['peak_mb']:,.0f} |")
     by = {(r["kind"], r["path"], r["dtype"]): r for r in rows}
     print()
     for (kind, path, dtype), r in by.items():
