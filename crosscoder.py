@@ -7,7 +7,10 @@ One dictionary reads the residual stream at L layers at once and writes all of t
     z     = S(pre)                                          z:   (B, F)
     x̂_l  = z W_dec[:, l] + b_dec[l]                        x̂:  (B, L, d)  W_dec: (F, L, d)
 
-The encoder *sums* over layers, the decoder has one vector per latent and layer.
+The encoder *sums* over layers, the decoder has one vector per latent and layer. The encoder
+is one product of the L layers side by side, pre = [x_1 − b_dec[1], …, x_L − b_dec[L]] W + b_enc
+with W = W_enc viewed as (L·d, F) (`encoder_linear`): its backward reads only the selected
+latents (sae.SparseEncoderGrad), so the L per-layer weight gradients are sparse the same way.
 S is a sparsifier from sae.py (TopK, BatchTopK, or ReLU + L1). Latents are selected by
 their score  z_f · Σ_l ‖W_dec[f, l]‖  (activation times the sum over layers of the decoder
 norms, Minder et al. 2025 / the crosscoder L1 weighting) but the unscaled z_f is decoded.
@@ -43,9 +46,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from sae import Output, check_common, forward_with_losses, geometric_median, sparse_decode, sparsify
+from sae import (HostMirror, Output, check_common, forward_with_losses, geometric_median, read_int, read_max,
+                 sparse_decode, sparsify)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class CrossCoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n))                    # (F,)
         self.b_dec = nn.Parameter(torch.zeros(L, d))                 # (L, d)
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        self.dead_bound = HostMirror(read_max, self.tokens_since_fired, 0)  # ≥ max(tokens_since_fired)
         self.register_buffer("threshold", torch.tensor(-1.0))        # BatchTopK inference θ
         # Per-layer factor on the decoder norms in the selection score: 1, or s_l after
         # fold_input_scale, so that folding does not change which latents are selected.
@@ -107,6 +113,7 @@ class CrossCoder(nn.Module):
         # (after optimiser steps 1, n + 1, ...; exact before the first step): saved, so a
         # resumed run selects the same.
         self.register_buffer("steps_done", torch.tensor(0))
+        self.steps_host = HostMirror(read_int, self.steps_done, 0)   # steps_done, read on the host
         self.register_buffer("score_scale", self.exact_decoder_scale().detach())  # (F,)
 
     # -- the weight-specific part (fmxcoder.FMXCoder overrides these) --------------------
@@ -115,11 +122,17 @@ class CrossCoder(nn.Module):
         W_dec = torch.randn(c.n_latents, c.n_layers, c.d_in)
         W_dec /= W_dec.norm(dim=-1, keepdim=True) * c.n_layers ** 0.5   # ‖W_dec[f, l]‖ = 1/√L
         self.W_dec = nn.Parameter(W_dec)                              # (F, L, d)
-        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).clone())     # (L, d, F)
+        self.W_enc = nn.Parameter(W_dec.permute(1, 2, 0).clone())     # (L, d, F), stored as (F, L, d)
+
+    def encoder_linear(self, x_BLD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(h, W, b) with pre = h Wᵀ + b = Σ_l (x_l − b_dec[l]) W_enc[l] + b_enc: h (B, L·d) the
+        layers side by side, W (F, L·d) (a view of W_enc), b = b_enc (F,)."""
+        B, L, d = x_BLD.shape
+        return (x_BLD - self.b_dec).reshape(B, L * d), self.W_enc.reshape(L * d, -1).T, self.b_enc
 
     def pre_acts(self, x_BLD: Tensor) -> Tensor:
         """(B, F) dense pre-activations, before ReLU and the sparsifier."""
-        return torch.einsum("bld,ldf->bf", x_BLD - self.b_dec, self.W_enc) + self.b_enc
+        return F.linear(*self.encoder_linear(x_BLD))
 
     def decode_nobias(self, z_BF: Tensor) -> Tensor:
         F_, L, d = self.W_dec.shape
@@ -156,7 +169,7 @@ class CrossCoder(nn.Module):
         forward pass at small batches (bench/bench_train.py); stale by < n steps, they pick
         the same latents up to near-ties."""
         c = self.config
-        if self.training and c.norm_every > 1 and c.sparsity != "relu" and self.steps_done > 0:
+        if self.training and c.norm_every > 1 and c.sparsity != "relu" and self.steps_host.get(self.steps_done) > 0:
             return self.score_scale
         return self.exact_decoder_scale()
 
@@ -205,9 +218,12 @@ class CrossCoder(nn.Module):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """No decoder-norm constraint; every norm_every steps, refresh the selection scale."""
+        """No decoder-norm constraint; every norm_every steps, refresh the selection scale.
+        The step count is mirrored on the host (steps_host), so that this is no host–device sync."""
+        steps = self.steps_host.get(self.steps_done) + 1
         self.steps_done += 1
-        if self.config.norm_every > 1 and (self.steps_done - 1) % self.config.norm_every == 0:
+        self.steps_host.set(self.steps_done, steps)
+        if self.config.norm_every > 1 and (steps - 1) % self.config.norm_every == 0:
             self.score_scale.copy_(self.exact_decoder_scale())   # after steps 1, n + 1, 2n + 1, ...
 
     @torch.no_grad()

@@ -40,6 +40,10 @@ Forward, never materialising d × F × L (x here is x − b_dec; MACs per token)
   batch; they are computed one layer at a time (a (F, d) slice, never the whole tensor):
   F·L·d·R (CP) or F·L·(R1R2R3 + d·R1R2) (TR) MACs per batch. `costs(config)` and
   `cost_report()` give all these numbers against the dense crosscoder.
+  Backward of the last encoder contraction (pre = v Bᵀ, pre = N G2ᵀ): its gradient is non-zero
+  only at the selected latents, so the gradients of the latent factor (B, G2) and of v / N read
+  those k entries per token (sae.SparseEncoderGrad, where sae.SPARSE_BACKWARD is on): k·R (CP)
+  or k·R2R3 (TR) MACs each instead of F·R or F·R2R3. The contractions before it stay dense.
 
 Init: the materialised decoder has the dense crosscoder's per-entry variance 1/(L·d).
 The latent factor gets a unit-scale code per latent, the two others share the rest:
@@ -130,10 +134,12 @@ def check_ranks(factorization: str, rs: tuple[int, ...], d: int, F: int, L: int)
 # ----------------------------------------------------------------------------------------
 
 
-def cp_encode(x_BLD: Tensor, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> Tensor:
+def cp_encode(x_BLD: Tensor, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> tuple[Tensor, Tensor]:
+    """(v, B): the encoder up to its last contraction, pre = v Bᵀ (the latent factor B is the
+    "W" of sae.SparseEncoderGrad: its gradient Gᵀv and v's, G B, read only the selected entries)."""
     u_BLR = torch.einsum("bld,dr->blr", x_BLD, A_DR)
-    v_BR = torch.einsum("blr,lr->br", u_BLR, C_LR)
-    return v_BR @ B_FR.T
+    v_BR = (u_BLR * C_LR).sum(1)      # Σ_l C[l] ⊙ u_l (einsum "blr,lr->br" ran as R tiny copies + bmm's)
+    return v_BR, B_FR
 
 
 def cp_decode(z_BF: Tensor, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> Tensor:
@@ -146,7 +152,9 @@ def cp_layer(l: int, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> Tensor:
     return (B_FR * C_LR[l]) @ A_DR.T
 
 
-def tr_encode(x_BLD: Tensor, G1: Tensor, G2: Tensor, G3: Tensor) -> Tensor:
+def tr_encode(x_BLD: Tensor, G1: Tensor, G2: Tensor, G3: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, W): the encoder up to its last contraction, pre = N Wᵀ with N (B, R2·R3) and
+    W[f] = G2[:, f, :] flattened (F, R2·R3), the latent core (sparse backward as for CP)."""
     (R1, d, R2), (_, F, R3), L = G1.shape, G2.shape, x_BLD.shape[1]
     B = x_BLD.shape[0]
     # M[n, l, a, b] = Σ_d x[n, l, d] G1[a, d, b]
@@ -155,7 +163,7 @@ def tr_encode(x_BLD: Tensor, G1: Tensor, G2: Tensor, G3: Tensor) -> Tensor:
     M = M.view(B, L * R1, R2).transpose(1, 2).reshape(B * R2, L * R1)
     N = M @ G3.reshape(R3, L * R1).T
     # pre[n, f] = Σ_{b, c} N[n, b, c] G2[b, f, c] = Tr(G2[:, f, :] N)
-    return N.view(B, R2 * R3) @ G2.permute(0, 2, 1).reshape(R2 * R3, F)
+    return N.view(B, R2 * R3), G2.permute(1, 0, 2).reshape(F, R2 * R3)
 
 
 def tr_decode(z_BF: Tensor, G1: Tensor, G2: Tensor, G3: Tensor) -> Tensor:
@@ -242,9 +250,11 @@ class FMXCoder(CrossCoder):
             return torch.stack([layer(i, *fs) for i in range(self.config.n_layers)], dim=1)
         return layer(l, *fs)
 
-    def pre_acts(self, x_BLD: Tensor) -> Tensor:
+    def encoder_linear(self, x_BLD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(h, W, b) with pre = h Wᵀ + b: the factorised encoder up to its last contraction (CP:
+        h = v (B, R), W = B_enc (F, R); TR: h = N (B, R2·R3), W = G2_enc (F, R2·R3)), b = b_enc."""
         enc = cp_encode if self.config.factorization == "cp" else tr_encode
-        return enc(x_BLD - self.b_dec, *self.factors("enc")) + self.b_enc
+        return *enc(x_BLD - self.b_dec, *self.factors("enc")), self.b_enc
 
     def decode_nobias(self, z_BF: Tensor) -> Tensor:
         dec = cp_decode if self.config.factorization == "cp" else tr_decode

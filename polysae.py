@@ -113,17 +113,16 @@ def sae_param_count(d_in: int, n_latents: int) -> int:
 def orthonormal_retraction(U: Tensor, eps_norm: float = 1e-6, eps_jitter: float = 1e-4,
                            jitter_std: float = 1e-6) -> Tensor:
     """Q of the reduced QR of U (F, R) with diag(R) > 0, i.e. U = Q R, QᵀQ = I.
-    Returns U unchanged if ‖U‖_F < eps_norm; adds jitter first if ‖U‖_F < eps_jitter."""
+    Returns U unchanged if ‖U‖_F < eps_norm; adds jitter first if ‖U‖_F < eps_jitter.
+    The guards are tensor operations (a 0/1 factor on the jitter, torch.where for the skip), not
+    Python ifs on ‖U‖_F, so the host never reads the device; the jitter is drawn every call."""
     W = U if U.dtype in (torch.float32, torch.float64) else U.float()  # QR needs fp32/fp64
     fro = torch.linalg.matrix_norm(W)
-    if fro < eps_norm:
-        return U
-    if fro < eps_jitter:
-        W = W + jitter_std * torch.randn_like(W)
-    Q, R = torch.linalg.qr(W, mode="reduced")
+    noise = torch.randn_like(W).mul_((fro < eps_jitter) * jitter_std)   # 0 unless ‖U‖_F < eps_jitter
+    Q, R = torch.linalg.qr(noise.add_(W), mode="reduced")
     sign = torch.sign(torch.diagonal(R))
-    sign[sign == 0] = 1
-    return (Q * sign).to(U.dtype)
+    Q = Q.mul_(torch.where(sign == 0, 1.0, sign)).to(U.dtype).contiguous()  # QR's Q is column-major
+    return torch.where(fro < eps_norm, U, Q)
 
 
 class PolySAE(SAE):

@@ -20,6 +20,10 @@ fmxcoder and PolySAE import from here:
               so one token is encoded without a batch: z = pre · 1[pre > θ].
   relu        ReLU plus an L1 penalty λ Σ_i z_i ‖W_dec[i]‖ (the classic SAE).
 
+TopK and BatchTopK (in training) select a fixed number of entries, N = B·k: the selection is a
+`Selection` (their flat indices and values), decoded by reading only the N active decoder rows
+(`sparse_decode`), with no data-dependent shapes, so a training step never waits for the GPU.
+
 Scores. Crosscoders select by activation × decoder norm (a latent that writes more counts
 more) but decode the unscaled activation; the sparsifiers therefore take an optional
 per-latent `scale_F`. For an SAE with unit-norm decoder rows the scale is 1.
@@ -34,6 +38,29 @@ Loss (per batch of B tokens)
 
 A latent is dead when it has not fired for `dead_tokens` tokens; the counter is a buffer,
 so it is saved and resumed with the model.
+
+Sparse backward (TopK / BatchTopK). Every dictionary's encoder ends in one linear map,
+`encoder_linear(x) → (h, W, b)` with
+
+    pre = h Wᵀ + b           h: (B, D)   W: (F, D)   b: (F,)
+
+(SAE, PolySAE: h = x − b_dec, W = W_encᵀ, D = d; crosscoder: h = the L layers' x_l − b_dec[l]
+side by side, D = L·d; fmxcoder: h and W are the last contraction of the factorised encoder).
+The loss reads pre only at the N selected entries v_n = pre[b_n, f_n] (the k per token, plus the
+k_aux AuxK entries while latents may be dead); ReLU and the masks act on v elementwise. With
+g_n = ∂L/∂v_n, the gradient G = ∂L/∂pre = Σ_n g_n e_{b_n} e_{f_n}ᵀ has at most N non-zeros, so
+
+    ∂L/∂h[b] = (G W)[b]  = Σ_{n: b_n = b} g_n W[f_n]      N·D multiply-adds instead of B·F·D
+    ∂L/∂W[f] = (Gᵀ h)[f] = Σ_{n: f_n = f} g_n h[b_n]      N·D instead of B·F·D
+    ∂L/∂b[f] =             Σ_{n: f_n = f} g_n
+
+and autograd carries ∂L/∂h on to x and b_dec (∂L/∂b_dec = −Σ_b ∂L/∂h[b]: b_dec is trained through
+the encoder as well as the decoder) or into the factorised encoder. The selection itself is
+piecewise constant in pre (its derivative is 0 almost everywhere), and a selected entry that
+ReLU zeroes gets g_n = 0 from ReLU's backward, as in the dense path. `SparseEncoderGrad` computes
+the three sums with F.embedding_bag (per-sample weights g) and index_add_; the forward stays one
+dense product. Whether a device uses it is `SPARSE_BACKWARD[device type]` (the dense autograd
+path is the reference; tests check both give the same gradients).
 
 Decoder-norm policy: rows of W_dec are kept at unit norm. Before each optimiser step the
 gradient component parallel to each row is removed (`before_step`), after it the rows are
@@ -66,6 +93,18 @@ from torch import Tensor
 
 SPARSITIES = ("topk", "batchtopk", "relu")
 
+# Per device type: does a TopK/BatchTopK training step use the sparse encoder backward
+# (SparseEncoderGrad) rather than dense autograd? The default on each device type is the path
+# bench/bench_train.py measured faster there. CPU: sparse (several times fewer FLOPs, measured faster).
+# CUDA: dense until it is measured on a GPU (cuBLAS may beat a scatter-add backward at large
+# batch). Switch at run time, e.g. sae.SPARSE_BACKWARD["cuda"] = True; unlisted types use dense.
+SPARSE_BACKWARD = {"cpu": True, "cuda": False}
+
+
+def sparse_backward_on(device: torch.device) -> bool:
+    return SPARSE_BACKWARD.get(device.type, False)
+
+
 # ----------------------------------------------------------------------------------------
 # Data parallelism (train.py under torchrun): the few statistics that are not gradients
 # ----------------------------------------------------------------------------------------
@@ -86,38 +125,142 @@ def all_reduce(t: Tensor, op: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# Sparsifiers: pure functions on pre-activations (B, F)
+# Selections: fixed-size sparse latents
 # ----------------------------------------------------------------------------------------
+
+
+class Selection(NamedTuple):
+    """Sparse latents z (B, F) given by N selected entries: z[b, f] = vals[n] at idx[n] = b·F + f,
+    0 elsewhere. idx is sorted, so each token's entries are contiguous. A selected entry may hold
+    0 (ReLU'd, or masked out by `keep`). N is fixed by the sparsifier (B·k), never by the data."""
+    idx: Tensor                  # (N,) int64, flat indices into B·F, ascending
+    vals: Tensor                 # (N,) values, differentiable
+    shape: tuple[int, int]       # (B, F)
+
+    def dense(self) -> Tensor:
+        """(B, F) z with zeros elsewhere (differentiable in vals)."""
+        B, F_ = self.shape
+        return self.vals.new_zeros(B * F_).scatter_(0, self.idx, self.vals).view(B, F_)
+
+    def offsets(self) -> Tensor:
+        """(B,) where each token's entries start in idx (for F.embedding_bag)."""
+        B, F_ = self.shape
+        return torch.searchsorted(self.idx, torch.arange(B, device=self.idx.device) * F_)
+
+
+def scores(pre_BF: Tensor, scale_F: Tensor | None = None) -> Tensor:
+    """The selection score: pre, times the positive per-latent scale if given. Selecting on pre
+    rather than ReLU(pre) picks the same positive entries (only which of the entries that ReLU
+    zeroes fill a row with fewer than k positives differs, and those decode as 0) and saves a
+    pass over (B, F)."""
+    return pre_BF if scale_F is None else pre_BF * scale_F
+
+
+@torch.no_grad()
+def topk_indices(score_BF: Tensor, k: int) -> Tensor:
+    """(B·k,) sorted flat indices of the k largest scores of each row."""
+    B, F_ = score_BF.shape
+    idx_BK = score_BF.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    return (idx_BK + F_ * torch.arange(B, device=idx_BK.device)[:, None]).flatten()
+
+
+@torch.no_grad()
+def batch_topk_indices(score_BF: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """Sorted flat indices of the B·k largest scores of the whole batch, and a keep mask (or None).
+
+    Under torch.distributed (data-parallel training) the batch is the *global* batch: each rank
+    sends its local top-(world·B·k) scores (one rank may hold all of the global winners), and an
+    entry is kept when its score reaches the (world·B·k)-th largest of them, so every rank selects
+    exactly as one process would. The candidates are returned, with keep = score ≥ that value
+    (a fixed size, world·B·k; the ones not kept decode as 0)."""
+    n_keep = min(k * score_BF.shape[0], score_BF.numel())
+    flat = score_BF.flatten()
+    if world_size() > 1:  # --- distributed: a global threshold from every rank's candidates
+        local = flat.topk(min(n_keep * world_size(), flat.numel()))
+        gathered = [torch.empty_like(local.values) for _ in range(world_size())]
+        torch.distributed.all_gather(gathered, local.values)
+        kth = torch.cat(gathered).topk(n_keep * world_size()).values.min()
+        idx, order = local.indices.sort()
+        return idx, local.values[order] >= kth
+    return flat.topk(n_keep, sorted=False).indices.sort().values, None
+
+
+def select(pre_BF: Tensor, sparsity: str, k: int, scale_F: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Training selection of "topk" or "batchtopk": (sorted flat indices, keep mask or None)."""
+    score_BF = scores(pre_BF.detach(), scale_F)
+    if sparsity == "topk":
+        return topk_indices(score_BF, k), None
+    return batch_topk_indices(score_BF, k)
+
+
+class SparseEncoderGrad(torch.autograd.Function):
+    """v = pre.flatten()[idx] for pre = h Wᵀ + b, computed elsewhere (without autograd), with the
+    sparse backward derived in the module docstring:
+
+        ∂L/∂h = G W,   ∂L/∂W = Gᵀ h,   ∂L/∂b = Σ_b G[b]      G = ∂L/∂pre, non-zero only at idx
+
+    h: (B, D), W: (F, D), b: (F,), pre: (B, F), idx: (N,) sorted flat indices (duplicates allowed).
+    Gradients are computed in W's dtype (float32 under bfloat16 autocast) and returned in each
+    input's dtype."""
+
+    @staticmethod
+    def forward(ctx, h_BD: Tensor, W_FD: Tensor, b_F: Tensor, pre_BF: Tensor, idx_N: Tensor) -> Tensor:
+        ctx.save_for_backward(h_BD, W_FD, idx_N)
+        ctx.shape, ctx.b_dtype = tuple(pre_BF.shape), b_F.dtype
+        return pre_BF.reshape(-1).gather(0, idx_N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_N: Tensor):
+        h_BD, W_FD, idx_N = ctx.saved_tensors
+        (B, F_), dev = ctx.shape, idx_N.device
+        # contiguous rows: embedding_bag's row gathers from a strided tensor are slow (CP's v is one)
+        W_rows, h_rows = W_FD.contiguous(), h_BD.to(W_FD.dtype).contiguous()
+        g_N = g_N.to(W_FD.dtype)
+        rows_N, cols_N = idx_N // F_, idx_N % F_
+        grad_h = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:  # ∂L/∂h[b] = Σ_{n: b_n = b} g_n W[f_n]: each token's entries are contiguous
+            starts_B = torch.searchsorted(idx_N, torch.arange(B, device=dev) * F_)
+            grad_h = F.embedding_bag(cols_N, W_rows, starts_B, mode="sum", per_sample_weights=g_N).to(h_BD.dtype)
+        if ctx.needs_input_grad[1]:  # ∂L/∂W[f] = Σ_{n: f_n = f} g_n h[b_n]: group the entries by latent
+            by_latent_N, order_N = cols_N.sort()
+            starts_F = torch.searchsorted(by_latent_N, torch.arange(F_, device=dev))
+            grad_W = F.embedding_bag(rows_N[order_N], h_rows, starts_F, mode="sum", per_sample_weights=g_N[order_N])
+        if ctx.needs_input_grad[2]:  # ∂L/∂b[f] = Σ_{n: f_n = f} g_n
+            grad_b = torch.zeros(F_, dtype=ctx.b_dtype, device=dev).index_add_(0, cols_N, g_N.to(ctx.b_dtype))
+        return grad_h, grad_W, grad_b, None, None
+
+
+def selected_values(enc: tuple[Tensor, Tensor, Tensor] | None, pre_BF: Tensor, idx_N: Tensor,
+                    keep_N: Tensor | None, sparse_backward: bool = False) -> Tensor:
+    """ReLU(pre) at the selected entries (times keep). The gradient reaches the encoder
+    enc = (h, W, b) through SparseEncoderGrad if `sparse_backward` (then pre carries no graph), else
+    through pre's own dense autograd graph (the reference)."""
+    if sparse_backward:
+        raw_N = SparseEncoderGrad.apply(*enc, pre_BF, idx_N)
+    else:
+        raw_N = pre_BF.reshape(-1).gather(0, idx_N)
+    vals_N = F.relu(raw_N)
+    return vals_N if keep_N is None else vals_N * keep_N
+
+
+# ----------------------------------------------------------------------------------------
+# Sparsifiers on dense pre-activations (B, F) → dense z (B, F)
+# ----------------------------------------------------------------------------------------
+
+
+def _dense(pre_BF: Tensor, idx_N: Tensor, keep_N: Tensor | None) -> Tensor:
+    return Selection(idx_N, selected_values(None, pre_BF, idx_N, keep_N), tuple(pre_BF.shape)).dense()
 
 
 def topk(pre_BF: Tensor, k: int, scale_F: Tensor | None = None) -> Tensor:
     """ReLU, then keep the k largest (score = act · scale) entries per row."""
-    acts_BF = F.relu(pre_BF)
-    score_BF = acts_BF if scale_F is None else acts_BF * scale_F
-    idx_BK = score_BF.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(acts_BF).scatter(-1, idx_BK, acts_BF.gather(-1, idx_BK))
+    return _dense(pre_BF, topk_indices(scores(pre_BF.detach(), scale_F), k), None)
 
 
 def batch_topk(pre_BF: Tensor, k: int, scale_F: Tensor | None = None) -> Tensor:
-    """ReLU, then keep the B·k largest (score = act · scale) entries of the whole batch.
-
-    Under torch.distributed (data-parallel training) the batch is the *global* batch: each
-    rank sends its local top-(world·B·k) scores (one rank may hold all of the global winners),
-    and an entry is kept when its score reaches the (world·B·k)-th largest of them, so every
-    rank selects exactly as one process would."""
-    acts_BF = F.relu(pre_BF)
-    score_BF = acts_BF if scale_F is None else acts_BF * scale_F
-    n_keep = min(k * acts_BF.shape[0], acts_BF.numel())
-    if world_size() > 1:  # --- distributed: a global threshold from every rank's candidates
-        local = score_BF.detach().flatten().topk(min(n_keep * world_size(), score_BF.numel())).values
-        gathered = [torch.empty_like(local) for _ in range(world_size())]
-        torch.distributed.all_gather(gathered, local)
-        kth = torch.cat(gathered).topk(n_keep * world_size()).values.min()
-        return acts_BF * (score_BF >= kth)
-    idx = score_BF.flatten().topk(n_keep, sorted=False).indices
-    keep = torch.zeros(acts_BF.numel(), dtype=torch.bool, device=acts_BF.device)
-    keep[idx] = True
-    return acts_BF * keep.view_as(acts_BF)
+    """ReLU, then keep the B·k largest (score = act · scale) entries of the whole (global) batch."""
+    return _dense(pre_BF, *batch_topk_indices(scores(pre_BF.detach(), scale_F), k))
 
 
 def jump(pre_BF: Tensor, threshold: Tensor | float, scale_F: Tensor | None = None) -> Tensor:
@@ -130,34 +273,38 @@ def jump(pre_BF: Tensor, threshold: Tensor | float, scale_F: Tensor | None = Non
 def sparsify(pre_BF: Tensor, sparsity: str, k: int, training: bool,
              threshold: Tensor, scale_F: Tensor | None = None) -> Tensor:
     """Apply the configured sparsifier. `threshold` is the BatchTopK inference threshold
-    (a 0-dim buffer, < 0 while uncalibrated: then per-row TopK is used at inference)."""
+    (a 0-dim buffer, < 0 while uncalibrated: then per-row TopK is used at inference; both are
+    computed and torch.where picks one, so encoding never reads the threshold on the host)."""
     if sparsity == "topk":
         return topk(pre_BF, k, scale_F)
     if sparsity == "batchtopk":
         if training:
             return batch_topk(pre_BF, k, scale_F)
-        if threshold.item() < 0:
-            return topk(pre_BF, k, scale_F)
-        return jump(pre_BF, threshold, scale_F)
+        return torch.where(threshold < 0, topk(pre_BF, k, scale_F), jump(pre_BF, threshold, scale_F))
     if sparsity == "relu":
         return F.relu(pre_BF)
     raise ValueError(f"sparsity must be one of {SPARSITIES}, got {sparsity!r}")
 
 
+def entries(z: Tensor | Selection) -> tuple[Tensor, Tensor]:
+    """(latent index, value) of z's entries: the selected ones of a Selection, all of a dense z."""
+    if isinstance(z, Selection):
+        return z.idx % z.shape[1], z.vals
+    return torch.arange(z.shape[1], device=z.device).expand_as(z), z
+
+
 @torch.no_grad()
-def update_threshold(threshold: Tensor, z_BF: Tensor, scale_F: Tensor | None = None,
+def update_threshold(threshold: Tensor, z: Tensor | Selection, scale_F: Tensor | None = None,
                      momentum: float = 0.01) -> None:
-    """EMA (in place) of the smallest kept score of a BatchTopK batch."""
-    score_BF = z_BF if scale_F is None else z_BF * scale_F
-    kept = score_BF[z_BF > 0]
-    smallest = (kept.min() if kept.numel() else score_BF.new_tensor(torch.inf)).to(threshold.dtype)
+    """EMA (in place) of the smallest kept score of a BatchTopK batch (z dense or a Selection);
+    the first batch sets it (θ < 0 means uncalibrated); a batch that keeps nothing leaves it.
+    No host reads."""
+    cols, vals = entries(z)
+    score = vals if scale_F is None else vals * scale_F[cols]
+    smallest = torch.where(vals > 0, score, torch.inf).amin().to(threshold.dtype)
     all_reduce(smallest, "min")  # distributed: the smallest over the global batch
-    if not torch.isfinite(smallest):
-        return
-    if threshold.item() < 0:
-        threshold.copy_(smallest)
-    else:
-        threshold.lerp_(smallest, momentum)
+    new = torch.where(threshold < 0, smallest, torch.lerp(threshold, smallest, momentum))
+    threshold.copy_(torch.where(torch.isfinite(smallest), new, threshold))
 
 
 # ----------------------------------------------------------------------------------------
@@ -165,29 +312,66 @@ def update_threshold(threshold: Tensor, z_BF: Tensor, scale_F: Tensor | None = N
 # ----------------------------------------------------------------------------------------
 
 
+class HostMirror:
+    """An integer the host keeps about a buffer, so that a training step can branch on it without
+    reading the device (a host–device sync on a GPU): the step that changes the buffer also
+    updates the mirror (`set`). It is trusted while the buffer is the tensor it was recorded with
+    (same storage and version counter, which every in-place write bumps: load_state_dict, a
+    manual fill_); otherwise `read(buffer)` recomputes it, once (one sync, e.g. after loading a
+    checkpoint or moving the model to another device)."""
+
+    def __init__(self, read, buf: Tensor, value: int):
+        self.read = read
+        self.set(buf, value)
+
+    def set(self, buf: Tensor, value: int) -> None:
+        self.key, self.value = (buf.data_ptr(), buf._version), value
+
+    def get(self, buf: Tensor) -> int:
+        if self.key != (buf.data_ptr(), buf._version):
+            self.set(buf, self.read(buf))
+        return self.value
+
+
+def read_max(t: Tensor) -> int:
+    return int(t.max())
+
+
+def read_int(t: Tensor) -> int:
+    return int(t)
+
+
 @torch.no_grad()
-def update_dead_counter(tokens_since_fired_F: Tensor, z_BF: Tensor) -> None:
-    """Add the batch's tokens to every counter, reset those of latents that fired."""
-    fired_F = (z_BF > 0).any(dim=0).to(torch.uint8)
+def update_dead_counter(tokens_since_fired_F: Tensor, z: Tensor | Selection) -> None:
+    """Add the batch's tokens to every counter, reset those of latents that fired (z > 0
+    somewhere; z dense (B, F) or a Selection)."""
+    if isinstance(z, Selection):
+        fired_F = torch.zeros_like(tokens_since_fired_F, dtype=torch.int32).scatter_reduce_(
+            0, z.idx % z.shape[1], (z.vals > 0).to(torch.int32), "amax")
+    else:
+        fired_F = (z > 0).any(dim=0).to(torch.int32)
     all_reduce(fired_F, "max")  # distributed: fired on any rank
-    tokens_since_fired_F += z_BF.shape[0] * world_size()
-    tokens_since_fired_F[fired_F.bool()] = 0
+    tokens_since_fired_F += z.shape[0] * world_size()
+    tokens_since_fired_F.masked_fill_(fired_F.bool(), 0)
 
 
-def auxk_loss(pre_BF: Tensor, dead_F: Tensor, residual: Tensor, decode_fn, k_aux: int) -> Tensor:
-    """AuxK loss: the top-k_aux dead latents must explain the (detached) residual.
+@torch.no_grad()
+def auxk_indices(pre_BF: Tensor, dead_F: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """The AuxK selection: per token the min(k_aux, F) largest pre-activations among dead latents,
+    as sorted flat indices and keep = "the latent is dead" (a fixed size: with fewer dead latents
+    than k_aux the rest are masked out, so they decode as 0 and get no gradient)."""
+    masked_BF = torch.where(dead_F, pre_BF, -torch.inf)
+    idx_N = topk_indices(masked_BF, min(k_aux, pre_BF.shape[1]))
+    return idx_N, dead_F[idx_N % pre_BF.shape[1]]
 
-    residual: (B, ...) = x − x̂ ; decode_fn(z_BF) must decode *without* the bias b_dec.
-    Returns min(n_dead/k_aux, 1) · mean_b Σ (residual − decode_fn(z_aux))².
-    """
-    n_dead = int(dead_F.sum())
-    if n_dead == 0:
-        return pre_BF.new_zeros(())
-    k = min(k_aux, n_dead)
-    masked_BF = torch.where(dead_F, pre_BF, torch.full_like(pre_BF, -torch.inf))
-    z_aux_BF = topk(masked_BF, k)
-    err = residual.detach() - decode_fn(z_aux_BF)
-    return min(n_dead / k_aux, 1.0) * err.pow(2).flatten(1).sum(-1).mean()
+
+def auxk_loss(z_aux: Selection, dead_F: Tensor, residual: Tensor, decode_fn, k_aux: int) -> Tensor:
+    """AuxK loss: the top-k_aux dead latents (z_aux, from `auxk_indices`) must explain the
+    (detached) residual: (B, ...) = x − x̂ ; decode_fn(z) must decode *without* the bias b_dec.
+    Returns min(n_dead/k_aux, 1) · mean_b Σ (residual − decode_fn(z_aux))² (0 if nothing is dead)."""
+    scale = (dead_F.sum() / k_aux).clamp(max=1.0)
+    err = residual.detach() - decode_fn(z_aux)
+    return scale * err.pow(2).flatten(1).sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------------------
@@ -195,19 +379,27 @@ def auxk_loss(pre_BF: Tensor, dead_F: Tensor, residual: Tensor, decode_fn, k_aux
 # ----------------------------------------------------------------------------------------
 
 
-def sparse_decode(z_BF: Tensor, W_FX: Tensor) -> Tensor:
+def sparse_decode(z: Tensor | Selection, W_FX: Tensor) -> Tensor:
     """z @ W for sparse z, reading only the rows of W that are active (F.embedding_bag):
     k·X instead of F·X multiply-adds per token, about 4x faster forward + backward for a
     crosscoder decoder on CPU. Equal to the dense product up to float rounding (tested);
-    gradients reach W's active rows and z's non-zeros (the sparsifier zeroes the others'
-    gradients anyway). Falls back to the dense product when z is not sparse (ReLU + L1 early
-    in training)."""
-    rows, cols = z_BF.nonzero(as_tuple=True)
-    if len(rows) > z_BF.numel() // 8:
-        return z_BF @ W_FX
-    counts = torch.bincount(rows, minlength=z_BF.shape[0])
+    gradients reach W's active rows and z's selected entries.
+
+    z is a Selection (training: no host reads) or a dense (B, F) tensor, whose non-zeros are
+    found with nonzero() (a host–device sync: evaluation, analysis, ReLU + L1). Falls back to
+    the dense product when more than 1/8 of z is selected (ReLU + L1 early in training)."""
+    if isinstance(z, Selection):
+        B, F_ = z.shape
+        if len(z.idx) > B * F_ // 8:
+            return z.dense().to(W_FX.dtype) @ W_FX
+        return F.embedding_bag(z.idx % F_, W_FX, z.offsets(), mode="sum",
+                               per_sample_weights=z.vals.to(W_FX.dtype))
+    rows, cols = z.nonzero(as_tuple=True)
+    if len(rows) > z.numel() // 8:
+        return z.to(W_FX.dtype) @ W_FX
+    counts = torch.bincount(rows, minlength=z.shape[0])
     offsets = torch.cumsum(counts, 0) - counts
-    return F.embedding_bag(cols, W_FX, offsets, mode="sum", per_sample_weights=z_BF[rows, cols])
+    return F.embedding_bag(cols, W_FX, offsets, mode="sum", per_sample_weights=z[rows, cols].to(W_FX.dtype))
 
 
 @torch.no_grad()
@@ -243,32 +435,50 @@ class Output(NamedTuple):
 def forward_with_losses(model: nn.Module, x_in: Tensor, target: Tensor) -> Output:
     """The forward pass every dictionary shares (SAE, crosscoder, fmxcoder, PolySAE).
 
-    Encodes `x_in` with model.pre_acts and the configured sparsifier (scored by
+    Encodes `x_in` with model.encoder_linear and the configured sparsifier (scored by
     model.decoder_scale(), computed without gradient), decodes with model.decode, scores the
     reconstruction against `target` (crosscoders: the clean layers, while x_in may be masked),
     and in training mode adds AuxK and updates the dead counter and BatchTopK threshold.
     l1 is the decoder-norm-weighted L1 for sparsity="relu" (where it is in the loss) and the
-    plain Σ_f z_f otherwise (logging only; weighting would cost a decoder-norm pass)."""
+    plain Σ_f z_f otherwise (logging only; weighting would cost a decoder-norm pass).
+
+    TopK, and BatchTopK in training, decode a Selection and take the encoder gradient from the
+    selected entries only where SPARSE_BACKWARD says so; AuxK runs while a latent may be dead
+    (model.dead_bound, a host-side upper bound of the dead counter: no host reads)."""
     c = model.config
-    pre_BF = model.pre_acts(x_in)
+    enc = model.encoder_linear(x_in)
     with torch.no_grad():
         scale_F = model.decoder_scale()  # selection only: no gradient flows through it
-    z_BF = sparsify(pre_BF, c.sparsity, c.k, model.training, model.threshold, scale_F)
-    recon = model.decode(z_BF)
-    mse = (recon - target).pow(2).flatten(1).sum(-1).mean()
-    if c.sparsity == "relu":
-        w_F = model.decoder_scale()
-        l1 = (z_BF * (model.decoder_norms() if w_F is None else w_F)).sum(-1).mean()
-    else:
+    fixed = c.sparsity == "topk" or (c.sparsity == "batchtopk" and model.training)
+    sparse_bw = fixed and torch.is_grad_enabled() and sparse_backward_on(enc[0].device)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse_bw):
+        pre_BF = F.linear(*enc)
+    if fixed:
+        idx_N, keep_N = select(pre_BF, c.sparsity, c.k, scale_F)
+        z_sel = Selection(idx_N, selected_values(enc, pre_BF, idx_N, keep_N, sparse_bw), tuple(pre_BF.shape))
+        z_BF = z_sel.dense()
+        l1 = z_sel.vals.sum() / z_BF.shape[0]
+    else:  # ReLU + L1, BatchTopK at inference: a dense z
+        z_sel = z_BF = sparsify(pre_BF, c.sparsity, c.k, model.training, model.threshold, scale_F)
         l1 = z_BF.sum(-1).mean()
+        if c.sparsity == "relu":
+            w_F = model.decoder_scale()
+            l1 = (z_BF * (model.decoder_norms() if w_F is None else w_F)).sum(-1).mean()
+    recon = model.decode(z_sel)
+    mse = F.mse_loss(recon, target, reduction="sum") / recon.shape[0]   # mean_b Σ (x̂ − x)², one fused pass
     auxk = mse.new_zeros(())
     if model.training:
-        dead_F = model.tokens_since_fired >= c.dead_tokens
-        if c.aux_coeff > 0 and c.sparsity != "relu":
-            auxk = auxk_loss(pre_BF, dead_F, target - recon, model.decode_nobias, c.aux_k)
-        update_dead_counter(model.tokens_since_fired, z_BF)
+        counter_F = model.tokens_since_fired
+        bound = model.dead_bound.get(counter_F)   # ≥ max(counter_F), known on the host
+        if c.aux_coeff > 0 and c.sparsity != "relu" and bound >= c.dead_tokens:
+            dead_F = counter_F >= c.dead_tokens
+            idx_A, keep_A = auxk_indices(pre_BF.detach(), dead_F, c.aux_k)
+            z_aux = Selection(idx_A, selected_values(enc, pre_BF, idx_A, keep_A, sparse_bw), tuple(pre_BF.shape))
+            auxk = auxk_loss(z_aux, dead_F, target - recon, model.decode_nobias, c.aux_k)
+        update_dead_counter(counter_F, z_sel)
+        model.dead_bound.set(counter_F, bound + z_BF.shape[0] * world_size())
         if c.sparsity == "batchtopk":
-            update_threshold(model.threshold, z_BF, scale_F)
+            update_threshold(model.threshold, z_sel, scale_F)
     loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
     return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
 
@@ -278,7 +488,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_cli
     """One optimiser step, as train.py takes it: forward with the losses (through `forward`,
     e.g. a DistributedDataParallel wrapper, under `autocast` if given), backward, the model's
     `before_step` (gradient projection), gradient clipping, the step, and `after_step`
-    (decoder renormalisation, PolySAE's re-orthonormalisation of U, ...)."""
+    (decoder renormalisation, PolySAE's re-orthonormalisation of U, ...). For TopK/BatchTopK
+    it reads nothing back from the device (tests/test_sparse_backward.py counts): logging the
+    loss (`.item()`) is the caller's choice."""
     with autocast if autocast is not None else contextlib.nullcontext():
         out = (forward or model)(x)
     opt.zero_grad(set_to_none=True)
@@ -335,15 +547,21 @@ class SAE(nn.Module):
         W_dec = torch.randn(n, d)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                     # (F, d), unit-norm rows
-        self.W_enc = nn.Parameter(W_dec.T.clone())           # (d, F)
+        self.W_enc = nn.Parameter(W_dec.T.clone())           # (d, F), stored as W_encᵀ (F, d) rows
         self.b_enc = nn.Parameter(torch.zeros(n))            # (F,)
         self.b_dec = nn.Parameter(torch.zeros(d))            # (d,)
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        self.dead_bound = HostMirror(read_max, self.tokens_since_fired, 0)  # ≥ max(tokens_since_fired)
         self.register_buffer("threshold", torch.tensor(-1.0))  # BatchTopK inference θ
 
     # -- the three maps ------------------------------------------------------------------
+    def encoder_linear(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(h, W, b) with pre = h Wᵀ + b: h = x − b_dec (B, d), W = W_encᵀ (F, d), b = b_enc."""
+        return x_BD - self.b_dec, self.W_enc.T, self.b_enc
+
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+        """(B, F) = (x − b_dec) W_enc + b_enc, before ReLU and the sparsifier."""
+        return F.linear(*self.encoder_linear(x_BD))
 
     def decoder_scale(self) -> Tensor | None:
         """Per-latent score scale for the sparsifier: None, decoder rows have unit norm."""
@@ -398,8 +616,8 @@ class SAE(nn.Module):
         """Remove the gradient component parallel to each decoder row (keeps ‖row‖ = 1 to
         first order, so Adam does not waste steps growing the norm)."""
         if self.W_dec.grad is not None:
-            W, g = self.W_dec, self.W_dec.grad
-            g -= (g * W).sum(-1, keepdim=True) * W / W.pow(2).sum(-1, keepdim=True)
+            W, g = self.W_dec, self.W_dec.grad   # g −= (⟨g, W⟩ / ‖W‖²) W, row by row
+            g.addcmul_(((g * W).sum(-1) / W.norm(dim=-1).square()).neg_()[:, None], W)
 
     @torch.no_grad()
     def after_step(self) -> None:

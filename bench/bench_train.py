@@ -1,36 +1,45 @@
-"""Training throughput of every dictionary at one fixed size: tokens/s, peak memory, and the
-achieved fraction of the machine's fp32 matmul peak (measured in the same run).
+"""Training throughput of every dictionary, dense and sparse encoder backward side by side in one
+run: tokens/s, ms/step, FLOPs per step, the achieved fraction of the machine's matmul peak
+(measured in the same run) for the dense parts, and peak memory.
 
-    python bench/bench_train.py                       # CPU-sized defaults (d 576 = SmolLM2, L 8, F 2048, k 32)
-    python bench/bench_train.py --device cuda --n-latents 16384 --k 64 --batch 4096 --steps 50
+    python bench/bench_train.py --threads 1           # CPU-sized defaults (d 576 = SmolLM2, L 8, F 2048, k 32)
+    python bench/bench_train.py --device cuda --paper # F 16384, k 64, batch 4096, L 8, d 768; fp32 and bf16
 
-One training step is what train.py runs per batch: forward with the losses, backward,
-`before_step`, gradient clipping (1.0), Adam, `after_step`, and the `.item()` of the loss.
-The data are standard-normal tokens (throughput does not depend on them; with the default
-`dead_tokens` nothing is dead during a short run, so AuxK never runs — as in the first
-10M tokens of a real run).
+One training step is sae.train_step, what train.py runs per batch: forward with the losses,
+backward, `before_step`, gradient clipping (1.0), Adam (`--adam fused`: fused=True, one kernel
+instead of train.py's several passes per tensor), `after_step`. Each dictionary runs twice
+(`--paths`): with the dense autograd encoder backward, and with the sparse one
+(sae.SparseEncoderGrad, switched by sae.SPARSE_BACKWARD); `*` marks the device's default.
+On CUDA each path runs in float32 and under torch.autocast(bfloat16) (`--dtype`). The data are
+standard-normal tokens (throughput does not depend on them; with the default `dead_tokens`
+nothing is dead during a short run, so AuxK never runs, as in the first 10M tokens of a real run).
+The step reads nothing back from the device; the clock stops after a synchronize.
 
-Analytic FLOPs per step (B tokens; 2 FLOPs per MAC; the backward of a matmul costs twice its
-forward, so every weight matmul counts 3 × 2 × MACs = 6 × MACs; the first decoder contraction
-reads only the k active latents (sae.sparse_decode), so it costs k rows, not F):
-    sae        6 B (d F + k d)
-    polysae    6 B (d F + k R1 + d (R1 + R2 + R3))  +  2 F R1² (QR of U after the step)
-    crosscoder 6 B (L d F + k L d)  +  2 F L d (decoder norms for the selection score, no grad)
-    fmxcoder   6 B (enc_macs + dec_macs_sparse)  +  2 norm_macs_per_batch / norm_every   (fmxcoder.costs;
-               the decoder norms of the selection score are refreshed every norm_every = 10 steps)
-Adam, clipping, ReLU/top-k and the elementwise losses are not counted (O(params + B F)).
-Fraction of peak = (FLOPs / step time) / (best fp32 GFLOP/s of an n × n × n matmul, n = 4096
-on CUDA, 2048 on CPU, best of 5, timed at the start of this run).
+Analytic FLOPs per step (B tokens, 2 FLOPs per MAC). Every encoder ends in one product
+pre = h Wᵀ + b with h (B, D), W (F, D): D = d (sae, polysae), L·d (crosscoder), R (fmxcoder CP),
+R2·R3 (fmxcoder TR). Its forward costs 2·B·D·F; its backward 4·B·D·F dense, or 4·B·k·D sparse (the
+gradients only at the k selected entries of each token). The decoder's first contraction reads only
+the k active rows of an X-wide matrix (sae.sparse_decode): 6·B·k·X with its backward. The rest are
+dense matmuls with their backward, 6 × MACs: the factorised encoder before its last product and the
+decoder after its first (fmxcoder.costs), PolySAE's polynomial, plus per step
+    polysae     2 F R1²  the QR retraction of U
+    crosscoder  2 F L d  decoder norms for the selection score (elementwise, not a matmul)
+    fmxcoder    2 norm_macs_per_batch / norm_every   (decoder norms, refreshed every norm_every steps)
+Adam, clipping, top-k and the elementwise losses are not counted (O(params + B F)).
+"matmul GFLOP" counts the dense matmuls only (what the BLAS runs; the gathers are memory-bound);
+"% of peak" = matmul FLOPs / step time / peak, the best n × n × n matmul throughput (n = 4096 on
+CUDA, 2048 on CPU, best of 5, timed at the start of this run) in float32 and bfloat16.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
 the memory allocated before the model was built (data included in the baseline). CPU: each
-dictionary runs in a fresh child process; peak = resource ru_maxrss (the process's peak RSS)
-minus the RSS (psutil) just before the model is built, i.e. the model, optimiser state and
-activations of one step, as the OS sees them.
+run is a fresh child process; peak = resource ru_maxrss (the process's peak RSS) minus the RSS
+(psutil) just before the model is built, i.e. the model, optimiser state and activations of one
+step, as the OS sees them.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -48,6 +57,9 @@ import polysae  # noqa: E402
 import sae  # noqa: E402
 
 KINDS = ("sae", "polysae", "crosscoder", "fmxcoder-cp", "fmxcoder-tr")
+PATHS = ("dense", "sparse")
+PAPER = {"n_latents": 16384, "k": 64, "batch": 4096, "layers": 8, "d": 768}
+CPU_DEFAULTS = {"n_latents": 2048, "k": 32, "batch": 1024, "layers": 8, "d": 576}
 
 
 def build(kind: str, a) -> torch.nn.Module:
@@ -64,23 +76,35 @@ def build(kind: str, a) -> torch.nn.Module:
                                                      factorization=fact, rank=rank))
 
 
-def flops_per_step(kind: str, model, a) -> float:
+def flops_per_step(kind: str, model, a, path: str) -> tuple[float, float]:
+    """(all counted FLOPs, dense-matmul FLOPs) of one step; see the module docstring."""
     B, d, F, L, k = a.batch, a.d, a.n_latents, a.layers, a.k
+    pre = tail = per_step = 0       # per-token MACs before the last encoder product / after the first decode
+    per_step_is_matmul = True
     if kind == "sae":
-        return 6 * B * (d * F + k * d)
-    if kind == "polysae":
+        D = X = d
+    elif kind == "polysae":
         r1, r2, r3 = model.config.ranks
-        return 6 * B * (d * F + k * r1 + d * (r1 + r2 + r3)) + 2 * F * r1 ** 2
-    if kind == "crosscoder":
-        return 6 * B * (L * d * F + k * L * d) + 2 * F * L * d
-    c = fmxcoder.costs(model.config)
-    return 6 * B * (c["enc_macs"] + c["dec_macs_sparse"]) + 2 * c["norm_macs_per_batch"] / model.config.norm_every
+        D, X, tail, per_step = d, r1, d * (r1 + r2 + r3), 2 * F * r1 ** 2
+    elif kind == "crosscoder":
+        D = X = L * d
+        per_step, per_step_is_matmul = 2 * F * L * d, False
+    else:
+        c = fmxcoder.costs(model.config)
+        rs = fmxcoder.ranks(model.config)
+        D = X = rs[0] if len(rs) == 1 else rs[1] * rs[2]
+        pre, tail = c["enc_macs"] - F * D, c["dec_macs_sparse"] - k * X
+        per_step = 2 * c["norm_macs_per_batch"] / model.config.norm_every
+    enc_fwd, enc_bwd = 2 * B * D * F, (4 * B * D * F if path == "dense" else 4 * B * k * D)
+    matmul = enc_fwd + 6 * B * (pre + tail) + (per_step if per_step_is_matmul else 0)
+    total = enc_fwd + enc_bwd + 6 * B * (pre + tail) + 6 * B * k * X + per_step
+    return total, matmul + (enc_bwd if path == "dense" else 0)
 
 
-def matmul_peak(device: torch.device) -> float:
-    """Best fp32 GFLOP/s of an n × n × n matmul."""
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Best GFLOP/s of an n × n × n matmul in dtype."""
     n = 4096 if device.type == "cuda" else 2048
-    x, y = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x, y = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(6):
         sync(device)
@@ -96,11 +120,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(kind: str, a) -> dict:
-    """Warm-up, then a.steps timed training steps; returns the figures of one dictionary."""
+def run_one(kind: str, path: str, dtype: str, a) -> dict:
+    """Warm-up, then a.steps timed training steps; returns the figures of one dictionary and path."""
     import psutil
 
     device = torch.device(a.device)
+    sae.SPARSE_BACKWARD[device.type] = path == "sparse"
     torch.manual_seed(0)
     shape = (a.batch, a.d) if kind in ("sae", "polysae") else (a.batch, a.layers, a.d)
     xs = [torch.randn(shape, device=device) for _ in range(2)]
@@ -112,89 +137,123 @@ def run_one(kind: str, a) -> dict:
         base = psutil.Process().memory_info().rss
     model = build(kind, a).to(device)
     model.init_b_dec(xs[0], "mean")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=a.adam == "fused")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
     model.train()
-
-    def step(x):
-        return sae.train_step(model, opt, x).loss.item()
-
     for i in range(a.warmup):
-        step(xs[i % 2])
+        sae.train_step(model, opt, xs[i % 2], autocast=autocast)
     sync(device)
     t = time.perf_counter()
     for i in range(a.steps):
-        step(xs[i % 2])
+        sae.train_step(model, opt, xs[i % 2], autocast=autocast)
     sync(device)
     dt = (time.perf_counter() - t) / a.steps
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    n_params = sum(p.numel() for p in model.parameters())
-    return {"kind": kind, "step_s": dt, "tok_s": a.batch / dt, "peak_mb": peak / 2**20,
-            "params": n_params, "gflop_step": flops_per_step(kind, model, a) / 1e9}
+    total, matmul = flops_per_step(kind, model, a, path)
+    return {"kind": kind, "path": path, "dtype": dtype, "step_s": dt, "tok_s": a.batch / dt,
+            "peak_mb": peak / 2**20, "params": sum(p.numel() for p in model.parameters()),
+            "gflop_step": total / 1e9, "matmul_gflop_step": matmul / 1e9}
 
 
-def main(argv=None) -> int:
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--d", type=int, default=576, help="model width (576 = SmolLM2-135M)")
-    p.add_argument("--layers", type=int, default=8, help="layers L of the crosscoders")
-    p.add_argument("--n-latents", type=int, default=2048)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--paper", action="store_true", help="the papers' size: F 16384, k 64, batch 4096, L 8, d 768 "
+                                                        "(explicit flags still win)")
+    p.add_argument("--d", type=int, default=None, help="model width (default 576 = SmolLM2-135M; 768 with --paper)")
+    p.add_argument("--layers", type=int, default=None, help="layers L of the crosscoders (default 8)")
+    p.add_argument("--n-latents", type=int, default=None, help="F (default 2048; 16384 with --paper)")
+    p.add_argument("--k", type=int, default=None, help="default 32; 64 with --paper")
+    p.add_argument("--batch", type=int, default=None, help="default 1024; 4096 with --paper")
     p.add_argument("--sparsity", default="topk", choices=["topk", "batchtopk"])
-    p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--cp-rank", type=int, default=576, help="CP rank (>= d)")
+    p.add_argument("--cp-rank", type=int, default=None, help="CP rank (>= d; default d)")
     p.add_argument("--tr-rank", type=int, default=32, help="TR rank R1 = R2 = R3 (R1·R2 >= d)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--only", default=",".join(KINDS), help=f"comma list of {KINDS}")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--paths", default=",".join(PATHS), help="comma list of dense,sparse (encoder backward)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "both"],
+                   help="float32, bfloat16 (torch.autocast) or both; default both on cuda, float32 on cpu")
+    p.add_argument("--adam", default="default", choices=["default", "fused"],
+                   help="torch.optim.Adam as train.py builds it (default), or with fused=True (one kernel)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a shared "
                                                           "machine fewer threads than cores avoids spin-wait collapse")
     a = p.parse_args(argv)
+    for name, value in (PAPER if a.paper else CPU_DEFAULTS).items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
+    a.cp_rank = a.cp_rank or a.d
+    a.dtype = a.dtype or ("both" if a.device == "cuda" else "float32")
+    for flag, values, allowed in (("--only", a.only, KINDS), ("--paths", a.paths, PATHS)):
+        for v in values.split(","):
+            if v not in allowed:
+                p.error(f"{flag} must list items of {allowed}, got {v!r}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was asked for, but torch.cuda.is_available() is False")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    kinds = a.only.split(",")
-    for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"--only must list kinds from {KINDS}, got {kind!r}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch.cuda.is_available() is False")
-    if a.child:  # one dictionary in a fresh process (CPU peak RSS is per process)
-        print(json.dumps(run_one(kinds[0], a)))
+    if a.child:  # one dictionary, path and dtype in a fresh process (CPU peak RSS is per process)
+        kind, path, dtype = a.child.split(":")
+        print(json.dumps(run_one(kind, path, dtype, a)))
         return 0
 
     device = torch.device(a.device)
-    peak = matmul_peak(device)
-    print(f"device {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"fp32 matmul peak {peak:,.1f} GFLOP/s; d {a.d}, L {a.layers}, F {a.n_latents}, k {a.k}, "
-          f"{a.sparsity}, batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps")
+    dtypes = ["float32", "bfloat16"] if a.dtype == "both" else [a.dtype]
+    peaks = {dt: matmul_peak(device, getattr(torch, dt)) for dt in dtypes}
+    default = "sparse" if sae.sparse_backward_on(device) else "dense"
+    print(f"device {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; matmul peak "
+          + ", ".join(f"{dt} {v:,.1f} GFLOP/s" for dt, v in peaks.items())
+          + f"; d {a.d}, L {a.layers}, F {a.n_latents}, k {a.k}, {a.sparsity}, batch {a.batch}, "
+          f"{a.warmup} warm-up + {a.steps} timed steps, {a.adam} Adam; default encoder backward here: {default}")
     rows = []
-    for kind in kinds:
-        if device.type == "cpu":
-            args = [sys.executable, __file__, "--child", "--only", kind] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("only", "child")]
-            res = subprocess.run(args, capture_output=True, text=True)
-            if res.returncode != 0:
-                sys.exit(f"{kind} failed:\n{res.stderr.strip()}")
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        else:
-            rows.append(run_one(kind, a))
+    for kind in a.only.split(","):
+        for dtype in dtypes:
+            for path in a.paths.split(","):
+                if device.type == "cpu":
+                    args = [sys.executable, __file__, "--child", f"{kind}:{path}:{dtype}"] + [
+                        f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+                        if k not in ("only", "child", "paper", "paths")]
+                    res = subprocess.run(args, capture_output=True, text=True)
+                    if res.returncode != 0:
+                        sys.exit(f"error: {kind} ({path}, {dtype}) failed:\n{res.stderr.strip()}")
+                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                else:
+                    rows.append(run_one(kind, path, dtype, a))
     mem = "peak CUDA MB" if device.type == "cuda" else "peak RSS MB"
-    print(f"\n| dictionary | parameters | tokens/s | ms/step | GFLOP/step | GFLOP/s | % of peak | {mem} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    pct = " | ".join(f"% of {dt} peak" for dt in peaks)
+    print(f"\n| dictionary | encoder backward | dtype | parameters | tokens/s | ms/step | GFLOP/step | "
+          f"matmul GFLOP/step | {pct} | {mem} |")
+    print("|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(peaks) + "---:|")
     for r in rows:
-        gfs = r["gflop_step"] / r["step_s"]
-        print(f"| {r['kind']} | {r['params']:,} | {r['tok_s']:,.0f} | {1e3 * r['step_s']:,.0f} | "
-              f"{r['gflop_step']:,.1f} | {gfs:,.1f} | {100 * gfs / peak:.0f} % | {r['peak_mb']:,.0f} |")
-    by = {r["kind"]: r for r in rows}
+        fracs = " | ".join(f"{100 * r['matmul_gflop_step'] / r['step_s'] / v:.0f} %" for v in peaks.values())
+        print(f"| {r['kind']} | {r['path']}{' *' if r['path'] == default else ''} | {r['dtype']} | {r['params']:,} | "
+              f"{r['tok_s']:,.0f} | {1e3 * r['step_s']:,.0f} | {r['gflop_step']:,.1f} | "
+              f"{r['matmul_gflop_step']:,.1f} | {fracs} | {r['peak_mb']:,.0f} |")
+    by = {(r["kind"], r["path"], r["dtype"]): r for r in rows}
+    print()
+    for (kind, path, dtype), r in by.items():
+        if path == "sparse" and (kind, "dense", dtype) in by:
+            dense = by[kind, "dense", dtype]
+            print(f"{kind} ({dtype}): sparse / dense backward = {r['tok_s'] / dense['tok_s']:.2f}x the tokens/s, "
+                  f"{dense['gflop_step'] / r['gflop_step']:.2f}x fewer FLOPs/step")
     for f in ("fmxcoder-cp", "fmxcoder-tr"):
-        if "crosscoder" in by and f in by:
-            print(f"{f} vs crosscoder at equal width: {by[f]['tok_s'] / by['crosscoder']['tok_s']:.2f}x the tokens/s, "
-                  f"FLOPs/step crosscoder / {f} = {by['crosscoder']['gflop_step'] / by[f]['gflop_step']:.2f}, "
-                  f"parameters crosscoder / {f} = {by['crosscoder']['params'] / by[f]['params']:.2f}, "
-                  f"peak memory crosscoder / {f} = {by['crosscoder']['peak_mb'] / by[f]['peak_mb']:.2f}")
+        for dtype in dtypes:
+            cc, fx = by.get(("crosscoder", default, dtype)), by.get((f, default, dtype))
+            if cc and fx:
+                print(f"{f} vs crosscoder at equal width ({default} backward, {dtype}): "
+                      f"{fx['tok_s'] / cc['tok_s']:.2f}x the tokens/s, FLOPs/step crosscoder / {f} = "
+                      f"{cc['gflop_step'] / fx['gflop_step']:.2f}, parameters {cc['params'] / fx['params']:.2f}, "
+                      f"peak memory {cc['peak_mb'] / fx['peak_mb']:.2f}")
     return 0
 
 

@@ -4,13 +4,20 @@ its TopKTrainer when it is installed. Same activations, width, k, batch, learnin
 batch order; prints training tokens/s and the held-out FVU after training.
 
 SAELens is not a dependency of this project: install it into a separate venv, which also runs
-this script (our sae.py needs only torch):
+this script (our sae.py needs only torch). Created from the project's venv, with a .pth file
+that puts the project's site-packages after its own, it reuses the project's torch (pip sees it
+installed) instead of downloading another:
 
-    python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install torch==2.13.0 sae-lens
-    /tmp/bench-venv/bin/pip install dictionary-learning          # optional third column
+    python -m venv /tmp/bench-venv                               # with the project's venv active
+    python -c "import site; print(site.getsitepackages()[0])" > /tmp/bench-venv/lib/python3.11/site-packages/project.pth
+    /tmp/bench-venv/bin/pip install sae-lens
+    /tmp/bench-venv/bin/pip install --no-deps dictionary-learning nnsight==0.3.7   # optional last row
+    /tmp/bench-venv/bin/pip install "python-socketio[client]"                       # (nnsight imports it)
     python -c "import activations; activations.build_cache('/tmp/acts_l15', 'smollm2-135m', layers=[15],
                n_tokens=40_000, multi=False, drop_outliers=10.0)"   # with the project's venv
     /tmp/bench-venv/bin/python bench/bench_vs_saelens.py --cache /tmp/acts_l15
+
+(dictionary-learning's own dependencies would pull another torch with CUDA; --no-deps avoids it.)
 
 Without --cache the data are synthetic.py toy activations (d = 576, 8192 atoms).
 
@@ -18,11 +25,17 @@ Fairness. The implementations are stepped *interleaved* (one step of each in tur
 on its own), so a noisy or shared machine slows all of them alike. Each side keeps its own
 defaults where they are part of the method:
   ours          unit-norm decoder rows (gradient projection + renormalisation), W_enc = W_decᵀ,
-                b_dec = geometric median of the first batch, AuxK coefficient 1/32
+                b_dec = geometric median of the first batch, AuxK coefficient 1/32; one step =
+                sae.train_step with train.py's Adam (CPU: the sparse encoder backward, the
+                default there); a second row steps the same model with Adam(fused=True)
   SAELens       TopKTrainingSAE defaults: decoder rows initialised at norm 0.1, selection on
                 pre-activation × decoder norm (rescale_acts_by_decoder_norm), AuxK coefficient 1,
                 b_dec = 0; one step = SAETrainer.step (forward + losses, dead-feature counters,
-                backward, clip 1.0, Adam, scheduler) as SAETrainer.fit calls it
+                backward, clip 1.0, Adam, scheduler) as SAETrainer.fit calls it. Two more rows
+                change SAELens's speed options: rescale_acts_by_decoder_norm=False (no decoder-norm
+                pass in the selection and decode) and, with it, use_sparse_activations=True (TopK
+                returns a sparse COO tensor, decoded with a sparse matmul; meant for float32
+                without autocast, which is this benchmark's setting): its fastest configuration
   dictionary_learning  TopKTrainer.update (its AuxK, decoder-norm projection, geometric-median b_dec);
                 its LR schedule is set constant so all use the same lr
 Both count a latent dead after `--dead-steps` steps without firing. Inputs are the cached
@@ -34,6 +47,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,24 +97,26 @@ def fvu(recon_fn, x_ND: torch.Tensor, device, chunk: int = 4096) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def ours(a, first_batch):
+def ours(a, first_batch, fused_adam=False):
+    """sae.SAE stepped by train.py's step, with train.py's Adam, or with Adam(fused=True)."""
     m = sae.SAE(sae.SAEConfig(d_in=first_batch.shape[1], n_latents=a.n_latents, k=a.k,
                               dead_tokens=a.dead_steps * a.batch)).to(a.device)
     m.init_b_dec(first_batch.to(a.device), "median")
-    opt = torch.optim.Adam(m.parameters(), lr=a.lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(m.parameters(), lr=a.lr, betas=(0.9, 0.999), fused=fused_adam)
 
     def step(x):   # train.py's step
         sae.train_step(m, opt, x).loss.item()
     return step, lambda x: m(x).recon, m.eval
 
 
-def saelens(a, first_batch):
+def saelens(a, first_batch, **options):
+    """SAELens with its defaults, or with TopKTrainingSAEConfig `options` changed."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     cfg = TopKTrainingSAEConfig(d_in=first_batch.shape[1], d_sae=a.n_latents, k=a.k, dtype="float32",
-                                device=a.device, normalize_activations="none")
+                                device=a.device, normalize_activations="none", **options)
     model = TopKTrainingSAE(cfg)
     trainer = SAETrainer(cfg=SAETrainerConfig(total_training_samples=(a.steps + a.warmup) * a.batch,
                                               train_batch_size_samples=a.batch, lr=a.lr, lr_end=a.lr, device=a.device,
@@ -133,7 +149,15 @@ def dictionary_learning(a, first_batch):
     return step, lambda x: trainer.ae(x), trainer.ae.eval
 
 
-IMPLS = {"ours (sae.py)": ours, "SAELens": saelens, "dictionary_learning": dictionary_learning}
+IMPLS = {
+    "ours (sae.py)": ours,
+    "ours (sae.py), Adam(fused=True)": partial(ours, fused_adam=True),
+    "SAELens": saelens,
+    "SAELens, rescale_acts_by_decoder_norm=False": partial(saelens, rescale_acts_by_decoder_norm=False),
+    "SAELens, rescale_acts_by_decoder_norm=False, use_sparse_activations=True": partial(
+        saelens, rescale_acts_by_decoder_norm=False, use_sparse_activations=True),
+    "dictionary_learning": dictionary_learning,
+}
 
 
 def main(argv=None) -> int:

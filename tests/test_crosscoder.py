@@ -150,8 +150,8 @@ def test_fold_input_scale_leaves_outputs_unchanged(sparsity):
         model.W_dec[:, 0] *= 2.5                      # unequal norms so the score matters
     x_raw = torch.randn(64, 3, 8) * torch.tensor([2.0, 0.5, 0.3])[:, None]
     s = torch.tensor([0.5, 2.0, 3.0])[:, None]
-    if sparsity == "batchtopk":                       # calibrate θ first
-        model.train()(x_raw * s)
+    if sparsity == "batchtopk":   # calibrate θ first, on other tokens (one of these would score exactly θ)
+        model.train()(torch.randn(64, 3, 8) * torch.tensor([2.0, 0.5, 0.3])[:, None] * s)
     model.eval()
     before = model(x_raw * s)
     model.fold_input_scale()

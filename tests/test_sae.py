@@ -63,6 +63,12 @@ def test_update_threshold_is_an_ema_of_the_smallest_kept_value():
     assert th.item() == pytest.approx(1.5)
 
 
+def _auxk(pre, dead, resid, W, k_aux):
+    idx, keep = sae.auxk_indices(pre, dead, k_aux)
+    z_aux = sae.Selection(idx, pre.reshape(-1)[idx].relu() * keep, tuple(pre.shape))
+    return sae.auxk_loss(z_aux, dead, resid, lambda z: z.dense() @ W, k_aux)
+
+
 def test_auxk_matches_naive_formula():
     torch.manual_seed(3)
     B, Fn, d, k_aux = 8, 20, 6, 3
@@ -71,7 +77,7 @@ def test_auxk_matches_naive_formula():
     dead[[1, 4, 5, 9, 13]] = True
     W = torch.randn(Fn, d)
     resid = torch.randn(B, d)
-    got = sae.auxk_loss(pre, dead, resid, lambda z: z @ W, k_aux)
+    got = _auxk(pre, dead, resid, W, k_aux)
     total = 0.0
     for b in range(B):
         cand = [(pre[b, i].item(), i) for i in range(Fn) if dead[i]]
@@ -80,13 +86,16 @@ def test_auxk_matches_naive_formula():
         total += ((resid[b] - recon) ** 2).sum().item()
     expected = min(5 / k_aux, 1.0) * total / B
     assert got.item() == pytest.approx(expected, rel=1e-5)
-    # fewer dead latents than k_aux scales the loss down
+    # fewer dead latents than k_aux scales the loss down (and the selection holds only the dead one)
     dead2 = torch.zeros(Fn, dtype=torch.bool)
     dead2[2] = True
-    got2 = sae.auxk_loss(pre, dead2, resid, lambda z: z @ W, 4)
+    got2 = _auxk(pre, dead2, resid, W, 4)
     naive2 = ((resid - pre[:, 2:3].relu() * W[2]) ** 2).sum(-1).mean() * 0.25
     assert got2.item() == pytest.approx(naive2.item(), rel=1e-5)
-    assert sae.auxk_loss(pre, torch.zeros(Fn, dtype=torch.bool), resid, lambda z: z @ W, 3).item() == 0.0
+    assert _auxk(pre, torch.zeros(Fn, dtype=torch.bool), resid, W, 3).item() == 0.0
+    # k_aux larger than F: all 5 dead latents, scaled by 5/50
+    naive50 = 0.1 * ((resid - pre[:, dead].relu() @ W[dead]) ** 2).sum(-1).mean()
+    assert _auxk(pre, dead, resid, W, 50).item() == pytest.approx(naive50.item(), rel=1e-5)
 
 
 def test_geometric_median_matches_scipy():
