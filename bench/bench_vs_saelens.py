@@ -13,7 +13,7 @@ installed) instead of downloading another:
     /tmp/bench-venv/bin/pip install sae-lens
     /tmp/bench-venv/bin/pip install --no-deps dictionary-learning nnsight==0.3.7   # optional last row
     /tmp/bench-venv/bin/pip install "python-socketio[client]"                       # (nnsight imports it)
-    python -c "import activations; activations.build_cache('/tmp/acts_l15', 'smollm2-135m', layers=[15],
+    python -c "import activation_cache; activation_cache.build_cache('/tmp/acts_l15', 'smollm2-135m', layers=[15],
                n_tokens=40_000, multi=False, drop_outliers=10.0)"   # with the project's venv
     /tmp/bench-venv/bin/python bench/bench_vs_saelens.py --cache /tmp/acts_l15
 
@@ -60,8 +60,8 @@ import sae  # noqa: E402
 def load_data(a) -> tuple[torch.Tensor, torch.Tensor]:
     """(train (N, d), held-out (M, d)) float32, scaled so that E‖x‖² ≈ d."""
     if a.cache:
-        import activations
-        cache = activations.ActivationCache(a.cache)
+        import activation_cache
+        cache = activation_cache.ActivationCache(a.cache)
         x = cache.read(0, len(cache))[:, a.layer_index] * cache.scale[a.layer_index]
     else:
         import synthetic
@@ -162,7 +162,7 @@ IMPLS = {
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", default=None, help="activation cache folder (activations.build_cache); "
+    p.add_argument("--cache", default=None, help="activation cache folder (activation_cache.build_cache); "
                                                  "default: synthetic toy data")
     p.add_argument("--layer-index", type=int, default=0, help="which of the cache's layers")
     p.add_argument("--tokens", type=int, default=60_000, help="synthetic tokens (without --cache)")
