@@ -724,7 +724,8 @@ def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> di
     t_setup = time.perf_counter()
     data = open_stream(cfg, layers, ranks, device) if streaming else open_cache(cfg, layers, multi, ranks, device)
     models = {k: cls(c).to(device) for k, (cls, c) in dictionary_configs(cfg, d, layers, data.scale_L.tolist()).items()}
-    opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) for k, m in models.items()}
+    # fused Adam: one kernel per step, and its step count stays on the device (the plain one reads it back)
+    opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True) for k, m in models.items()}
     start = 0
     if cfg.resume:   # every rank reads the checkpoint (rank 0 checked that it exists)
         start = runs.load_checkpoint(Path(cfg.out) / "checkpoint.pt", models, opts, cfg)

@@ -155,3 +155,65 @@ def test_passes_repeat_a_finite_streamed_corpus_without_its_held_out_tokens(gpt2
     assert one["data_exhausted"] and two["data_exhausted"]
     # pass 1 trains on the tokens after the 512 held out; pass 2 on the same ones again
     assert abs(two["steps"] - 2 * one["steps"]) <= 1
+
+
+def test_the_loop_reads_the_device_only_every_log_every_steps(gpt2_dir, cache_dir, tmp_path, monkeypatch, device):
+    """Between two progress readings (--log-every), the training loop's own thread makes no
+    host-device synchronisation: no .item(), bool/int/float of a tensor, tolist, nonzero or boolean
+    indexing (counted on the CPU; on CUDA torch.cuda.set_sync_debug_mode("error") also raises on
+    syncs inside torch). Evaluation and checkpoints (outside the steps) are not counted; the
+    background data thread is not either."""
+    import threading
+
+    import runs
+    from test_sparse_backward import SyncCounter
+
+    class LoopCounter(SyncCounter):
+        paused = 0
+
+        def _counts(self):
+            return threading.current_thread() is threading.main_thread() and not self.paused
+
+        def _wrap(self, name, fn):
+            def wrapper(t, *a, **kw):
+                if self._counts():
+                    self.calls.append(name)
+                return fn(t, *a, **kw)
+            return wrapper
+
+        def _wrap_index(self, name, fn):
+            inner = SyncCounter._wrap_index(self, name, fn)
+
+            def wrapper(t, index, *a):
+                return inner(t, index, *a) if self._counts() else fn(t, index, *a)
+            return wrapper
+
+    counter, reads = LoopCounter(), []
+
+    def paused(fn, record=None):
+        def wrapper(*a, **kw):
+            counter.paused += 1
+            try:
+                if record is not None:
+                    record.append(1)
+                return fn(*a, **kw)
+            finally:
+                counter.paused -= 1
+        return wrapper
+
+    monkeypatch.setattr(train.Logs, "read", paused(train.Logs.read, reads))
+    monkeypatch.setattr(train, "evaluate", paused(train.evaluate))
+    monkeypatch.setattr(runs.RunFolder, "save_checkpoint", paused(runs.RunFolder.save_checkpoint))
+    real_fit = train.fit
+
+    def counted_fit(*a, **kw):
+        with counter.counting(device):
+            return real_fit(*a, **kw)
+
+    monkeypatch.setattr(train, "fit", counted_fit)
+    args = flags(gpt2_dir, cache_dir, tmp_path / "r", "--dict", "crosscoder", "--sparsity", "batchtopk",
+                 "--mask-prob", "0.1", "--log-every", "10", "--ckpt-every", "10", "--dead-tokens", "256",
+                 "--device", str(device))
+    summary = train.train(train.parse_args(args))
+    assert summary["steps"] == 24 and len(reads) == 3          # steps 10, 20 and the last one
+    assert counter.calls == []
