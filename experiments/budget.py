@@ -47,7 +47,7 @@ OUT = ROOT / "runs" / "budget"
 STEPS, BATCH = 25_000, 256
 COMMON = ["--dataset", str(CORPUS), "--cache-tokens", "2000000", "--lm-dtype", "bfloat16", "--eval-tokens", "49152",
           "--batch-size", str(BATCH), "--lr", "1e-3", "--dead-tokens", "20000", "--ckpt-every", "1000",
-          "--eval-every", "1000", "--eval-panel", "8192", "--log-every", "100", "--norm-every", "1"]
+          "--eval-every", "1000", "--eval-panel", "8192", "--log-every", "100"]
 MULTI = ["--n-latents", "512", "--k", "32", "--sparsity", "batchtopk", "--layers", "11-18", "--cache", str(CACHE)]
 TR = ["--dict", "fmxcoder", "--factorization", "tr", "--rank", "32"]
 CP = ["--dict", "fmxcoder", "--factorization", "cp", "--rank", "576"]
