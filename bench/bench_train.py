@@ -6,8 +6,8 @@ run: tokens/s, ms/step, FLOPs per step, the achieved fraction of the machine's m
     python bench/bench_train.py --device cuda --paper # F 16384, k 64, batch 4096, L 8, d 768; fp32 and bf16
 
 One training step is sae.train_step, what train.py runs per batch: forward with the losses,
-backward, `before_step`, gradient clipping (1.0), Adam (`--adam fused`: fused=True, one kernel
-instead of train.py's several passes per tensor), `after_step`. Each dictionary runs twice
+backward, `before_step`, gradient clipping (1.0), Adam with fused=True as train.py builds it (one
+kernel; `--adam plain` for torch's default several passes per tensor), `after_step`. Each dictionary runs twice
 (`--paths`): with the dense autograd encoder backward, and with the sparse one
 (sae.SparseEncoderGrad, switched by sae.SPARSE_BACKWARD); `*` marks the device's default.
 On CUDA each path runs in float32 and under torch.autocast(bfloat16) (`--dtype`). The data are
@@ -178,8 +178,8 @@ def parse(argv=None):
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of dense,sparse (encoder backward)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "both"],
                    help="float32, bfloat16 (torch.autocast) or both; default both on cuda, float32 on cpu")
-    p.add_argument("--adam", default="default", choices=["default", "fused"],
-                   help="torch.optim.Adam as train.py builds it (default), or with fused=True (one kernel)")
+    p.add_argument("--adam", default="fused", choices=["fused", "plain"],
+                   help="torch.optim.Adam with fused=True, as train.py builds it (default), or the plain one")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a shared "
                                                           "machine fewer threads than cores avoids spin-wait collapse")
