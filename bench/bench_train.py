@@ -229,6 +229,7 @@ def main(argv=None) -> int:
                     rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
                 else:
                     rows.append(run_one(kind, path, dtype, a))
+                print(f"# {kind} {path} {dtype}: {rows[-1]['tok_s']:,.0f} tokens/s", flush=True)
     mem = "peak CUDA MB" if device.type == "cuda" else "peak RSS MB"
     pct = " | ".join(f"% of {dt} peak" for dt in peaks)
     print(f"\n| dictionary | encoder backward | dtype | parameters | tokens/s | ms/step | GFLOP/step | "
