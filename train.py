@@ -516,9 +516,9 @@ class Prefetch:
         self.thread.start()
 
     def _run(self, source, device) -> None:
-        if device is not None and device.type == "cuda":
-            torch.cuda.set_device(device)                      # the current device is per thread
         try:
+            if device is not None and device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)                  # the current device is per thread
             while not self.stop.is_set():
                 t = time.perf_counter()
                 item = next(source, _END)

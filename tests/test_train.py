@@ -188,28 +188,43 @@ def test_the_loop_reads_the_device_only_every_log_every_steps(gpt2_dir, cache_di
                 return inner(t, index, *a) if self._counts() else fn(t, index, *a)
             return wrapper
 
-    counter, reads = LoopCounter(), []
+    counter, reads, cuda = LoopCounter(), [], torch.device(device).type == "cuda"
 
     def paused(fn, record=None):
         def wrapper(*a, **kw):
             counter.paused += 1
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
             try:
                 if record is not None:
                     record.append(1)
                 return fn(*a, **kw)
             finally:
                 counter.paused -= 1
+                if cuda and counting:
+                    torch.cuda.set_sync_debug_mode("error")
         return wrapper
 
     monkeypatch.setattr(train.Logs, "read", paused(train.Logs.read, reads))
     monkeypatch.setattr(train, "evaluate", paused(train.evaluate))
     monkeypatch.setattr(runs.RunFolder, "save_checkpoint", paused(runs.RunFolder.save_checkpoint))
-    real_fit = train.fit
+    real_step, real_fit, counting = sae.train_step, train.fit, []
+
+    def step(*a, **kw):                 # count from the second step on: on a GPU the first step reads
+        out = real_step(*a, **kw)       # the dead counter once (sae.HostMirror), and fit's setup copies
+        if not counting:                # the scales to the device
+            counting.append(counter.counting(device))
+            counting[0].__enter__()
+        return out
 
     def counted_fit(*a, **kw):
-        with counter.counting(device):
+        try:
             return real_fit(*a, **kw)
+        finally:
+            if counting:
+                counting.pop().__exit__(None, None, None)
 
+    monkeypatch.setattr(sae, "train_step", step)
     monkeypatch.setattr(train, "fit", counted_fit)
     args = flags(gpt2_dir, cache_dir, tmp_path / "r", "--dict", "crosscoder", "--sparsity", "batchtopk",
                  "--mask-prob", "0.1", "--log-every", "10", "--ckpt-every", "10", "--dead-tokens", "256",
