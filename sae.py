@@ -93,16 +93,19 @@ from torch import Tensor
 
 SPARSITIES = ("topk", "batchtopk", "relu")
 
-# Per device type: does a TopK/BatchTopK training step use the sparse encoder backward
-# (SparseEncoderGrad) rather than dense autograd? The default on each device type is the path
-# bench/bench_train.py measured faster there. CPU: sparse (several times fewer FLOPs, measured faster).
-# CUDA: dense until it is measured on a GPU (cuBLAS may beat a scatter-add backward at large
-# batch). Switch at run time, e.g. sae.SPARSE_BACKWARD["cuda"] = True; unlisted types use dense.
-SPARSE_BACKWARD = {"cpu": True, "cuda": False}
+# Per device type ("<type>+autocast" under torch.autocast, falling back to "<type>"): does a
+# TopK/BatchTopK training step use the sparse encoder backward (SparseEncoderGrad) rather than
+# dense autograd? Each default is the path bench/bench_train.py measured faster (README, Benchmarks):
+#   cpu             sparse: about 3x fewer FLOPs, 1.3-2x the tokens/s
+#   cuda            sparse: on an H200 in float32 at the papers' width, 1.24-1.55x the tokens/s
+#   cuda+autocast   dense: under bfloat16 autocast cuBLAS wins (the sparse path 0.74-0.97x)
+# Switch at run time, e.g. sae.SPARSE_BACKWARD["cuda"] = False; unlisted device types use dense.
+SPARSE_BACKWARD = {"cpu": True, "cuda": True, "cuda+autocast": False}
 
 
 def sparse_backward_on(device: torch.device) -> bool:
-    return SPARSE_BACKWARD.get(device.type, False)
+    key = device.type + ("+autocast" if torch.is_autocast_enabled(device.type) else "")
+    return SPARSE_BACKWARD.get(key, SPARSE_BACKWARD.get(device.type, False))
 
 
 # ----------------------------------------------------------------------------------------

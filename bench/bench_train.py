@@ -125,7 +125,7 @@ def run_one(kind: str, path: str, dtype: str, a) -> dict:
     import psutil
 
     device = torch.device(a.device)
-    sae.SPARSE_BACKWARD[device.type] = path == "sparse"
+    sae.SPARSE_BACKWARD.update({device.type: path == "sparse", f"{device.type}+autocast": path == "sparse"})
     torch.manual_seed(0)
     shape = (a.batch, a.d) if kind in ("sae", "polysae") else (a.batch, a.layers, a.d)
     xs = [torch.randn(shape, device=device) for _ in range(2)]
@@ -210,11 +210,15 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     dtypes = ["float32", "bfloat16"] if a.dtype == "both" else [a.dtype]
     peaks = {dt: matmul_peak(device, getattr(torch, dt)) for dt in dtypes}
-    default = "sparse" if sae.sparse_backward_on(device) else "dense"
+    default = {}                                  # the device's default path, per dtype (autocast or not)
+    for dt in dtypes:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dt == "bfloat16"):
+            default[dt] = "sparse" if sae.sparse_backward_on(device) else "dense"
     print(f"device {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; matmul peak "
           + ", ".join(f"{dt} {v:,.1f} GFLOP/s" for dt, v in peaks.items())
           + f"; d {a.d}, L {a.layers}, F {a.n_latents}, k {a.k}, {a.sparsity}, batch {a.batch}, "
-          f"{a.warmup} warm-up + {a.steps} timed steps, {a.adam} Adam; default encoder backward here: {default}")
+          f"{a.warmup} warm-up + {a.steps} timed steps, {a.adam} Adam; default encoder backward here: "
+          + ", ".join(f"{p} ({dt})" for dt, p in default.items()))
     rows = []
     for kind in a.only.split(","):
         for dtype in dtypes:
@@ -237,7 +241,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(peaks) + "---:|")
     for r in rows:
         fracs = " | ".join(f"{100 * r['matmul_gflop_step'] / r['step_s'] / v:.0f} %" for v in peaks.values())
-        print(f"| {r['kind']} | {r['path']}{' *' if r['path'] == default else ''} | {r['dtype']} | {r['params']:,} | "
+        print(f"| {r['kind']} | {r['path']}{' *' if r['path'] == default[r['dtype']] else ''} | {r['dtype']} | {r['params']:,} | "
               f"{r['tok_s']:,.0f} | {1e3 * r['step_s']:,.0f} | {r['gflop_step']:,.1f} | "
               f"{r['matmul_gflop_step']:,.1f} | {fracs} | {r['peak_mb']:,.0f} |")
     by = {(r["kind"], r["path"], r["dtype"]): r for r in rows}
@@ -249,9 +253,9 @@ def main(argv=None) -> int:
                   f"{dense['gflop_step'] / r['gflop_step']:.2f}x fewer FLOPs/step")
     for f in ("fmxcoder-cp", "fmxcoder-tr"):
         for dtype in dtypes:
-            cc, fx = by.get(("crosscoder", default, dtype)), by.get((f, default, dtype))
+            cc, fx = by.get(("crosscoder", default[dtype], dtype)), by.get((f, default[dtype], dtype))
             if cc and fx:
-                print(f"{f} vs crosscoder at equal width ({default} backward, {dtype}): "
+                print(f"{f} vs crosscoder at equal width ({default[dtype]} backward, {dtype}): "
                       f"{fx['tok_s'] / cc['tok_s']:.2f}x the tokens/s, FLOPs/step crosscoder / {f} = "
                       f"{cc['gflop_step'] / fx['gflop_step']:.2f}, parameters {cc['params'] / fx['params']:.2f}, "
                       f"peak memory {cc['peak_mb'] / fx['peak_mb']:.2f}")

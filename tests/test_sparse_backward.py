@@ -43,7 +43,8 @@ def batch(kind, n=24, dtype=torch.float32, device="cpu", seed=1):
 @contextlib.contextmanager
 def backward_path(sparse: bool, device):
     old = dict(sae.SPARSE_BACKWARD)
-    sae.SPARSE_BACKWARD[torch.device(device).type] = sparse
+    kind = torch.device(device).type
+    sae.SPARSE_BACKWARD.update({kind: sparse, f"{kind}+autocast": sparse})
     try:
         yield
     finally:
