@@ -187,13 +187,18 @@ def load_checkpoint(path: Path, models: dict, opts: dict, config) -> int:
         raise RunFolderError(f"cannot resume {str(path)!r}: flags differ from the checkpoint's (saved, now): {diff}")
     for k, m in models.items():
         m.load_state_dict(state["models"][str(k)])
+        if state.get("aux_limits", {}).get(str(k)) is not None:   # host-side AuxK size (sae.refresh_dead_mirror)
+            m.aux_limit = tuple(state["aux_limits"][str(k)])
     for k, o in opts.items():
         o.load_state_dict(state["opts"][str(k)])
     return state["step"]
 
 
 def checkpoint_state(models: dict, opts: dict, step: int, config) -> dict:
-    """What checkpoint.pt holds: every model and optimiser state, the step and the flags."""
+    """What checkpoint.pt holds: every model and optimiser state, the host-side AuxK size of each model
+    (sae.refresh_dead_mirror: a resumed run selects the AuxK entries the first run selected), the
+    step and the flags."""
     return {"models": {str(k): m.state_dict() for k, m in models.items()},
             "opts": {str(k): o.state_dict() for k, o in opts.items()},
+            "aux_limits": {str(k): getattr(m, "aux_limit", None) for k, m in models.items()},
             "step": step, "config": dataclasses.asdict(config)}

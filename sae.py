@@ -340,6 +340,22 @@ def read_max(t: Tensor) -> int:
     return int(t.max())
 
 
+@torch.no_grad()
+def refresh_dead_mirror(model: nn.Module, horizon_tokens: int) -> None:
+    """One host read of the dead counter, for a place where the host waits for the device anyway
+    (train.py calls it at every --log-every reading): the exact max of tokens_since_fired, and how
+    many latents can be dead before `horizon_tokens` more tokens are trained on. Until then AuxK
+    selects min(k_aux, that many) entries per token instead of k_aux: the extra ones would be
+    masked out anyway, so the loss is the same bit for bit, and the gradients differ only by the
+    order in which the backward adds zeros and rows (float rounding). The limit is host state that
+    checkpoints keep (runs.checkpoint_state), so a resumed run selects what the first run did."""
+    counter_F = model.tokens_since_fired
+    top = read_max(counter_F)
+    model.dead_bound.set(counter_F, top)
+    can_die = int((counter_F >= model.config.dead_tokens - horizon_tokens).sum())
+    model.aux_limit = (can_die, top + horizon_tokens)      # (count, valid while the bound is below this)
+
+
 def read_int(t: Tensor) -> int:
     return int(t)
 
@@ -473,9 +489,13 @@ def forward_with_losses(model: nn.Module, x_in: Tensor, target: Tensor) -> Outpu
     if model.training:
         counter_F = model.tokens_since_fired
         bound = model.dead_bound.get(counter_F)   # ≥ max(counter_F), known on the host
-        if c.aux_coeff > 0 and c.sparsity != "relu" and bound >= c.dead_tokens:
+        n_aux = c.aux_k                           # entries per token AuxK selects (refresh_dead_mirror)
+        limit = getattr(model, "aux_limit", None)
+        if limit is not None and bound < limit[1]:
+            n_aux = min(n_aux, limit[0])
+        if c.aux_coeff > 0 and c.sparsity != "relu" and bound >= c.dead_tokens and n_aux > 0:
             dead_F = counter_F >= c.dead_tokens
-            idx_A, keep_A = auxk_indices(pre_BF.detach(), dead_F, c.aux_k)
+            idx_A, keep_A = auxk_indices(pre_BF.detach(), dead_F, n_aux)
             z_aux = Selection(idx_A, selected_values(enc, pre_BF, idx_A, keep_A, sparse_bw), tuple(pre_BF.shape))
             auxk = auxk_loss(z_aux, dead_F, target - recon, model.decode_nobias, c.aux_k)
         update_dead_counter(counter_F, z_sel)

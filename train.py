@@ -569,8 +569,8 @@ def get_lr(step: int, cfg: TrainConfig, total: int) -> float:
 class Logs:
     """Loss, L0 and FVU summed on the device every step; read (one sync) every --log-every steps."""
 
-    def __init__(self):
-        self.sums, self.n = None, 0
+    def __init__(self, horizon_tokens: int):
+        self.sums, self.n, self.horizon = None, 0, horizon_tokens
 
     def add(self, out: sae_mod.Output, x: torch.Tensor) -> None:
         """One model's step (no sync: the sums stay on the device)."""
@@ -585,6 +585,8 @@ class Logs:
             fail(f"the loss became {loss} by step {step}: lower --lr or check the activations")
         self.sums, self.n = None, 0
         dead = sum(m.dead_fraction() for m in models.values()) / len(models)
+        for m in models.values():       # while the host waits anyway: how many latents AuxK may need
+            sae_mod.refresh_dead_mirror(m, self.horizon)
         return {"loss": f"{loss:.3g}", "L0": f"{l0:.1f}", "FVU": f"{fvu:.3f}", "dead": f"{dead:.2f}"}
 
 
@@ -609,7 +611,10 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
     scale_L1 = data.scale_L.to(device)[:, None]
     feed = Prefetch(data.batches(start), device=device)
     bar = tqdm(total=data.steps, initial=start, desc=cfg.dict, dynamic_ncols=True, disable=not ranks.main)
-    logs, done, t0 = Logs(), start, time.perf_counter()
+    logs, done, t0 = Logs(cfg.log_every * cfg.batch_size), start, time.perf_counter()
+    if start % cfg.log_every == 0:      # as at every log reading: a resumed run refreshes where the first run did
+        for m in models.values():
+            sae_mod.refresh_dead_mirror(m, cfg.log_every * cfg.batch_size)
     interrupted = exhausted = False
     if cfg.eval_every and start == 0 and ranks.main:
         folder.append_curve({"step": 0, "tokens": 0, "eval": evaluate(models, data, layers, device, cfg.eval_panel)})

@@ -16,7 +16,7 @@ KINDS = ["sae", "polysae", "crosscoder", "crosscoder-masked", "fmxcoder-cp", "fm
 
 def make(kind, sparsity="topk", dead_tokens=10_000_000, dtype=torch.float32, device="cpu", **kw):
     torch.manual_seed(0)
-    common = dict(d_in=8, n_latents=64, k=4, sparsity=sparsity, dead_tokens=dead_tokens, aux_k=6, **kw)
+    common = {**dict(d_in=8, n_latents=64, k=4, sparsity=sparsity, dead_tokens=dead_tokens, aux_k=6), **kw}
     if kind == "sae":
         model = sae.SAE(sae.SAEConfig(**common))
     elif kind == "polysae":
@@ -259,6 +259,39 @@ def test_the_host_side_dead_bound_never_skips_auxk(kind, device):
     for (name, a), (_, b) in zip(gated.state_dict().items(), always.state_dict().items()):
         assert torch.equal(a, b), name
     assert gated.dead_bound.get(gated.tokens_since_fired) >= gated.tokens_since_fired.max().item()
+
+
+@pytest.mark.parametrize("kind", ["sae", "crosscoder-masked"])
+def test_a_refreshed_dead_count_shrinks_auxk_without_changing_it(kind, device, monkeypatch):
+    """sae.refresh_dead_mirror (train.py calls it at its log steps) lets AuxK select only as many
+    entries per token as latents can be dead before the next refresh: the AuxK losses equal those
+    of the full k_aux selection bit for bit, the weights to float rounding (the backward adds the
+    same terms in another order), and the selections are smaller."""
+    sizes, real = [], sae.auxk_indices
+
+    def spy(pre, dead, k):
+        sizes.append(k)
+        return real(pre, dead, k)
+
+    monkeypatch.setattr(sae, "auxk_indices", spy)
+    runs = []
+    for refresh in (True, False):
+        sizes.clear()
+        model = make(kind, dead_tokens=60, device=device, aux_k=48)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(3)
+        auxk = []
+        for s in range(8):
+            if refresh:                                # every step of 24 tokens
+                sae.refresh_dead_mirror(model, 24)
+            auxk.append(sae.train_step(model, opt, batch(kind, device=device, seed=s)).auxk)
+        runs.append((model, torch.stack(auxk), list(sizes)))
+    (small, auxk_s, sizes_s), (full, auxk_f, sizes_f) = runs
+    assert torch.equal(auxk_s, auxk_f) and (auxk_f > 0).any()
+    for (name, a), (_, b) in zip(small.state_dict().items(), full.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # the refreshed run skips the steps on which no latent is dead (AuxK is 0 there in both runs)
+    assert set(sizes_f) == {48} and 0 < len(sizes_s) <= len(sizes_f) and max(sizes_s) < 48
 
 
 def test_dead_bound_is_reread_after_load_state_dict(device):
