@@ -26,6 +26,7 @@ The rules (`RunFolder`):
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import json
@@ -177,9 +178,15 @@ class _Export:
 
 def load_checkpoint(path: Path, models: dict, opts: dict, config) -> int:
     """Restore models and optimisers from `path`; return the step to continue from. The run's
-    flags must equal the checkpoint's, except those that do not change the result."""
+    flags must equal the checkpoint's, except those that do not change the result, and --tokens
+    when neither the learning rate nor the data depend on it (--decay none, and --cache-tokens given
+    or --cache none: the first s steps of a longer run are then the same steps), so an interrupted
+    constant-rate run can be extended."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     ignore = ("resume", "overwrite", "device", "ckpt_every", "log_every", "eval_every", "eval_panel")
+    if all(getattr(config, "decay", None) == "none" and (c.cache_tokens or c.cache == "none")
+           for c in (config, argparse.Namespace(**state["config"]))):
+        ignore += ("tokens",)
     saved = {k: v for k, v in state["config"].items() if k not in ignore}
     now = {k: v for k, v in dataclasses.asdict(config).items() if k in saved}
     diff = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}

@@ -1,23 +1,25 @@
 """Where do the papers' claims start to hold? Training to the papers' optimisation budget, with
 matched baselines (SmolLM2-135M, CPU-sized widths). One command per experiment, resumable:
 
-    python experiments/budget.py curves      # 1. crosscoder, TR and CP fmxcoders, with and without masking, 25k steps
+    python experiments/budget.py curves      # 1. crosscoder (with and without masking), masked TR and CP fmxcoders, 20k steps
     python experiments/budget.py window      # 2. crosscoder vs masked TR on blocks 4, 7, ..., 25 (spread over the depth)
     python experiments/budget.py matched     # 3. dense crosscoders with the fmxcoders' parameter counts
     python experiments/budget.py auxk        # 4. crosscoder and masked TR without AuxK and with the official weight 1.0
     python experiments/budget.py polysae     # 5. SAE vs PolySAE on block 15, our conventions and the official code's
     python experiments/budget.py seeds       # 6. the main pair (crosscoder, masked TR) at two more seeds
     python experiments/budget.py eval        # metrics.py and probing of every finished run (bootstrap intervals)
-    python experiments/budget.py all         # all of the above, in that order
+    python experiments/budget.py all         # every run above in one queue (in PRIORITY order), then eval
     python experiments/budget.py list        # print the commands, run nothing
 
 Budget. The papers train with Adam at lr 3e-4 for 73k-122k steps (lr x steps of about 22-37); the
-first reproduction (experiments/reproduce.sh) had lr x steps of 1.5-3.1. Here: lr 1e-3 x 25,000 steps
-= 25, at F 512 latents, k 32, batch 256 (6.4M training tokens, about 3.3 passes over the 1.95M
-training tokens of the 2M-token cache), so that six 8-layer dictionaries fit in a few hours of a
-2-core CPU. Every run writes curve.jsonl (train.py --eval-every 1000): held-out FVU, L0, dead
-fraction, and for crosscoders the functional coherence and decoder-norm spread on a fixed panel of
-8,192 held-out tokens, at step 0 and every 1,000 steps.
+first reproduction (experiments/reproduce.sh) had lr x steps of 1.5-3.1. Here the four curve runs
+take lr 1e-3 x 20,000 steps = 20, at F 512 latents, k 32, batch 256 (5.1M training tokens, 2.6
+passes over the 1.95M training tokens of the 2M-token cache). The other experiments are shorter
+(SHORT = 4,000 steps, lr x steps = 4) so that all of them fit in about two hours of a 2-core CPU; the
+learning rate is constant, so a short run is exactly the first 4,000 steps of a long one with its
+flags and is compared with the curve runs at step 4,000. Every run writes curve.jsonl (train.py
+--eval-every 1000): held-out FVU, L0, dead fraction, and for crosscoders the functional coherence
+and decoder-norm spread on a fixed panel of 8,192 held-out tokens, at step 0 and every 1,000 steps.
 
 Runs go to runs/budget/<name>/. A finished run is skipped, an interrupted one resumed (train.py
 --resume), anything else started afresh; `--jobs N` runs N training processes at once (one thread
@@ -44,7 +46,7 @@ CACHE_WINDOW = HOME / "acts" / "repro2m-smollm2-L4-25s3"  # layers 4, 7, ..., 25
 CACHE_L15 = HOME / "acts" / "repro2m-smollm2-L15"         # layer 15 sliced out of CACHE
 OUT = ROOT / "runs" / "budget"
 
-STEPS, BATCH = 25_000, 256
+STEPS, SHORT, BATCH = 20_000, 4_000, 256
 COMMON = ["--dataset", str(CORPUS), "--cache-tokens", "2000000", "--lm-dtype", "bfloat16", "--eval-tokens", "49152",
           "--batch-size", str(BATCH), "--lr", "1e-3", "--dead-tokens", "20000", "--ckpt-every", "1000",
           "--eval-every", "1000", "--eval-panel", "8192", "--log-every", "100"]
@@ -61,25 +63,29 @@ def tokens(steps: int) -> list[str]:
 
 def experiments() -> dict[str, dict[str, list[str]]]:
     """{experiment: {run name: train.py flags}}."""
-    full = tokens(STEPS)
+    full, short = tokens(STEPS), tokens(SHORT)
     window = ["--layers", "4,7,10,13,16,19,22,25", "--cache", str(CACHE_WINDOW)]
     return {
         "curves": {"crosscoder": CC + MULTI + full, "crosscoder_mask": CC + MASK + MULTI + full,
-                   "fmx_tr": TR + MASK + MULTI + full, "fmx_tr_nomask": TR + NOMASK + MULTI + full,
-                   "fmx_cp": CP + MASK + MULTI + full, "fmx_cp_nomask": CP + NOMASK + MULTI + full},
-        "window": {"window_crosscoder": CC + MULTI + window + full, "window_fmx_tr": TR + MASK + MULTI + window + full},
+                   "fmx_tr": TR + MASK + MULTI + full, "fmx_cp": CP + MASK + MULTI + full},
+        "nomask": {"fmx_tr_nomask": TR + NOMASK + MULTI + short, "fmx_cp_nomask": CP + NOMASK + MULTI + short},
+        "window": {"window_crosscoder": CC + MULTI + window + short, "window_fmx_tr": TR + MASK + MULTI + window + short},
         # dense crosscoders with as many weights as the TR (2,244,608) and CP (1,262,592) fmxcoders
         # (fmxcoder.costs): 2 d L F = 9,216 F weights, so F = 244 (2,248,704) and 137 (exactly)
-        "matched": {"crosscoder_F244": CC + MULTI + full + ["--n-latents", "244"],
-                    "crosscoder_F137": CC + MULTI + full + ["--n-latents", "137"]},
-        "auxk": {f"{name}_aux{c}": flags + MULTI + tokens(10_000) + ["--aux-coeff", c]
+        "matched": {"crosscoder_F244": CC + MULTI + short + ["--n-latents", "244"],
+                    "crosscoder_F137": CC + MULTI + short + ["--n-latents", "137"]},
+        "auxk": {f"{name}_aux{c}": flags + MULTI + short + ["--aux-coeff", c]
                  for name, flags in (("crosscoder", CC), ("fmx_tr", TR + MASK)) for c in ("0", "1.0")},
         "polysae": {f"{kind}_{conv}": ["--dict", kind, "--layers", "15", "--cache", str(CACHE_L15), "--n-latents", "1024",
-                                      "--k", "32", "--sparsity", "topk"] + full + (OFFICIAL[kind] if conv == "official" else [])
+                                      "--k", "32", "--sparsity", "topk"] + short + (OFFICIAL[kind] if conv == "official" else [])
                     for kind in ("sae", "polysae") for conv in ("ours", "official")},
-        "seeds": {f"{name}_seed{s}": flags + MULTI + full + ["--seed", str(s)]
+        "seeds": {f"{name}_seed{s}": flags + MULTI + short + ["--seed", str(s)]
                   for name, flags in (("crosscoder", CC), ("fmx_tr", TR + MASK)) for s in (1, 2)},
     }
+
+
+# `all`: one queue, the most informative runs first (a cut-short session still has them)
+PRIORITY = ["curves", "matched", "polysae", "window", "auxk", "nomask", "seeds"]
 
 
 # The official PolySAE code's conventions (SAELens defaults): decoder rows free, initialised at norm 0.1,
@@ -132,13 +138,15 @@ def main() -> None:
                 print(f"[{stage}] python train.py {' '.join(COMMON + flags)} --out runs/budget/{name}")
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    for stage in (list(exps) if a.stage == "all" else [a.stage] if a.stage != "eval" else []):
+    stages = PRIORITY if a.stage == "all" else [a.stage] if a.stage != "eval" else []
+    for stage in stages:
         prepare(stage)
-        t0 = time.time()
-        with ThreadPoolExecutor(a.jobs) as pool:
-            for name, code in pool.map(lambda kv: run_train(*kv), exps[stage].items()):
-                print(f"[{stage}] {name}: {'done' if code == 0 else f'exit {code}, see {OUT / name}.log'} "
-                      f"({(time.time() - t0) / 60:.0f} min)", flush=True)
+    queue = [(name, flags) for stage in stages for name, flags in exps[stage].items()]
+    t0 = time.time()
+    with ThreadPoolExecutor(a.jobs) as pool:
+        for name, code in pool.map(lambda kv: run_train(*kv), queue):
+            print(f"{name}: {'done' if code == 0 else f'exit {code}, see {OUT / name}.log'} "
+                  f"({(time.time() - t0) / 60:.0f} min)", flush=True)
     if a.stage in ("eval", "all"):
         subprocess.check_call([sys.executable, str(ROOT / "experiments" / "evaluate_budget.py")], cwd=ROOT)
 

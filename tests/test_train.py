@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import activations
+import runs
 import activation_cache
 import corpora
 import sae
@@ -77,6 +78,32 @@ def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, monkeyp
     a, b = sae.load(full), sae.load(part)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(v, w, atol=1e-6), k
+
+
+def test_interrupted_constant_lr_run_can_be_extended(gpt2_dir, cache_dir, tmp_path, monkeypatch):
+    """With --decay none the first s steps of a longer run are the same steps: an interrupted run
+    resumes with a larger --tokens and equals the longer run; with a decaying lr it is refused."""
+    common = ["--dict", "crosscoder", "--sparsity", "batchtopk", "--mask-prob", "0.1", "--cache-tokens", "4096"]
+    full = tmp_path / "full"
+    train.train(train.parse_args(flags(gpt2_dir, cache_dir, full, *common, "--tokens", "2560")))
+    part = tmp_path / "part"
+    real_get_lr = train.get_lr
+
+    def interrupt_at_step_5(step, cfg, total):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_lr(step, cfg, total)
+
+    monkeypatch.setattr(train, "get_lr", interrupt_at_step_5)
+    assert train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common, "--tokens", "1280")))["steps"] == 6
+    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    with pytest.raises(runs.RunFolderError, match="tokens"):   # the data read depends on --tokens without --cache-tokens
+        train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common[:-2], "--tokens", "2560", "--resume")))
+    s = train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common, "--tokens", "2560", "--resume")))
+    assert s["steps"] == 20 and s["complete"]
+    a, b = sae.load(full), sae.load(part)
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(v, w, atol=1e-6), (k, (v-w).abs().max(), s)
 
 
 @pytest.mark.parametrize("extra,message", [
