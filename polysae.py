@@ -33,8 +33,9 @@ Choices, each checked against the official code:
   * init: U orthogonal (nn.init.orthogonal_), C1, C2, C3 Kaiming-uniform, λ2 = −0.5,
     λ3 = +0.5. The official encoder is SAELens's: W_enc = W_decᵀ of a *placeholder*
     Kaiming-uniform W_dec (rows rescaled to norm 0.1) that the polynomial decoder never
-    uses, so encoder and decoder start untied. Here W_enc = D1ᵀ with unit-norm columns,
-    the SAE's tied init (sae.py), applied to the decoder actually used.
+    uses, so encoder and decoder start untied (`untied_init=True`, train.py --untied-init).
+    By default W_enc = D1ᵀ with unit-norm columns, the SAE's tied init (sae.py), applied to
+    the decoder actually used.
   * after every optimiser step U is re-orthonormalised: a reduced QR with the signs fixed
     so diag(R) > 0 (continuous across steps), skipped if ‖U‖_F < 1e-6, with 1e-6 jitter
     added if ‖U‖_F < 1e-4 (`orthonormalize_U`, the official `orthogonalize_U`). There is
@@ -51,24 +52,34 @@ C1 + C2 + C3 + λ2 + λ3 = d(R1 + R2 + R3) + 2, e.g. 688,130 (2.7 %) for GPT-2 s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from sae import SAE, SAEConfig, sparse_decode
+from sae import SAE, HostMirror, check_common, read_max, sparse_decode
 
 
 @dataclass
-class PolySAEConfig(SAEConfig):
+class PolySAEConfig:
+    d_in: int                     # model dimension d
+    n_latents: int                # dictionary size F
+    k: int = 32                   # active latents per token
+    sparsity: str = "topk"        # "topk" | "batchtopk" | "relu" (sae.py)
+    l1_coeff: float = 0.0         # only used by sparsity="relu"
+    aux_k: int | None = None      # k_aux for AuxK; None → d_in // 2
+    aux_coeff: float = 1 / 32     # AuxK weight; 0 disables it (the official code: 1.0)
+    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+    input_scale: list[float] = field(default_factory=lambda: [1.0])  # x_model = x_raw · s
     ranks: tuple[int, int, int] | list[int] | None = None  # (R1, R2, R3); None → (d_in, 64, 64) clipped
     order: int = 3                 # 1 linear, 2 + quadratic, 3 + cubic
     lambda2_init: float = -0.5
     lambda3_init: float = 0.5
+    untied_init: bool = False      # W_enc as the official code starts it (see the module docstring)
 
     def __post_init__(self):
-        super().__post_init__()
+        check_common(self)
         self.ranks = check_ranks(self.ranks, self.d_in, self.n_latents)
         if self.order not in (1, 2, 3) or isinstance(self.order, bool):
             raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
@@ -125,15 +136,20 @@ def orthonormal_retraction(U: Tensor, eps_norm: float = 1e-6, eps_jitter: float 
     return torch.where(fro < eps_norm, U, Q)
 
 
-class PolySAE(SAE):
+class PolySAE(nn.Module):
     config_class = PolySAEConfig
 
     def __init__(self, config: PolySAEConfig):
-        super().__init__(config)          # W_enc, b_enc, b_dec, dead counter, threshold
-        del self.W_dec                    # the polynomial decoder replaces it
+        super().__init__()
+        self.config = config
         d, n = config.d_in, config.n_latents
         r1, r2, r3 = config.ranks
-        self.U = nn.Parameter(nn.init.orthogonal_(torch.empty(n, r1)))       # (F, R1)
+        # the linear encoder (sae.py's)
+        self.W_enc = nn.Parameter(torch.empty(d, n))                          # (d, F)
+        self.b_enc = nn.Parameter(torch.zeros(n))                             # (F,)
+        self.b_dec = nn.Parameter(torch.zeros(d))                             # (d,)
+        # the polynomial decoder
+        self.U = nn.Parameter(nn.init.orthogonal_(torch.empty(n, r1)))       # (F, R1), UᵀU = I
         self.C1 = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d, r1)))  # (d, R1)
         if config.order >= 2:
             self.C2 = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d, r2)))  # (d, R2)
@@ -141,9 +157,29 @@ class PolySAE(SAE):
         if config.order >= 3:
             self.C3 = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d, r3)))  # (d, R3)
             self.lambda3 = nn.Parameter(torch.tensor(float(config.lambda3_init)))
-        with torch.no_grad():             # tied encoder init: W_enc = D1ᵀ, unit-norm columns
-            D1_FD = self.U @ self.C1.T
-            self.W_enc.copy_((D1_FD / D1_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)).T)
+        # state, as the SAE's: the dead-latent counter (and its host-side bound), BatchTopK's θ
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        self.dead_bound = HostMirror(read_max, self.tokens_since_fired, 0)
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        with torch.no_grad():
+            if config.untied_init:    # official: W_enc = W_decᵀ of an unused Kaiming-uniform W_dec, rows at 0.1
+                W_FD = nn.init.kaiming_uniform_(torch.empty(n, d))
+                self.W_enc.copy_((0.1 * W_FD / W_FD.norm(dim=-1, keepdim=True)).T)
+            else:                     # tied: W_enc = D1ᵀ with unit-norm columns
+                D1_FD = self.U @ self.C1.T
+                self.W_enc.copy_((D1_FD / D1_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)).T)
+
+    # -- the encoder, the forward pass and b_dec's init are the SAE's (sae.py), used as they are
+    encoder_linear = SAE.encoder_linear
+    pre_acts = SAE.pre_acts
+    decoder_scale = SAE.decoder_scale
+    encode = SAE.encode
+    decode = SAE.decode
+    forward = SAE.forward
+    loss = SAE.loss
+    _check_input = SAE._check_input
+    init_b_dec = SAE.init_b_dec
+    dead_fraction = SAE.dead_fraction
 
     # -- the polynomial decoder ------------------------------------------------------------
     def polynomial(self, a_BR: Tensor) -> Tensor:

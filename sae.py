@@ -62,10 +62,12 @@ the three sums with F.embedding_bag (per-sample weights g) and index_add_; the f
 dense product. Whether a device uses it is `SPARSE_BACKWARD[device type]` (the dense autograd
 path is the reference; tests check both give the same gradients).
 
-Decoder-norm policy: rows of W_dec are kept at unit norm. Before each optimiser step the
-gradient component parallel to each row is removed (`before_step`), after it the rows are
-renormalised (`after_step`). At init W_enc = W_dec.T; b_dec is set from data by
-`init_b_dec` (geometric median, Weiszfeld, or mean).
+Decoder-norm policy (`decoder_norm`): "unit" (default) keeps the rows of W_dec at unit norm:
+before each optimiser step the gradient component parallel to each row is removed
+(`before_step`), after it the rows are renormalised (`after_step`). "free" trains them freely
+from norm `decoder_init_norm` (SAELens's convention, which the official PolySAE code uses for
+its SAE baseline with 0.1). At init W_enc = W_dec.T; b_dec is set from data by `init_b_dec`
+(geometric median, Weiszfeld, or mean; "zero" keeps 0, as SAELens does).
 
 Inputs are assumed already normalised (E‖x‖² ≈ d, see activations.py); `config.input_scale`
 records the factor so that `fold_input_scale()` can export a model that takes raw
@@ -537,9 +539,18 @@ class SAEConfig:
     aux_coeff: float = 1 / 32     # AuxK weight (OpenAI: 1/32); 0 disables it
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     input_scale: list[float] = field(default_factory=lambda: [1.0])  # x_model = x_raw · s
+    decoder_norm: str = "unit"    # "unit": rows kept at norm 1 | "free": rows trained freely (SAELens)
+    decoder_init_norm: float = 1.0  # row norm at init ("free" only; SAELens and the PolySAE code: 0.1)
 
     def __post_init__(self):
         check_common(self)
+        if self.decoder_norm not in ("unit", "free"):
+            raise ValueError(f"decoder_norm must be 'unit' or 'free', got {self.decoder_norm!r}")
+        if not (self.decoder_init_norm > 0 and self.decoder_init_norm < float("inf")):
+            raise ValueError(f"decoder_init_norm must be a finite number > 0, got {self.decoder_init_norm!r}")
+        if self.decoder_norm == "unit" and self.decoder_init_norm != 1.0:
+            raise ValueError(f"decoder_init_norm {self.decoder_init_norm} needs decoder_norm='free' "
+                             f"(unit-norm rows are renormalised to 1 after every step)")
 
 
 def check_common(cfg) -> None:
@@ -568,9 +579,9 @@ class SAE(nn.Module):
         self.config = config
         d, n = config.d_in, config.n_latents
         W_dec = torch.randn(n, d)
-        W_dec /= W_dec.norm(dim=-1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)                     # (F, d), unit-norm rows
-        self.W_enc = nn.Parameter(W_dec.T.clone())           # (d, F), stored as W_encᵀ (F, d) rows
+        W_dec *= config.decoder_init_norm / W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)                     # (F, d), rows of norm decoder_init_norm
+        self.W_enc = nn.Parameter(W_dec.T.clone())           # (d, F): tied init, W_enc = W_decᵀ
         self.b_enc = nn.Parameter(torch.zeros(n))            # (F,)
         self.b_dec = nn.Parameter(torch.zeros(d))            # (d,)
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
@@ -587,7 +598,9 @@ class SAE(nn.Module):
         return F.linear(*self.encoder_linear(x_BD))
 
     def decoder_scale(self) -> Tensor | None:
-        """Per-latent score scale for the sparsifier: None, decoder rows have unit norm."""
+        """Per-latent score scale for the sparsifier: None, the SAE selects by pre-activation
+        (with unit-norm rows this is activation × decoder norm; with free rows it is what
+        SAELens's TopK does without rescale_acts_by_decoder_norm)."""
         return None
 
     def encode(self, x_BD: Tensor) -> Tensor:
@@ -606,7 +619,7 @@ class SAE(nn.Module):
         return self.W_dec
 
     def decoder_norms(self) -> Tensor:
-        """(F,) norm of each latent's decoder vector (1 after every step)."""
+        """(F,) norm of each latent's decoder vector (1 after every step unless decoder_norm="free")."""
         return self.W_dec.norm(dim=-1)
 
     # -- forward with the losses ---------------------------------------------------------
@@ -637,15 +650,16 @@ class SAE(nn.Module):
     @torch.no_grad()
     def before_step(self) -> None:
         """Remove the gradient component parallel to each decoder row (keeps ‖row‖ = 1 to
-        first order, so Adam does not waste steps growing the norm)."""
-        if self.W_dec.grad is not None:
+        first order, so Adam does not waste steps growing the norm). Free rows: nothing."""
+        if self.W_dec.grad is not None and self.config.decoder_norm == "unit":
             W, g = self.W_dec, self.W_dec.grad   # g −= (⟨g, W⟩ / ‖W‖²) W, row by row
             g.addcmul_(((g * W).sum(-1) / W.norm(dim=-1).square()).neg_()[:, None], W)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Renormalise the decoder rows to unit norm."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        """Renormalise the decoder rows to unit norm (free rows: nothing)."""
+        if self.config.decoder_norm == "unit":
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
     def fold_input_scale(self) -> None:

@@ -107,6 +107,9 @@ class TrainConfig:
     ranks: str | None = None                # polysae "R1,R2,R3" (default d,64,64)
     order: int = 3                          # polysae polynomial order
     b_dec_init: str = "median"              # median | mean | zero
+    decoder_norm: str = "unit"              # sae: unit (rows kept at norm 1) | free (SAELens, the PolySAE code's baseline)
+    decoder_init_norm: float = 1.0          # sae with --decoder-norm free: row norm at init (SAELens: 0.1)
+    untied_init: bool = False               # polysae: W_enc initialised as the official code does (untied)
     tokens: int = 100_000                   # training tokens (paper: 3e8–5e8); ~4 min on 2 CPU cores
     eval_tokens: int = 10_000               # held-out tokens (the end of the cache; the start of a stream)
     batch_size: int = 512                   # tokens per step (paper: 4096)
@@ -167,6 +170,7 @@ def flag(name: str) -> str:
 
 
 CHOICES = {"dict": DICTS, "sparsity": sae_mod.SPARSITIES, "decay": ("none", "cosine", "linear"),
+           "decoder_norm": ("unit", "free"),
            "dtype": ("float32", "bfloat16"), "lm_dtype": tuple(activations.LM_DTYPES),
            "cache_dtype": tuple(activation_cache.DTYPES), "b_dec_init": ("median", "mean", "zero"),
            "factorization": ("cp", "tr")}
@@ -275,15 +279,21 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
     so train.py calls this before harvesting anything."""
     common = dict(d_in=d, n_latents=cfg.n_latents, k=cfg.k, sparsity=cfg.sparsity, l1_coeff=cfg.l1_coeff,
                   aux_coeff=cfg.aux_coeff, dead_tokens=cfg.dead_tokens)
+    if cfg.dict != "sae" and (cfg.decoder_norm, cfg.decoder_init_norm) != ("unit", 1.0):
+        fail(f"--decoder-norm and --decoder-init-norm apply to --dict sae, not {cfg.dict}")
+    if cfg.dict != "polysae" and cfg.untied_init:
+        fail(f"--untied-init applies to --dict polysae, not {cfg.dict}")
     if cfg.dict == "sae":
-        return {l: (sae_mod.SAE, sae_mod.SAEConfig(**common, input_scale=[s])) for l, s in zip(layers, scale)}
+        norms = dict(decoder_norm=cfg.decoder_norm, decoder_init_norm=cfg.decoder_init_norm)
+        return {l: (sae_mod.SAE, sae_mod.SAEConfig(**common, **norms, input_scale=[s])) for l, s in zip(layers, scale)}
     if cfg.dict == "polysae":
         import polysae
         if cfg.ranks is None and d > cfg.n_latents:
             fail(f"--dict polysae: the default --ranks {d},64,64 (R1 = d) needs R1 <= --n-latents {cfg.n_latents}; "
                  f"pass --ranks {cfg.n_latents},64,64 or more latents")
         extra = {"ranks": int_list(cfg.ranks, "--ranks")} if cfg.ranks else {}
-        return {l: (polysae.PolySAE, polysae.PolySAEConfig(**common, input_scale=[s], order=cfg.order, **extra))
+        return {l: (polysae.PolySAE, polysae.PolySAEConfig(**common, input_scale=[s], order=cfg.order,
+                                                                untied_init=cfg.untied_init, **extra))
                 for l, s in zip(layers, scale)}
     mask_prob = cfg.mask_prob if cfg.mask_prob is not None else (0.05 if cfg.dict == "fmxcoder" else 0.0)
     common.update(n_layers=len(layers), mask_prob=mask_prob, input_scale=list(scale))

@@ -25,7 +25,8 @@ and decoder-norm spread on a fixed panel of 8,192 held-out tokens, at step 0 and
 
 Runs go to runs/budget/<name>/. A finished run is skipped, an interrupted one resumed (train.py
 --resume), anything else started afresh; `--jobs N` runs N training processes at once (one thread
-each). experiments/curves.py draws the figure and experiments/results.md's tables from the runs.
+each). `python experiments/budget.py eval` (experiments/evaluate_budget.py) probes the finished runs and
+writes experiments/budget_curves.png and experiments/results.md.
 """
 from __future__ import annotations
 

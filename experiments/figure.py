@@ -8,7 +8,7 @@ and the models (sae.load_run), and writes
       layer); (b) decoder-norm spread Σ_l‖d_il‖ / max_l‖d_il‖ on the same axis; (c, d) per-latent,
       per-layer decoder norms ‖d_il‖ / max_l ‖d_il‖ (rows = latents sorted by peak layer) for the
       crosscoder and the TR fmxcoder;
-  experiments/results.md : the tables (fmxcoders comparison on 8 layers; PolySAE vs SAE on one layer).
+  experiments/results_repro.md : the tables (fmxcoders comparison on 8 layers; PolySAE vs SAE on one layer).
 A run that is missing is left out (its row says "not run").
 """
 import json
@@ -191,7 +191,7 @@ def main(R: Path) -> None:
     if length:
         md += ("\n## Training length (crosscoder vs fmxcoders, same cache, batches of the same size)\n\n"
                + length + "\n")
-    (HERE / "results.md").write_text(md)
+    (HERE / "results_repro.md").write_text(md)
     print(md)
     figure(R, HERE / "fc_and_norms.png")
 

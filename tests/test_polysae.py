@@ -34,6 +34,28 @@ def _randomise(model):
 # -- config ------------------------------------------------------------------------------
 
 
+def test_parameters_are_exactly_the_encoder_and_the_polynomial():
+    """PolySAE's __init__ lists what it learns: no W_dec, no SAE underneath."""
+    model = _model()
+    assert not isinstance(model, sae.SAE)
+    assert [n for n, _ in model.named_parameters()] == ["W_enc", "b_enc", "b_dec", "U", "C1", "C2", "lambda2",
+                                                        "C3", "lambda3"]
+    assert sorted(n for n, _ in model.named_buffers()) == ["threshold", "tokens_since_fired"]
+    assert [n for n, _ in _model(order=1).named_parameters()] == ["W_enc", "b_enc", "b_dec", "U", "C1"]
+
+
+def test_untied_init_is_the_official_encoder_init():
+    """untied_init: W_enc = W_decᵀ of a Kaiming-uniform placeholder with rows at norm 0.1 (the
+    official code), not the tied D1ᵀ with unit-norm columns."""
+    tied, untied = _model(), _model(untied_init=True)
+    D1 = tied.U @ tied.C1.T
+    assert torch.allclose(tied.W_enc, (D1 / D1.norm(dim=-1, keepdim=True)).T, atol=1e-6)
+    assert torch.allclose(untied.W_enc.norm(dim=0), torch.full((20,), 0.1), atol=1e-6)
+    D1u = untied.U @ untied.C1.T
+    cos = torch.nn.functional.cosine_similarity(untied.W_enc.T, D1u, dim=-1)
+    assert cos.abs().max() < 0.99                 # not aligned with the decoder's directions
+
+
 def test_config_defaults_and_validation():
     c = PolySAEConfig(d_in=768, n_latents=1024)
     assert c.ranks == (768, 64, 64) and c.order == 3

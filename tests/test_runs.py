@@ -173,6 +173,10 @@ def test_kill_9_then_resume_is_bit_identical(gpt2_dir, cache_dir, tmp_path):
     (["--resume", "--overwrite"], "pass one of them"),
     (["--mask-prob", "1"], "--mask-prob must be in [0, 1), got 1.0"),
     (["--cache-dtype", "int8"], "--cache-dtype must be one of float16, float32, got 'int8'"),
+    (["--decoder-norm", "fixed"], "--decoder-norm must be one of unit, free, got 'fixed'"),
+    (["--decoder-norm", "free"], "--decoder-norm and --decoder-init-norm apply to --dict sae, not fmxcoder"),
+    (["--dict", "sae", "--layers", "1", "--decoder-init-norm", "0.1"], "decoder_init_norm 0.1 needs decoder_norm='free'"),
+    (["--untied-init"], "--untied-init applies to --dict polysae, not fmxcoder"),
 ])
 def test_bad_flags_fail_before_any_work(gpt2_dir, tmp_path, capsys, monkeypatch, extra, message):
     for module, name in ((activations, "load_lm"), (activations, "harvest"), (activation_cache, "build_cache")):

@@ -148,6 +148,28 @@ def test_decoder_gradient_projection_and_renormalisation():
     assert torch.allclose(model.W_dec.norm(dim=-1), torch.ones(48), atol=1e-6)
 
 
+def test_free_decoder_norms_start_at_the_init_norm_and_are_not_renormalised():
+    """decoder_norm="free" (SAELens's convention): rows start at decoder_init_norm, tied W_enc,
+    and neither the gradient projection nor the renormalisation touches them."""
+    torch.manual_seed(0)
+    model = sae.SAE(sae.SAEConfig(d_in=16, n_latents=48, k=4, decoder_norm="free", decoder_init_norm=0.1))
+    assert torch.allclose(model.W_dec.norm(dim=-1), torch.full((48,), 0.1))
+    assert torch.equal(model.W_enc, model.W_dec.T)
+    g = torch.randn_like(model.W_dec)
+    model.W_dec.grad = g.clone()
+    model.before_step()
+    assert torch.equal(model.W_dec.grad, g)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        sae.train_step(model, opt, torch.randn(64, 16))
+    norms = model.W_dec.norm(dim=-1)
+    assert (norms - 0.1).abs().max() > 1e-3      # trained away from the init norm, not pulled back
+    with pytest.raises(ValueError, match="decoder_norm must be 'unit' or 'free'"):
+        sae.SAEConfig(d_in=4, n_latents=8, k=2, decoder_norm="fixed")
+    with pytest.raises(ValueError, match="needs decoder_norm='free'"):
+        sae.SAEConfig(d_in=4, n_latents=8, k=2, decoder_init_norm=0.1)
+
+
 def test_dead_counter_counts_tokens_since_fired():
     model = _model()
     model.config.dead_tokens = 20
