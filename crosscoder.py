@@ -1,7 +1,8 @@
 """Acausal crosscoder over L layers, with optional stochastic layer masking.
 
 One dictionary reads the residual stream at L layers at once and writes all of them
-(Lindsey et al. 2024, transformer-circuits.pub/2024/crosscoders; papers.md §0, §1.2):
+(Lindsey et al. 2024, transformer-circuits.pub/2024/crosscoders; the fmxcoders paper,
+Demou et al. 2026, arXiv 2605.09438, uses it as its baseline):
 
     pre   = Σ_l (x_l − b_dec[l]) W_enc[l] + b_enc          pre: (B, F)    W_enc: (L, d, F)
     z     = S(pre)                                          z:   (B, F)
@@ -24,7 +25,7 @@ Loss (per batch of B tokens):
 AuxK, the dead-latent counter and the BatchTopK inference threshold work exactly as in
 sae.SAE. With L = 1 the crosscoder *is* that SAE (tests/test_crosscoder.py checks it).
 
-Stochastic layer masking (fmxcoders §3, papers.md §1.3): in training, every token's input
+Stochastic layer masking (the fmxcoders paper, arXiv 2605.09438, p. 5): in training, every token's input
 at every layer is zeroed independently with probability `mask_prob`, and the loss still
 reconstructs the *clean* activations of all L layers: a denoising autoencoder along the
 layer axis. No 1/(1−p) rescaling; off in eval mode; an all-masked token is not resampled.
@@ -94,6 +95,7 @@ def mask_layers(x_BLD: Tensor, p: float, generator: torch.Generator | None = Non
 
 
 class CrossCoder(nn.Module):
+    """The dense crosscoder: W_enc (L, d, F), b_enc (F,), W_dec (F, L, d), b_dec (L, d). A `sae.Dictionary`."""
     config_class = CrossCoderConfig
 
     def __init__(self, config: CrossCoderConfig):
@@ -245,12 +247,13 @@ class CrossCoder(nn.Module):
 
 
 def demo_model(d_in: int, n_layers: int) -> CrossCoder:
-    """The model `python crosscoder.py` trains on toy data (see synthetic.demo)."""
+    """The model `python crosscoder.py` trains on toy data (synthetic.demo)."""
     return CrossCoder(CrossCoderConfig(d_in=d_in, n_latents=512, k=8, n_layers=n_layers,
                                        dead_tokens=50_000))
 
 
 if __name__ == "__main__":
-    from synthetic import demo
+    from sae import train_step
+    from synthetic import demo   # toy data with known atoms
 
-    demo("crosscoder")
+    demo(demo_model, train_step)

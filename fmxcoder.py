@@ -1,6 +1,6 @@
 """fmxcoder: a crosscoder whose encoder and decoder weight tensors are low-rank tensor
 factorisations, trained with stochastic layer masking (Demou et al. 2026, arXiv 2605.09438;
-papers.md §1.2–1.3, fmxcoder-capacity.md).
+what each rank allows and costs: docs/fmxcoder-ranks.md, our derivations).
 
 A crosscoder (crosscoder.py) has two weight tensors W ∈ R^{d × F × L} (d = model width,
 F = latents, L = layers). The fmxcoder factorises each one over all three modes, encoder
@@ -216,6 +216,8 @@ def costs(cfg: FMXCoderConfig) -> dict:
 
 
 class FMXCoder(CrossCoder):
+    """The factorised crosscoder: the CrossCoder with W_enc and W_dec built from CP/TR factors
+    (the crosscoder's forward, masking and upkeep, reused as they are). A `sae.Dictionary`."""
     config_class = FMXCoderConfig
 
     def init_weights(self) -> None:
@@ -298,12 +300,13 @@ class FMXCoder(CrossCoder):
 
 
 def demo_model(d_in: int, n_layers: int) -> FMXCoder:
-    """The model `python fmxcoder.py` trains on toy data (see synthetic.demo)."""
+    """The model `python fmxcoder.py` trains on toy data (synthetic.demo)."""
     return FMXCoder(FMXCoderConfig(d_in=d_in, n_latents=512, k=8, n_layers=n_layers, dead_tokens=50_000,
                                    factorization="tr", rank=[8, 16, 16], norm_every=1))  # toy size: exact norms are cheap
 
 
 if __name__ == "__main__":
-    from synthetic import demo
+    from sae import train_step
+    from synthetic import demo   # toy data with known atoms
 
-    demo("fmxcoder")
+    demo(demo_model, train_step)

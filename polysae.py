@@ -137,6 +137,8 @@ def orthonormal_retraction(U: Tensor, eps_norm: float = 1e-6, eps_jitter: float 
 
 
 class PolySAE(nn.Module):
+    """The PolySAE: the SAE's linear encoder and a polynomial decoder (U, C1, C2, C3, λ2, λ3).
+    A `sae.Dictionary`."""
     config_class = PolySAEConfig
 
     def __init__(self, config: PolySAEConfig):
@@ -259,11 +261,12 @@ class PolySAE(nn.Module):
 
 
 def demo_model(d_in: int, n_layers: int = 1) -> PolySAE:
-    """The model `python polysae.py` trains on toy data (see synthetic.demo)."""
+    """The model `python polysae.py` trains on toy data (synthetic.demo)."""
     return PolySAE(PolySAEConfig(d_in=d_in, n_latents=512, k=8, dead_tokens=50_000))
 
 
 if __name__ == "__main__":
-    from synthetic import demo
+    from sae import train_step
+    from synthetic import demo   # toy data with known atoms
 
-    demo("polysae")
+    demo(demo_model, train_step)

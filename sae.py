@@ -73,6 +73,10 @@ Inputs are assumed already normalised (E‖x‖² ≈ d, see activations.py); `c
 records the factor so that `fold_input_scale()` can export a model that takes raw
 activations.
 
+The interface: `Dictionary` (a typing.Protocol, below the loss) lists, one line per member, what
+forward_with_losses, train_step, train.py and metrics.py use of a model; SAE, PolySAE, CrossCoder
+and FMXCoder each provide exactly these (tests/test_sae.py checks all four).
+
 Save/load: `save(model, dir)` writes config.json + model.safetensors; `load(dir)` rebuilds
 any dictionary in this project (sae, crosscoder, fmxcoder, polysae) from config.json.
 """
@@ -86,7 +90,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -453,7 +457,55 @@ class Output(NamedTuple):
     l1: Tensor         # L1 of z: decoder-norm-weighted for sparsity="relu", plain Σ z otherwise
 
 
-def forward_with_losses(model: nn.Module, x_in: Tensor, target: Tensor) -> Output:
+@runtime_checkable
+class Dictionary(Protocol):
+    """What every dictionary of this project provides: SAE (here), PolySAE (polysae.py), CrossCoder
+    (crosscoder.py), FMXCoder (fmxcoder.py). forward_with_losses, train_step, train.py, metrics.py
+    and features.py use a model through these members only; a fifth dictionary that has them works
+    with all of them. x is (B, d), or (B, L, d) for the crosscoders; z and pre are (B, F)."""
+
+    config: Any                      # dataclass: d_in, n_latents, k, sparsity, l1_coeff, aux_k (k_aux),
+    #                                  aux_coeff, dead_tokens, input_scale (+ n_layers for crosscoders)
+    training: bool                   # nn.Module's: AuxK, dead counter and BatchTopK θ update only in training
+    tokens_since_fired: Tensor       # buffer (F,) long: tokens since each latent last fired
+    threshold: Tensor                # buffer (): BatchTopK's inference threshold θ
+    dead_bound: HostMirror           # host-side upper bound of max(tokens_since_fired) (no host reads)
+
+    def encoder_linear(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(h, W, b) with pre = h Wᵀ + b, the encoder's last linear map (the sparse backward's input)."""
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """(B, F) pre-activations: F.linear(*encoder_linear(x))."""
+
+    def decoder_scale(self) -> Tensor | None:
+        """(F,) per-latent selection score scale (activation × decoder norm), or None for 1."""
+
+    def decode(self, z: Tensor | Selection) -> Tensor:
+        """x̂ from z, with b_dec."""
+
+    def decode_nobias(self, z: Tensor | Selection) -> Tensor:
+        """x̂ − b_dec (what AuxK decodes the residual with)."""
+
+    def decoder_vectors(self) -> Tensor:
+        """(F, d) or (F, L, d): the direction(s) each latent writes."""
+
+    def decoder_norms(self) -> Tensor:
+        """(F,) or (F, L): the norm of what each latent writes at unit activation."""
+
+    def init_b_dec(self, x: Tensor, method: str = "median") -> None:
+        """b_dec from a data sample ("median", "mean", "zero")."""
+
+    def before_step(self) -> None:
+        """After backward, before the optimiser step (e.g. the decoder-gradient projection)."""
+
+    def after_step(self) -> None:
+        """After the optimiser step (renormalise decoder rows, re-orthonormalise U, ...)."""
+
+    def fold_input_scale(self) -> None:
+        """Fold config.input_scale into the weights so the model takes raw activations."""
+
+
+def forward_with_losses(model: Dictionary, x_in: Tensor, target: Tensor) -> Output:
     """The forward pass every dictionary shares (SAE, crosscoder, fmxcoder, PolySAE).
 
     Encodes `x_in` with model.encoder_linear and the configured sparsifier (scored by
@@ -508,7 +560,7 @@ def forward_with_losses(model: nn.Module, x_in: Tensor, target: Tensor) -> Outpu
     return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 1.0,
+def train_step(model: Dictionary, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 1.0,
                forward=None, autocast=None) -> Output:
     """One optimiser step, as train.py takes it: forward with the losses (through `forward`,
     e.g. a DistributedDataParallel wrapper, under `autocast` if given), backward, the model's
@@ -572,6 +624,7 @@ def check_common(cfg) -> None:
 
 
 class SAE(nn.Module):
+    """The TopK SAE: W_enc (d, F), b_enc (F,), W_dec (F, d), b_dec (d,). A `Dictionary`."""
     config_class = SAEConfig
 
     def __init__(self, config: SAEConfig):
@@ -749,11 +802,11 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> lis
 
 
 def demo_model(d_in: int, n_layers: int = 1) -> SAE:
-    """The model `python sae.py` trains on toy data (see synthetic.demo)."""
+    """The model `python sae.py` trains on toy data (synthetic.demo)."""
     return SAE(SAEConfig(d_in=d_in, n_latents=512, k=8, dead_tokens=50_000))
 
 
 if __name__ == "__main__":
-    from synthetic import demo
+    from synthetic import demo   # toy data with known atoms
 
-    demo("sae")
+    demo(demo_model, train_step)

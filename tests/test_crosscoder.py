@@ -193,7 +193,7 @@ def test_learns_toy_atoms():
     torch.manual_seed(0)
     data = make_toy_data()
     model = cc.demo_model(d_in=32, n_layers=4)
-    res = fit(model, data, steps=400)
+    res = fit(model, data, sae.train_step, steps=400)
     best, frac = recovery(model.decoder_vectors(), data)
     shared = data.profile_NL.sum(-1) == 4
     assert res["fvu"] < 0.15

@@ -128,7 +128,7 @@ def test_init_matches_dense_crosscoder_statistics(factorization, rank):
 def test_costs_match_hand_counts_and_real_parameters():
     cfg = fx.FMXCoderConfig(d_in=768, n_latents=16384, k=64, n_layers=8, factorization="tr", rank=32)
     c = fx.costs(cfg)
-    assert c["params"] == 2 * (32 * 32 * 768 + 32 * 32 * 16384 + 32 * 32 * 8)   # fmxcoder-capacity.md
+    assert c["params"] == 2 * (32 * 32 * 768 + 32 * 32 * 16384 + 32 * 32 * 8)   # docs/fmxcoder-ranks.md
     assert c["dense_params"] == 2 * 768 * 16384 * 8
     assert c["enc_macs"] == 8 * 768 * 1024 + 8 * 32 ** 3 + 16384 * 1024
     cp = fx.costs(fx.FMXCoderConfig(d_in=768, n_latents=16384, k=64, n_layers=8, factorization="cp",
@@ -192,7 +192,7 @@ def test_tr_learns_toy_atoms_and_every_shared_atom():
     torch.manual_seed(0)
     model = fx.demo_model(d_in=32, n_layers=4)
     assert model.config.factorization == "tr" and model.config.mask_prob == 0.05
-    res = fit(model, data, steps=400)
+    res = fit(model, data, sae.train_step, steps=400)
     best, frac = recovery(model.decoder_vectors(), data)
     assert res["fvu"] < 0.15
     assert frac > 0.8
@@ -205,7 +205,7 @@ def test_cp_learns_toy_atoms(factorization, rank):
     torch.manual_seed(0)
     model = fx.FMXCoder(fx.FMXCoderConfig(d_in=32, n_latents=512, k=8, n_layers=4, dead_tokens=50_000,
                                           factorization=factorization, rank=rank))
-    res = fit(model, data, steps=400)
+    res = fit(model, data, sae.train_step, steps=400)
     best, frac = recovery(model.decoder_vectors(), data)
     shared = data.profile_NL.sum(-1) == 4
     assert res["fvu"] < 0.15

@@ -330,7 +330,7 @@ def test_polysae_learns_ground_truth_atoms():
     data = make_toy_data(d=32, n_layers=4, n_atoms=256, seed=0)
     torch.manual_seed(0)
     model = polysae.demo_model(32)
-    res = fit(model, data, steps=400, single_layer=0)
+    res = fit(model, data, sae.train_step, steps=400, single_layer=0)
     layer0 = ToyData(data.atoms_NLD[:, :1], data.profile_NL[:, :1], data.density, data.noise, 0)
     present = layer0.profile_NL[:, 0] > 0
     best, _ = recovery(model.decoder_vectors()[:, None], layer0)

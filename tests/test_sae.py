@@ -235,7 +235,7 @@ def test_sae_learns_ground_truth_atoms():
     data = make_toy_data(d=32, n_layers=4, n_atoms=256, seed=0)
     torch.manual_seed(0)
     model = sae.SAE(sae.SAEConfig(d_in=32, n_latents=512, k=8, dead_tokens=50_000))
-    res = fit(model, data, steps=300, single_layer=0)
+    res = fit(model, data, sae.train_step, steps=300, single_layer=0)
     layer0 = ToyData(data.atoms_NLD[:, :1], data.profile_NL[:, :1], data.density, data.noise, 0)
     present = layer0.profile_NL[:, 0] > 0
     best, _ = recovery(model.W_dec[:, None], layer0)
@@ -260,3 +260,19 @@ def test_sparse_decode_equals_dense_product_and_gradients(density):
     assert torch.allclose(W_grad, W.grad, atol=1e-5)
     nz = z != 0
     assert torch.allclose(z1.grad[nz], z2.grad[nz], atol=1e-5)
+
+
+def test_the_four_dictionaries_provide_the_dictionary_protocol():
+    import crosscoder
+    import fmxcoder
+    import polysae
+    models = [sae.SAE(sae.SAEConfig(d_in=8, n_latents=32, k=4)),
+              polysae.PolySAE(polysae.PolySAEConfig(d_in=8, n_latents=32, k=4)),
+              crosscoder.CrossCoder(crosscoder.CrossCoderConfig(d_in=8, n_latents=32, k=4, n_layers=3)),
+              fmxcoder.FMXCoder(fmxcoder.FMXCoderConfig(d_in=8, n_latents=32, k=4, n_layers=3, rank=8))]
+    members = [m for m in sae.Dictionary.__dict__ if not m.startswith("_")] + list(sae.Dictionary.__annotations__)
+    assert {"encoder_linear", "decode_nobias", "dead_bound", "tokens_since_fired", "config"} <= set(members)
+    for model in models:
+        assert isinstance(model, sae.Dictionary), type(model).__name__
+        assert all(hasattr(model, m) for m in members)
+    assert not isinstance(torch.nn.Linear(2, 2), sae.Dictionary)
