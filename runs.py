@@ -187,7 +187,8 @@ def load_checkpoint(path: Path, models: dict, opts: dict, config) -> int:
     if all(getattr(config, "decay", None) == "none" and (c.cache_tokens or c.cache == "none")
            for c in (config, argparse.Namespace(**state["config"]))):
         ignore += ("tokens",)
-    saved = {k: v for k, v in state["config"].items() if k not in ignore}
+    renamed = {"dict": "dictionary"}         # checkpoints written before TrainConfig.dict was renamed
+    saved = {renamed.get(k, k): v for k, v in state["config"].items() if k not in ignore}
     now = {k: v for k, v in dataclasses.asdict(config).items() if k in saved}
     diff = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}
     if diff:

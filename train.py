@@ -9,15 +9,9 @@
 Pipeline (`train` below reads top to bottom):
   1. Check every flag (`check_config`, then the layers and dictionary configs against the model's
      config or the cache's metadata) before anything expensive; lock the --out folder (runs.py).
-  2. Activations (`open_cache` / `open_stream`, the same `Data` either way):
-       cache (default)  activation_cache.build_cache runs the LM once and keeps the residual stream after
-                        the chosen blocks in a float16 memmap (reused by later runs with the same
-                        model, layers and data); the LM is loaded only if the cache must be built and
-                        freed right after. The last --eval-tokens tokens are held out, never trained on.
-       --cache none     the LM stays loaded and streams: the first --eval-tokens tokens are held out,
-                        the rest goes through a shuffle buffer (activations.ShuffleBuffer).
-     One normalising scale per layer so that E‖s_l x_l‖² = d. Batches are produced by a background
-     thread (`Prefetch`): cache reads or harvesting overlap with training.
+  2. Activations (batches.py: `open_cache` or `open_stream`, the same `Data` either way): a float16
+     activation cache harvested once and read in seeded per-epoch permutations, or (--cache none)
+     the LM streaming through a shuffle buffer; a background thread (`Prefetch`) makes the batches.
   3. The dictionary (or one per layer for --dict sae|polysae over several layers: the per-layer
      baselines, all trained on the same batches in one pass), b_dec from data, optimisers.
   4. A nanoGPT-style loop (`fit`): Adam, optional warm-up and cosine/linear decay, clipping, the
@@ -28,21 +22,10 @@ Pipeline (`train` below reads top to bottom):
      layer for per-layer sets), summary.json (held-out FVU/MSE/L0/dead, timing, "complete"), and
      checkpoint.pt. `sae.load_run(out)` loads it back.
 
-Batches from a cache: step s of epoch e reads the tokens perm_e[s·B : (s+1)·B] of the training
-region, perm_e a seeded permutation made once per epoch, so a run resumed at step s sees exactly
-the batches it would have. A streamed run resumes by replaying its (seeded) stream to step s:
-the LM runs again over the tokens already trained on, without training.
-
-Randomness in a step (layer masking) is seeded from (--seed, rank, step) at the start of each
-step (`step_seed`): every rank draws different masks, and a resumed run, on any number of ranks,
-draws the masks the uninterrupted run drew, with no RNG state to save.
-
-Data parallel (torchrun): rank r trains on rows r::world of every global batch (cache) or on its
-own documents (stream); the models are identical on every rank (DDP broadcasts rank 0's at the
-start, all-reduces the gradients; sae.py reduces the BatchTopK selection, threshold and dead
-counters), which is checked once at the end (`assert_ranks_agree`). Rank 0 harvests the cache,
-logs and writes. Host-side agreements (stop on Ctrl-C or when a rank's documents run out) go
-through a CPU (gloo) group, so they never wait for the GPU.
+Exact resume: a cached run reads the batches of step s from step s's own permutation slice, a
+streamed run replays its seeded stream (batches.py); the masks of a step are seeded from (--seed,
+rank, step) (distributed.step_seed), so nothing but the models and optimisers needs saving.
+Data parallel (torchrun --nproc_per_node N train.py ...): distributed.py.
 
 Paper scale (fmxcoders arXiv 2605.09438 §4; PolySAE arXiv 2602.01322 §5), on a GPU:
     --model gpt2 --layers 2-9 --n-latents 16384 --k 64 --sparsity batchtopk --batch-size 4096
@@ -53,24 +36,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import hashlib
 import inspect
-import itertools
 import json
 import math
-import os
-import queue
 import re
 import signal
 import sys
-import threading
 import time
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -80,17 +55,17 @@ import activation_cache
 import metrics
 import runs
 import sae as sae_mod
-import corpora
+from batches import Data, Prefetch, cache_path, open_cache, open_stream
+from distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
 
 DICTS = ("sae", "crosscoder", "fmxcoder", "polysae")
-SAMPLE_TOKENS = 4096          # tokens for the b_dec init (and, streamed, the scale)
 
 
 @dataclass
 class TrainConfig:
     """Every flag of train.py (`--n-latents` sets n_latents, and so on)."""
     model: str = activations.DEFAULT_MODEL  # short name, hub name (gpt2, EleutherAI/pythia-410m-deduped) or folder
-    dict: str = "fmxcoder"                  # sae | crosscoder | fmxcoder | polysae
+    dictionary: str = "fmxcoder"            # sae | crosscoder | fmxcoder | polysae (flag: --dict)
     layers: str | None = None               # "4,5,6,7" or "4-7"; default 8 middle blocks (1 for sae/polysae)
     dataset: str | None = None              # hub dataset, local text files, or None: offline BBC news
     context: int = 128                      # tokens per context window
@@ -152,12 +127,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     hints, helps = typing.get_type_hints(TrainConfig), field_help()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
+        name, typ = flag(f.name), hints[f.name]
         if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+            p.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=helps.get(f.name))
             continue
         base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
-        p.add_argument(flag, type=base, default=f.default, help=f"{helps.get(f.name, '')} (default: {f.default})")
+        p.add_argument(name, dest=f.name, type=base, default=f.default,
+                       help=f"{helps.get(f.name, '')} (default: {f.default})")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -165,11 +142,15 @@ def fail(msg: str) -> typing.NoReturn:
     raise ValueError(msg)
 
 
+FLAG_NAMES = {"dictionary": "dict"}    # the design card's --dict (a field named dict would shadow the builtin)
+
+
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """The command-line flag of a TrainConfig field."""
+    return "--" + FLAG_NAMES.get(name, name).replace("_", "-")
 
 
-CHOICES = {"dict": DICTS, "sparsity": sae_mod.SPARSITIES, "decay": ("none", "cosine", "linear"),
+CHOICES = {"dictionary": DICTS, "sparsity": sae_mod.SPARSITIES, "decay": ("none", "cosine", "linear"),
            "decoder_norm": ("unit", "free"),
            "dtype": ("float32", "bfloat16"), "lm_dtype": tuple(activations.LM_DTYPES),
            "cache_dtype": tuple(activation_cache.DTYPES), "b_dec_init": ("median", "mean", "zero"),
@@ -251,14 +232,6 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------------------
 
 
-def cache_path(cfg: TrainConfig, multi: bool) -> Path | None:
-    if cfg.cache == "none":
-        return None
-    return Path(cfg.cache) if cfg.cache else activation_cache.default_cache_path(
-        cfg.model, cfg.layers, multi, cfg.dataset, "train", cfg.context, cfg.cache_dtype, cfg.drop_outliers or None,
-        cfg.lm_dtype)
-
-
 def model_shape(cfg: TrainConfig, multi: bool) -> tuple[int, int]:
     """(d, number of blocks), from an existing cache's metadata or the model's config (no weights);
     checks --context against the model's maximum positions."""
@@ -279,14 +252,14 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
     so train.py calls this before harvesting anything."""
     common = dict(d_in=d, n_latents=cfg.n_latents, k=cfg.k, sparsity=cfg.sparsity, l1_coeff=cfg.l1_coeff,
                   aux_coeff=cfg.aux_coeff, dead_tokens=cfg.dead_tokens)
-    if cfg.dict != "sae" and (cfg.decoder_norm, cfg.decoder_init_norm) != ("unit", 1.0):
-        fail(f"--decoder-norm and --decoder-init-norm apply to --dict sae, not {cfg.dict}")
-    if cfg.dict != "polysae" and cfg.untied_init:
-        fail(f"--untied-init applies to --dict polysae, not {cfg.dict}")
-    if cfg.dict == "sae":
+    if cfg.dictionary != "sae" and (cfg.decoder_norm, cfg.decoder_init_norm) != ("unit", 1.0):
+        fail(f"--decoder-norm and --decoder-init-norm apply to --dict sae, not {cfg.dictionary}")
+    if cfg.dictionary != "polysae" and cfg.untied_init:
+        fail(f"--untied-init applies to --dict polysae, not {cfg.dictionary}")
+    if cfg.dictionary == "sae":
         norms = dict(decoder_norm=cfg.decoder_norm, decoder_init_norm=cfg.decoder_init_norm)
         return {l: (sae_mod.SAE, sae_mod.SAEConfig(**common, **norms, input_scale=[s])) for l, s in zip(layers, scale)}
-    if cfg.dict == "polysae":
+    if cfg.dictionary == "polysae":
         import polysae
         if cfg.ranks is None and d > cfg.n_latents:
             fail(f"--dict polysae: the default --ranks {d},64,64 (R1 = d) needs R1 <= --n-latents {cfg.n_latents}; "
@@ -295,11 +268,11 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
         return {l: (polysae.PolySAE, polysae.PolySAEConfig(**common, input_scale=[s], order=cfg.order,
                                                                 untied_init=cfg.untied_init, **extra))
                 for l, s in zip(layers, scale)}
-    mask_prob = cfg.mask_prob if cfg.mask_prob is not None else (0.05 if cfg.dict == "fmxcoder" else 0.0)
+    mask_prob = cfg.mask_prob if cfg.mask_prob is not None else (0.05 if cfg.dictionary == "fmxcoder" else 0.0)
     common.update(n_layers=len(layers), mask_prob=mask_prob, input_scale=list(scale))
     if cfg.norm_every is not None:
         common["norm_every"] = cfg.norm_every
-    if cfg.dict == "crosscoder":
+    if cfg.dictionary == "crosscoder":
         import crosscoder
         return {"all": (crosscoder.CrossCoder, crosscoder.CrossCoderConfig(**common))}
     import fmxcoder
@@ -311,253 +284,6 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
 def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """The slice of the (B, L, d) batch a dictionary reads."""
     return x_BLD if key == "all" else x_BLD[:, layers.index(key)]
-
-
-# ----------------------------------------------------------------------------------------
-# Ranks (torchrun)
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    control: object = None        # a gloo group for host-side flags: agreeing never waits for the GPU
-    owns_group: bool = False      # train() initialised the process group, so it destroys it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def any(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag, true on every rank if it is true on any rank (a CPU all-reduce, no device sync)."""
-        if self.world == 1:
-            return flags
-        t = torch.tensor([int(f) for f in flags])
-        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=self.control)
-        return tuple(bool(v) for v in t.tolist())
-
-    def broadcast(self, models: dict) -> None:
-        """Rank 0's parameters and buffers to every rank (b_dec is set from each rank's own data)."""
-        if self.world > 1:
-            for m in models.values():
-                for t in m.state_dict().values():
-                    torch.distributed.broadcast(t, 0)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier(group=self.control)
-
-
-def setup_ranks(cfg: TrainConfig, device: torch.device) -> tuple[Ranks, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join (or reuse) the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks(), device
-    if cfg.batch_size % world:
-        fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks {world}")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    owns = not torch.distributed.is_initialized()
-    if owns:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # rank 0 may harvest a cache for hours while the others wait: a long timeout for the control group
-    control = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
-    return Ranks(int(os.environ.get("RANK", "0")), world, control, owns), device
-
-
-def ddp(model, **kwargs):
-    """DistributedDataParallel that leaves the buffers alone in forward (sae.py reduces the dead
-    counters and the BatchTopK threshold itself); the flag was renamed in torch 2.13."""
-    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    return torch.nn.parallel.DistributedDataParallel(model, **{name: False}, **kwargs)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The RNG seed of one step on one rank (distinct for every rank < 2^16 and step < 2^32)."""
-    return ((seed * 2**32 + step) * 2**16 + rank) % 2**63
-
-
-def assert_ranks_agree(models: dict, ranks: Ranks) -> None:
-    """Every parameter and buffer must be bit-identical on all ranks (a SHA-1 per model, gathered)."""
-    if ranks.world == 1:
-        return
-    digests = {}
-    for key, m in models.items():
-        h = hashlib.sha1()
-        for name, t in m.state_dict().items():
-            h.update(name.encode() + t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        digests[str(key)] = h.hexdigest()
-    gathered = [None] * ranks.world
-    torch.distributed.all_gather_object(gathered, digests, group=ranks.control)
-    bad = [k for k in digests if len({g[k] for g in gathered}) > 1]
-    if bad:
-        raise RuntimeError(f"the models {bad} differ between ranks: data-parallel training went out of sync")
-
-
-# ----------------------------------------------------------------------------------------
-# Data: the same object from a cache or a stream
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Data:
-    batches: Callable[[int], Iterator[torch.Tensor]]  # batches(s): this rank's raw (B/world, L, d) batches from step s on
-    steps: int                                         # optimiser steps planned
-    scale_L: torch.Tensor                              # (L,) normalising scale, E‖s_l x_l‖² = d
-    sample: torch.Tensor                               # raw (N, L, d) tokens for the b_dec init
-    read_eval: Callable[[int, int], torch.Tensor]      # raw held-out tokens [lo, hi) as (n, L, d)
-    n_eval: int
-    run: dict                                          # saved with the model: hooks, cache, token counts
-
-
-@lru_cache(maxsize=1)
-def epoch_permutation(n_train: int, seed: int, epoch: int) -> torch.Tensor:
-    """The seeded order of the training tokens in one epoch (made once per epoch, int32 when it fits)."""
-    dtype = torch.int32 if n_train < 2**31 else torch.int64
-    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), dtype=dtype)
-
-
-def batch_indices(step: int, batch: int, n_train: int, seed: int) -> torch.Tensor:
-    """Token indices of step `step`: a slice of its epoch's permutation (cost O(batch) per step)."""
-    epoch, i = divmod(step, n_train // batch)
-    return epoch_permutation(n_train, seed, epoch)[i * batch:(i + 1) * batch].long()
-
-
-def open_cache(cfg: TrainConfig, layers: list[int], multi: bool, ranks: Ranks, device: torch.device) -> Data:
-    """Rank 0 opens the activation cache, harvesting it first if it is missing (the LM is loaded for
-    that only, and freed after); the other ranks wait, then open it."""
-    path, n_tokens = cache_path(cfg, multi), cfg.cache_tokens or cfg.tokens + cfg.eval_tokens
-    build = dict(model_name=cfg.model, layers=layers, dataset=cfg.dataset, n_tokens=n_tokens, lm_dtype=cfg.lm_dtype,
-                 context=cfg.context, batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype,
-                 drop_outliers=cfg.drop_outliers or None, multi=multi)
-    if ranks.main:
-        cache = activation_cache.build_cache(path, **build)
-    ranks.barrier()
-    if not ranks.main:
-        cache = activation_cache.build_cache(path, **build)    # complete now: opened, never harvested again
-    n_eval, B = cfg.eval_tokens, cfg.batch_size
-    n_train = cache.n_tokens - n_eval
-    if n_train < B:
-        fail(f"the cache {str(path)!r} holds {cache.n_tokens:,} tokens: after the {n_eval:,} held out by --eval-tokens, "
-             f"{max(n_train, 0):,} are left, fewer than one batch (--batch-size {B})")
-    steps = cfg.tokens // B
-    if cache.meta.get("exhausted") and steps > n_train // B:
-        print(f"warning: the corpus ran out at {cache.n_tokens:,} tokens: training {n_train // B} steps (one pass "
-              f"over its {n_train:,} training tokens) instead of the {steps} --tokens asks for", file=sys.stderr)
-        steps = n_train // B
-    pin = device.type == "cuda"
-
-    def batches(start: int):
-        for step in range(start, steps):
-            idx = batch_indices(step, B, n_train, cfg.seed)[ranks.rank::ranks.world]
-            yield cache.take(idx, as_stored=True, pin_memory=pin)   # converted to float32 on the device
-
-    run = {"hooks": cache.meta.get("hooks"), "cache": str(cache.path), "train_tokens": n_train, "eval_tokens": n_eval}
-    return Data(batches, steps, cache.scale, cache.read(0, min(n_train, SAMPLE_TOKENS)),
-                lambda lo, hi: cache.read(n_train + lo, n_train + hi), n_eval, run)
-
-
-def split_stream(chunks, n_first: int):
-    """Take the first n_first tokens of an iterator of (N, L, d) chunks; return them and an
-    iterator over the rest."""
-    first, got, it = [], 0, iter(chunks)
-    for x in it:
-        first.append(x[:n_first - got])
-        got += len(first[-1])
-        if got >= n_first:
-            rest = x[len(first[-1]):]
-            return torch.cat(first), itertools.chain([rest] if len(rest) else [], it)
-    fail(f"the corpus gave only {got:,} tokens, fewer than the {n_first:,} needed to hold out and estimate scales")
-
-
-def open_stream(cfg: TrainConfig, layers: list[int], ranks: Ranks, device: torch.device) -> Data:
-    """--cache none: each rank harvests its own documents (r, r + world, ...) with the LM on `device`;
-    the first eval_tokens tokens are held out, the next SAMPLE_TOKENS set the scale and b_dec (and are
-    trained on), everything after goes through a shuffle buffer on `device`."""
-    lm, tok = activations.load_lm(cfg.model, device=device, dtype=cfg.lm_dtype)
-    n_eval = cfg.eval_tokens
-
-    def one_pass():
-        docs = itertools.islice(corpora.load_texts(cfg.dataset), ranks.rank, None, ranks.world)
-        return activations.harvest(lm, tok, docs, layers, cfg.context, cfg.harvest_batch, device,
-                                   cfg.drop_outliers or None, out_device=device)
-
-    def later_passes():                        # over a finite corpus, skipping the held-out tokens each time
-        for _ in range(cfg.passes - 1):
-            yield from split_stream(one_pass(), n_eval)[1]
-
-    held, rest = split_stream(one_pass(), n_eval + SAMPLE_TOKENS)
-    rest = itertools.chain(rest, later_passes())
-    sq_L = sae_mod.all_reduce(held.double().pow(2).sum(-1).mean(0), "sum") / ranks.world
-    scale_L = (held.shape[-1] / sq_L).sqrt().float().cpu()          # the same on every rank
-    local_batch, steps = cfg.batch_size // ranks.world, cfg.tokens // cfg.batch_size
-    sample = held[n_eval:]
-    store_dtype = activations.LM_DTYPES[cfg.cache_dtype]
-
-    def batches(start: int):   # resuming replays the (seeded) stream up to `start`
-        buffer = activations.ShuffleBuffer(itertools.chain([sample], rest), max(64 * local_batch, 2 ** 16),
-                                           local_batch, cfg.seed + ranks.rank, store_dtype, device)
-        for step, x in enumerate(buffer):
-            if step >= steps or len(x) < local_batch:
-                return
-            if step >= start:
-                yield x
-
-    run = {"hooks": [activations.block_paths(lm)[l] for l in layers], "cache": None,
-           "train_tokens": cfg.tokens, "eval_tokens": n_eval}
-    return Data(batches, steps, scale_L, sample, lambda lo, hi: held[lo:hi], n_eval, run)
-
-
-_END = object()
-
-
-class Prefetch:
-    """Iterate `source` in a background thread, `depth` items ahead: the next batches are read from
-    the cache (or harvested) while the dictionary trains on this one. `busy` = seconds spent in the
-    source, `waited` = seconds the consumer waited for it. Exceptions reach the consumer."""
-
-    def __init__(self, source: Iterator, depth: int = 2, device: torch.device | None = None):
-        self.q, self.stop = queue.Queue(depth), threading.Event()
-        self.busy = self.waited = 0.0
-        self.thread = threading.Thread(target=self._run, args=(source, device), daemon=True)
-        self.thread.start()
-
-    def _run(self, source, device) -> None:
-        try:
-            if device is not None and device.type == "cuda" and device.index is not None:
-                torch.cuda.set_device(device)                  # the current device is per thread
-            while not self.stop.is_set():
-                t = time.perf_counter()
-                item = next(source, _END)
-                self.busy += time.perf_counter() - t
-                self._put(item)
-                if item is _END:
-                    return
-        except BaseException as e:  # noqa: BLE001 (handed to the consumer, which raises it)
-            self._put(e)
-
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                return self.q.put(item, timeout=0.1)
-            except queue.Full:
-                pass
-
-    def next(self):
-        """The next item, or None at the end."""
-        t = time.perf_counter()
-        item = self.q.get()
-        self.waited += time.perf_counter() - t
-        if isinstance(item, BaseException):
-            raise item
-        return None if item is _END else item
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 # ----------------------------------------------------------------------------------------
@@ -620,7 +346,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     scale_L1 = data.scale_L.to(device)[:, None]
     feed = Prefetch(data.batches(start), device=device)
-    bar = tqdm(total=data.steps, initial=start, desc=cfg.dict, dynamic_ncols=True, disable=not ranks.main)
+    bar = tqdm(total=data.steps, initial=start, desc=cfg.dictionary, dynamic_ncols=True, disable=not ranks.main)
     logs, done, t0 = Logs(cfg.log_every * cfg.batch_size), start, time.perf_counter()
     if start % cfg.log_every == 0:      # as at every log reading: a resumed run refreshes where the first run did
         for m in models.values():
@@ -715,11 +441,11 @@ def train(cfg: TrainConfig) -> dict:
     """Check, harvest or stream, train, evaluate, export; returns the summary (see the module docstring)."""
     check_config(cfg)
     device = resolve_device(cfg.device)
-    multi, streaming = cfg.dict in ("crosscoder", "fmxcoder"), cfg.cache == "none"
+    multi, streaming = cfg.dictionary in ("crosscoder", "fmxcoder"), cfg.cache == "none"
     d, n_blocks = model_shape(cfg, multi)
     layers = activations.parse_layers(cfg.layers, n_blocks, multi)
     dictionary_configs(cfg, d, layers, [1.0] * len(layers))          # every dictionary flag, before any work
-    ranks, device = setup_ranks(cfg, device)
+    ranks, device = setup_ranks(cfg.batch_size, device)
     folder = runs.RunFolder(cfg.out, cfg.resume, cfg.overwrite) if ranks.main else None
     try:
         with folder or contextlib.nullcontext():
@@ -752,13 +478,13 @@ def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> di
         for key, m in models.items():
             m.init_b_dec(model_input(key, x0, layers), cfg.b_dec_init)
     ranks.broadcast(models)     # after init/resume: every rank starts from rank 0's model
-    fwd = {k: ddp(m, find_unused_parameters=cfg.dict == "polysae" and cfg.order < 3) if ranks.world > 1 else m
+    fwd = {k: ddp(m, find_unused_parameters=cfg.dictionary == "polysae" and cfg.order < 3) if ranks.world > 1 else m
            for k, m in models.items()}
-    run = {"dict": cfg.dict, "model": cfg.model, "layers": layers, "dataset": cfg.dataset, "context": cfg.context,
+    run = {"dict": cfg.dictionary, "model": cfg.model, "layers": layers, "dataset": cfg.dataset, "context": cfg.context,
            "drop_outliers": cfg.drop_outliers or None, "lm_dtype": cfg.lm_dtype, **data.run}
     sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     if ranks.main:
-        print(f"{cfg.dict} on {cfg.model} layers {layers} (d={d}): {data.steps} steps of {cfg.batch_size} tokens, "
+        print(f"{cfg.dictionary} on {cfg.model} layers {layers} (d={d}): {data.steps} steps of {cfg.batch_size} tokens, "
               f"{sum(sizes.values()):,} parameters on {device}" + (f" x {ranks.world} ranks" if ranks.world > 1 else ""))
         if hasattr(next(iter(models.values())), "cost_report"):
             print(next(iter(models.values())).cost_report())

@@ -1,5 +1,5 @@
 """What the training data path costs per step, as the data grow: the batch order of a cached run
-(train.batch_indices) and the shuffle buffer of a streamed run (activations.ShuffleBuffer), next to
+(batches.batch_indices) and the shuffle buffer of a streamed run (activations.ShuffleBuffer), next to
 the implementations of an earlier commit, side by side in one run.
 
     python bench/bench_data.py                        # this checkout only
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import activations  # noqa: E402
-import train  # noqa: E402
+import batches  # noqa: E402
 
 
 def module_at(rev: str, name: str):
@@ -87,9 +87,9 @@ def main() -> None:
           + (" before: per step |" if old_train else ""))
     print("|---:|---:|---:|" + ("---:|" if old_train else ""))
     for n in map(int, a.sizes.split(",")):
-        now = time_batch_indices(train.batch_indices, n, a.batch, a.steps)
+        now = time_batch_indices(batches.batch_indices, n, a.batch, a.steps)
         t = time.perf_counter()
-        train.epoch_permutation.__wrapped__(n, 0, 0)
+        batches.epoch_permutation.__wrapped__(n, 0, 0)
         perm = time.perf_counter() - t
         row = f"| {n:,} | {now * 1e3:.3f} ms | {perm:.2f} s ({perm / (n // a.batch) * 1e3:.3f} ms) |"
         if old_train:

@@ -14,6 +14,7 @@ import activations
 import activation_cache
 import corpora
 import sae
+import batches
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,13 +58,13 @@ def assert_same_model(a_dir, b_dir, atol=1e-5):
 
 def test_rank_shards_are_disjoint_and_cover_each_global_batch():
     for step in (0, 5, 17):
-        full = train.batch_indices(step, 64, 1000, seed=3)
+        full = batches.batch_indices(step, 64, 1000, seed=3)
         shards = [full[r::4] for r in range(4)]
         joined = torch.cat(shards)
         assert len(joined) == 64 and len(set(joined.tolist())) == 64
         assert set(joined.tolist()) == set(full.tolist())
     # an epoch of steps visits every training token at most once
-    seen = torch.cat([train.batch_indices(s, 64, 1000, seed=3) for s in range(1000 // 64)])
+    seen = torch.cat([batches.batch_indices(s, 64, 1000, seed=3) for s in range(1000 // 64)])
     assert len(set(seen.tolist())) == len(seen)
 
 

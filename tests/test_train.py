@@ -52,7 +52,7 @@ def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_
             recon = model(xi).recon
         # reconstructs better than predicting the mean of the held-out tokens
         assert sae.fvu(xi, recon).item() < 0.9
-        assert meta["train"]["dict"] == kind and meta["run"]["hooks"]
+        assert meta["train"]["dictionary"] == kind and meta["run"]["dict"] == kind and meta["run"]["hooks"]
 
 
 def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, monkeypatch):
