@@ -1,7 +1,7 @@
 """Where do the papers' claims start to hold? Training to the papers' optimisation budget, with
 matched baselines (SmolLM2-135M, CPU-sized widths). One command per experiment, resumable:
 
-    python experiments/budget.py curves      # 1. crosscoder (with and without masking), masked TR and CP fmxcoders, 10k steps
+    python experiments/budget.py curves      # 1. crosscoder (with and without masking), masked TR and CP fmxcoders, 15k steps
     python experiments/budget.py window      # 2. crosscoder vs masked TR on blocks 4, 7, ..., 25 (spread over the depth)
     python experiments/budget.py matched     # 3. dense crosscoders with the fmxcoders' parameter counts
     python experiments/budget.py auxk        # 4. crosscoder and masked TR without AuxK and with the official weight 1.0
@@ -13,9 +13,9 @@ matched baselines (SmolLM2-135M, CPU-sized widths). One command per experiment, 
 
 Budget. The papers train with Adam at lr 3e-4 for 73k-122k steps (lr x steps of about 22-37); the
 first reproduction (experiments/reproduce.sh) had lr x steps of 1.5-3.1. Here the four curve runs
-take lr 1e-3 x 10,000 steps = 10 (a third to half of the papers' figure, three to six times the
+take lr 1e-3 x 15,000 steps = 15 (half to two-thirds of the papers' figure, five to ten times the
 first reproduction's: what fitted the session's CPU time), at F 512 latents, k 32, batch 256
-(2.6M training tokens, 1.3 passes over the 1.95M training tokens of the 2M-token cache). The other experiments are shorter (SHORT = 3,000
+(3.8M training tokens, 2 passes over the 1.95M training tokens of the 2M-token cache). The other experiments are shorter (SHORT = 3,000
 steps, lr x steps = 3) so that all of them fit in about an hour of a 2-core CPU; the learning
 rate is constant, so a short run is exactly the first 3,000 steps of a long one with its flags
 and is compared with the curve runs at step 3,000. A run can be extended later: train.py --resume
@@ -49,7 +49,7 @@ CACHE_WINDOW = HOME / "acts" / "repro2m-smollm2-L4-25s3"  # layers 4, 7, ..., 25
 CACHE_L15 = HOME / "acts" / "repro2m-smollm2-L15"         # layer 15 sliced out of CACHE
 OUT = ROOT / "runs" / "budget"
 
-STEPS, SHORT, BATCH = 10_000, 3_000, 256
+STEPS, SHORT, BATCH = 15_000, 3_000, 256
 COMMON = ["--dataset", str(CORPUS), "--cache-tokens", "2000000", "--lm-dtype", "bfloat16", "--eval-tokens", "49152",
           "--batch-size", str(BATCH), "--lr", "1e-3", "--dead-tokens", "20000", "--ckpt-every", "1000",
           "--eval-every", "1000", "--eval-panel", "8192", "--log-every", "100"]

@@ -10,7 +10,7 @@
    decoder-norm spread against training steps, one line per dictionary (train.py's curve.jsonl:
    a fixed panel of 8,192 held-out tokens, every 1,000 steps).
 3. experiments/results.md: the tables. Values "at step s" come from curve.jsonl, so a 3,000-step
-   run and a 10,000-step run with the same flags (constant lr) are compared at the same step.
+   run and a 15,000-step run with the same flags (constant lr) are compared at the same step.
 A run that is missing or unfinished is shown as "not run".
 """
 import argparse
