@@ -57,20 +57,20 @@ def test_a_new_run_refuses_a_folder_holding_another_run(gpt2_dir, cache_dir, tmp
     last = error_of(capsys, train.main(flags(gpt2_dir, cache_dir, out, "--dict", "sae")))
     assert last.startswith("error: --out") and str(out) in last and "--resume" in last and "--overwrite" in last
     assert snapshot(out) == before                                  # untouched
-    [(layers, model, _)] = sae.load_run(out)
+    [(layers, model, _)] = runs.load_run(out)
     assert layers == [0, 1, 2, 3] and type(model).__name__ == "CrossCoder"
     assert train.main(flags(gpt2_dir, cache_dir, out, "--dict", "sae", "--overwrite")) == 0
-    assert [layers for layers, _, _ in sae.load_run(out)] == [[0], [1], [2], [3]]
+    assert [layers for layers, _, _ in runs.load_run(out)] == [[0], [1], [2], [3]]
 
 
 def test_overwrite_replaces_the_whole_folder(gpt2_dir, cache_dir, tmp_path):
     """The old code left layer_0/ of a two-layer per-layer run next to the new one-layer run, and
-    sae.load_run returned both."""
+    runs.load_run returned both."""
     out, c01, c1 = tmp_path / "run", str(tmp_path / "c01"), str(tmp_path / "c1")
     assert train.main(flags(gpt2_dir, c01, out, "--dict", "sae", "--layers", "0,1")) == 0
     assert train.main(flags(gpt2_dir, c1, out, "--dict", "sae", "--layers", "1", "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "layer_1", "summary.json"]
-    assert [layers for layers, _, _ in sae.load_run(out)] == [[1]]
+    assert [layers for layers, _, _ in runs.load_run(out)] == [[1]]
     assert train.main(flags(gpt2_dir, cache_dir, out, "--dict", "crosscoder", "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "model.safetensors",
                                                      "summary.json"]
@@ -123,7 +123,7 @@ def test_an_interrupted_run_is_saved_marked_incomplete_and_exits_130(gpt2_dir, c
     assert train.main(flags(gpt2_dir, cache_dir, out, "--tokens", "2048")) == 130
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False and summary["interrupted"] and summary["steps"] == 4
-    assert sae.load_run(out)                                          # a loadable model all the same
+    assert runs.load_run(out)                                          # a loadable model all the same
     monkeypatch.setattr(train, "get_lr", real)
     assert train.main(flags(gpt2_dir, cache_dir, out, "--tokens", "2048", "--resume")) == 0
     summary = json.loads((out / "summary.json").read_text())
