@@ -481,6 +481,7 @@ class Record:
 
 
 def record(layers: list[int], model, meta: dict, held: Held) -> Record:
+    """The Record of one (layers, model, config.json) entry of runs.open_run, in eval mode."""
     model.eval()
     cols = [held.layers.index(l) for l in layers]
     s_model = torch.tensor(model.config.input_scale, dtype=torch.float32)

@@ -47,7 +47,6 @@ from pathlib import Path
 import torch
 
 import sae as sae_mod
-from sae import write_atomic
 
 
 class RunFolderError(ValueError):
@@ -144,7 +143,7 @@ class RunFolder:
         """Drop the curve lines after `step` (written after the checkpoint a resumed run restarts from)."""
         if self.curve.exists():
             lines = [l for l in self.curve.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-            write_atomic(self.curve, "".join(l + "\n" for l in lines))
+            sae_mod.write_atomic(self.curve, "".join(l + "\n" for l in lines))
 
     def export(self) -> "_Export":
         """Context manager yielding a fresh folder to write the run's files into; on success it
