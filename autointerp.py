@@ -386,7 +386,7 @@ def main(argv=None) -> int:
                    "OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (default local:smollm2-135m)")
     p.add_argument("--judge-model", default=None, help="model name sent to an HTTP judge")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--device", default="cpu", help="device of a local judge")
+    p.add_argument("--device", default="cpu", help="device of a local judge: auto | cpu | cuda | cuda:N")
     for name, default in asdict(JudgeSettings()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"(default {default})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -395,6 +395,10 @@ def main(argv=None) -> int:
     try:
         if s.detect not in ("batch", "each"):
             raise ValueError(f"--detect must be batch or each, got {s.detect!r}")
+        if a.judge.startswith("local:"):
+            import runs                   # (torch: only a local judge needs it)
+
+            a.device = runs.resolve_device(a.device)
         missing = [r for r in a.runs if not Path(r, "features.json").exists()]
         if missing:
             raise FileNotFoundError(f"no features.json in {missing[0]!r}: run python features.py {missing[0]} first")

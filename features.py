@@ -58,6 +58,7 @@ import activation_cache
 import activations
 import corpora
 import metrics
+import runs
 import sae as sae_mod
 
 HIST_LO, HIST_HI = 1e-2, 1e3          # histogram range of activations (normalised units)
@@ -371,7 +372,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
     s.check()
     if n_tokens < 1:
         raise ValueError(f"--tokens must be positive, got {n_tokens}")
-    entries = sae_mod.load_run(run_dir, device)
+    entries = runs.load_run(run_dir, device)
     run = entries[0][2].get("run", {})
     if not run:
         raise ValueError(f"{str(run_dir)!r} has no 'run' entry in config.json: not written by train.py")
@@ -414,7 +415,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder written by train.py")
     p.add_argument("--tokens", type=int, default=100_000, help="held-out tokens to read (default 100,000)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -428,14 +429,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import dashboard
 
-    a = parse_args(argv)
     try:
-        device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        a = parse_args(argv)
+        device = runs.resolve_device(a.device)
         s = Settings(**{k: getattr(a, k) for k in asdict(Settings())})
         feats = read_run(a.run, a.tokens, s, device, a.lm_batch, progress=not a.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except runs.USER_ERRORS as e:
+        return runs.cli_error(e)
     sae_mod.write_atomic(Path(a.run, "features.json"), json.dumps(feats, separators=(",", ":")))
     dashboard.write_page(feats, Path(a.run, "features.html"))
     for d in feats["dictionaries"]:

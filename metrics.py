@@ -17,7 +17,8 @@ summed over layers) and in the normalised scale (s_l of the activation cache, so
 unfolded exports compare; without a cache the run's own s_l, or for a folded export one estimated
 on the held-out tokens).
 
-Reconstruction (papers.md §1.5, §2.3; SAEBench "core")        x: (N, L, d) held-out tokens
+Reconstruction (fmxcoders arXiv 2605.09438: MSE on a held-out token panel; PolySAE arXiv 2602.01322:
+SAEBench's "core" evaluation, raw MSE summed over d)            x: (N, L, d) held-out tokens
     MSE   = (1/N) Σ_n Σ_l Σ_d (x − x̂)²           sum over d (and layers), mean over tokens
     FVU   = Σ‖x − x̂‖² / Σ‖x − x̄‖²               x̄ the per-dimension mean over all N tokens;
             numerator and denominator are accumulated over batches (the denominator with Chan's
@@ -34,7 +35,9 @@ real tokens of real tokens (keep[t] and keep[t+1]).
     fraction recovered = (CE_ablate − CE_spliced) / (CE_ablate − CE_clean), with the block output
                          zero-ablated or mean-ablated (mean of x_raw over the held-out tokens)
 
-Functional coherence (fmxcoders §1.5, formula papers.md [I]); a_i = ReLU(pre_i) after ReLU and
+Functional coherence (fmxcoders arXiv 2605.09438, pp. 6 and 14: each layer zeroed in turn, the relative
+change of every latent with ε = 1e-8; the closed form below is our reading of that description: it lies
+in [1, L], which fits the paper's "driven by one or two layers"); a_i = ReLU(pre_i) after ReLU and
 before the sparsifier, "layer l zeroed" = x_model[l] = 0 in the dictionary's input space (pre_acts
 subtracts b_dec inside, so a zero input is what the model sees as a missing layer, exactly as in
 training's stochastic layer masking):
@@ -44,13 +47,14 @@ Reported: mean FC over latents that fired ≥ min_fires times, a histogram over 
 with FC ≥ 2, and the same spread ratio of the per-layer decoder norms Σ_l ‖d_il‖ / max_l ‖d_il‖,
 which standard crosscoders keep high while their FC is low (the paper's point).
 
-Class-conditional Wasserstein distance (PolySAE §2.3; SAEBench compute_mean_wasserstein_distance):
+Class-conditional Wasserstein distance (PolySAE arXiv 2602.01322, Table 1, computed as its SAEBench fork's
+compute_mean_wasserstein_distance does):
 latents mean-pooled over each text's tokens (probe.pooled_latents), for each class c one vs rest
 and every latent i the 1-D Wasserstein-1 distance
     W1(u, v) = ∫ |F_u(t) − F_v(t)| dt            (F the empirical CDFs; samples of any sizes)
 averaged over all latents; reported per class and the mean / median over classes.
 
-Interaction vs co-occurrence (PolySAE §2.3, r = 0.06 vs 0.82): for the n most frequent latents
+Interaction vs co-occurrence (PolySAE arXiv 2602.01322: r = 0.06 vs 0.82): for the n most frequent latents
 on held-out tokens, over the off-diagonal pairs i < j, the Pearson correlation of the learned
 interaction weight ‖Θ2[i, j, :]‖ (polysae.PolySAE.interaction_matrix) with the co-occurrence
 frequency P(z_i > 0 and z_j > 0), next to that of the feature covariance Cov(z_i, z_j).
@@ -58,11 +62,10 @@ frequency P(z_i > 0 and z_j > 0), next to that of the feature covariance Cov(z_i
 from __future__ import annotations
 
 import argparse
-import importlib
+import functools
 import json
 import math
-import os
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -73,6 +76,7 @@ from torch import Tensor
 import activations
 import activation_cache
 from corpora import heldout_text, heldout_windows, take_tokens
+import runs
 import sae as sae_mod
 import tasks
 
@@ -393,161 +397,7 @@ def ce_recovered(lm, windows: Iterable[dict], layer: int, reconstruct: Callable[
 
 
 # ----------------------------------------------------------------------------------------
-# Held-out data
-# ----------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------
-# Opening a run folder: every way it can be unusable is one ValueError naming the file and the fix
-# (shared with probe.py; the checks of check_saved belong in sae.load, those of open_run in sae.load_run)
-# ----------------------------------------------------------------------------------------
-
-RERUN = "rerun training or delete the folder"
-
-
-def check_saved(folder: Path) -> dict:
-    """What sae.load needs of a folder written by sae.save, checked without building the model:
-    config.json is JSON with "class" (importable) and "config" (accepted by the class's config),
-    model.safetensors is there and its header covers the file. Returns the parsed config.json."""
-    from safetensors import SafetensorError, safe_open
-
-    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
-    try:
-        meta = json.loads(cfg_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(cfg_file)!r} is not valid JSON, truncated? ({e}): {RERUN}") from e
-    if not (isinstance(meta, dict) and isinstance(meta.get("class"), str) and "." in meta["class"]
-            and isinstance(meta.get("config"), dict)):
-        raise ValueError(f"{str(cfg_file)!r} has no \"class\" and \"config\" entries: not a dictionary saved by "
-                         f"sae.save; {RERUN}")
-    module, name = meta["class"].rsplit(".", 1)
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except ImportError as e:
-        raise ValueError(f"{str(cfg_file)!r} names the class {meta['class']!r}, whose module cannot be imported "
-                         f"({e}): run from the repository root or put {module}.py on PYTHONPATH") from e
-    except AttributeError:
-        raise ValueError(f"{str(cfg_file)!r} names the class {meta['class']!r}, which {module}.py does not "
-                         f"define: the run was written by another version of this code") from None
-    try:
-        cls.config_class(**meta["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit {meta['class']} ({e}): the run was "
-                         f"written by another version of this code") from e
-    if not weights.is_file():
-        raise ValueError(f"{str(weights)!r} is missing: {RERUN}")
-    try:
-        with safe_open(str(weights), "pt"):
-            pass
-    except SafetensorError as e:
-        raise ValueError(f"{str(weights)!r} is truncated or damaged ({e}): {RERUN}") from e
-    return meta
-
-
-def check_complete(run_dir: Path, metas: list[dict]) -> None:
-    """ValueError if train.py marked the run interrupted: "complete": false in summary.json or in a
-    config.json's "metrics" entry. Runs written before that field existed count as complete."""
-    records = [m["metrics"] for m in metas if isinstance(m.get("metrics"), dict)]
-    try:
-        records.insert(0, json.loads((run_dir / "summary.json").read_bytes()))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        pass                              # none, or damaged: the dictionaries' own config.json decide
-    records = [r for r in records if isinstance(r, dict)]
-    if any(r.get("complete") is False for r in records):
-        steps, planned = records[0].get("steps"), records[0].get("steps_planned")
-        where = (f" after {steps:,}" + (f" of {planned:,}" if isinstance(planned, int) else "") + " steps"
-                 if isinstance(steps, int) else "")
-        raise ValueError(f"{str(run_dir)!r} holds an interrupted run (training stopped{where}): resume it with "
-                         f"python train.py <the same flags> --resume, or pass --allow-incomplete to use it as it is")
-
-
-def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
-    """The config.json of every dictionary in a run folder, after check_saved on each and
-    check_complete (unless allow_incomplete); the weights are not loaded."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"run folder {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist")
-                         + ": pass a folder written by train.py --out")
-    dirs = [run_dir] if (run_dir / "config.json").exists() else sorted(run_dir.glob("layer_*"))
-    dirs = [d for d in dirs if (d / "config.json").is_file()]
-    if not dirs:
-        raise ValueError(f"{str(run_dir)!r} holds no run (no config.json nor layer_*/config.json): pass a folder "
-                         f"written by train.py --out")
-    metas = [check_saved(d) for d in dirs]
-    if not allow_incomplete:
-        check_complete(run_dir, metas)
-    return metas
-
-
-def open_run(run_dir, device="cpu", allow_incomplete: bool = False) -> list[tuple[list[int], torch.nn.Module, dict]]:
-    """sae.load_run(run_dir, device) after check_run: a ValueError naming the file and the fix,
-    never a traceback from json, safetensors or importlib."""
-    check_run(run_dir, allow_incomplete)
-    try:
-        return sae_mod.load_run(run_dir, device)
-    except RuntimeError as e:         # load_state_dict: missing, unexpected or mis-shaped tensors
-        detail = " ".join(str(e).split())[:300]
-        raise ValueError(f"the weights in {str(run_dir)!r} do not fit their config.json ({detail}): {RERUN}") from e
-
-
-def run_entry(run_dir, meta: dict, keys=("model",)) -> dict:
-    """The "run" entry train.py writes into config.json, with `keys`; ValueError naming the file."""
-    run = meta.get("run")
-    missing = [k for k in keys if not isinstance(run, dict) or run.get(k) is None]
-    if missing:
-        raise ValueError(f"the config.json in {str(run_dir)!r} has no run.{missing[0]}: not a folder written by "
-                         f"train.py")
-    return run
-
-
-def resolve_device(name: str) -> str:
-    """--device: auto (cuda when torch sees one, else cpu) | cpu | cuda | cuda:N, checked."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
-    return name
-
-
-def check_writable(folder: Path) -> None:
-    """ValueError now, rather than after the evaluation, if files cannot be written into `folder`."""
-    test = Path(folder) / f".write-test-{os.getpid()}"
-    try:
-        test.write_bytes(b"")
-        test.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write into {str(folder)!r} ({e.strerror or e})") from e
-
-
-def check_min(*flags: tuple[str, float | None, float]) -> None:
-    """(flag, value, lowest) triples: ValueError naming the first flag below its lowest value (None: unset)."""
-    for flag, v, lo in flags:
-        if v is not None and v < lo:
-            raise ValueError(f"{flag} must be at least {lo}, got {v}")
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a ValueError (main prints it as one line), not usage + exit."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
-def cli_error(e: BaseException) -> int:
-    """Print a user mistake as one line `error: ...` on stderr; the exit code 2."""
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)
-    return 2
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
-
-
-# ----------------------------------------------------------------------------------------
-# One run folder
+# The held-out tokens of a run
 # ----------------------------------------------------------------------------------------
 
 
@@ -601,9 +451,101 @@ class Held:
             yield x.to(self.device)
 
 
-def _model_input(x_raw: Tensor, cols: list[int], s_model_L: Tensor, multi: bool) -> Tensor:
-    x = x_raw[:, cols] * s_model_L.to(x_raw.device)[:, None]
-    return x if multi else x[:, 0]
+# ----------------------------------------------------------------------------------------
+# One run folder: a record per dictionary, a function per metric, evaluate_run the driver
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One dictionary of a run as the metrics read it, and its row of eval.json (`result`)."""
+
+    layers: list[int]
+    model: torch.nn.Module
+    meta: dict                    # its config.json
+    cols: list[int]               # its layers' positions in the held-out batches (Held.layers)
+    s_model: Tensor               # (L,) its input scale: it reads x_model = s_model · x_raw
+    s_norm: Tensor                # (L,) the normalising scale of the MSE reported as mse_norm
+    stats: ReconStats = field(default_factory=ReconStats)
+    result: dict = field(default_factory=dict)
+
+    @property
+    def multi(self) -> bool:
+        """A multi-layer dictionary (crosscoder, fmxcoder): inputs (B, L, d), else (B, d)."""
+        return hasattr(self.model.config, "n_layers")
+
+    def inputs(self, x_raw: Tensor) -> Tensor:
+        """A held-out batch (B, L_all, d), raw, as this dictionary reads it."""
+        x = x_raw[:, self.cols] * self.s_model.to(x_raw.device)[:, None]
+        return x if self.multi else x[:, 0]
+
+
+def record(layers: list[int], model, meta: dict, held: Held) -> Record:
+    """The Record of one (layers, model, config.json) entry of runs.open_run, in eval mode."""
+    model.eval()
+    cols = [held.layers.index(l) for l in layers]
+    s_model = torch.tensor(model.config.input_scale, dtype=torch.float32)
+    folded = meta.get("train", {}).get("fold_scale", False)
+    # the normalising scale: the cache's; else the run's own (unless folded into the weights)
+    s_norm = held.scale[cols] if held.cache is not None or folded else s_model
+    return Record(layers, model, meta, cols, s_model, s_norm)
+
+
+def reconstruction(records: list[Record], held: Held) -> None:
+    """MSE, FVU, L0, dead into each record's result: one pass over the held-out tokens for all."""
+    for x_raw in held.batches():
+        for r in records:
+            x = r.inputs(x_raw)
+            r.stats.update(x, r.model(x))
+    for r in records:
+        name = f"layers {r.layers[0]}-{r.layers[-1]}" if r.multi else f"layer {r.layers[0]}"
+        r.result.update({"name": name, "dict": r.meta["class"], "layers": r.layers,
+                         **r.stats.result(r.s_model, r.s_norm), "dead_counter": r.model.dead_fraction()})
+
+
+def reconstruction_of_set(records: list[Record]) -> dict:
+    """A per-layer set as a whole, comparable with one crosscoder over the same layers."""
+    res = [r.result for r in records]
+    sse = torch.cat([r.result["_sse_raw_L"] * r.s_norm.double() ** 2 for r in records])
+    sst = torch.cat([r.result["_sst_raw_L"] * r.s_norm.double() ** 2 for r in records])
+    return {"name": f"set of {len(records)}", "dict": res[0]["dict"], "tokens": res[0]["tokens"],
+            "mse_raw": sum(r["mse_raw"] for r in res), "mse_norm": sum(r["mse_norm"] for r in res),
+            "fvu": (sse.sum() / sst.sum()).item(), "l0": sum(r["l0"] for r in res),
+            "dead_eval": float(np.mean([r["dead_eval"] for r in res]))}
+
+
+def lm_loss_of(r: Record, lm, tok, run: dict, held: Held, ce_tokens: int, lm_batch: int) -> dict:
+    """CE increase and fraction recovered with r's reconstruction spliced into the LM (one layer)."""
+    split, skip, limit = heldout_text(run, held.cache.meta if held.cache is not None else None)
+    s = r.s_model.to(held.device)
+
+    def reconstruct(h_ND):
+        return r.model(h_ND.float() * s).recon / s
+
+    windows = take_tokens(heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip, lm_batch),
+                          min(ce_tokens, limit or ce_tokens))
+    return ce_recovered(lm, windows, r.layers[0], reconstruct, r.result["_mean_raw_LD"][0].float())
+
+
+def functional_coherence_of(r: Record, held: Held, fc_tokens: int, min_fires: int) -> dict:
+    """FC and decoder-norm spread of a multi-layer dictionary on the first fc_tokens held-out tokens."""
+    return functional_coherence(r.model, (r.inputs(x) for x in held.batches(fc_tokens)), min_fires=min_fires,
+                                bins=10)
+
+
+def interaction_of(r: Record, held: Held, cooc_tokens: int | None, n_pairs: int) -> dict:
+    """PolySAE: the interaction weights against the co-occurrence of the n_pairs most frequent latents."""
+    zs = (r.model.encode(r.inputs(x)) for x in held.batches(cooc_tokens))
+    return interaction_vs_cooccurrence(r.model, zs, r.stats.fire_count_F, n_pairs)
+
+
+def wasserstein_of(r: Record, lm, tok, texts: list[str], labels, run: dict, device) -> dict:
+    """The class-conditional W1 of r's latents, mean-pooled over each text (probe.pooled_latents)."""
+    import probe
+
+    feats = probe.pooled_latents(r.model, None, lm, tok, texts, r.layers, run.get("context", 128), device=device)
+    w = class_wasserstein(feats, labels)
+    return {"wasserstein_mean": w["mean"], "wasserstein_median": w["median"], "wasserstein_per_class": w["per_class"]}
 
 
 @torch.no_grad()
@@ -615,96 +557,31 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
     """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json.
     ValueError (one line, naming the file and the fix) for a folder that holds no usable run, an
     interrupted one (unless allow_incomplete) or a damaged activation cache."""
-    entries = open_run(run_dir, device, allow_incomplete)
+    entries = runs.open_run(run_dir, device, allow_incomplete)
     cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
-    run = run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
-    check_writable(Path(run_dir))
-    lm_box = []
+    run = runs.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
+    runs.check_writable(Path(run_dir))
 
-    def lm_loader():
-        if not lm_box:
-            lm_box.append(activations.load_lm(run["model"], device=device,
-                                                 dtype=run.get("lm_dtype", "float32")))
-        return lm_box[0]
+    @functools.cache
+    def lm_tok():                         # loaded once, and only when a metric needs it
+        return activations.load_lm(run["model"], device=device, dtype=run.get("lm_dtype", "float32"))
 
-    held = Held(run, sorted({l for ls, _, _ in entries for l in ls}), eval_tokens, batch_size, device, lm_loader)
-    names, infos = [], []
-    for layers, model, meta in entries:
-        model.eval()
-        multi = hasattr(model.config, "n_layers")
-        names.append(f"layers {layers[0]}-{layers[-1]}" if multi else f"layer {layers[0]}")
-        s_model = torch.tensor(model.config.input_scale, dtype=torch.float32)
-        folded = meta.get("train", {}).get("fold_scale", False)
-        # the normalising scale: the cache's; else the run's own (unless folded into the weights)
-        s_norm = held.scale[[held.layers.index(l) for l in layers]] if held.cache is not None or folded else s_model
-        infos.append({"cols": [held.layers.index(l) for l in layers], "multi": multi, "s_model": s_model,
-                      "s_norm": s_norm})
-
-    # 1. reconstruction: one pass over the held-out tokens for every dictionary of the run
-    stats = [ReconStats() for _ in entries]
-    for x_raw in held.batches():
-        for (_, model, _), info, st in zip(entries, infos, stats):
-            x = _model_input(x_raw, info["cols"], info["s_model"], info["multi"])
-            st.update(x, model(x))
-    results = []
-    for (layers, model, meta), info, st, name in zip(entries, infos, stats, names):
-        r = {"name": name, "dict": meta["class"], "layers": layers, **st.result(info["s_model"], info["s_norm"]),
-             "dead_counter": model.dead_fraction()}
-        results.append(r)
-
-    # 2. per-layer sets: the set as a whole, comparable with one crosscoder over the same layers
-    if len(entries) > 1:
-        sse = torch.cat([r["_sse_raw_L"] * i["s_norm"].double() ** 2 for r, i in zip(results, infos)])
-        sst = torch.cat([r["_sst_raw_L"] * i["s_norm"].double() ** 2 for r, i in zip(results, infos)])
-        results.append({"name": f"set of {len(entries)}", "dict": results[0]["dict"], "tokens": results[0]["tokens"],
-                        "mse_raw": sum(r["mse_raw"] for r in results),
-                        "mse_norm": sum(r["mse_norm"] for r in results),
-                        "fvu": (sse.sum() / sst.sum()).item(),
-                        "l0": sum(r["l0"] for r in results),
-                        "dead_eval": float(np.mean([r["dead_eval"] for r in results]))})
-
-    # 3. LM loss with the reconstruction spliced in (single-layer dictionaries)
-    if ce_tokens:
-        for (layers, model, meta), info, r in zip(entries, infos, results):
-            if info["multi"]:
-                continue
-            lm, tok = lm_loader()
-            split, skip, limit = heldout_text(run, held.cache.meta if held.cache is not None else None)
-            s = info["s_model"].to(device)
-
-            def reconstruct(h_ND, model=model, s=s):
-                return model(h_ND.float() * s).recon / s
-
-            windows = take_tokens(heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip,
-                                                  lm_batch), min(ce_tokens, limit or ce_tokens))
-            r.update(ce_recovered(lm, windows, layers[0], reconstruct, r["_mean_raw_LD"][0].float()))
-
-    # 4. functional coherence (multi-layer dictionaries)
-    for (layers, model, meta), info, r in zip(entries, infos, results):
-        if info["multi"] and fc_tokens:
-            batches = (_model_input(x, info["cols"], info["s_model"], True) for x in held.batches(fc_tokens))
-            r.update(functional_coherence(model, batches, min_fires=min_fires, bins=10))
-
-    # 5. interaction weight vs co-occurrence (PolySAE)
-    for (layers, model, meta), info, r, st in zip(entries, infos, results, stats):
-        if hasattr(model, "interaction_matrix") and model.config.order >= 2:
-            zs = (model.encode(_model_input(x, info["cols"], info["s_model"], info["multi"]))
-                  for x in held.batches(cooc_tokens))
-            r.update(interaction_vs_cooccurrence(model, zs, st.fire_count_F, n_pairs))
-
-    # 6. class-conditional Wasserstein distance on a labelled task (probe.py pools the latents)
+    held = Held(run, sorted({l for ls, _, _ in entries for l in ls}), eval_tokens, batch_size, device, lm_tok)
+    records = [record(layers, model, meta, held) for layers, model, meta in entries]
+    reconstruction(records, held)
+    results = [r.result for r in records] + ([reconstruction_of_set(records)] if len(records) > 1 else [])
+    for r in records:
+        if ce_tokens and not r.multi:
+            r.result.update(lm_loss_of(r, *lm_tok(), run, held, ce_tokens, lm_batch))
+        if fc_tokens and r.multi:
+            r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires))
+        if hasattr(r.model, "interaction_matrix") and r.model.config.order >= 2:
+            r.result.update(interaction_of(r, held, cooc_tokens, n_pairs))
     if wasserstein_task:
-        import probe
-
         texts, labels = tasks.load_task(wasserstein_task, "train", n_train=wasserstein_texts)
-        lm, tok = lm_loader()
-        for (layers, model, meta), r in zip(entries, results):
-            feats = probe.pooled_latents(model, None, lm, tok, texts, layers, run.get("context", 128),
-                                         device=device)
-            w = class_wasserstein(feats, labels)
-            r.update({"wasserstein_mean": w["mean"], "wasserstein_median": w["median"],
-                      "wasserstein_per_class": w["per_class"], "wasserstein_task": wasserstein_task,
-                      "wasserstein_texts": len(texts)})
+        for r in records:
+            r.result.update({**wasserstein_of(r, *lm_tok(), texts, labels, run, device),
+                             "wasserstein_task": wasserstein_task, "wasserstein_texts": len(texts)})
 
     out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
            "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
@@ -750,7 +627,7 @@ def format_table(evals: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--eval-tokens", type=int, default=None,
@@ -770,24 +647,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate a run whose training was interrupted (summary.json: \"complete\": false)")
     try:
         a = p.parse_args(argv)
-        check_min(("--eval-tokens", a.eval_tokens, 1), ("--ce-tokens", a.ce_tokens, 0),
-                  ("--fc-tokens", a.fc_tokens, 0), ("--cooc-tokens", a.cooc_tokens, 1), ("--pairs", a.pairs, 3),
-                  ("--min-fires", a.min_fires, 1), ("--wasserstein-texts", a.wasserstein_texts, 2),
-                  ("--batch-size", a.batch_size, 1))
-        device = resolve_device(a.device)
+        runs.check_min(("--eval-tokens", a.eval_tokens, 1), ("--ce-tokens", a.ce_tokens, 0),
+                       ("--fc-tokens", a.fc_tokens, 0), ("--cooc-tokens", a.cooc_tokens, 1), ("--pairs", a.pairs, 3),
+                       ("--min-fires", a.min_fires, 1), ("--wasserstein-texts", a.wasserstein_texts, 2),
+                       ("--batch-size", a.batch_size, 1))
+        device = runs.resolve_device(a.device)
         if a.wasserstein:
-            import probe
-
             tasks.get_task(a.wasserstein)
         for r in a.runs:                  # every run (and its cache) checked before the first is evaluated
-            cache = (check_run(r, a.allow_incomplete)[0].get("run") or {}).get("cache")
+            cache = (runs.check_run(r, a.allow_incomplete)[0].get("run") or {}).get("cache")
             if cache and Path(cache, "meta.json").exists():
                 activation_cache.read_meta(Path(cache))
         evals = [evaluate_run(r, device, a.eval_tokens, a.ce_tokens, a.fc_tokens, a.cooc_tokens, a.pairs,
                               a.min_fires, a.wasserstein or None, a.wasserstein_texts, a.batch_size,
                               allow_incomplete=a.allow_incomplete) for r in a.runs]
-    except USER_ERRORS as e:
-        return cli_error(e)
+    except runs.USER_ERRORS as e:
+        return runs.cli_error(e)
     print(format_table(evals))
     return 0
 

@@ -1,8 +1,8 @@
 """Sparse probing: can k latents of a dictionary tell the classes of a labelled text set apart?
 
-The SAEBench sparse-probing protocol (Karvonen et al. 2025) as the PolySAE code runs it
-(SAEBench/sae_bench/evals/sparse_probing/, papers.md §2.3); fmxcoders report the same "mean
-probing F1". For a labelled dataset with classes c = 1..C:
+The SAEBench sparse-probing protocol (Karvonen et al. 2025) as the official PolySAE code runs it
+(its SAEBench fork, sae_bench/evals/sparse_probing/: the evaluation behind Table 1 of PolySAE,
+arXiv 2602.01322); fmxcoders (arXiv 2605.09438) report the same "mean probing F1". For a labelled dataset with classes c = 1..C:
 
   1. features. Each text is cut to `context` tokens ([BOS] + its first context−1 tokens) and run
      through the LM; the residual stream after the run's blocks is encoded token by token and
@@ -47,6 +47,7 @@ from torch import Tensor
 import activations
 from corpora import tokenize
 import metrics
+import runs
 import sae as sae_mod
 from tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
 
@@ -310,13 +311,13 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
               seed: int = 42, device="cpu", batch_size: int = 32, context: int | None = None,
               full: bool = True, raw: bool = True, C: float = 1.0, out: str | None = None,
               allow_incomplete: bool = False, n_boot: int = 1000) -> dict:
-    """Probe every dictionary of a run folder (sae.load_run) on the named tasks; writes probe.json
+    """Probe every dictionary of a run folder (runs.open_run) on the named tasks; writes probe.json
     (atomically; the tasks of an earlier probe.json with the same settings are kept). ValueError
-    naming the file and the fix for an unusable or interrupted run (see metrics.open_run) and an
+    naming the file and the fix for an unusable or interrupted run (see runs.open_run) and an
     earlier probe.json that is not JSON, before any work."""
     run_dir = Path(run_dir)
-    entries = metrics.open_run(run_dir, device, allow_incomplete)
-    meta = metrics.run_entry(run_dir, entries[0][2], ("model",))
+    entries = runs.open_run(run_dir, device, allow_incomplete)
+    meta = runs.run_entry(run_dir, entries[0][2], ("model",))
     out = Path(out) if out else run_dir / "probe.json"
     old = {}
     if out.exists():                          # keep other tasks probed with the same settings
@@ -325,7 +326,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{str(out)!r} is not valid JSON ({e}): delete it (its earlier tasks are lost) or "
                              f"pass another --out") from e
-    metrics.check_writable(out.parent)
+    runs.check_writable(out.parent)
     kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
     layers = sorted({l for ls, _, _ in entries for l in ls})
     readers = {(kind if len(entries) == 1 else f"{kind}@{ls[0]}"): (m, ls, None) for ls, m, _ in entries}
@@ -450,7 +451,7 @@ def table(report: dict) -> str:
 
 def parse_args(argv=None):
     """The flags, checked (ValueError with a one-line message; the tasks are resolved into args.tasks)."""
-    p = metrics.ArgParser(description="Sparse probing (SAEBench protocol) of a trained run folder.")
+    p = runs.ArgParser(description="Sparse probing (SAEBench protocol) of a trained run folder.")
     p.add_argument("run", help="run folder written by train.py (config.json or layer_*/config.json)")
     p.add_argument("--task", default="all", help="all | offline | saebench | comma-separated names: "
                    + ", ".join(TASKS))
@@ -477,12 +478,12 @@ def parse_args(argv=None):
     if any(k < 1 for k in ks):
         raise ValueError(f"--k must be positive integers like 1,2,5, got {args.k!r}")
     args.k = ks
-    metrics.check_min(("--n-train", args.n_train, 2), ("--n-test", args.n_test, 2),
-                      ("--batch-size", args.batch_size, 1), ("--context", args.context, 2),
-                      ("--bootstrap", args.bootstrap, 0))
+    runs.check_min(("--n-train", args.n_train, 2), ("--n-test", args.n_test, 2),
+                   ("--batch-size", args.batch_size, 1), ("--context", args.context, 2),
+                   ("--bootstrap", args.bootstrap, 0))
     if not args.C > 0:
         raise ValueError(f"--C must be positive, got {args.C}")
-    args.device = metrics.resolve_device(args.device)
+    args.device = runs.resolve_device(args.device)
     args.tasks = resolve_tasks(args.task)
     return args
 
@@ -493,8 +494,8 @@ def main(argv=None) -> int:
         report = probe_run(args.run, args.tasks, args.k, args.n_train, args.n_test, args.seed, args.device,
                            args.batch_size, args.context, not args.no_full, not args.no_raw, args.C, args.out,
                            args.allow_incomplete, args.bootstrap)
-    except metrics.USER_ERRORS as e:
-        return metrics.cli_error(e)
+    except runs.USER_ERRORS as e:
+        return runs.cli_error(e)
     print(table(report))
     return 0
 

@@ -1,5 +1,8 @@
-"""A run folder: what one `train.py --out DIR` run leaves behind, written so that no result can be
-lost, mixed up with another run's, or read before it is finished.
+"""Run folders: writing them (RunFolder), opening them (load_run/open_run), and the CLI plumbing
+train/metrics/probe/features share (resolve_device, ArgParser, cli_error, check_min, check_writable).
+
+What one `train.py --out DIR` run leaves behind, written so that no result can be lost, mixed up
+with another run's, or read before it is finished:
 
     DIR/config.json          the dictionary (sae.save): class, config, the run description, metrics
     DIR/model.safetensors    its weights               (per-layer sets: DIR/layer_<l>/ for each layer)
@@ -7,7 +10,7 @@ lost, mixed up with another run's, or read before it is finished.
     DIR/checkpoint.pt        model + optimiser state of the last step, for --resume
     DIR/curve.jsonl          with --eval-every: one line of held-out metrics per evaluation step
 
-The rules (`RunFolder`):
+Writing (`RunFolder`, used by train.py):
   * one writer: the folder is locked (flock on the directory) for the run's lifetime; a second
     train.py on the same --out fails at once with a one-line error. The lock goes with the
     process, so a killed run leaves no stale lock.
@@ -23,35 +26,31 @@ The rules (`RunFolder`):
     metrics.py and probe.py refuse such folders unless told otherwise.
   * nothing left behind by a failure: a folder this run created is removed again if the run
     fails before writing anything into it.
+
+Opening: `load_run(DIR)` gives [(layers, dictionary, config.json)], one per dictionary (sae.load of
+DIR or of each DIR/layer_<l>/). `open_run` is load_run for command lines: it first checks every file
+(`check_run`), so that each way a folder can be unusable (missing, truncated, written by another
+version of the code, interrupted) is one ValueError naming the file and the fix, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import fcntl
+import importlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from sae import write_atomic
+import sae as sae_mod
 
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (one-line message naming the folder and the fix)."""
-
-
-def check_writable(out: Path) -> None:
-    """Fail unless `out` is a folder or can be created as one, without creating anything."""
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {str(out)!r} is a file, not a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise RunFolderError(f"--out {str(out)!r} is not writable ({str(parent)!r} does not let us write)")
 
 
 def read_summary(path: Path) -> dict | None:
@@ -144,7 +143,7 @@ class RunFolder:
         """Drop the curve lines after `step` (written after the checkpoint a resumed run restarts from)."""
         if self.curve.exists():
             lines = [l for l in self.curve.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-            write_atomic(self.curve, "".join(l + "\n" for l in lines))
+            sae_mod.write_atomic(self.curve, "".join(l + "\n" for l in lines))
 
     def export(self) -> "_Export":
         """Context manager yielding a fresh folder to write the run's files into; on success it
@@ -210,3 +209,190 @@ def checkpoint_state(models: dict, opts: dict, step: int, config) -> dict:
             "opts": {str(k): o.state_dict() for k, o in opts.items()},
             "aux_limits": {str(k): getattr(m, "aux_limit", None) for k, m in models.items()},
             "step": step, "config": dataclasses.asdict(config)}
+
+
+# ----------------------------------------------------------------------------------------
+# Opening a run folder: every way it can be unusable is one ValueError naming the file and the fix
+# ----------------------------------------------------------------------------------------
+
+RERUN = "rerun training or delete the folder"
+
+
+def dictionary_dirs(run_dir: Path) -> list[Path]:
+    """The folders holding one saved dictionary each: run_dir itself, or its layer_<l>/ by l."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").is_file():
+        return [run_dir]
+    layer_dirs = [p for p in run_dir.glob("layer_*") if p.name[6:].isdigit() and (p / "config.json").is_file()]
+    return sorted(layer_dirs, key=lambda p: int(p.name[6:]))
+
+
+def load_run(path, device: str | torch.device = "cpu") -> list[tuple[list[int], torch.nn.Module, dict]]:
+    """Load what `train.py --out path` wrote: a list of (layers, dictionary, metadata).
+
+    A run folder holds either one dictionary (config.json at its root) or, for the per-layer
+    baselines, one sub-folder `layer_<l>/` per layer. The metadata is the whole config.json (its
+    "run" entry records model, hooks, layers and data). No checks beyond sae.load's: command lines
+    use `open_run`."""
+    dirs = dictionary_dirs(path)
+    if not dirs:
+        raise FileNotFoundError(f"{str(path)!r} holds no config.json nor layer_*/config.json")
+    out = []
+    for d in dirs:
+        meta = json.loads((d / "config.json").read_text())
+        out.append((list(meta.get("run", {}).get("layers", [])), sae_mod.load(d, device), meta))
+    return out
+
+
+def check_saved(folder: Path) -> dict:
+    """What sae.load needs of a folder written by sae.save, checked without building the model:
+    config.json is JSON with "class" (importable) and "config" (accepted by the class's config),
+    model.safetensors is there and its header covers the file. Returns the parsed config.json."""
+    from safetensors import SafetensorError, safe_open
+
+    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
+    try:
+        meta = json.loads(cfg_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON, truncated? ({e}): {RERUN}") from e
+    if not (isinstance(meta, dict) and isinstance(meta.get("class"), str) and "." in meta["class"]
+            and isinstance(meta.get("config"), dict)):
+        raise ValueError(f"{str(cfg_file)!r} has no \"class\" and \"config\" entries: not a dictionary saved by "
+                         f"sae.save; {RERUN}")
+    module, name = meta["class"].rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise ValueError(f"{str(cfg_file)!r} names the class {meta['class']!r}, whose module cannot be imported "
+                         f"({e}): run from the repository root or put {module}.py on PYTHONPATH") from e
+    except AttributeError:
+        raise ValueError(f"{str(cfg_file)!r} names the class {meta['class']!r}, which {module}.py does not "
+                         f"define: the run was written by another version of this code") from None
+    try:
+        cls.config_class(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit {meta['class']} ({e}): the run was "
+                         f"written by another version of this code") from e
+    if not weights.is_file():
+        raise ValueError(f"{str(weights)!r} is missing: {RERUN}")
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except SafetensorError as e:
+        raise ValueError(f"{str(weights)!r} is truncated or damaged ({e}): {RERUN}") from e
+    return meta
+
+
+def check_complete(run_dir: Path, metas: list[dict]) -> None:
+    """ValueError if train.py marked the run interrupted: "complete": false in summary.json or in a
+    config.json's "metrics" entry. Runs written before that field existed count as complete."""
+    records = [m["metrics"] for m in metas if isinstance(m.get("metrics"), dict)]
+    try:
+        records.insert(0, json.loads((run_dir / "summary.json").read_bytes()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        pass                              # none, or damaged: the dictionaries' own config.json decide
+    records = [r for r in records if isinstance(r, dict)]
+    if any(r.get("complete") is False for r in records):
+        steps, planned = records[0].get("steps"), records[0].get("steps_planned")
+        where = (f" after {steps:,}" + (f" of {planned:,}" if isinstance(planned, int) else "") + " steps"
+                 if isinstance(steps, int) else "")
+        raise ValueError(f"{str(run_dir)!r} holds an interrupted run (training stopped{where}): resume it with "
+                         f"python train.py <the same flags> --resume, or pass --allow-incomplete to use it as it is")
+
+
+def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
+    """The config.json of every dictionary in a run folder, after check_saved on each and
+    check_complete (unless allow_incomplete); the weights are not loaded."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist")
+                         + ": pass a folder written by train.py --out")
+    dirs = dictionary_dirs(run_dir)
+    if not dirs:
+        raise ValueError(f"{str(run_dir)!r} holds no run (no config.json nor layer_*/config.json): pass a folder "
+                         f"written by train.py --out")
+    metas = [check_saved(d) for d in dirs]
+    if not allow_incomplete:
+        check_complete(run_dir, metas)
+    return metas
+
+
+def open_run(run_dir, device="cpu", allow_incomplete: bool = False) -> list[tuple[list[int], torch.nn.Module, dict]]:
+    """load_run(run_dir, device) after check_run: a ValueError naming the file and the fix,
+    never a traceback from json, safetensors or importlib."""
+    check_run(run_dir, allow_incomplete)
+    try:
+        return load_run(run_dir, device)
+    except RuntimeError as e:         # load_state_dict: missing, unexpected or mis-shaped tensors
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"the weights in {str(run_dir)!r} do not fit their config.json ({detail}): {RERUN}") from e
+
+
+def run_entry(run_dir, meta: dict, keys=("model",)) -> dict:
+    """The "run" entry train.py writes into config.json, with `keys`; ValueError naming the file."""
+    run = meta.get("run")
+    missing = [k for k in keys if not isinstance(run, dict) or run.get(k) is None]
+    if missing:
+        raise ValueError(f"the config.json in {str(run_dir)!r} has no run.{missing[0]}: not a folder written by "
+                         f"train.py")
+    return run
+
+
+# ----------------------------------------------------------------------------------------
+# Command-line plumbing: flags checked before any work, user mistakes as one line `error: ...`
+# ----------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (cuda when torch sees one, else cpu) | cpu | cuda | cuda:N, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= n:
+        raise ValueError(f"--device {name!r} requested but " + ("CUDA is not available" if n == 0 else
+                         f"torch sees {n} CUDA device{'s' * (n > 1)} (cuda:0 to cuda:{n - 1})"))
+    return device
+
+
+def check_writable(folder) -> None:
+    """RunFolderError (a ValueError) now, rather than after the work, unless files can be written into
+    `folder` or it can be created: its nearest existing ancestor must be a folder we may write into.
+    Nothing is created."""
+    folder = Path(folder)
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    why = ("a file, not a folder" if not parent.is_dir()
+           else None if os.access(parent, os.W_OK | os.X_OK) else "no permission to write, or read-only")
+    if why:
+        head = "" if parent == folder else f"{str(folder)!r} is not writable: "
+        raise RunFolderError(f"{head}cannot write into {str(parent)!r} ({why})")
+
+
+def check_min(*flags: tuple[str, float | None, float]) -> None:
+    """(flag, value, lowest) triples: ValueError naming the first flag below its lowest value (None: unset)."""
+    for flag, v, lo in flags:
+        if v is not None and v < lo:
+            raise ValueError(f"{flag} must be at least {lo}, got {v}")
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a ValueError (main prints it as one line), not usage + exit."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def cli_error(e: BaseException) -> int:
+    """Print a user mistake as one line `error: ...` on stderr; the exit code 2."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)

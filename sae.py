@@ -782,25 +782,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     return model.to(device)
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> list[tuple[list[int], nn.Module, dict]]:
-    """Load what `train.py --out path` wrote: a list of (layers, dictionary, metadata).
-
-    A run folder holds either one dictionary (config.json at its root) or, for the
-    per-layer SAE baseline, one sub-folder `layer_<l>/` per layer. The metadata is the
-    whole config.json (its "run" entry records model, hooks, layers and data)."""
-    path = Path(path)
-    dirs = [path] if (path / "config.json").exists() else sorted(
-        (p for p in path.glob("layer_*") if (p / "config.json").exists()),
-        key=lambda p: int(p.name.split("_")[1]))
-    if not dirs:
-        raise FileNotFoundError(f"{str(path)!r} holds no config.json nor layer_*/config.json")
-    out = []
-    for d in dirs:
-        meta = json.loads((d / "config.json").read_text())
-        out.append((list(meta.get("run", {}).get("layers", [])), load(d, device), meta))
-    return out
-
-
 def demo_model(d_in: int, n_layers: int = 1) -> SAE:
     """The model `python sae.py` trains on toy data (synthetic.demo)."""
     return SAE(SAEConfig(d_in=d_in, n_latents=512, k=8, dead_tokens=50_000))

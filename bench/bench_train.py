@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import crosscoder  # noqa: E402
 import fmxcoder  # noqa: E402
 import polysae  # noqa: E402
+import runs  # noqa: E402
 import sae  # noqa: E402
 
 KINDS = ("sae", "polysae", "crosscoder", "fmxcoder-cp", "fmxcoder-tr")
@@ -193,8 +194,10 @@ def parse(argv=None):
         for v in values.split(","):
             if v not in allowed:
                 p.error(f"{flag} must list items of {allowed}, got {v!r}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda was asked for, but torch.cuda.is_available() is False")
+    try:
+        runs.resolve_device(a.device)              # cuda asked for but not there: one line, no traceback
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 

@@ -3,7 +3,7 @@
     python experiments/figure.py [RUNS_DIR=runs/repro]
 
 Reads RUNS_DIR/<run>/eval.json (metrics.py), probe.json (probe.py format, experiments/probe_all.py)
-and the models (sae.load_run), and writes
+and the models (runs.load_run), and writes
   experiments/fc_and_norms.png : (a) functional-coherence histograms, FC_i ∈ [1, L] (1 = driven by one
       layer); (b) decoder-norm spread Σ_l‖d_il‖ / max_l‖d_il‖ on the same axis; (c, d) per-latent,
       per-layer decoder norms ‖d_il‖ / max_l ‖d_il‖ (rows = latents sorted by peak layer) for the
@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import sae  # noqa: E402
+from runs import load_run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MULTI = [("sae_per_layer", "TopK SAE per layer (8)"), ("crosscoder", "crosscoder"),
@@ -155,7 +155,7 @@ def figure(R: Path, path: Path) -> None:
             continue
         edges, h = np.array(e["fc_hist_edges"]), np.array(e["fc_hist"], dtype=float)
         axes[0].stairs(h / max(h.sum(), 1), edges, label=f"{label} (mean {e['fc_mean']:.2f})", lw=1.6)
-        [(_, m, _)] = sae.load_run(R / name)
+        [(_, m, _)] = load_run(R / name)
         with torch.no_grad():
             s = spread(m.decoder_norms().float().numpy())
         hs, _ = np.histogram(s, bins=edges)
@@ -166,7 +166,7 @@ def figure(R: Path, path: Path) -> None:
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     for ax, (name, label) in zip(axes[2:], heat):
-        [(layers, m, _)] = sae.load_run(R / name)
+        [(layers, m, _)] = load_run(R / name)
         with torch.no_grad():
             n = m.decoder_norms().float().numpy()
         n = n / np.maximum(n.max(1, keepdims=True), 1e-12)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import activations  # noqa: E402
 import metrics  # noqa: E402
 import probe  # noqa: E402
+from runs import load_run  # noqa: E402
 import tasks  # noqa: E402
 import sae  # noqa: E402
 
@@ -43,7 +44,7 @@ def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed
                batch_size=32, full=False, raw=True, C=1.0, n_boot=1000, n_boot_w1=200) -> dict:
     runs = {}
     for rd in run_dirs:
-        entries = sae.load_run(rd, device)
+        entries = load_run(rd, device)
         meta = entries[0][2].get("run", {})
         kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
         readers = {(kind if len(entries) == 1 else f"{kind}@{ls[0]}"): (m, ls, None) for ls, m, _ in entries}

@@ -11,6 +11,7 @@ import activation_cache
 import corpora
 import metrics
 import probe
+import runs
 import tasks
 
 
@@ -59,7 +60,7 @@ def _truncate(path):
     Path(path).write_bytes(data[:len(data) // 2])
 
 
-RERUN = metrics.RERUN
+RERUN = runs.RERUN
 
 # each: (damage to the copied run, words the message must hold, the file it must name)
 DAMAGE = {
@@ -108,7 +109,7 @@ def test_a_damaged_run_is_one_line_naming_the_file(run, capsys, cli, damage):
 
 
 def test_a_run_without_the_complete_field_is_accepted_and_allow_incomplete_evaluates(run):
-    assert metrics.check_run(run)                          # written before "complete" existed
+    assert runs.check_run(run)                          # written before "complete" existed
     edit_json(run / "summary.json", lambda m: m.update(complete=False))
     assert metrics.main([str(run), "--device", "cpu", "--ce-tokens", "0", "--fc-tokens", "0",
                          "--wasserstein", "", "--allow-incomplete"]) == 0

@@ -17,7 +17,7 @@ import activations
 import dashboard
 import features
 import metrics
-import sae
+from runs import load_run
 import train
 
 KINDS = {"sae": [], "crosscoder": [], "fmxcoder": ["--rank", "16"], "polysae": ["--ranks", "32,8,8"]}
@@ -52,7 +52,7 @@ def feats(runs, device):
 def naive_pass(run):
     """Every held-out window read by features.py: token ids (−1 at padding), keep mask, raw hidden states,
     and the latents z (T, F) of each dictionary of the run, one window at a time."""
-    entries = sae.load_run(run)
+    entries = load_run(run)
     info = entries[0][2]["run"]
     all_layers = sorted({l for ls, _, _ in entries for l in ls})
     lm, tok = activations.load_lm(info["model"])
@@ -155,7 +155,7 @@ def test_per_layer_profile_equals_metrics_deltas_on_the_cache_tokens(runs, feats
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_json_and_page_for_every_kind(runs, feats, kind):
     f_json, run = feats[kind], runs[kind]
-    entries = sae.load_run(run)
+    entries = load_run(run)
     lm, _ = activations.load_lm(f_json["model"])
     assert [d["layers"] for d in f_json["dictionaries"]] == [e[0] for e in entries]
     for d, (layers, model, meta) in zip(f_json["dictionaries"], entries):

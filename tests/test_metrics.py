@@ -11,6 +11,7 @@ import activations
 import activation_cache
 import corpora
 import metrics
+import runs
 import sae
 from crosscoder import CrossCoder, CrossCoderConfig
 from polysae import PolySAE, PolySAEConfig
@@ -370,7 +371,7 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
         assert 0 < r["l0"] <= 64
         assert len(r["mse_raw_per_layer"]) == (4 if multi else 1)
     # the same held-out tokens as train.py's own summary (its FVU: Σx² − (Σx)²/n in float32)
-    for (layers, _, meta), r in zip(sae.load_run(out), ev["results"]):
+    for (layers, _, meta), r in zip(runs.load_run(out), ev["results"]):
         assert r["fvu"] == pytest.approx(meta["metrics"]["eval"]["fvu"], rel=1e-3)
         assert r["l0"] == pytest.approx(meta["metrics"]["eval"]["l0"], rel=1e-6)
     if kind == "sae":
@@ -399,7 +400,7 @@ def test_streamed_run_is_evaluated_on_the_tokens_it_held_out(gpt2_dir, tmp_path)
         "--out", str(out), "--device", "cpu", "--dead-tokens", "1000", "--ckpt-every", "0"]))
     ev = metrics.evaluate_run(out, "cpu", ce_tokens=0, wasserstein_task=None)
     assert "harvested 512 tokens" in ev["data"] and "streamed" in ev["data"]
-    (_, _, meta), = sae.load_run(out)
+    (_, _, meta), = runs.load_run(out)
     r = ev["results"][0]
     assert r["fvu"] == pytest.approx(meta["metrics"]["eval"]["fvu"], rel=1e-3)
     assert r["mse_norm"] == pytest.approx(meta["metrics"]["eval"]["mse"], rel=1e-3)

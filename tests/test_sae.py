@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+import runs
 import sae
 from synthetic import fit, make_toy_data, recovery, ToyData
 
@@ -199,7 +200,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert type(loaded) is sae.SAE and loaded.config == model.config
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
-    [(layers, m2, meta)] = sae.load_run(tmp_path / "m")
+    [(layers, m2, meta)] = runs.load_run(tmp_path / "m")
     assert layers == [3] and meta["class"] == "sae.SAE"
 
 

@@ -39,7 +39,7 @@ def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_
     summary = train.train(train.parse_args(flags(gpt2_dir, cache_dir, out, "--dict", kind, *extra,
                                                  "--device", str(device))))
     assert summary["complete"] and summary["steps"] == 3072 // 128
-    entries = sae.load_run(out)
+    entries = runs.load_run(out)
     cache = activation_cache.ActivationCache(cache_dir)
     n_train = summary["eval"] and cache.n_tokens - entries[0][2]["run"]["eval_tokens"]
     x = cache.read(n_train, cache.n_tokens) * cache.scale[:, None]
@@ -144,7 +144,7 @@ def test_cache_tokens_one_big_cache_for_several_runs(gpt2_dir, tmp_path, capsys)
                  "--lm-dtype", "bfloat16")
     train.train(train.parse_args(args))
     assert activation_cache.ActivationCache(cache).n_tokens == 12000
-    [(_, _, meta)] = sae.load_run(tmp_path / "a")
+    [(_, _, meta)] = runs.load_run(tmp_path / "a")
     assert meta["run"]["train_tokens"] == 12000 - 1024 and meta["run"]["lm_dtype"] == "bfloat16"
     assert train.main(flags(gpt2_dir, "none", tmp_path / "b", "--cache-tokens", "6000")) == 2
     assert "--cache none streams" in capsys.readouterr().err
@@ -157,7 +157,7 @@ def test_streaming_without_a_cache(gpt2_dir, tmp_path, device):
     args = flags(gpt2_dir, "none", tmp_path / "s", "--dict", "sae", "--layers", "1", "--eval-tokens", "4608",
                  "--tokens", "2048", "--device", str(device))
     summary = train.train(train.parse_args(args))
-    [(layers, model, meta)] = sae.load_run(tmp_path / "s")
+    [(layers, model, meta)] = runs.load_run(tmp_path / "s")
     assert layers == [1] and meta["run"]["cache"] is None and meta["run"]["eval_tokens"] == 4608
     assert summary["steps"] == 16
     assert 0 < summary["eval"]["1"]["fvu"] < 0.9
