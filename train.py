@@ -20,7 +20,7 @@ Pipeline (`train` below reads top to bottom):
      checkpoints that resume exactly (--resume), Ctrl-C saves.
   5. Export into --out as a whole (runs.RunFolder): config.json + model.safetensors (layer_<l>/ per
      layer for per-layer sets), summary.json (held-out FVU/MSE/L0/dead, timing, "complete"), and
-     checkpoint.pt. `sae.load_run(out)` loads it back.
+     checkpoint.pt. `runs.load_run(out)` loads it back.
 
 Exact resume: a cached run reads the batches of step s from step s's own permutation slice, a
 streamed run replays its seeded stream (batches.py); the masks of a step are seeded from (--seed,
@@ -197,7 +197,7 @@ def check_config(cfg: TrainConfig) -> None:
         if cfg.cache_tokens <= cfg.eval_tokens:
             fail(f"--cache-tokens must exceed --eval-tokens {cfg.eval_tokens} (the held-out end of the cache), "
                  f"got {cfg.cache_tokens}")
-    resolve_device(cfg.device)
+    runs.resolve_device(cfg.device)
     int_list(cfg.rank, "--rank")
     if cfg.ranks is not None:
         int_list(cfg.ranks, "--ranks")
@@ -211,20 +211,6 @@ def int_list(spec: str, name: str) -> list[int]:
         return [int(v) for v in str(spec).replace(" ", "").split(",") if v]
     except ValueError:
         fail(f"{name} must be an integer or comma-separated integers, got {spec!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type not in ("cpu", "cuda"):
-        fail(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name!r} requested but CUDA is not available")
-    return device
 
 
 # ----------------------------------------------------------------------------------------
@@ -440,7 +426,7 @@ def export(folder: runs.RunFolder, models: dict, cfg: TrainConfig, run: dict, su
 def train(cfg: TrainConfig) -> dict:
     """Check, harvest or stream, train, evaluate, export; returns the summary (see the module docstring)."""
     check_config(cfg)
-    device = resolve_device(cfg.device)
+    device = runs.resolve_device(cfg.device)
     multi, streaming = cfg.dictionary in ("crosscoder", "fmxcoder"), cfg.cache == "none"
     d, n_blocks = model_shape(cfg, multi)
     layers = activations.parse_layers(cfg.layers, n_blocks, multi)

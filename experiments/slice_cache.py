@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import activations  # noqa: E402
 import activation_cache  # noqa: E402
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-import activations
 import corpora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))

@@ -116,8 +116,6 @@ def rank_states(dump):
 def corpus(tmp_path_factory):
     """Documents of very uneven length: rank 0 (documents 0, 2, 4, ...) gets one long text, rank 1
     (documents 1, 3, ...) only short ones, so rank 1's stream ends long before rank 0's."""
-    import activations
-
     texts = corpora.bbc_news()[0]
     d = tmp_path_factory.mktemp("uneven")
     (d / "a000.txt").write_text(" ".join(texts[:80]))         # ~40k tokens for rank 0

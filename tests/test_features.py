@@ -6,7 +6,6 @@ against Θ2 built explicitly, and the page in headless Chromium when it is insta
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import signal
 import pytest
 import torch
 
-import activations
 import runs
 import activation_cache
 import corpora
