@@ -63,7 +63,7 @@ class CrossCoderConfig:
     n_layers: int = 2             # number of layers L read and written
     mask_prob: float = 0.0        # stochastic layer masking probability p (training only)
     l1_coeff: float = 0.0         # only used by sparsity="relu"
-    aux_k: int | None = None      # k_aux for AuxK; None → d_in // 2
+    aux_k: int | None = None      # AuxK's k (Gao et al.'s k_aux); None → d_in // 2
     aux_coeff: float = 1 / 32     # AuxK weight; 0 disables it
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     input_scale: list[float] | None = None  # L floats, x_model[l] = x_raw[l] · s_l; None → ones

@@ -182,7 +182,7 @@ def dictionary_input(x_NLD: Tensor, cols: list[int], model) -> Tensor:
     """The slice of the raw kept tokens (N, L_all, d) a dictionary reads, scaled by its input scale."""
     s_L = torch.tensor(model.config.input_scale, dtype=torch.float32, device=x_NLD.device)
     x = x_NLD[:, cols] * s_L[:, None]
-    return x if hasattr(model.config, "n_layers") else x[:, 0]
+    return x if sae_mod.is_multilayer(model) else x[:, 0]
 
 
 @torch.no_grad()
@@ -222,7 +222,7 @@ def stream(entries, lm, tok, windows, n_tokens: int, s: Settings, drop_outliers:
             tr.update(z_BTF, ids_BT, window_B, gen)
             acts_FBW, ids_FBW = snippets(z_BTF, ids_BT, center_B[None].expand(z_NF.shape[1], -1), s.left, s.right)
             cand |= {f"max{i}": acts_FBW.amax(2).T[None], "ids": ids_FBW[:1]}
-            if hasattr(model.config, "n_layers") and n_seen < s.fc_tokens:
+            if sae_mod.is_multilayer(model) and n_seen < s.fc_tokens:
                 d_FL, f_F = metrics.layer_deltas(model, dictionary_input(x_NLD[:s.fc_tokens - n_seen], c, model))
                 tr.dsum, tr.dfires = (d_FL, f_F) if tr.dsum is None else (tr.dsum + d_FL, tr.dfires + f_F)
         pool.offer(key_B[None], **cand)
@@ -388,7 +388,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
     trackers, pool = stream(entries, lm, tok, windows, n_tokens, s, run.get("drop_outliers"), device, progress)
     dicts = []
     for i, ((layers, model, meta), tr) in enumerate(zip(entries, trackers)):
-        multi = hasattr(model.config, "n_layers")
+        multi = sae_mod.is_multilayer(model)
         extra = per_layer(tr, model, s) if multi else {}
         if hasattr(model, "interaction_matrix"):
             extra["partners"] = partners(model, tr.fires.cpu(), s.inter_latents, s.partners)

@@ -184,6 +184,12 @@ def tr_layer(l: int, G1: Tensor, G2: Tensor, G3: Tensor) -> Tensor:
     return torch.einsum("fab,adb->fd", M, G1)
 
 
+def param_count(cfg: FMXCoderConfig) -> int:
+    """Trainable parameters of FMXCoder(cfg), counted without building it (as polysae.param_count)."""
+    d, F, L = cfg.d_in, cfg.n_latents, cfg.n_layers
+    return costs(cfg)["params"] + F + L * d            # the factors, b_enc, b_dec
+
+
 def costs(cfg: FMXCoderConfig) -> dict:
     """Parameters (weights only, biases excluded) and MACs per token, factorised vs dense.
     `dec_macs` counts a dense z; `*_sparse`, what the code runs: only the k active latents
@@ -285,9 +291,6 @@ class FMXCoder(CrossCoder):
         else:
             self.G3_enc *= enc_L[None, :, None]
             self.G3_dec *= dec_L[None, :, None]
-
-    def param_count(self) -> dict:
-        return costs(self.config)
 
     def cost_report(self) -> str:
         c, r = self.config, costs(self.config)

@@ -472,7 +472,7 @@ class Record:
     @property
     def multi(self) -> bool:
         """A multi-layer dictionary (crosscoder, fmxcoder): inputs (B, L, d), else (B, d)."""
-        return hasattr(self.model.config, "n_layers")
+        return sae_mod.is_multilayer(self.model)
 
     def inputs(self, x_raw: Tensor) -> Tensor:
         """A held-out batch (B, L_all, d), raw, as this dictionary reads it."""

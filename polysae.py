@@ -68,7 +68,7 @@ class PolySAEConfig:
     k: int = 32                   # active latents per token
     sparsity: str = "topk"        # "topk" | "batchtopk" | "relu" (sae.py)
     l1_coeff: float = 0.0         # only used by sparsity="relu"
-    aux_k: int | None = None      # k_aux for AuxK; None → d_in // 2
+    aux_k: int | None = None      # AuxK's k (Gao et al.'s k_aux); None → d_in // 2
     aux_coeff: float = 1 / 32     # AuxK weight; 0 disables it (the official code: 1.0)
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     input_scale: list[float] = field(default_factory=lambda: [1.0])  # x_model = x_raw · s

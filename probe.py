@@ -66,10 +66,6 @@ NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (th
 # ----------------------------------------------------------------------------------------
 
 
-def is_multilayer(model) -> bool:
-    """Crosscoders and fmxcoders read (B, L, d); SAEs and PolySAEs read (B, d)."""
-    return hasattr(model.config, "n_layers")
-
 
 @torch.no_grad()
 def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context: int = 128,
@@ -97,7 +93,7 @@ def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context
         count_B1 = keep.sum(1, keepdim=True).clamp_min(1).float()
         for i, (m, pos, s_L) in enumerate(readers):
             x = x_NLD[:, pos].to(device) * s_L[:, None]
-            z_NF = m.encode(x if is_multilayer(m) else x[:, 0]).float()
+            z_NF = m.encode(x if sae_mod.is_multilayer(m) else x[:, 0]).float()
             sum_BF = z_NF.new_zeros(len(rows), z_NF.shape[1]).index_add_(0, row_N.to(device), z_NF)
             if lat[i] is None:
                 lat[i] = torch.zeros(len(texts), z_NF.shape[1])

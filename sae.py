@@ -31,8 +31,8 @@ per-latent `scale_F`. For an SAE with unit-norm decoder rows the scale is 1.
 Loss (per batch of B tokens)
 
     mse   = mean_b Σ_d (x − x̂)²                     sum over the model dimension, mean over tokens
-    auxk  = min(n_dead/k_aux, 1) · mean_b Σ_d (e − ê)² (Gao et al. §A.2)
-            e = (x − x̂).detach() is the residual, ê decodes the k_aux = d/2 largest
+    auxk  = min(n_dead/aux_k, 1) · mean_b Σ_d (e − ê)² (Gao et al. §A.2)
+            e = (x − x̂).detach() is the residual, ê decodes the aux_k = d/2 largest
             pre-activations among *dead* latents (no b_dec: the residual has no offset)
     loss  = mse + aux_coeff · auxk (+ l1_coeff · L1 for sparsity="relu")
 
@@ -47,7 +47,7 @@ Sparse backward (TopK / BatchTopK). Every dictionary's encoder ends in one linea
 (SAE, PolySAE: h = x − b_dec, W = W_encᵀ, D = d; crosscoder: h = the L layers' x_l − b_dec[l]
 side by side, D = L·d; fmxcoder: h and W are the last contraction of the factorised encoder).
 The loss reads pre only at the N selected entries v_n = pre[b_n, f_n] (the k per token, plus the
-k_aux AuxK entries while latents may be dead); ReLU and the masks act on v elementwise. With
+aux_k AuxK entries while latents may be dead); ReLU and the masks act on v elementwise. With
 g_n = ∂L/∂v_n, the gradient G = ∂L/∂pre = Σ_n g_n e_{b_n} e_{f_n}ᵀ has at most N non-zeros, so
 
     ∂L/∂h[b] = (G W)[b]  = Σ_{n: b_n = b} g_n W[f_n]      N·D multiply-adds instead of B·F·D
@@ -351,7 +351,7 @@ def refresh_dead_mirror(model: nn.Module, horizon_tokens: int) -> None:
     """One host read of the dead counter, for a place where the host waits for the device anyway
     (train.py calls it at every --log-every reading): the exact max of tokens_since_fired, and how
     many latents can be dead before `horizon_tokens` more tokens are trained on. Until then AuxK
-    selects min(k_aux, that many) entries per token instead of k_aux: the extra ones would be
+    selects min(aux_k, that many) entries per token instead of aux_k: the extra ones would be
     masked out anyway, so the loss is the same bit for bit, and the gradients differ only by the
     order in which the backward adds zeros and rows (float rounding). The limit is host state that
     checkpoints keep (runs.checkpoint_state), so a resumed run selects what the first run did."""
@@ -381,20 +381,20 @@ def update_dead_counter(tokens_since_fired_F: Tensor, z: Tensor | Selection) -> 
 
 
 @torch.no_grad()
-def auxk_indices(pre_BF: Tensor, dead_F: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-    """The AuxK selection: per token the min(k_aux, F) largest pre-activations among dead latents,
+def auxk_indices(pre_BF: Tensor, dead_F: Tensor, aux_k: int) -> tuple[Tensor, Tensor]:
+    """The AuxK selection: per token the min(aux_k, F) largest pre-activations among dead latents,
     as sorted flat indices and keep = "the latent is dead" (a fixed size: with fewer dead latents
-    than k_aux the rest are masked out, so they decode as 0 and get no gradient)."""
+    than aux_k the rest are masked out, so they decode as 0 and get no gradient)."""
     masked_BF = torch.where(dead_F, pre_BF, -torch.inf)
-    idx_N = topk_indices(masked_BF, min(k_aux, pre_BF.shape[1]))
+    idx_N = topk_indices(masked_BF, min(aux_k, pre_BF.shape[1]))
     return idx_N, dead_F[idx_N % pre_BF.shape[1]]
 
 
-def auxk_loss(z_aux: Selection, dead_F: Tensor, residual: Tensor, decode_fn, k_aux: int) -> Tensor:
-    """AuxK loss: the top-k_aux dead latents (z_aux, from `auxk_indices`) must explain the
+def auxk_loss(z_aux: Selection, dead_F: Tensor, residual: Tensor, decode_fn, aux_k: int) -> Tensor:
+    """AuxK loss: the top-aux_k dead latents (z_aux, from `auxk_indices`) must explain the
     (detached) residual: (B, ...) = x − x̂ ; decode_fn(z) must decode *without* the bias b_dec.
-    Returns min(n_dead/k_aux, 1) · mean_b Σ (residual − decode_fn(z_aux))² (0 if nothing is dead)."""
-    scale = (dead_F.sum() / k_aux).clamp(max=1.0)
+    Returns min(n_dead/aux_k, 1) · mean_b Σ (residual − decode_fn(z_aux))² (0 if nothing is dead)."""
+    scale = (dead_F.sum() / aux_k).clamp(max=1.0)
     err = residual.detach() - decode_fn(z_aux)
     return scale * err.pow(2).flatten(1).sum(-1).mean()
 
@@ -464,7 +464,7 @@ class Dictionary(Protocol):
     and features.py use a model through these members only; a fifth dictionary that has them works
     with all of them. x is (B, d), or (B, L, d) for the crosscoders; z and pre are (B, F)."""
 
-    config: Any                      # dataclass: d_in, n_latents, k, sparsity, l1_coeff, aux_k (k_aux),
+    config: Any                      # dataclass: d_in, n_latents, k, sparsity, l1_coeff, aux_k (aux_k),
     #                                  aux_coeff, dead_tokens, input_scale (+ n_layers for crosscoders)
     training: bool                   # nn.Module's: AuxK, dead counter and BatchTopK θ update only in training
     tokens_since_fired: Tensor       # buffer (F,) long: tokens since each latent last fired
@@ -503,6 +503,11 @@ class Dictionary(Protocol):
 
     def fold_input_scale(self) -> None:
         """Fold config.input_scale into the weights so the model takes raw activations."""
+
+
+def is_multilayer(model: Dictionary) -> bool:
+    """Crosscoders and fmxcoders read (B, L, d) (their config has n_layers); SAEs and PolySAEs (B, d)."""
+    return hasattr(model.config, "n_layers")
 
 
 def forward_with_losses(model: Dictionary, x_in: Tensor, target: Tensor) -> Output:
@@ -587,7 +592,7 @@ class SAEConfig:
     k: int = 32                   # active latents per token (TopK / BatchTopK)
     sparsity: str = "topk"        # "topk" | "batchtopk" | "relu" (ReLU + L1)
     l1_coeff: float = 0.0         # only used by sparsity="relu"
-    aux_k: int | None = None      # k_aux for AuxK; None → d_in // 2
+    aux_k: int | None = None      # aux_k for AuxK; None → d_in // 2
     aux_coeff: float = 1 / 32     # AuxK weight (OpenAI: 1/32); 0 disables it
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     input_scale: list[float] = field(default_factory=lambda: [1.0])  # x_model = x_raw · s

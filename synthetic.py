@@ -97,7 +97,7 @@ def demo(build, train_step, steps: int = 400) -> None:
     L = data.profile_NL.shape[1]
     torch.manual_seed(0)
     model = build(TOY_D, TOY_L)
-    multi = getattr(model.config, "n_layers", 1) > 1
+    multi = hasattr(model.config, "n_layers")   # a crosscoder (sae.is_multilayer)
     kind = type(model).__name__
     t0 = time.time()
     res = fit(model, data, train_step, steps=steps, single_layer=None if multi else 0)

@@ -59,6 +59,7 @@ from batches import Data, Prefetch, cache_path, open_cache, open_stream
 from distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
 
 DICTS = ("sae", "crosscoder", "fmxcoder", "polysae")
+MULTI_LAYER = ("crosscoder", "fmxcoder")   # one model over all --layers (the others: one per layer)
 
 
 @dataclass
@@ -427,7 +428,7 @@ def train(cfg: TrainConfig) -> dict:
     """Check, harvest or stream, train, evaluate, export; returns the summary (see the module docstring)."""
     check_config(cfg)
     device = runs.resolve_device(cfg.device)
-    multi, streaming = cfg.dictionary in ("crosscoder", "fmxcoder"), cfg.cache == "none"
+    multi, streaming = cfg.dictionary in MULTI_LAYER, cfg.cache == "none"
     d, n_blocks = model_shape(cfg, multi)
     layers = activations.parse_layers(cfg.layers, n_blocks, multi)
     dictionary_configs(cfg, d, layers, [1.0] * len(layers))          # every dictionary flag, before any work

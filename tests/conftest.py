@@ -38,6 +38,6 @@ def device(request):
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> str:
     """A tiny randomly initialised GPT-2 with GPT-2's real tokenizer (no downloads)."""
-    import activations
+    from tiny_gpt2 import tiny_gpt2
 
-    return str(activations.tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2") / "gpt2"))
+    return str(tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2") / "gpt2"))

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import activations
 import activation_cache
 import corpora
 import sae
 import batches
 import train
+from tiny_gpt2 import tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
-    gpt2 = activations.tiny_gpt2(base / "gpt2")
+    gpt2 = tiny_gpt2(base / "gpt2")
     cache = base / "acts"
     activation_cache.build_cache(cache, str(gpt2), [0, 1, 2], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
     return str(gpt2), str(cache)

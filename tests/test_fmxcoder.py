@@ -137,7 +137,8 @@ def test_costs_match_hand_counts_and_real_parameters():
     for factorization, rank in FACTS:
         model = make(factorization, rank)
         n_weights = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("b_"))
-        assert model.param_count()["params"] == n_weights
+        assert fx.costs(model.config)["params"] == n_weights
+        assert fx.param_count(model.config) == sum(p.numel() for p in model.parameters())
         assert "dense" in model.cost_report()
 
 

@@ -64,10 +64,10 @@ def test_update_threshold_is_an_ema_of_the_smallest_kept_value():
     assert th.item() == pytest.approx(1.5)
 
 
-def _auxk(pre, dead, resid, W, k_aux):
-    idx, keep = sae.auxk_indices(pre, dead, k_aux)
+def _auxk(pre, dead, resid, W, aux_k):
+    idx, keep = sae.auxk_indices(pre, dead, aux_k)
     z_aux = sae.Selection(idx, pre.reshape(-1)[idx].relu() * keep, tuple(pre.shape))
-    return sae.auxk_loss(z_aux, dead, resid, lambda z: z.dense() @ W, k_aux)
+    return sae.auxk_loss(z_aux, dead, resid, lambda z: z.dense() @ W, aux_k)
 
 
 def test_auxk_matches_naive_formula():
