@@ -5,6 +5,7 @@ name fails at once instead of after connection retries (the hub code path stays 
 sparsifiers, sparse_decode, metrics, probing, a short train.py run) on that device; the default
 is the CPU, which is what CI runs."""
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -41,3 +42,22 @@ def gpt2_dir(tmp_path_factory) -> str:
     from tiny_gpt2 import tiny_gpt2
 
     return str(tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2") / "gpt2"))
+
+
+@pytest.fixture
+def ctrl_c_at(monkeypatch):
+    """ctrl_c_at(s): from now on train.py receives a SIGINT (Ctrl-C) while it starts step s; it
+    finishes that step, saves and stops. ctrl_c_at(None) disarms it."""
+    import train
+
+    real = train.get_lr
+
+    def arm(step: int | None) -> None:
+        def get_lr(s, cfg, total):
+            if s == step:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(s, cfg, total)
+
+        monkeypatch.setattr(train, "get_lr", real if step is None else get_lr)
+
+    return arm

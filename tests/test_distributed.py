@@ -1,7 +1,6 @@
 """Data-parallel training with torchrun (gloo, 2 CPU processes) gives the 1-process model."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -80,17 +79,10 @@ def test_two_ranks_equal_one_rank(setup, tmp_path, sparsity):
     assert res.stdout.count("wrote ") == 1
 
 
-def test_resume_on_a_different_number_of_ranks(setup, tmp_path, monkeypatch):
+def test_resume_on_a_different_number_of_ranks(setup, tmp_path, ctrl_c_at):
     extra = ["--dict", "sae", "--sparsity", "batchtopk"]
     train.train(train.parse_args(flags(setup, tmp_path / "ref", *extra)))
-    real = train.get_lr
-
-    def interrupt(step, cfg, total):
-        if step == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(step, cfg, total)
-
-    monkeypatch.setattr(train, "get_lr", interrupt)
+    ctrl_c_at(6)
     assert train.train(train.parse_args(flags(setup, tmp_path / "part", *extra)))["steps"] == 7
     torchrun(flags(setup, tmp_path / "part", *extra, "--resume"))  # 1 rank → 2 ranks
     for layer in (0, 1, 2):

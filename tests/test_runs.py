@@ -110,21 +110,14 @@ def test_two_runs_on_one_folder_at_once(gpt2_dir, cache_dir, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------
 
 
-def test_an_interrupted_run_is_saved_marked_incomplete_and_exits_130(gpt2_dir, cache_dir, tmp_path, monkeypatch):
+def test_an_interrupted_run_is_saved_marked_incomplete_and_exits_130(gpt2_dir, cache_dir, tmp_path, ctrl_c_at):
     out = tmp_path / "run"
-    real = train.get_lr
-
-    def ctrl_c_at_3(step, cfg, total):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(step, cfg, total)
-
-    monkeypatch.setattr(train, "get_lr", ctrl_c_at_3)
+    ctrl_c_at(3)
     assert train.main(flags(gpt2_dir, cache_dir, out, "--tokens", "2048")) == 130
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False and summary["interrupted"] and summary["steps"] == 4
     assert runs.load_run(out)                                          # a loadable model all the same
-    monkeypatch.setattr(train, "get_lr", real)
+    ctrl_c_at(None)
     assert train.main(flags(gpt2_dir, cache_dir, out, "--tokens", "2048", "--resume")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is True and summary["steps"] == 16
@@ -210,7 +203,7 @@ def test_a_run_that_fails_after_the_checks_removes_the_folder_it_made(gpt2_dir, 
     assert "gave no tokens" in last and not out.exists()
 
 
-def test_eval_every_writes_a_curve_that_survives_interruption(gpt2_dir, cache_dir, tmp_path, monkeypatch):
+def test_eval_every_writes_a_curve_that_survives_interruption(gpt2_dir, cache_dir, tmp_path, ctrl_c_at):
     """--eval-every: held-out FVU/L0/dead (and FC for a crosscoder) at step 0 and every N steps in
     curve.jsonl; a run interrupted after a checkpoint and resumed writes the same curve."""
     common = ["--dict", "crosscoder", "--tokens", "2048", "--eval-every", "4", "--eval-panel", "512",
@@ -221,16 +214,9 @@ def test_eval_every_writes_a_curve_that_survives_interruption(gpt2_dir, cache_di
     assert [r["step"] for r in curve] == [0, 4, 8, 12, 16]
     assert all(1 <= r["eval"]["all"]["fc_mean"] <= 4 and 0 < r["eval"]["all"]["fvu"] for r in curve)
     assert curve[-1]["eval"]["all"]["fvu"] < curve[0]["eval"]["all"]["fvu"]      # it learns
-    real = train.get_lr
-
-    def ctrl_c(step, cfg, total):
-        if step == 9:                   # after the step-8 checkpoint and curve line; step 9 is redone
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(step, cfg, total)
-
-    monkeypatch.setattr(train, "get_lr", ctrl_c)
+    ctrl_c_at(9)                    # after the step-8 checkpoint and curve line; step 9 is redone
     assert train.main(flags(gpt2_dir, cache_dir, part, *common)) == 130
-    monkeypatch.setattr(train, "get_lr", real)
+    ctrl_c_at(None)
     assert train.main(flags(gpt2_dir, cache_dir, part, *common, "--resume")) == 0
     assert (part / "curve.jsonl").read_text() == (full / "curve.jsonl").read_text()
 

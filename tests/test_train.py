@@ -1,6 +1,4 @@
 """train.py end to end on a tiny random GPT-2 (real GPT-2 tokenizer, no downloads)."""
-import os
-import signal
 
 import pytest
 import torch
@@ -54,24 +52,17 @@ def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_
         assert meta["train"]["dictionary"] == kind and meta["run"]["dict"] == kind and meta["run"]["hooks"]
 
 
-def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, ctrl_c_at):
     common = ["--dict", "crosscoder", "--sparsity", "batchtopk", "--mask-prob", "0.1", "--tokens", "2560",
               "--decay", "cosine", "--warmup-steps", "3"]
     full = tmp_path / "full"
     train.train(train.parse_args(flags(gpt2_dir, cache_dir, full, *common)))
 
     part = tmp_path / "part"
-    real_get_lr = train.get_lr
-
-    def interrupt_at_step_7(step, cfg, total):
-        if step == 7:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the loop finishes the step, then saves
-        return real_get_lr(step, cfg, total)
-
-    monkeypatch.setattr(train, "get_lr", interrupt_at_step_7)
+    ctrl_c_at(7)                    # the loop finishes step 7, then saves
     s1 = train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common)))
     assert s1["steps"] == 8
-    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    ctrl_c_at(None)
     s2 = train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common, "--resume")))
     assert s2["steps"] == 20
     a, b = sae.load(full), sae.load(part)
@@ -79,23 +70,16 @@ def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, monkeyp
         assert torch.allclose(v, w, atol=1e-6), k
 
 
-def test_interrupted_constant_lr_run_can_be_extended(gpt2_dir, cache_dir, tmp_path, monkeypatch):
+def test_interrupted_constant_lr_run_can_be_extended(gpt2_dir, cache_dir, tmp_path, ctrl_c_at):
     """With --decay none the first s steps of a longer run are the same steps: an interrupted run
     resumes with a larger --tokens and equals the longer run; with a decaying lr it is refused."""
     common = ["--dict", "crosscoder", "--sparsity", "batchtopk", "--mask-prob", "0.1", "--cache-tokens", "4096"]
     full = tmp_path / "full"
     train.train(train.parse_args(flags(gpt2_dir, cache_dir, full, *common, "--tokens", "2560")))
     part = tmp_path / "part"
-    real_get_lr = train.get_lr
-
-    def interrupt_at_step_5(step, cfg, total):
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_get_lr(step, cfg, total)
-
-    monkeypatch.setattr(train, "get_lr", interrupt_at_step_5)
+    ctrl_c_at(5)
     assert train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common, "--tokens", "1280")))["steps"] == 6
-    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    ctrl_c_at(None)
     with pytest.raises(runs.RunFolderError, match="tokens"):   # the data read depends on --tokens without --cache-tokens
         train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common[:-2], "--tokens", "2560", "--resume")))
     s = train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common, "--tokens", "2560", "--resume")))
