@@ -63,9 +63,11 @@ def evaluate(probe: bool) -> None:
     if poly:
         subprocess.check_call([sys.executable, str(ROOT / "metrics.py"), *[str(budget.OUT / n) for n in poly],
                                "--ce-tokens", "0", "--fc-tokens", "0", "--wasserstein", ""], cwd=ROOT)
-    todo = [n for n in CURVES + POLY if done(n)]
-    if probe and todo and any(not (budget.OUT / n / "probe.json").exists() for n in todo):
-        # one call: every run sees the same texts and the same W1 resamples (paired intervals)
+    todo = [n for n in CURVES + POLY if done(n) and not (budget.OUT / n / "probe.json").exists()]
+    if probe and todo:
+        # one call: the runs in it see the same texts and the same W1 resamples (paired intervals; the
+        # PolySAE/SAE ratio needs both runs of a pair probed in the same call, which running this after
+        # the PolySAE stage gives)
         subprocess.check_call([sys.executable, str(HERE / "probe_all.py"), *[str(budget.OUT / n) for n in todo],
                                "--task", "offline", "--no-full"], cwd=ROOT)
 
