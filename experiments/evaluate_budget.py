@@ -149,11 +149,13 @@ def tables() -> str:
         kind = "crosscoder" if name.startswith("crosscoder") else "fmxcoder"
         out.append(f"| {NAMES[name]} | " + " | ".join(probe_cells(name, kind)) + " |")
 
-    out += ["", f"## 2. Layer window: blocks 11-18 vs blocks 4, 7, ..., 25 (step {s:,})", "",
+    # the window runs are compared at the last step both logged (all of them, once they finish)
+    sw = min([s] + [max(curve(n), default=0) for n in ("window_crosscoder", "window_fmx_tr")])
+    out += ["", f"## 2. Layer window: blocks 11-18 vs blocks 4, 7, ..., 25 (step {sw:,})", "",
             "| dictionary | layers | step | FVU | dead | mean FC | norm spread | FC ≥ 2 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, label, layers in (("crosscoder", "crosscoder", "11-18"), ("window_crosscoder", "crosscoder", "4-25 / 3"),
                                 ("fmx_tr", "fmxcoder TR (masked)", "11-18"), ("window_fmx_tr", "fmxcoder TR (masked)", "4-25 / 3")):
-        for step in (0, s):
+        for step in (0, sw):
             out.append(f"| {label} | {layers} | {step:,} | " + " | ".join(row_at(name, step)) + " |")
 
     out += ["", f"## 3. Matched baselines (step {s:,})", "",
