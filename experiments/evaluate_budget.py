@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -88,7 +89,8 @@ def figure(path: Path) -> None:
             pts = [(s, c[s][key]) for s in steps if c[s].get(key) is not None and (key != "fvu" or s > 0)]
             ax.plot(*zip(*pts), style, marker="o", ms=3, label=NAMES[name])
             ax.set_title(title)
-            ax.set_xlabel("optimiser step (batch 256, lr 1e-3)")
+            ax.set_xlabel("optimiser step, thousands (batch 256, lr 1e-3)")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}"))
     axes[0].legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M layers 11-18, F 512, k 32: training to lr x steps = {budget.STEPS / 1000:g} "
                  "(experiments/budget.py)")
