@@ -183,12 +183,13 @@ def load_checkpoint(path: Path, models: dict, opts: dict, config) -> int:
     constant-rate run can be extended."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     ignore = ("resume", "overwrite", "device", "ckpt_every", "log_every", "eval_every", "eval_panel")
-    if all(getattr(config, "decay", None) == "none" and (c.cache_tokens or c.cache == "none")
-           for c in (config, argparse.Namespace(**state["config"]))):
+    current = dataclasses.asdict(config)
+    if all(c.get("decay") == "none" and (c.get("cache_tokens") or c.get("cache") == "none")
+           for c in (current, state["config"])):
         ignore += ("tokens",)
     renamed = {"dict": "dictionary"}         # checkpoints written before TrainConfig.dict was renamed
     saved = {renamed.get(k, k): v for k, v in state["config"].items() if k not in ignore}
-    now = {k: v for k, v in dataclasses.asdict(config).items() if k in saved}
+    now = {k: v for k, v in current.items() if k in saved}
     diff = {k: (saved[k], now.get(k)) for k in saved if saved[k] != now.get(k)}
     if diff:
         raise RunFolderError(f"cannot resume {str(path)!r}: flags differ from the checkpoint's (saved, now): {diff}")

@@ -17,6 +17,7 @@ import argparse
 import json
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -45,6 +46,7 @@ def done(name: str) -> bool:
     return s is not None and s.get("complete", False)
 
 
+@lru_cache(maxsize=None)
 def curve(name: str) -> dict[int, dict]:
     """{step: eval of the whole model} from the run's curve.jsonl ({} when absent)."""
     path = budget.OUT / name / "curve.jsonl"
@@ -110,13 +112,24 @@ def ci(value, interval, digits=3) -> str:
     return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else fmt(value, digits)
 
 
-def probe_cells(name: str, kind: str) -> list[str]:
+def probe_report(name: str) -> dict | None:
+    """The run's probe.json (experiments/probe_all.py), None when it was not probed."""
     p = budget.OUT / name / "probe.json"
-    if not p.exists():
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def wasserstein(name: str) -> dict | None:
+    """The run's W1 entry of probe.json ({"raw", "decoder_norm_scaled"}: mean, mean_ci, replicates)."""
+    r = probe_report(name)
+    return None if r is None else next(iter(r.get("wasserstein", {}).values()), None)
+
+
+def probe_cells(name: str, kind: str) -> list[str]:
+    r = probe_report(name)
+    if r is None:
         return ["–", "–", "–"]
-    r = json.loads(p.read_text())
     mean, intervals = r["mean"].get(kind, {}), r.get("mean_ci", {}).get(kind, {})
-    w = next(iter(r.get("wasserstein", {}).values()), None)
+    w = wasserstein(name)
     w1 = ci(w["decoder_norm_scaled"]["mean"], w["decoder_norm_scaled"]["mean_ci"], 4) if w else "–"
     return [ci(mean.get(c), intervals.get(c)) for c in ("top_1", "top_5")] + [w1]
 
@@ -185,11 +198,7 @@ def tables() -> str:
         ratio = w1_ratio(f"polysae_{conv}", f"sae_{conv}")
         for kind in ("sae", "polysae"):
             name = f"{kind}_{conv}"
-            c = curve(name).get(s)
-            p = budget.OUT / name / "probe.json"
-            w = None
-            if p.exists():
-                w = next(iter(json.loads(p.read_text()).get("wasserstein", {}).values()), None)
+            c, w = curve(name).get(s), wasserstein(name)
             cells = [fmt(c["fvu"]) if c else "not run", fmt(c["dead_eval"]) if c else "–",
                      *probe_cells(name, kind)[:2],
                      ci(w["raw"]["mean"], w["raw"]["mean_ci"], 4) if w else "–",
@@ -208,11 +217,10 @@ def tables() -> str:
 
 def w1_ratio(a: str, b: str) -> str:
     """W1(a) / W1(b) with the interval of the paired replicates (both runs probed in one call)."""
-    pa, pb = budget.OUT / a / "probe.json", budget.OUT / b / "probe.json"
-    if not (pa.exists() and pb.exists()):
+    wa, wb = wasserstein(a), wasserstein(b)
+    if wa is None or wb is None:
         return "–"
-    wa = next(iter(json.loads(pa.read_text())["wasserstein"].values()))["decoder_norm_scaled"]
-    wb = next(iter(json.loads(pb.read_text())["wasserstein"].values()))["decoder_norm_scaled"]
+    wa, wb = wa["decoder_norm_scaled"], wb["decoder_norm_scaled"]
     reps = [x / y for x, y in zip(wa.get("replicates", []), wb.get("replicates", []))]
     return ci(wa["mean"] / wb["mean"], metrics.percentile_interval(reps) if reps else None, 2)
 
