@@ -352,7 +352,7 @@ def refresh_dead_mirror(model: nn.Module, horizon_tokens: int) -> None:
     (train.py calls it at every --log-every reading): the exact max of tokens_since_fired, and how
     many latents can be dead before `horizon_tokens` more tokens are trained on. Until then AuxK
     selects min(aux_k, that many) entries per token instead of aux_k: the extra ones would be
-    masked out anyway, so the loss is the same bit for bit, and the gradients differ only by the
+    masked out anyway, so the loss and the gradients differ only by the
     order in which the backward adds zeros and rows (float rounding). The limit is host state that
     checkpoints keep (runs.checkpoint_state), so a resumed run selects what the first run did."""
     counter_F = model.tokens_since_fired

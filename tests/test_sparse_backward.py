@@ -255,18 +255,24 @@ def test_the_host_side_dead_bound_never_skips_auxk(kind, device):
         auxk = [sae.train_step(model, opt, batch(kind, device=device, seed=s)).auxk for s in range(8)]
         runs.append((model, torch.stack(auxk)))
     (gated, auxk_g), (always, auxk_a) = runs
-    assert torch.equal(auxk_g, auxk_a) and (auxk_a[:3] == 0).all() and (auxk_a > 0).any()   # dead from step 4
+    # the ungated run adds AuxK's zero terms to the backward (another computation): float rounding only;
+    # a skipped AuxK step while a latent was dead would differ by far more than that
+    assert (auxk_g[:3] == 0).all() and (auxk_a[:3] == 0).all() and (auxk_a > 0).any()   # dead from step 4
+    torch.testing.assert_close(auxk_g, auxk_a, rtol=1e-5, atol=0)
     for (name, a), (_, b) in zip(gated.state_dict().items(), always.state_dict().items()):
-        assert torch.equal(a, b), name
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        else:                                   # dead counters: integers, far from any selection tie
+            assert torch.equal(a, b), name
     assert gated.dead_bound.get(gated.tokens_since_fired) >= gated.tokens_since_fired.max().item()
 
 
 @pytest.mark.parametrize("kind", ["sae", "crosscoder-masked"])
 def test_a_refreshed_dead_count_shrinks_auxk_without_changing_it(kind, device, monkeypatch):
     """sae.refresh_dead_mirror (train.py calls it at its log steps) lets AuxK select only as many
-    entries per token as latents can be dead before the next refresh: the AuxK losses equal those
-    of the full k_aux selection bit for bit, the weights to float rounding (the backward adds the
-    same terms in another order), and the selections are smaller."""
+    entries per token as latents can be dead before the next refresh: the AuxK losses and the weights
+    equal those of the full k_aux selection to float rounding (the sums run over fewer masked zeros,
+    and the backward adds the same terms in another order), and the selections are smaller."""
     sizes, real = [], sae.auxk_indices
 
     def spy(pre, dead, k):
@@ -287,7 +293,9 @@ def test_a_refreshed_dead_count_shrinks_auxk_without_changing_it(kind, device, m
             auxk.append(sae.train_step(model, opt, batch(kind, device=device, seed=s)).auxk)
         runs.append((model, torch.stack(auxk), list(sizes)))
     (small, auxk_s, sizes_s), (full, auxk_f, sizes_f) = runs
-    assert torch.equal(auxk_s, auxk_f) and (auxk_f > 0).any()
+    # the same entries selected (the extra ones are masked): the losses agree to float rounding
+    torch.testing.assert_close(auxk_s, auxk_f, rtol=1e-5, atol=0)
+    assert (auxk_f > 0).any()
     for (name, a), (_, b) in zip(small.state_dict().items(), full.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # the refreshed run skips the steps on which no latent is dead (AuxK is 0 there in both runs)
