@@ -1,6 +1,6 @@
 """Evaluation of a trained dictionary: every number the two papers report, from a run folder.
 
-    python metrics.py RUN_DIR [RUN_DIR ...] [--device cuda] [--ce-tokens 10000] [--fc-tokens 10000]
+    python metrics.py RUN_DIR [RUN_DIR ...] [--device cuda] [--thorough]
 
 prints one table (a row per dictionary) and writes RUN_DIR/eval.json. All metrics are computed on
 held-out tokens: the run's cache tokens [train_tokens, train_tokens + eval_tokens) that train.py
@@ -344,29 +344,56 @@ def next_token_ce(logits_BTV: Tensor, input_ids_BT: Tensor, keep_BT: Tensor) -> 
 
 
 @torch.no_grad()
-def spliced_ce(lm, batch: dict, layer: int, replace: Callable[[Tensor], Tensor] | None) -> tuple[float, int]:
-    """Σ CE and count with block `layer`'s output h replaced by replace(h[keep]) at the real
-    tokens (replace: (N, d) raw → (N, d) raw); replace=None is the clean model."""
+def block_outputs(lm, batch: dict, layers: list[int]) -> tuple[Tensor, dict]:
+    """One clean forward pass: (logits (B, T, V), {l: what block l returned}) for the blocks `layers`."""
     dev = next(lm.parameters()).device
-    keep = batch["keep"].to(dev)
-
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        h = h.clone()
-        h[keep] = replace(h[keep]).to(h.dtype)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-
-    handle = None
-    if replace is not None:
-        block = dict(lm.named_modules())[activations.block_paths(lm)[layer]]
-        handle = block.register_forward_hook(hook)
+    blocks = dict(lm.named_modules())
+    outs: dict = {}
+    handles = [blocks[activations.block_paths(lm)[l]].register_forward_hook(
+        lambda m, args, out, l=l: outs.__setitem__(l, out)) for l in layers]
     try:
         logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                     use_cache=False).logits
     finally:
-        if handle is not None:
-            handle.remove()
-    return next_token_ce(logits, batch["input_ids"], keep)
+        for h in handles:
+            h.remove()
+    return logits, outs
+
+
+def with_hidden(out, h: Tensor):
+    """A block's output (a tensor, or a tuple whose first entry is the hidden state) with h instead."""
+    return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+@torch.no_grad()
+def logits_from_block(lm, batch: dict, layer: int, out) -> Tensor:
+    """The logits when block `layer` returns `out`. Blocks 0..layer are not run: each returns its input
+    (never read, since the next block does not run either) and block `layer` returns `out`, so the pass
+    costs only blocks layer+1.. and the unembedding (the embeddings too, which are cheap). With `out` the
+    clean pass's own output this is the clean pass, bit for bit."""
+    dev = next(lm.parameters()).device
+    blocks = dict(lm.named_modules())
+    skipped = [blocks[p] for p in activations.block_paths(lm)[:layer + 1]]
+
+    def skip(*args, **kwargs):
+        return with_hidden(out, args[0] if args else kwargs["hidden_states"])
+
+    for m in skipped[:-1]:
+        m.forward = skip
+    skipped[-1].forward = lambda *args, **kwargs: out
+    try:
+        return lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                  use_cache=False).logits
+    finally:
+        for m in skipped:
+            del m.forward                              # back to the class's forward
+
+
+def spliced(out, keep: Tensor, replace: Callable[[Tensor], Tensor]):
+    """Block output `out` with its hidden state h replaced by replace(h[keep]) at the real tokens."""
+    h = (out[0] if isinstance(out, tuple) else out).clone()
+    h[keep] = replace(h[keep]).to(h.dtype)
+    return with_hidden(out, h)
 
 
 def frac_recovered(ce_clean: float, ce_spliced: float, ce_ablate: float) -> float:
@@ -375,25 +402,49 @@ def frac_recovered(ce_clean: float, ce_spliced: float, ce_ablate: float) -> floa
 
 
 @torch.no_grad()
+def ce_recovered_all(lm, windows: Iterable[dict], splices: list[tuple[int, Callable, Tensor]],
+                     progress: bool = False) -> list[dict]:
+    """ce_recovered for several (layer, reconstruct, mean_raw_D) splices over the same windows: one clean
+    pass per batch for all of them, and each spliced / ablated pass runs only the blocks after its layer
+    (logits_from_block)."""
+    from tqdm import tqdm
+
+    clean = [0.0, 0]
+    totals = [{"spliced": [0.0, 0], "zero": [0.0, 0], "mean": [0.0, 0]} for _ in splices]
+    layers = sorted({l for l, _, _ in splices})
+    bar = tqdm(desc="LM loss", unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress)
+    for batch in windows:
+        keep = batch["keep"].to(next(lm.parameters()).device)
+        logits, outs = block_outputs(lm, batch, layers)
+        s, n = next_token_ce(logits, batch["input_ids"], keep)
+        clean[0], clean[1] = clean[0] + s, clean[1] + n
+        for (layer, reconstruct, mean_raw_D), tot in zip(splices, totals):
+            fns = {"spliced": reconstruct, "zero": torch.zeros_like,
+                   "mean": lambda h: mean_raw_D.to(h.device, h.dtype).expand_as(h)}
+            for name, fn in fns.items():
+                s, n = next_token_ce(logits_from_block(lm, batch, layer, spliced(outs[layer], keep, fn)),
+                                     batch["input_ids"], keep)
+                tot[name][0] += s
+                tot[name][1] += n
+        bar.update(int(keep.sum()))
+    bar.close()
+    if clean[1] == 0:
+        raise ValueError("ce_recovered got no real next-token predictions (empty windows)")
+    results = []
+    for tot in totals:
+        ce = {"clean": clean[0] / clean[1], **{k: s / n for k, (s, n) in tot.items()}}
+        results.append({"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
+                        "ce_mean": ce["mean"], "ce_increase": ce["spliced"] - ce["clean"], "ce_tokens": clean[1],
+                        "frac_recovered_zero": frac_recovered(ce["clean"], ce["spliced"], ce["zero"]),
+                        "frac_recovered_mean": frac_recovered(ce["clean"], ce["spliced"], ce["mean"])})
+    return results
+
+
 def ce_recovered(lm, windows: Iterable[dict], layer: int, reconstruct: Callable[[Tensor], Tensor],
                  mean_raw_D: Tensor) -> dict:
     """CE clean / spliced / zero- / mean-ablated at block `layer` over token windows
     (dicts of input_ids, attention_mask, keep), and the fractions recovered."""
-    totals = {"clean": [0.0, 0], "spliced": [0.0, 0], "zero": [0.0, 0], "mean": [0.0, 0]}
-    fns = {"clean": None, "spliced": reconstruct, "zero": torch.zeros_like,
-           "mean": lambda h: mean_raw_D.to(h.device, h.dtype).expand_as(h)}
-    for batch in windows:
-        for name, fn in fns.items():
-            s, n = spliced_ce(lm, batch, layer, fn)
-            totals[name][0] += s
-            totals[name][1] += n
-    if totals["clean"][1] == 0:
-        raise ValueError("ce_recovered got no real next-token predictions (empty windows)")
-    ce = {k: s / n for k, (s, n) in totals.items()}
-    return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
-            "ce_increase": ce["spliced"] - ce["clean"], "ce_tokens": totals["clean"][1],
-            "frac_recovered_zero": frac_recovered(ce["clean"], ce["spliced"], ce["zero"]),
-            "frac_recovered_mean": frac_recovered(ce["clean"], ce["spliced"], ce["mean"])}
+    return ce_recovered_all(lm, windows, [(layer, reconstruct, mean_raw_D)])[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -440,15 +491,22 @@ class Held:
         self.source = (f"harvested {len(self.x):,} tokens of {ds} split {split} ({where}; "
                        + ("a streamed run" if cache_path is None else f"no cache at {cache_path!r}") + ")")
 
-    def batches(self, max_tokens: int | None = None) -> Iterator[Tensor]:
+    def batches(self, max_tokens: int | None = None, desc: str | None = None) -> Iterator[Tensor]:
+        """Raw (B, L_all, d) batches of the first max_tokens held-out tokens (default all); with `desc`, a
+        progress bar of that name."""
+        from tqdm import tqdm
+
         stop = self.stop if self.cache is not None else len(self.x)
         start = self.start if self.cache is not None else 0
         if max_tokens is not None:
             stop = min(stop, start + max_tokens)
+        bar = tqdm(total=stop - start, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, disable=desc is None)
         for lo in range(start, stop, self.batch_size):
             hi = min(lo + self.batch_size, stop)
             x = self.cache.read(lo, hi) if self.cache is not None else self.x[lo:hi]
             yield x.to(self.device)
+            bar.update(hi - lo)
+        bar.close()
 
 
 # ----------------------------------------------------------------------------------------
@@ -491,9 +549,9 @@ def record(layers: list[int], model, meta: dict, held: Held) -> Record:
     return Record(layers, model, meta, cols, s_model, s_norm)
 
 
-def reconstruction(records: list[Record], held: Held) -> None:
+def reconstruction(records: list[Record], held: Held, progress: bool = False) -> None:
     """MSE, FVU, L0, dead into each record's result: one pass over the held-out tokens for all."""
-    for x_raw in held.batches():
+    for x_raw in held.batches(desc="reconstruction" if progress else None):
         for r in records:
             x = r.inputs(x_raw)
             r.stats.update(x, r.model(x))
@@ -514,49 +572,67 @@ def reconstruction_of_set(records: list[Record]) -> dict:
             "dead_eval": float(np.mean([r["dead_eval"] for r in res]))}
 
 
-def lm_loss_of(r: Record, lm, tok, run: dict, held: Held, ce_tokens: int, lm_batch: int) -> dict:
-    """CE increase and fraction recovered with r's reconstruction spliced into the LM (one layer)."""
+def lm_loss_of(records: list[Record], lm, tok, run: dict, held: Held, ce_tokens: int, lm_batch: int,
+               progress: bool = False) -> None:
+    """CE increase and fraction recovered with each single-layer record's reconstruction spliced into the
+    LM, into its result: the same held-out windows for all of them, one clean pass (ce_recovered_all)."""
     split, skip, limit = heldout_text(run, held.cache.meta if held.cache is not None else None)
-    s = r.s_model.to(held.device)
 
-    def reconstruct(h_ND):
-        return r.model(h_ND.float() * s).recon / s
+    def reconstruct(r):
+        s = r.s_model.to(held.device)
+        return lambda h_ND: r.model(h_ND.float() * s).recon / s
 
     windows = take_tokens(heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip, lm_batch),
                           min(ce_tokens, limit or ce_tokens))
-    return ce_recovered(lm, windows, r.layers[0], reconstruct, r.result["_mean_raw_LD"][0].float())
+    splices = [(r.layers[0], reconstruct(r), r.result["_mean_raw_LD"][0].float()) for r in records]
+    for r, res in zip(records, ce_recovered_all(lm, windows, splices, progress)):
+        r.result.update(res)
 
 
-def functional_coherence_of(r: Record, held: Held, fc_tokens: int, min_fires: int) -> dict:
+def functional_coherence_of(r: Record, held: Held, fc_tokens: int, min_fires: int, progress: bool = False) -> dict:
     """FC and decoder-norm spread of a multi-layer dictionary on the first fc_tokens held-out tokens."""
-    return functional_coherence(r.model, (r.inputs(x) for x in held.batches(fc_tokens)), min_fires=min_fires,
-                                bins=10)
+    batches = held.batches(fc_tokens, desc=f"functional coherence ({r.model.config.n_layers + 1} passes)"
+                           if progress else None)
+    return functional_coherence(r.model, (r.inputs(x) for x in batches), min_fires=min_fires, bins=10)
 
 
-def interaction_of(r: Record, held: Held, cooc_tokens: int | None, n_pairs: int) -> dict:
+def interaction_of(r: Record, held: Held, cooc_tokens: int | None, n_pairs: int, progress: bool = False) -> dict:
     """PolySAE: the interaction weights against the co-occurrence of the n_pairs most frequent latents."""
-    zs = (r.model.encode(r.inputs(x)) for x in held.batches(cooc_tokens))
+    zs = (r.model.encode(r.inputs(x)) for x in held.batches(cooc_tokens, desc="co-occurrence" if progress else None))
     return interaction_vs_cooccurrence(r.model, zs, r.stats.fire_count_F, n_pairs)
 
 
-def wasserstein_of(r: Record, lm, tok, texts: list[str], labels, run: dict, device) -> dict:
-    """The class-conditional W1 of r's latents, mean-pooled over each text (probe.pooled_latents)."""
+def wasserstein_of(records: list[Record], lm, tok, texts: list[str], labels, run: dict, device,
+                   progress: bool = False) -> None:
+    """The class-conditional W1 of each record's latents, mean-pooled over each text, into its result: one LM
+    pass over the texts for all the records (probe.pool)."""
     import probe
 
-    feats = probe.pooled_latents(r.model, None, lm, tok, texts, r.layers, run.get("context", 128), device=device)
-    w = class_wasserstein(feats, labels)
-    return {"wasserstein_mean": w["mean"], "wasserstein_median": w["median"], "wasserstein_per_class": w["per_class"]}
+    layers = sorted({l for r in records for l in r.layers})
+    feats, _ = probe.pool(lm, tok, texts, layers, [(r.model, r.layers, None) for r in records], run.get("context", 128),
+                          device=device, raw=False, progress=progress)
+    for r, f in zip(records, feats):
+        w = class_wasserstein(f, labels)
+        r.result.update({"wasserstein_mean": w["mean"], "wasserstein_median": w["median"],
+                         "wasserstein_per_class": w["per_class"]})
+
+
+QUICK = {"ce_tokens": 4096, "fc_tokens": 10_000, "wasserstein_texts": 200}
+"""The defaults of metrics.py: a few minutes on a laptop CPU for the default run. --thorough uses THOROUGH."""
+THOROUGH = {"ce_tokens": 10_000, "fc_tokens": 10_000, "wasserstein_texts": 4000}
+"""The settings of the papers' protocols (SAEBench's 4000 probe texts for W1) and of the README's results."""
 
 
 @torch.no_grad()
-def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_tokens: int = 10_000,
-                 fc_tokens: int = 10_000, cooc_tokens: int | None = None, n_pairs: int = 512,
-                 min_fires: int = 10, wasserstein_task: str | None = "bbc_topic", wasserstein_texts: int = 4000,
-                 batch_size: int = 1024,
-                 lm_batch: int = 8, allow_incomplete: bool = False) -> dict:
+def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_tokens: int = QUICK["ce_tokens"],
+                 fc_tokens: int = QUICK["fc_tokens"], cooc_tokens: int | None = None, n_pairs: int = 512,
+                 min_fires: int = 10, wasserstein_task: str | None = "bbc_topic",
+                 wasserstein_texts: int = QUICK["wasserstein_texts"], batch_size: int = 1024,
+                 lm_batch: int = 8, allow_incomplete: bool = False, progress: bool = False) -> dict:
     """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json.
     ValueError (one line, naming the file and the fix) for a folder that holds no usable run, an
-    interrupted one (unless allow_incomplete) or a damaged activation cache."""
+    interrupted one (unless allow_incomplete) or a damaged activation cache. `progress`: a tqdm bar
+    per phase (reconstruction, LM loss, functional coherence, co-occurrence, Wasserstein)."""
     entries = runs.open_run(run_dir, device, allow_incomplete)
     cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
     run = runs.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
@@ -568,20 +644,21 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
 
     held = Held(run, sorted({l for ls, _, _ in entries for l in ls}), eval_tokens, batch_size, device, lm_tok)
     records = [record(layers, model, meta, held) for layers, model, meta in entries]
-    reconstruction(records, held)
+    reconstruction(records, held, progress)
     results = [r.result for r in records] + ([reconstruction_of_set(records)] if len(records) > 1 else [])
+    single = [r for r in records if not r.multi]
+    if ce_tokens and single:
+        lm_loss_of(single, *lm_tok(), run, held, ce_tokens, lm_batch, progress)
     for r in records:
-        if ce_tokens and not r.multi:
-            r.result.update(lm_loss_of(r, *lm_tok(), run, held, ce_tokens, lm_batch))
         if fc_tokens and r.multi:
-            r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires))
+            r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires, progress))
         if hasattr(r.model, "interaction_matrix") and r.model.config.order >= 2:
-            r.result.update(interaction_of(r, held, cooc_tokens, n_pairs))
+            r.result.update(interaction_of(r, held, cooc_tokens, n_pairs, progress))
     if wasserstein_task:
         texts, labels = tasks.load_task(wasserstein_task, "train", n_train=wasserstein_texts)
+        wasserstein_of(records, *lm_tok(), texts, labels, run, device, progress)
         for r in records:
-            r.result.update({**wasserstein_of(r, *lm_tok(), texts, labels, run, device),
-                             "wasserstein_task": wasserstein_task, "wasserstein_texts": len(texts)})
+            r.result.update({"wasserstein_task": wasserstein_task, "wasserstein_texts": len(texts)})
 
     out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
            "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
@@ -633,20 +710,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=None,
                    help="held-out tokens for reconstruction (default: all the run's held-out tokens; "
                         "20,000 when harvesting)")
-    p.add_argument("--ce-tokens", type=int, default=10_000, help="tokens for the spliced LM loss (0: skip)")
-    p.add_argument("--fc-tokens", type=int, default=10_000, help="tokens for functional coherence (0: skip)")
+    p.add_argument("--thorough", action="store_true",
+                   help="the papers' settings, as the README's results use them: --ce-tokens 10000 --fc-tokens 10000 "
+                        "--wasserstein-texts 4000 (flags given explicitly still win)")
+    p.add_argument("--ce-tokens", type=int, default=None,
+                   help=f"tokens for the spliced LM loss (0: skip; default {QUICK['ce_tokens']})")
+    p.add_argument("--fc-tokens", type=int, default=None,
+                   help=f"tokens for functional coherence (0: skip; default {QUICK['fc_tokens']})")
     p.add_argument("--cooc-tokens", type=int, default=None, help="tokens for co-occurrence (default: all)")
     p.add_argument("--pairs", type=int, default=512, help="most frequent latents for interaction vs co-occurrence")
     p.add_argument("--min-fires", type=int, default=10, help="latents firing fewer times get no FC")
     p.add_argument("--wasserstein", default="bbc_topic",
                    help="probe.py task for the class-conditional Wasserstein distance ('' skips)")
-    p.add_argument("--wasserstein-texts", type=int, default=4000,
-                   help="n_train of tasks.load_task: its train split, n/2 texts per class at most (SAEBench: 4000)")
+    p.add_argument("--wasserstein-texts", type=int, default=None,
+                   help="n_train of tasks.load_task: its train split, n/2 texts per class at most "
+                        f"(default {QUICK['wasserstein_texts']}; SAEBench: 4000)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--allow-incomplete", action="store_true",
                    help="evaluate a run whose training was interrupted (summary.json: \"complete\": false)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     try:
         a = p.parse_args(argv)
+        for name, value in (THOROUGH if a.thorough else QUICK).items():
+            if getattr(a, name) is None:
+                setattr(a, name, value)
         runs.check_min(("--eval-tokens", a.eval_tokens, 1), ("--ce-tokens", a.ce_tokens, 0),
                        ("--fc-tokens", a.fc_tokens, 0), ("--cooc-tokens", a.cooc_tokens, 1), ("--pairs", a.pairs, 3),
                        ("--min-fires", a.min_fires, 1), ("--wasserstein-texts", a.wasserstein_texts, 2),
@@ -660,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
                 activation_cache.read_meta(Path(cache))
         evals = [evaluate_run(r, device, a.eval_tokens, a.ce_tokens, a.fc_tokens, a.cooc_tokens, a.pairs,
                               a.min_fires, a.wasserstein or None, a.wasserstein_texts, a.batch_size,
-                              allow_incomplete=a.allow_incomplete) for r in a.runs]
+                              allow_incomplete=a.allow_incomplete, progress=not a.quiet) for r in a.runs]
     except runs.USER_ERRORS as e:
         return runs.cli_error(e)
     print(format_table(evals))

@@ -69,11 +69,14 @@ NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (th
 
 @torch.no_grad()
 def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context: int = 128,
-         batch_size: int = 32, device="cpu", raw: bool = True) -> tuple[list[Tensor], Tensor | None]:
+         batch_size: int = 32, device="cpu", raw: bool = True, progress: bool = False) -> tuple[list[Tensor], Tensor | None]:
     """One LM pass over `texts` (one row per text, [BOS] + first context−1 tokens), mean-pooled
     over each text's real tokens. `readers`: (dictionary, its layers ⊆ `layers`, input scale (L_m,)
     or None for its config's) triples. Returns ([(N, F_i) per reader], (N, L, d) raw or None),
-    float32 on the CPU. Memory: one batch of hidden states at a time (never (N, T, L, d))."""
+    float32 on the CPU. Memory: one batch of hidden states at a time (never (N, T, L, d)). `progress`:
+    a tqdm bar over the texts."""
+    from tqdm import tqdm
+
     readers = [(m.to(device).eval(), [layers.index(l) for l in ls],
                 torch.as_tensor(m.config.input_scale if s is None else s, dtype=torch.float32, device=device))
                for m, ls, s in readers]
@@ -82,6 +85,7 @@ def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context
     order = torch.argsort(n_tok, descending=True, stable=True)      # similar lengths per batch
     lat = [None] * len(readers)
     acts = None
+    bar = tqdm(total=len(texts), desc="pooled latents", unit="text", dynamic_ncols=True, disable=not progress)
     for start in range(0, len(texts), batch_size):
         rows = order[start:start + batch_size]
         t = int(n_tok[rows].max())                                   # drop all-pad columns
@@ -103,6 +107,8 @@ def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context
             if acts is None:
                 acts = torch.zeros(len(texts), *x_NLD.shape[1:])
             acts[rows] = (sum_BLD / count_B1[:, :, None]).cpu()
+        bar.update(len(rows))
+    bar.close()
     return lat, acts
 
 
@@ -112,12 +118,6 @@ def pooled_latents(model, input_scale, lm, tokenizer, texts: list[str], layers: 
     input_scale (L,) multiplies the raw hidden states (None: model.config.input_scale)."""
     return pool(lm, tokenizer, texts, layers, [(model, layers, input_scale)], context, batch_size,
                 device, raw=False)[0][0]
-
-
-def pooled_activations(lm, tokenizer, texts: list[str], layers: list[int], context: int = 128,
-                       batch_size: int = 32, device="cpu") -> Tensor:
-    """(N, L, d) mean-pooled raw residual stream after each block in `layers`."""
-    return pool(lm, tokenizer, texts, layers, (), context, batch_size, device, raw=True)[1]
 
 
 # ----------------------------------------------------------------------------------------

@@ -289,15 +289,54 @@ def test_ce_recovered_is_one_for_identity_and_zero_for_zero_reconstruction(lm_wi
     assert half["ce_spliced"] != pytest.approx(ident["ce_spliced"], abs=1e-4)
 
 
-def test_spliced_clean_equals_the_plain_model_loss(lm_windows):
-    lm, tok, batch = lm_windows
-    s, n = metrics.spliced_ce(lm, batch, 0, None)
-    with torch.no_grad():
-        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def naive_spliced_logits(lm, batch, layer, replace):
+    """The reference: a full forward pass with a hook replacing block `layer`'s output at the kept tokens."""
     keep = batch["keep"]
-    mask = keep[:, :-1] & keep[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1][mask], batch["input_ids"][:, 1:][mask])
-    assert s / n == pytest.approx(ce.item(), rel=1e-5)
+
+    def hook(module, args, output):
+        h = (output[0] if isinstance(output, tuple) else output).clone()
+        h[keep] = replace(h[keep])
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    block = dict(lm.named_modules())[activations.block_paths(lm)[layer]]
+    handle = block.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_replayed_splice_equals_a_full_spliced_forward_pass(lm_windows, layer):
+    """logits_from_block skips blocks 0..layer (their outputs come from the clean pass): the logits of the
+    spliced, zero- and mean-ablated passes equal those of full forward passes with a hook."""
+    lm, tok, batch = lm_windows
+    logits, outs = metrics.block_outputs(lm, batch, [layer])
+    with torch.no_grad():
+        plain = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits, plain, rtol=0, atol=0)                    # the clean pass, untouched
+    torch.testing.assert_close(metrics.logits_from_block(lm, batch, layer, outs[layer]), plain, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(layer)
+    noise = torch.randn(int(batch["keep"].sum()), 64, generator=g)
+    for replace in (lambda h: 0.5 * h + noise, torch.zeros_like):
+        got = metrics.logits_from_block(lm, batch, layer, metrics.spliced(outs[layer], batch["keep"], replace))
+        torch.testing.assert_close(got, naive_spliced_logits(lm, batch, layer, replace), rtol=1e-5, atol=1e-5)
+    assert all("forward" not in vars(m) for m in lm.modules())                  # the blocks are restored
+
+
+def test_ce_recovered_all_equals_one_splice_at_a_time(lm_windows):
+    lm, tok, batch = lm_windows
+    h = activations.hidden_states(lm, batch["input_ids"], batch["attention_mask"], [0, 2])
+    splices = [(0, lambda x: 0.9 * x, h[:, :, 0][batch["keep"]].mean(0)),
+               (2, lambda x: x + 0.1, h[:, :, 1][batch["keep"]].mean(0))]
+    together = metrics.ce_recovered_all(lm, [batch], splices)
+    for (layer, fn, mean), got in zip(splices, together):
+        alone = metrics.ce_recovered(lm, [batch], layer, fn, mean)
+        assert got == pytest.approx(alone, rel=1e-9)
+        logits = naive_spliced_logits(lm, batch, layer, fn)
+        s, n = metrics.next_token_ce(logits, batch["input_ids"], batch["keep"])
+        assert got["ce_spliced"] == pytest.approx(s / n, rel=1e-5)
 
 
 def test_heldout_windows_continue_the_cache_after_the_training_tokens(gpt2_dir, tmp_path):
