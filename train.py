@@ -1,217 +1,233 @@
-"""Harvest multi-layer activations from a language model and train any dictionary on them.
+"""Harvest multi-layer activations from a language model and train any dictionaries on them.
 
     python train.py                                     # offline default: SmolLM2-135M, fmxcoder (TR)
     python train.py --model gpt2 --dict fmxcoder --rank 64
     python train.py --dict sae --layers 10-17           # one TopK SAE per layer (the baseline)
     python train.py --dict crosscoder --mask-prob 0.05  # the "crosscoder + masking" ablation
     python train.py --dict polysae --layers 15 --ranks 576,64,64
+    python train.py --k 64 --dict crosscoder --dict crosscoder --mask-prob 0.05 --name masked \\
+                    --dict fmxcoder --dict fmxcoder --factorization cp --rank 576 --out runs/cmp
 
-Pipeline (`train` below reads top to bottom):
-  1. Check every flag (`check_config`, then the layers and dictionary configs against the model's
-     config or the cache's metadata) before anything expensive; lock the --out folder (runs.py).
-  2. Activations (batches.py: `open_cache` or `open_stream`, the same `Data` either way): a float16
-     activation cache harvested once and read in seeded per-epoch permutations, or (--cache none)
-     the LM streaming through a shuffle buffer; a background thread (`Prefetch`) makes the batches.
-  3. The dictionary (or one per layer for --dict sae|polysae over several layers: the per-layer
-     baselines, all trained on the same batches in one pass), b_dec from data, optimisers.
-  4. A nanoGPT-style loop (`fit`): Adam, optional warm-up and cosine/linear decay, clipping, the
-     dictionary's before/after-step upkeep (sae.train_step), a tqdm bar whose loss, L0, FVU, dead
-     fraction and tokens/s are read every --log-every steps (the loop's only host-device syncs),
-     checkpoints that resume exactly (--resume), Ctrl-C saves.
-  5. Export into --out as a whole (runs.RunFolder): config.json + model.safetensors (layer_<l>/ per
-     layer for per-layer sets), summary.json (held-out FVU/MSE/L0/dead, timing, "complete"), and
-     checkpoint.pt. `runs.load_run(out)` loads it back.
+Flags. Run flags (model, data, optimisation, --out) are TrainConfig's. Each `--dict KIND` starts a
+dictionary; the dictionary flags after it are fields of that kind's config class (sae.SAEConfig,
+crosscoder.CrossCoderConfig, fmxcoder.FMXCoderConfig, polysae.PolySAEConfig: their defaults and checks),
+and `--name` names it (default: the kind, then kind-2, ...). Dictionary flags before the first --dict apply
+to every dictionary that has them. `--dict a,b` is `--dict a --dict b`; `--dict KIND --help` lists KIND's
+options. Several dictionaries train on the same batches of one harvest, each with its own optimiser, and
+each is exported to --out/<name>/ (one dictionary: --out itself).
 
-Exact resume: a cached run reads the batches of step s from step s's own permutation slice, a
-streamed run replays its seeded stream (batches.py); the masks of a step are seeded from (--seed,
-rank, step) (distributed.step_seed), so nothing but the models and optimisers needs saving.
-Data parallel (torchrun --nproc_per_node N train.py ...): distributed.py.
+Pipeline (`train` reads top to bottom):
+  1. Check every flag, then the dictionaries' configs against the model's config or the cache's metadata,
+     before anything expensive; lock --out (support/runs.py).
+  2. Activations (support/batches.py, the same `Data` either way): a float16 cache harvested once and read
+     in seeded per-epoch permutations, or (--cache none) the LM streaming through a shuffle buffer; a
+     background thread (`Prefetch`) makes the batches.
+  3. The dictionaries (sae / polysae over several layers: one per layer, the per-layer baseline), b_dec from
+     data, fused Adam per model.
+  4. The loop (`fit`): warm-up and cosine/linear decay, core.train_step (forward with the losses, backward,
+     the model's upkeep, clipping), a tqdm bar of loss, L0, FVU, dead fraction and tokens/s read every
+     --log-every steps (the loop's only host-device syncs), checkpoints that resume exactly, Ctrl-C saves.
+  5. Export into --out as a whole (runs.RunFolder): config.json + model.safetensors (layer_<l>/ per layer),
+     summary.json (held-out FVU/MSE/L0/dead, timing, "complete"), checkpoint.pt. support.saved.load_run
+     loads it back.
 
-Paper scale (fmxcoders arXiv 2605.09438 §4; PolySAE arXiv 2602.01322 §5), on a GPU:
+Exact resume: a cached run reads step s's batch from step s's own permutation slice, a streamed run replays
+its seeded stream; the masks of a step are seeded from (--seed, rank, step), so the models and optimisers
+are all a checkpoint holds. Data parallel: torchrun --nproc_per_node N train.py ... (support/distributed.py).
+
+Paper scale (fmxcoders arXiv 2605.09438 pp. 13-14; PolySAE arXiv 2602.01322, its README's commands), GPU:
     --model gpt2 --layers 2-9 --n-latents 16384 --k 64 --sparsity batchtopk --batch-size 4096
-    --lr 3e-4 --tokens 300000000 --cache none --device cuda
+    --lr 3e-4 --tokens 3e8 --cache none --device cuda --dead-tokens 10000000
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import re
 import signal
 import sys
 import time
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import activations
-import activation_cache
+import core
 import metrics
-import runs
-import sae as sae_mod
-from batches import Data, Prefetch, cache_path, open_cache, open_stream
-from distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
+from core import opt
+from support import cli, runs, saved
+from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
+from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
 
-DICTS = ("sae", "crosscoder", "fmxcoder", "polysae")
-MULTI_LAYER = ("crosscoder", "fmxcoder")   # one model over all --layers (the others: one per layer)
+DEFAULT_DICT = "fmxcoder"
 
 
 @dataclass
 class TrainConfig:
-    """Every flag of train.py (`--n-latents` sets n_latents, and so on)."""
-    model: str = activations.DEFAULT_MODEL  # short name, hub name (gpt2, EleutherAI/pythia-410m-deduped) or folder
-    dictionary: str = "fmxcoder"            # sae | crosscoder | fmxcoder | polysae (flag: --dict)
-    layers: str | None = None               # "4,5,6,7" or "4-7"; default 8 middle blocks (1 for sae/polysae)
-    dataset: str | None = None              # hub dataset, local text files, or None: offline BBC news
-    context: int = 128                      # tokens per context window
-    n_latents: int = 2048                   # dictionary size F   (paper: 16384)
-    k: int = 32                             # active latents per token (paper: 64)
-    sparsity: str = "batchtopk"             # topk | batchtopk | relu
-    l1_coeff: float = 0.0                   # for --sparsity relu
-    aux_coeff: float = 1 / 32               # AuxK weight (0 disables)
-    dead_tokens: int = 100_000              # tokens without firing before a latent counts as dead
-    mask_prob: float | None = None          # layer masking p; default 0.05 for fmxcoder, 0 otherwise
-    norm_every: int | None = None           # crosscoders: refresh the selection's decoder norms every N steps (default 1; fmxcoder 10)
-    factorization: str = "tr"               # fmxcoder: cp | tr
-    rank: str = "32"                        # fmxcoder rank: "R" or "R1,R2,R3" (TR)
-    ranks: str | None = None                # polysae "R1,R2,R3" (default d,64,64)
-    order: int = 3                          # polysae polynomial order
-    b_dec_init: str = "median"              # median | mean | zero
-    decoder_norm: str = "unit"              # sae: unit (rows kept at norm 1) | free (SAELens, the PolySAE code's baseline)
-    decoder_init_norm: float = 1.0          # sae with --decoder-norm free: row norm at init (SAELens: 0.1)
-    untied_init: bool = False               # polysae: W_enc initialised as the official code does (untied)
-    tokens: int = 100_000                   # training tokens (paper: 3e8–5e8); ~4 min on 2 CPU cores
-    eval_tokens: int = 10_000               # held-out tokens (the end of the cache; the start of a stream)
-    batch_size: int = 512                   # tokens per step (paper: 4096)
-    lr: float = 1e-3                        # Adam learning rate (paper: 3e-4 at batch 4096)
-    warmup_steps: int = 0
-    decay: str = "none"                     # none | cosine | linear (to 0 over the run)
-    grad_clip: float = 1.0                  # gradient-norm clipping (0: off)
-    device: str = "auto"                    # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"                  # float32 | bfloat16 (autocast)
-    seed: int = 0
-    out: str = "runs/latest"                # the run folder (refused if it holds another run: see --resume, --overwrite)
-    cache: str | None = None                # activation cache folder (default under ~/.cache/fmxcoders/acts); "none" streams
-    cache_dtype: str = "float16"            # float16 | float32: cache (and streaming buffer) storage
-    passes: int = 1                         # --cache none: passes over a finite corpus (the held-out tokens never trained on)
-    cache_tokens: int | None = None         # tokens to harvest into the cache (default tokens + eval-tokens); one big cache can serve many runs
-    lm_dtype: str = "float32"               # LM weights when harvesting and evaluating: float32 | bfloat16 | float16
-    harvest_batch: int = 16                 # texts per LM forward pass when harvesting
-    drop_outliers: float | None = 10.0      # drop tokens whose norm > this × median (attention sinks; 0 keeps all)
-    ckpt_every: int = 200                   # steps between resumable checkpoints (0: only at the end)
-    log_every: int = 25                     # steps between progress-bar readings of loss, L0, FVU (host syncs)
-    eval_every: int = 0                     # steps between held-out evaluations appended to --out/curve.jsonl (0: off)
-    eval_panel: int = 8192                  # held-out tokens of those evaluations (FVU, L0, dead; FC for crosscoders)
-    resume: bool = False                    # continue the run in --out from its checkpoint.pt
-    overwrite: bool = False                 # delete the run already in --out and start a new one
-    fold_scale: bool = False                # fold the input scale into the weights on export
+    """The run flags of train.py (the dictionary flags are the dictionary configs' fields)."""
+    model: str = opt(activations.DEFAULT_MODEL, "short name, hub name (gpt2, EleutherAI/pythia-410m-deduped) or folder")
+    layers: str | None = opt(None, "4,5,6,7 or 4-7; default 8 middle blocks (1 for sae/polysae alone)")
+    dataset: str | None = opt(None, "hub dataset, local text files, or none: the offline BBC news")
+    context: int = opt(128, "tokens per context window")
+    b_dec_init: str = opt("median", "median | mean | zero")
+    tokens: int = opt(100_000, "training tokens (paper: 3e8-5e8); ~1 min on 2 CPU cores by default")
+    eval_tokens: int = opt(10_000, "held-out tokens (the end of the cache; the start of a stream)")
+    batch_size: int = opt(512, "tokens per step (paper: 4096)")
+    lr: float = opt(1e-3, "Adam learning rate (paper: 3e-4 at batch 4096)")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    decay: str = opt("none", "none | cosine | linear (to 0 over the run)")
+    grad_clip: float = opt(1.0, "gradient-norm clipping (0: off)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = opt("float32", "float32 | bfloat16 (autocast)")
+    seed: int = opt(0, "seed of the init, the batch order and the masks")
+    out: str = opt("runs/latest", "the run folder (refused if it holds another run: see --resume, --overwrite)")
+    cache: str | None = opt(None, "activation cache folder (default under ~/.cache/fmxcoders/acts); none streams")
+    cache_dtype: str = opt("float16", "float16 | float32: cache (and streaming buffer) storage")
+    passes: int = opt(1, "--cache none: passes over a finite corpus (the held-out tokens never trained on)")
+    cache_tokens: int | None = opt(None, "tokens to harvest into the cache (default tokens + eval-tokens)")
+    lm_dtype: str = opt("float32", "LM weights when harvesting and evaluating: float32 | bfloat16 | float16")
+    harvest_batch: int = opt(16, "texts per LM forward pass when harvesting")
+    drop_outliers: float | None = opt(10.0, "drop tokens whose norm > this x median (attention sinks; 0 keeps all)")
+    ckpt_every: int = opt(200, "steps between resumable checkpoints (0: only at the end)")
+    log_every: int = opt(25, "steps between progress-bar readings of loss, L0, FVU (host syncs)")
+    eval_every: int = opt(0, "steps between held-out evaluations appended to --out/curve.jsonl (0: off)")
+    eval_panel: int = opt(8192, "held-out tokens of those evaluations (FVU, L0, dead; FC for crosscoders)")
+    resume: bool = opt(False, "continue the run in --out from its checkpoint.pt")
+    overwrite: bool = opt(False, "delete the run already in --out and start a new one")
+    fold_scale: bool = opt(False, "fold the input scale into the weights on export")
+    # [{"kind", "name", "options"}], one per --dict (its flags); not a flag itself
+    dictionaries: list[dict] = field(default_factory=lambda: [{"kind": DEFAULT_DICT, "name": DEFAULT_DICT, "options": {}}])
+
+    def check(self, name=str) -> None:
+        """Everything that needs no model (the dictionaries' configs are checked once d is known)."""
+        choices = {"decay": ("none", "cosine", "linear"), "dtype": ("float32", "bfloat16"),
+                   "lm_dtype": tuple(activations.LM_DTYPES), "cache_dtype": ("float16", "float32"),
+                   "b_dec_init": ("median", "mean", "zero")}
+        for f, allowed in choices.items():
+            if getattr(self, f) not in allowed:
+                raise ValueError(f"{name(f)} must be one of {', '.join(allowed)}, got {getattr(self, f)!r}")
+        for f in ("tokens", "batch_size", "context", "harvest_batch", "log_every", "eval_panel", "passes"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{name(f)} must be a positive integer, got {getattr(self, f)}")
+        for f in ("eval_tokens", "warmup_steps", "ckpt_every", "eval_every", "grad_clip"):
+            if not math.isfinite(getattr(self, f)) or getattr(self, f) < 0:
+                raise ValueError(f"{name(f)} must be a finite number >= 0, got {getattr(self, f)}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"{name('lr')} must be a finite number > 0, got {self.lr}")
+        if self.tokens < self.batch_size:
+            raise ValueError(f"{name('tokens')} {self.tokens:,} is less than one batch ({name('batch_size')} "
+                             f"{self.batch_size:,}): it would train 0 steps")
+        if self.context < 2:
+            raise ValueError(f"{name('context')} must be at least 2 (BOS + one token), got {self.context}")
+        if self.drop_outliers is not None and not (self.drop_outliers == 0 or 1 < self.drop_outliers < math.inf):
+            raise ValueError(f"{name('drop_outliers')} must be 0 (keep all tokens) or a multiple of the median norm > 1, "
+                             f"got {self.drop_outliers}")
+        if self.passes > 1 and self.cache != "none":
+            raise ValueError(f"{name('passes')} {self.passes} repeats a streamed corpus ({name('cache')} none); a cached "
+                             f"run already draws {name('tokens')} from its cache in as many epochs as it takes")
+        if self.cache_tokens is not None:
+            if self.cache == "none":
+                raise ValueError(f"{name('cache_tokens')} sizes the activation cache, but {name('cache')} none streams")
+            if self.cache_tokens <= self.eval_tokens:
+                raise ValueError(f"{name('cache_tokens')} must exceed {name('eval_tokens')} {self.eval_tokens} (the "
+                                 f"held-out end of the cache), got {self.cache_tokens}")
+        if self.resume and self.overwrite:
+            raise ValueError(f"{name('resume')} continues the run in {name('out')} and {name('overwrite')} deletes it: "
+                             f"pass one of them")
+        cli.resolve_device(self.device)
+        cli.check_writable(Path(self.out), "the run folder")
 
 
 # ----------------------------------------------------------------------------------------
-# CLI derived from the dataclass, and every check that needs no model
+# The command line: run flags, and per --dict its kind's flags
 # ----------------------------------------------------------------------------------------
 
 
-def field_help() -> dict[str, str]:
-    """The comment after each TrainConfig field, used as its --help text."""
-    src = inspect.getsource(TrainConfig)
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
+RUN_FLAGS = {f.name for f in cli.flag_fields(TrainConfig)}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def config_fields(kind: str) -> set[str]:
+    return {f.name for f in cli.flag_fields(saved.kind_classes(kind)[1])}
+
+
+def split_dicts(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The arguments before the first --dict, and (kind, its arguments) for each --dict (a,b: two)."""
+    head, groups, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--dict" or a.startswith("--dict="):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in a else 2
+            for kind in value.split(","):
+                if kind not in saved.KINDS:
+                    raise ValueError(f"--dict must be one of {', '.join(saved.KINDS)}, got {kind!r}")
+                groups.append((kind, []))
+            continue
+        (groups[-1][1] if groups else head).append(a)
+        i += 1
+    return head, groups
+
+
+def flag_parser(kinds, help_: bool = False) -> cli.ArgParser:
+    """The run flags and the dictionary flags of `kinds`: None unless given, or (help_) with their defaults
+    and help, a group per kind."""
+    p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      add_help=False)
+    added = cli.add_flags(p, TrainConfig, defaults=help_, group="run flags" if help_ else None)
+    for kind in dict.fromkeys(kinds):
+        cls = saved.kind_classes(kind)[1]
+        added |= cli.add_flags(p, cls, defaults=help_, group=f"--dict {kind} ({cls.__module__}.{cls.__name__})"
+                               if help_ else None, skip=set() if help_ else added)
+    p.add_argument("--name", default=None, help="the name of the --dict before it (its run folder)")
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    hints, helps = typing.get_type_hints(TrainConfig), field_help()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        name, typ = flag(f.name), hints[f.name]
-        if typ is bool:
-            p.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=helps.get(f.name))
-            continue
-        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
-        p.add_argument(name, dest=f.name, type=base, default=f.default,
-                       help=f"{helps.get(f.name, '')} (default: {f.default})")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    """TrainConfig from the command line (see the module docstring); ValueError for a bad flag."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    head, groups = split_dicts(argv)
+    groups = groups or [(DEFAULT_DICT, [])]
+    kinds = [k for k, _ in groups]
+    if "-h" in argv or "--help" in argv:
+        flag_parser(kinds, help_=True).print_help()
+        raise SystemExit(0)
+    parser, run = flag_parser(kinds), {}
 
+    def parse(args: list[str]) -> dict:
+        given = {k: v for k, v in vars(parser.parse_args(args)).items() if v is not None}
+        run.update({k: v for k, v in given.items() if k in RUN_FLAGS})
+        return {k: v for k, v in given.items() if k not in RUN_FLAGS}
 
-def fail(msg: str) -> typing.NoReturn:
-    raise ValueError(msg)
-
-
-FLAG_NAMES = {"dictionary": "dict"}    # the design card's --dict (a field named dict would shadow the builtin)
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field."""
-    return "--" + FLAG_NAMES.get(name, name).replace("_", "-")
-
-
-CHOICES = {"dictionary": DICTS, "sparsity": sae_mod.SPARSITIES, "decay": ("none", "cosine", "linear"),
-           "decoder_norm": ("unit", "free"),
-           "dtype": ("float32", "bfloat16"), "lm_dtype": tuple(activations.LM_DTYPES),
-           "cache_dtype": tuple(activation_cache.DTYPES), "b_dec_init": ("median", "mean", "zero"),
-           "factorization": ("cp", "tr")}
-POSITIVE = ("n_latents", "k", "tokens", "batch_size", "context", "dead_tokens", "harvest_batch", "log_every",
-            "eval_panel", "passes")
-NON_NEGATIVE = ("eval_tokens", "warmup_steps", "ckpt_every", "eval_every", "l1_coeff", "aux_coeff", "grad_clip")
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Reject bad flags before any expensive work (the model-dependent checks follow in `train`)."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            fail(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    for name in POSITIVE:
-        if getattr(cfg, name) < 1:
-            fail(f"{flag(name)} must be a positive integer, got {getattr(cfg, name)}")
-    for name in NON_NEGATIVE:
-        v = getattr(cfg, name)
-        if not math.isfinite(v) or v < 0:
-            fail(f"{flag(name)} must be a finite number >= 0, got {v}")
-    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        fail(f"--lr must be a finite number > 0, got {cfg.lr}")
-    if cfg.k >= cfg.n_latents:
-        fail(f"--k must be smaller than --n-latents, got k={cfg.k} >= n_latents={cfg.n_latents}")
-    if cfg.tokens < cfg.batch_size:
-        fail(f"--tokens {cfg.tokens:,} is less than one batch (--batch-size {cfg.batch_size:,}): it would train 0 steps")
-    if cfg.context < 2:
-        fail(f"--context must be at least 2 (BOS + one token), got {cfg.context}")
-    if cfg.mask_prob is not None and not 0 <= cfg.mask_prob < 1:
-        fail(f"--mask-prob must be in [0, 1), got {cfg.mask_prob}")
-    if cfg.norm_every is not None and cfg.norm_every < 1:
-        fail(f"--norm-every must be a positive integer, got {cfg.norm_every}")
-    if cfg.order not in (1, 2, 3):
-        fail(f"--order must be 1, 2 or 3, got {cfg.order}")
-    if cfg.drop_outliers is not None and not (cfg.drop_outliers == 0 or 1 < cfg.drop_outliers < math.inf):
-        fail(f"--drop-outliers must be 0 (keep all tokens) or a multiple of the median norm > 1, got {cfg.drop_outliers}")
-    if cfg.passes > 1 and cfg.cache != "none":
-        fail(f"--passes {cfg.passes} repeats a streamed corpus (--cache none); a cached run already draws "
-             f"--tokens from its cache in as many epochs as it takes")
-    if cfg.cache_tokens is not None:
-        if cfg.cache == "none":
-            fail("--cache-tokens sizes the activation cache, but --cache none streams without one")
-        if cfg.cache_tokens <= cfg.eval_tokens:
-            fail(f"--cache-tokens must exceed --eval-tokens {cfg.eval_tokens} (the held-out end of the cache), "
-                 f"got {cfg.cache_tokens}")
-    runs.resolve_device(cfg.device)
-    int_list(cfg.rank, "--rank")
-    if cfg.ranks is not None:
-        int_list(cfg.ranks, "--ranks")
-    if cfg.resume and cfg.overwrite:
-        fail("--resume continues the run in --out and --overwrite deletes it: pass one of them")
-    runs.check_writable(Path(cfg.out))
-
-
-def int_list(spec: str, name: str) -> list[int]:
-    try:
-        return [int(v) for v in str(spec).replace(" ", "").split(",") if v]
-    except ValueError:
-        fail(f"{name} must be an integer or comma-separated integers, got {spec!r}")
+    common = parse(head)
+    if "name" in common and len(groups) > 1:
+        raise ValueError("--name names the --dict before it: put it after that --dict")
+    specs = []
+    for kind, args in groups:
+        own = {**({"name": common["name"]} if "name" in common else {}), **parse(args)}
+        bad = [k for k in own if k != "name" and k not in config_fields(kind)]
+        if bad:
+            raise ValueError(f"{cli.flag(bad[0])} is not an option of --dict {kind} (python train.py --dict {kind} "
+                             f"--help lists them)")
+        options = {k: v for k, v in common.items() if k in config_fields(kind)}
+        specs.append({"kind": kind, "name": own.pop("name", None), "options": {**options, **own}})
+    unused = [k for k in common if k != "name" and not any(k in config_fields(s["kind"]) for s in specs)]
+    if unused:
+        raise ValueError(f"{cli.flag(unused[0])} is not an option of --dict {', '.join(dict.fromkeys(kinds))}")
+    for i, s in enumerate(specs):            # default names: the kind, then kind-2, kind-3, ...
+        if s["name"] is None:
+            n = sum(t["kind"] == s["kind"] for t in specs[:i]) + 1
+            s["name"] = s["kind"] if n == 1 else f"{s['kind']}-{n}"
+    names = [s["name"] for s in specs]
+    for n in names:
+        if not NAME.match(n) or names.count(n) > 1:
+            raise ValueError(f"--name {n!r} must be unique and made of letters, digits, '.', '_' and '-'")
+    return cli.build(TrainConfig, **run, dictionaries=specs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -219,58 +235,62 @@ def int_list(spec: str, name: str) -> list[int]:
 # ----------------------------------------------------------------------------------------
 
 
-def model_shape(cfg: TrainConfig, multi: bool) -> tuple[int, int]:
+def multi_layer(cfg: TrainConfig) -> bool:
+    """Does any dictionary read several layers at once? (Then the default layers are 8 middle blocks.)"""
+    return any("n_layers" in {f.name for f in dataclasses.fields(saved.kind_classes(s["kind"])[1])}
+               for s in cfg.dictionaries)
+
+
+def cache_folder(cfg: TrainConfig) -> Path | None:
+    return cache_path(cfg.cache, cfg.model, cfg.layers, multi_layer(cfg), cfg.dataset, cfg.context, cfg.cache_dtype,
+                      cfg.drop_outliers, cfg.lm_dtype)
+
+
+def model_shape(cfg: TrainConfig) -> tuple[int, int]:
     """(d, number of blocks), from an existing cache's metadata or the model's config (no weights);
     checks --context against the model's maximum positions."""
-    path = cache_path(cfg, multi)
+    path = cache_folder(cfg)
     if path is not None and (path / "meta.json").exists():
-        meta = activation_cache.read_meta(path)            # a damaged cache fails here, naming the folder
+        from support.cache import read_meta
+        meta = read_meta(path)                              # a damaged cache fails here, naming the folder
         return meta["d"], meta["n_blocks"]
     config = activations.lm_config(cfg.model)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if max_pos is not None and cfg.context > max_pos:
-        fail(f"--context {cfg.context} exceeds the {max_pos} positions of model {cfg.model!r}")
+        raise ValueError(f"--context {cfg.context} exceeds the {max_pos} positions of model {cfg.model!r}")
     return config.hidden_size, config.num_hidden_layers
 
 
 def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[float]) -> dict:
-    """{key: (class, config)}: per-layer sets (sae, polysae) are keyed by layer index, a
-    multi-layer model by "all". Building the configs validates every flag (ranks, k, ...),
-    so train.py calls this before harvesting anything."""
-    common = dict(d_in=d, n_latents=cfg.n_latents, k=cfg.k, sparsity=cfg.sparsity, l1_coeff=cfg.l1_coeff,
-                  aux_coeff=cfg.aux_coeff, dead_tokens=cfg.dead_tokens)
-    if cfg.dictionary != "sae" and (cfg.decoder_norm, cfg.decoder_init_norm) != ("unit", 1.0):
-        fail(f"--decoder-norm and --decoder-init-norm apply to --dict sae, not {cfg.dictionary}")
-    if cfg.dictionary != "polysae" and cfg.untied_init:
-        fail(f"--untied-init applies to --dict polysae, not {cfg.dictionary}")
-    if cfg.dictionary == "sae":
-        norms = dict(decoder_norm=cfg.decoder_norm, decoder_init_norm=cfg.decoder_init_norm)
-        return {l: (sae_mod.SAE, sae_mod.SAEConfig(**common, **norms, input_scale=[s])) for l, s in zip(layers, scale)}
-    if cfg.dictionary == "polysae":
-        import polysae
-        if cfg.ranks is None and d > cfg.n_latents:
-            fail(f"--dict polysae: the default --ranks {d},64,64 (R1 = d) needs R1 <= --n-latents {cfg.n_latents}; "
-                 f"pass --ranks {cfg.n_latents},64,64 or more latents")
-        extra = {"ranks": int_list(cfg.ranks, "--ranks")} if cfg.ranks else {}
-        return {l: (polysae.PolySAE, polysae.PolySAEConfig(**common, input_scale=[s], order=cfg.order,
-                                                                untied_init=cfg.untied_init, **extra))
-                for l, s in zip(layers, scale)}
-    mask_prob = cfg.mask_prob if cfg.mask_prob is not None else (0.05 if cfg.dictionary == "fmxcoder" else 0.0)
-    common.update(n_layers=len(layers), mask_prob=mask_prob, input_scale=list(scale))
-    if cfg.norm_every is not None:
-        common["norm_every"] = cfg.norm_every
-    if cfg.dictionary == "crosscoder":
-        import crosscoder
-        return {"all": (crosscoder.CrossCoder, crosscoder.CrossCoderConfig(**common))}
-    import fmxcoder
-    rank = int_list(cfg.rank, "--rank")
-    return {"all": (fmxcoder.FMXCoder, fmxcoder.FMXCoderConfig(
-        **common, rank=rank[0] if len(rank) == 1 else rank, factorization=cfg.factorization))}
+    """{(name, "all" | layer): (class, config)}: a multi-layer dictionary reads every layer, a single-layer
+    one is trained once per layer. Building the configs checks every dictionary flag (cli.build: the
+    messages name the flags), so train calls this before harvesting anything."""
+    out = {}
+    for spec in cfg.dictionaries:
+        cls, config_cls = saved.kind_classes(spec["kind"])
+        if "n_layers" in {f.name for f in dataclasses.fields(config_cls)}:
+            out[(spec["name"], "all")] = (cls, cli.build(config_cls, d_in=d, n_layers=len(layers),
+                                                          input_scale=list(scale), **spec["options"]))
+        else:
+            for l, s in zip(layers, scale):
+                out[(spec["name"], l)] = (cls, cli.build(config_cls, d_in=d, input_scale=[s], **spec["options"]))
+    return out
 
 
 def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
-    """The slice of the (B, L, d) batch a dictionary reads."""
-    return x_BLD if key == "all" else x_BLD[:, layers.index(key)]
+    """The slice of the (B, L, d) batch the dictionary of `key` = (name, "all" | layer) reads."""
+    return x_BLD if key[1] == "all" else x_BLD[:, layers.index(key[1])]
+
+
+def key_str(key, single: bool) -> str:
+    """How a model is named in checkpoints and curves: "all" / "<layer>", or "<name>/…" in a set."""
+    return str(key[1]) if single else f"{key[0]}/{key[1]}"
+
+
+def key_names(cfg: TrainConfig):
+    """key → key_str for this run's dictionaries."""
+    single = len(cfg.dictionaries) == 1
+    return lambda key: key_str(key, single)
 
 
 # ----------------------------------------------------------------------------------------
@@ -295,21 +315,21 @@ class Logs:
     def __init__(self, horizon_tokens: int):
         self.sums, self.n, self.horizon = None, 0, horizon_tokens
 
-    def add(self, out: sae_mod.Output, x: torch.Tensor) -> None:
+    def add(self, out: core.Output, x: torch.Tensor) -> None:
         """One model's step (no sync: the sums stay on the device)."""
         v = torch.stack([out.loss.detach().float(), (out.latents > 0).float().sum(-1).mean(),
-                         sae_mod.fvu(x.float(), out.recon.detach().float())])
+                         core.fvu(x.float(), out.recon.detach().float())])
         self.sums = v if self.sums is None else self.sums + v
         self.n += 1
 
     def read(self, models: dict, step: int) -> dict:
         loss, l0, fvu = (self.sums / self.n).tolist()          # means over steps and models
         if not math.isfinite(loss):
-            fail(f"the loss became {loss} by step {step}: lower --lr or check the activations")
+            raise ValueError(f"the loss became {loss} by step {step}: lower --lr or check the activations")
         self.sums, self.n = None, 0
-        dead = sum(m.dead_fraction() for m in models.values()) / len(models)
+        dead = sum(core.dead_fraction(m) for m in models.values()) / len(models)
         for m in models.values():       # while the host waits anyway: how many latents AuxK may need
-            sae_mod.refresh_dead_mirror(m, self.horizon)
+            m.dead.refresh(m.tokens_since_fired, m.config.dead_tokens, self.horizon)
         return {"loss": f"{loss:.3g}", "L0": f"{l0:.1f}", "FVU": f"{fvu:.3f}", "dead": f"{dead:.2f}"}
 
 
@@ -333,11 +353,12 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     scale_L1 = data.scale_L.to(device)[:, None]
     feed = Prefetch(data.batches(start), device=device)
-    bar = tqdm(total=data.steps, initial=start, desc=cfg.dictionary, dynamic_ncols=True, disable=not ranks.main)
+    names = ",".join(s["name"] for s in cfg.dictionaries)
+    bar = tqdm(total=data.steps, initial=start, desc=names, dynamic_ncols=True, disable=not ranks.main)
     logs, done, t0 = Logs(cfg.log_every * cfg.batch_size), start, time.perf_counter()
     if start % cfg.log_every == 0:      # as at every log reading: a resumed run refreshes where the first run did
         for m in models.values():
-            sae_mod.refresh_dead_mirror(m, cfg.log_every * cfg.batch_size)
+            m.dead.refresh(m.tokens_since_fired, m.config.dead_tokens, cfg.log_every * cfg.batch_size)
     interrupted = exhausted = False
     if cfg.eval_every and start == 0 and ranks.main:
         folder.append_curve({"step": 0, "tokens": 0, "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
@@ -355,8 +376,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
                     for g in opts[key].param_groups:
                         g["lr"] = lr
                     xi = model_input(key, x, layers)
-                    out = sae_mod.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast)
-                    logs.add(out, xi)
+                    logs.add(core.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast), xi)
                 done = step + 1
                 bar.update(1)
                 if done % cfg.log_every == 0 or done == data.steps:
@@ -366,7 +386,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
                     folder.append_curve({"step": done, "tokens": done * cfg.batch_size,
                                          "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
                 if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < data.steps and ranks.main:
-                    folder.save_checkpoint(runs.checkpoint_state(models, opts, done, cfg))
+                    folder.save_checkpoint(runs.checkpoint_state(models, opts, done, cfg, key_names(cfg)))
         finally:
             feed.close()
             bar.close()
@@ -381,13 +401,13 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
 
 @torch.no_grad()
 def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, batch: int = 2048) -> dict:
-    """FVU, MSE (normalised units), L0 and dead fractions of every model on the first n_tokens
-    held-out tokens (default all), accumulated with metrics.ReconStats (divided once); with
-    n_tokens (the --eval-every panel) also the functional coherence and decoder-norm spread of
-    multi-layer dictionaries (metrics.functional_coherence)."""
+    """{key_str: FVU, MSE (normalised units), L0, dead fractions} on the first n_tokens held-out tokens
+    (default all), accumulated with metrics.ReconStats (divided once); with n_tokens (the --eval-every
+    panel) also the functional coherence and decoder-norm spread of multi-layer dictionaries."""
     stats, scale_L1 = {}, data.scale_L.to(device)[:, None]
     n = data.n_eval if n_tokens is None else min(n_tokens, data.n_eval)
-    panel = lambda key: (model_input(key, data.read_eval(lo, min(lo + batch, n)).to(device).float() * scale_L1,
+    single = len({name for name, _ in models}) == 1
+    panel = lambda key: (model_input(key, data.read_eval(lo, min(lo + batch, n)).to(device).float() * scale_L1,  # noqa: E731
                                      layers) for lo in range(0, n, batch))
     for key, model in models.items():
         model.eval()
@@ -395,14 +415,14 @@ def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, ba
         for x in panel(key):
             acc.update(x, model(x))
         if acc.n:
-            ones = torch.ones(len(layers) if key == "all" else 1)   # normalised units throughout
+            ones = torch.ones(len(layers) if key[1] == "all" else 1)   # normalised units throughout
             r = acc.result(ones, ones)
-            stats[str(key)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
-                               "dead_eval": r["dead_eval"], "dead_counter": model.dead_fraction()}
-            if n_tokens is not None and key == "all":
+            s = stats[key_str(key, single)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
+                                               "dead_eval": r["dead_eval"], "dead_counter": core.dead_fraction(model)}
+            if n_tokens is not None and key[1] == "all":
                 fc = metrics.functional_coherence(model, panel(key))
-                stats[str(key)].update({k: fc[k] for k in ("fc_mean", "fc_median", "fc_frac_ge2", "fc_latents",
-                                                           "norm_spread_mean", "norm_spread_mean_all")})
+                s.update({k: fc[k] for k in ("fc_mean", "fc_median", "fc_frac_ge2", "fc_latents",
+                                             "norm_spread_mean", "norm_spread_mean_all")})
         model.train()
     return stats
 
@@ -413,50 +433,79 @@ def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, ba
 
 
 def export(folder: runs.RunFolder, models: dict, cfg: TrainConfig, run: dict, summary: dict) -> None:
-    """Write every dictionary and summary.json into a fresh folder that replaces --out as a whole."""
+    """Every dictionary, its summary.json and curve into a fresh folder that replaces --out as a whole:
+    one dictionary in --out itself, several in --out/<name>/ (and the set's summary.json in --out)."""
+    single = len(cfg.dictionaries) == 1
     with folder.export() as new:
-        for key, m in models.items():
-            if cfg.fold_scale:
-                m.fold_input_scale()
-            extra = {"run": {**run, "layers": run["layers"] if key == "all" else [key]},
-                     "train": dataclasses.asdict(cfg), "metrics": {**summary, "eval": summary["eval"].get(str(key))}}
-            sae_mod.save(m, new if key == "all" else new / f"layer_{key}", extra)
-        sae_mod.write_atomic(new / "summary.json", json.dumps({"run": run, **summary}, indent=2))
+        for spec in cfg.dictionaries:
+            base = new if single else new / spec["name"]
+            keys = [k for k in models if k[0] == spec["name"]]
+            ev = {str(k[1]): summary["eval"].get(key_str(k, single)) for k in keys}
+            info = {**run, "dict": spec["kind"], "name": spec["name"]}
+            for key in keys:
+                m = models[key]
+                if cfg.fold_scale:
+                    m.fold_input_scale()
+                extra = {"run": {**info, "layers": run["layers"] if key[1] == "all" else [key[1]]},
+                         "train": dataclasses.asdict(cfg), "metrics": {**summary, "eval": ev[str(key[1])]}}
+                saved.save(m, base if key[1] == "all" else base / f"layer_{key[1]}", extra)
+            own = {**summary, "eval": ev, "parameters": {str(k[1]): summary["parameters"][key_str(k, single)]
+                                                          for k in keys}}
+            runs.write_json(base / "summary.json", {"run": info, **own})
+            if not single:
+                folder.split_curve(base / "curve.jsonl", spec["name"])
+        if not single:
+            runs.write_json(new / "summary.json", {"run": run, "dictionaries": [s["name"] for s in cfg.dictionaries],
+                                                   **summary})
 
 
 def train(cfg: TrainConfig) -> dict:
     """Check, harvest or stream, train, evaluate, export; returns the summary (see the module docstring)."""
-    check_config(cfg)
-    device = runs.resolve_device(cfg.device)
-    multi, streaming = cfg.dictionary in MULTI_LAYER, cfg.cache == "none"
-    d, n_blocks = model_shape(cfg, multi)
-    layers = activations.parse_layers(cfg.layers, n_blocks, multi)
+    cfg.check(cli.flag)
+    device = cli.resolve_device(cfg.device)
+    d, n_blocks = model_shape(cfg)
+    layers = activations.parse_layers(cfg.layers, n_blocks, multi_layer(cfg))
     dictionary_configs(cfg, d, layers, [1.0] * len(layers))          # every dictionary flag, before any work
     ranks, device = setup_ranks(cfg.batch_size, device)
     folder = runs.RunFolder(cfg.out, cfg.resume, cfg.overwrite) if ranks.main else None
     try:
         with folder or contextlib.nullcontext():
-            return _train(cfg, device, layers, d, multi, streaming, ranks, folder)
+            return _train(cfg, device, layers, d, ranks, folder)
     finally:
         if ranks.owns_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> dict:
-    finished = runs.read_summary(cfg.out) if cfg.resume else None
-    if finished is not None and finished.get("complete"):
-        if ranks.main:
-            print(f"{cfg.out} already finished its {finished['steps']} steps: nothing to resume")
-        return finished
+def open_data(cfg: TrainConfig, layers, ranks: Ranks, device) -> Data:
+    common = dict(model=cfg.model, layers=layers, dataset=cfg.dataset, context=cfg.context, tokens=cfg.tokens,
+                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, seed=cfg.seed, harvest_batch=cfg.harvest_batch,
+                  cache_dtype=cfg.cache_dtype, lm_dtype=cfg.lm_dtype, drop_outliers=cfg.drop_outliers, ranks=ranks,
+                  device=device)
+    if cfg.cache == "none":
+        return open_stream(**common, passes=cfg.passes)
+    return open_cache(cache_folder(cfg), **common, multi=multi_layer(cfg),
+                      n_tokens=cfg.cache_tokens or cfg.tokens + cfg.eval_tokens)
+
+
+def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
+    names = key_names(cfg)
+    state = None
+    if cfg.resume:            # the flags are compared with the checkpoint's, whether the run finished or not
+        state = runs.read_checkpoint(Path(cfg.out) / "checkpoint.pt", cfg)
+        finished = runs.read_summary(cfg.out)
+        if finished is not None and finished.get("complete"):
+            if ranks.main:
+                print(f"{cfg.out} already finished its {finished['steps']} steps with these flags: nothing to resume")
+            return finished
     torch.manual_seed(cfg.seed)
     t_setup = time.perf_counter()
-    data = open_stream(cfg, layers, ranks, device) if streaming else open_cache(cfg, layers, multi, ranks, device)
+    data = open_data(cfg, layers, ranks, device)
     models = {k: cls(c).to(device) for k, (cls, c) in dictionary_configs(cfg, d, layers, data.scale_L.tolist()).items()}
     # fused Adam: one kernel per step, and its step count stays on the device (the plain one reads it back)
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True) for k, m in models.items()}
     start = 0
     if cfg.resume:   # every rank reads the checkpoint (rank 0 checked that it exists)
-        start = runs.load_checkpoint(Path(cfg.out) / "checkpoint.pt", models, opts, cfg)
+        start = runs.restore(state, models, opts, names)
         if ranks.main:
             folder.truncate_curve(start)
             print(f"resumed from {cfg.out}/checkpoint.pt at step {start}")
@@ -465,24 +514,26 @@ def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> di
         for key, m in models.items():
             m.init_b_dec(model_input(key, x0, layers), cfg.b_dec_init)
     ranks.broadcast(models)     # after init/resume: every rank starts from rank 0's model
-    fwd = {k: ddp(m, find_unused_parameters=cfg.dictionary == "polysae" and cfg.order < 3) if ranks.world > 1 else m
+    fwd = {k: ddp(m, find_unused_parameters=getattr(m.config, "order", 3) < 3) if ranks.world > 1 else m
            for k, m in models.items()}
-    run = {"dict": cfg.dictionary, "model": cfg.model, "layers": layers, "dataset": cfg.dataset, "context": cfg.context,
+    run = {"model": cfg.model, "layers": layers, "dataset": cfg.dataset, "context": cfg.context,
            "drop_outliers": cfg.drop_outliers or None, "lm_dtype": cfg.lm_dtype, **data.run}
-    sizes = {str(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    sizes = {names(k): sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     if ranks.main:
-        print(f"{cfg.dictionary} on {cfg.model} layers {layers} (d={d}): {data.steps} steps of {cfg.batch_size} tokens, "
+        kinds = ", ".join(f"{s['name']} ({s['kind']})" if s["name"] != s["kind"] else s["kind"] for s in cfg.dictionaries)
+        print(f"{kinds} on {cfg.model} layers {layers} (d={d}): {data.steps} steps of {cfg.batch_size} tokens, "
               f"{sum(sizes.values()):,} parameters on {device}" + (f" x {ranks.world} ranks" if ranks.world > 1 else ""))
-        if hasattr(next(iter(models.values())), "cost_report"):
-            print(next(iter(models.values())).cost_report())
+        for m in models.values():
+            if hasattr(m, "cost_report"):
+                print(m.cost_report())
     setup_s = time.perf_counter() - t_setup
 
     result = fit(cfg, models, opts, fwd, data, start, layers, device, ranks, folder)
     fwd.clear()                                            # DDP reducers go before their process group
-    assert_ranks_agree(models, ranks)
+    assert_ranks_agree({names(k): m for k, m in models.items()}, ranks)
     if not ranks.main:
         return result
-    folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg))
+    folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg, names))
     summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
                "parameters": sizes, "eval": evaluate(models, data, layers, device)}
     summary["time"]["setup_s"] = setup_s
@@ -493,8 +544,9 @@ def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> di
     elif result["data_exhausted"]:
         print(f"note: the data ran out after {result['steps']} of {result['steps_planned']} steps")
     for key, s in summary["eval"].items():
-        name = "all layers" if key == "all" else f"layer {key}"
-        print(f"held-out {name}: FVU {s['fvu']:.4f}  MSE {s['mse']:.4g}  L0 {s['l0']:.1f}  dead {s['dead_eval']:.3f}")
+        where = "all layers" if key.endswith("all") else f"layer {key.rsplit('/', 1)[-1]}"
+        who = "" if len(cfg.dictionaries) == 1 else f"{key.rsplit('/', 1)[0]} "
+        print(f"held-out {who}{where}: FVU {s['fvu']:.4f}  MSE {s['mse']:.4g}  L0 {s['l0']:.1f}  dead {s['dead_eval']:.3f}")
     t = summary["time"]
     print(f"wrote {cfg.out} ({summary['tokens_per_s']:,.0f} tokens/s; {t['loop_s']:.0f} s training, of which "
           f"{t['waited_for_data_s']:.0f} s waiting for data; data produced in {t['data_s']:.0f} s beside it)")
@@ -504,9 +556,8 @@ def _train(cfg, device, layers, d, multi, streaming, ranks: Ranks, folder) -> di
 def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(parse_args(argv))
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except cli.USER_ERRORS as e:
+        return cli.cli_error(e)
     return 130 if summary.get("interrupted") else 0
 
 

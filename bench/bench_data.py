@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import activations  # noqa: E402
-import batches  # noqa: E402
+from support import batches  # noqa: E402
 
 
 def module_at(rev: str, name: str):

@@ -27,7 +27,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import activations  # noqa: E402
-import corpora  # noqa: E402
+from support import corpora  # noqa: E402
 
 
 def truncated_forward(model, deepest: int):

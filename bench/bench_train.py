@@ -5,11 +5,11 @@ run: tokens/s, ms/step, FLOPs per step, the achieved fraction of the machine's m
     python bench/bench_train.py --threads 1           # CPU-sized defaults (d 576 = SmolLM2, L 8, F 2048, k 32)
     python bench/bench_train.py --device cuda --paper # F 16384, k 64, batch 4096, L 8, d 768; fp32 and bf16
 
-One training step is sae.train_step, what train.py runs per batch: forward with the losses,
+One training step is core.train_step, what train.py runs per batch: forward with the losses,
 backward, `before_step`, gradient clipping (1.0), Adam with fused=True as train.py builds it (one
 kernel; `--adam plain` for torch's default several passes per tensor), `after_step`. Each dictionary runs twice
 (`--paths`): with the dense autograd encoder backward, and with the sparse one
-(sae.SparseEncoderGrad, switched by sae.SPARSE_BACKWARD); `*` marks the device's default.
+(core.SparseEncoderGrad, switched by core.SPARSE_BACKWARD); `*` marks the device's default.
 On CUDA each path runs in float32 and under torch.autocast(bfloat16) (`--dtype`). The data are
 standard-normal tokens (throughput does not depend on them; with the default `dead_tokens`
 nothing is dead during a short run, so AuxK never runs, as in the first 10M tokens of a real run).
@@ -19,7 +19,7 @@ Analytic FLOPs per step (B tokens, 2 FLOPs per MAC). Every encoder ends in one p
 pre = h Wᵀ + b with h (B, D), W (F, D): D = d (sae, polysae), L·d (crosscoder), R (fmxcoder CP),
 R2·R3 (fmxcoder TR). Its forward costs 2·B·D·F; its backward 4·B·D·F dense, or 4·B·k·D sparse (the
 gradients only at the k selected entries of each token). The decoder's first contraction reads only
-the k active rows of an X-wide matrix (sae.sparse_decode): 6·B·k·X with its backward. The rest are
+the k active rows of an X-wide matrix (core.sparse_decode): 6·B·k·X with its backward. The rest are
 dense matmuls with their backward, 6 × MACs: the factorised encoder before its last product and the
 decoder after its first (fmxcoder.costs), PolySAE's polynomial, plus per step
     polysae     2 F R1²  the QR retraction of U
@@ -54,8 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import crosscoder  # noqa: E402
 import fmxcoder  # noqa: E402
 import polysae  # noqa: E402
-import runs  # noqa: E402
+from support import runs  # noqa: E402
 import sae  # noqa: E402
+import core  # noqa: E402
+from support import cli  # noqa: E402
 
 KINDS = ("sae", "polysae", "crosscoder", "fmxcoder-cp", "fmxcoder-tr")
 PATHS = ("dense", "sparse")
@@ -126,7 +128,7 @@ def run_one(kind: str, path: str, dtype: str, a) -> dict:
     import psutil
 
     device = torch.device(a.device)
-    sae.SPARSE_BACKWARD.update({device.type: path == "sparse", f"{device.type}+autocast": path == "sparse"})
+    core.SPARSE_BACKWARD.update({device.type: path == "sparse", f"{device.type}+autocast": path == "sparse"})
     torch.manual_seed(0)
     shape = (a.batch, a.d) if kind in ("sae", "polysae") else (a.batch, a.layers, a.d)
     xs = [torch.randn(shape, device=device) for _ in range(2)]
@@ -143,11 +145,11 @@ def run_one(kind: str, path: str, dtype: str, a) -> dict:
                 else contextlib.nullcontext())
     model.train()
     for i in range(a.warmup):
-        sae.train_step(model, opt, xs[i % 2], autocast=autocast)
+        core.train_step(model, opt, xs[i % 2], autocast=autocast)
     sync(device)
     t = time.perf_counter()
     for i in range(a.steps):
-        sae.train_step(model, opt, xs[i % 2], autocast=autocast)
+        core.train_step(model, opt, xs[i % 2], autocast=autocast)
     sync(device)
     dt = (time.perf_counter() - t) / a.steps
     if device.type == "cuda":
@@ -195,7 +197,7 @@ def parse(argv=None):
             if v not in allowed:
                 p.error(f"{flag} must list items of {allowed}, got {v!r}")
     try:
-        runs.resolve_device(a.device)              # cuda asked for but not there: one line, no traceback
+        cli.resolve_device(a.device)              # cuda asked for but not there: one line, no traceback
     except ValueError as e:
         p.error(str(e))
     return a

@@ -26,7 +26,7 @@ on its own), so a noisy or shared machine slows all of them alike. Each side kee
 defaults where they are part of the method:
   ours          unit-norm decoder rows (gradient projection + renormalisation), W_enc = W_decᵀ,
                 b_dec = geometric median of the first batch, AuxK coefficient 1/32; one step =
-                sae.train_step with train.py's Adam (CPU: the sparse encoder backward, the
+                core.train_step with train.py's Adam (CPU: the sparse encoder backward, the
                 default there); a second row steps the same model with Adam(fused=True)
   SAELens       TopKTrainingSAE defaults: decoder rows initialised at norm 0.1, selection on
                 pre-activation × decoder norm (rescale_acts_by_decoder_norm), AuxK coefficient 1,
@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sae  # noqa: E402
+import core  # noqa: E402
 
 
 def load_data(a) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +106,7 @@ def ours(a, first_batch, fused_adam=False):
     opt = torch.optim.Adam(m.parameters(), lr=a.lr, betas=(0.9, 0.999), fused=fused_adam)
 
     def step(x):   # train.py's step
-        sae.train_step(m, opt, x).loss.item()
+        core.train_step(m, opt, x).loss.item()
     return step, lambda x: m(x).recon, m.eval
 
 

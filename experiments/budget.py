@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import runs  # noqa: E402
+from support import runs  # noqa: E402
 
 HOME = Path.home() / ".cache" / "fmxcoders"
 CORPUS = HOME / "corpus" / "offline-2m.jsonl"

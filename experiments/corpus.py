@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import corpora  # noqa: E402
+from support import corpora  # noqa: E402
 
 MIN_CHARS = 200          # drop stubs, redirects and one-line entries
 

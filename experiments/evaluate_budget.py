@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import budget  # noqa: E402
 import metrics  # noqa: E402
-import runs  # noqa: E402
+from support import runs  # noqa: E402
 
 HERE = ROOT / "experiments"
 NAMES = {"crosscoder": "crosscoder", "crosscoder_mask": "crosscoder + masking", "fmx_tr": "fmxcoder TR (masked)",
@@ -222,7 +222,7 @@ def w1_ratio(a: str, b: str) -> str:
         return "–"
     wa, wb = wa["decoder_norm_scaled"], wb["decoder_norm_scaled"]
     reps = [x / y for x, y in zip(wa.get("replicates", []), wb.get("replicates", []))]
-    return ci(wa["mean"] / wb["mean"], metrics.percentile_interval(reps) if reps else None, 2)
+    return ci(wa["mean"] / wb["mean"], probe.percentile_interval(reps) if reps else None, 2)
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,7 @@
     python experiments/figure.py [RUNS_DIR=runs/repro]
 
 Reads RUNS_DIR/<run>/eval.json (metrics.py), probe.json (probe.py format, experiments/probe_all.py)
-and the models (runs.load_run), and writes
+and the models (saved.load_run), and writes
   experiments/fc_and_norms.png : (a) functional-coherence histograms, FC_i ∈ [1, L] (1 = driven by one
       layer); (b) decoder-norm spread Σ_l‖d_il‖ / max_l‖d_il‖ on the same axis; (c, d) per-latent,
       per-layer decoder norms ‖d_il‖ / max_l ‖d_il‖ (rows = latents sorted by peak layer) for the
@@ -23,7 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from runs import load_run  # noqa: E402
+from support.saved import load_run  # noqa: E402
+from support import saved  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MULTI = [("sae_per_layer", "TopK SAE per layer (8)"), ("crosscoder", "crosscoder"),

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import activations  # noqa: E402
 import metrics  # noqa: E402
 import probe  # noqa: E402
-from runs import load_run  # noqa: E402
-import tasks  # noqa: E402
+from support.saved import load_run  # noqa: E402
+from support import tasks  # noqa: E402
 import sae  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def probe_runs(run_dirs, task_names, ks=(1, 2, 5), n_train=300, n_test=150, seed
         report["mean"] = probe.summarise(report["tasks"])
         if n_boot:
             report["mean_ci"] = probe.mean_intervals(report["tasks"], preds[rd], n_boot, seed)
-        sae.write_atomic(Path(rd) / "probe.json", json.dumps(report, indent=2))
+        write_atomic(Path(rd) / "probe.json", json.dumps(report, indent=2))
         reports[rd] = report
         print(f"== {rd}\n{probe.table(report)}")
     return reports

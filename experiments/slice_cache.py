@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import activation_cache  # noqa: E402
+from support import cache as activation_cache  # noqa: E402
 
 
 def slice_cache(src, dst, layer: int) -> Path:

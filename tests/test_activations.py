@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import activations as A  # noqa: E402
-import activation_cache  # noqa: E402
-import corpora
+from support import cache as activation_cache  # noqa: E402
+from support import corpora
 
 EOT = 50256  # GPT-2's <|endoftext|>
 

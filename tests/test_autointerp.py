@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-import autointerp
+from latents import judge as autointerp
 
 DIGITS = {10 + i: f" {i + 1}" for i in range(9)}
 STATES = {20 + i: s for i, s in enumerate([" Texas", " Ohio", " Utah", " Iowa", " Maine"])}

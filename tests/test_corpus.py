@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import corpora
+from support import corpora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 corpus = pytest.importorskip("corpus")

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import activation_cache
-import corpora
+from support import cache as activation_cache
+from support import corpora
 import sae
-import batches
+from support import batches
 import train
 from tiny_gpt2 import tiny_gpt2
+from support import saved
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,7 @@ def torchrun(args, nproc=2, script="train.py", env=None, expect=0):
 
 
 def assert_same_model(a_dir, b_dir, atol=1e-5):
-    a, b = sae.load(a_dir), sae.load(b_dir)
+    a, b = saved.load(a_dir), saved.load(b_dir)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(v.float(), w.float(), atol=atol), (k, (v.float() - w.float()).abs().max())
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 import activations as A
-import activation_cache
-import corpora
+from support import cache as activation_cache
+from support import corpora
 import metrics
 import probe
-import runs
-import tasks
+from support import runs
+from support import tasks
+from support import saved
 
 
 def snapshot(folder) -> dict:
@@ -60,7 +61,7 @@ def _truncate(path):
     Path(path).write_bytes(data[:len(data) // 2])
 
 
-RERUN = runs.RERUN
+RERUN = saved.RERUN
 
 # each: (damage to the copied run, words the message must hold, the file it must name)
 DAMAGE = {
@@ -109,7 +110,7 @@ def test_a_damaged_run_is_one_line_naming_the_file(run, capsys, cli, damage):
 
 
 def test_a_run_without_the_complete_field_is_accepted_and_allow_incomplete_evaluates(run):
-    assert runs.check_run(run)                          # written before "complete" existed
+    assert saved.check_run(run)                          # written before "complete" existed
     edit_json(run / "summary.json", lambda m: m.update(complete=False))
     assert metrics.main([str(run), "--device", "cpu", "--ce-tokens", "0", "--fc-tokens", "0",
                          "--wasserstein", "", "--allow-incomplete"]) == 0

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import activation_cache
+from support import cache as activation_cache
 import activations
-import dashboard
-import features
+from latents import page as dashboard
+from latents import features
 import metrics
-from runs import load_run
+from support.saved import load_run
 import train
 
 KINDS = {"sae": [], "crosscoder": [], "fmxcoder": ["--rank", "16"], "polysae": ["--ranks", "32,8,8"]}

@@ -7,7 +7,8 @@ import torch
 import crosscoder as cc
 import fmxcoder as fx
 import sae
-from synthetic import fit, make_toy_data, recovery
+from support.synthetic import fit, make_toy_data, recovery
+from support import saved
 
 SMALL = dict(d_in=8, n_latents=48, k=4, n_layers=3)
 FACTS = [("cp", 12), ("tr", [2, 4, 3]), ("tr", 3)]
@@ -175,8 +176,8 @@ def test_masking_default_on_in_training_only():
 def test_save_load_roundtrip_exact(tmp_path, factorization, rank):
     model = make(factorization, rank, sparsity="batchtopk")
     model.train()(torch.randn(32, 3, 8))
-    sae.save(model, tmp_path / "m")
-    loaded = sae.load(tmp_path / "m")
+    saved.save(model, tmp_path / "m")
+    loaded = saved.load(tmp_path / "m")
     assert type(loaded) is fx.FMXCoder and loaded.config == model.config
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
@@ -193,7 +194,7 @@ def test_tr_learns_toy_atoms_and_every_shared_atom():
     torch.manual_seed(0)
     model = fx.demo_model(d_in=32, n_layers=4)
     assert model.config.factorization == "tr" and model.config.mask_prob == 0.05
-    res = fit(model, data, sae.train_step, steps=400)
+    res = fit(model, data, steps=400)
     best, frac = recovery(model.decoder_vectors(), data)
     assert res["fvu"] < 0.15
     assert frac > 0.8
@@ -206,7 +207,7 @@ def test_cp_learns_toy_atoms(factorization, rank):
     torch.manual_seed(0)
     model = fx.FMXCoder(fx.FMXCoderConfig(d_in=32, n_latents=512, k=8, n_layers=4, dead_tokens=50_000,
                                           factorization=factorization, rank=rank))
-    res = fit(model, data, sae.train_step, steps=400)
+    res = fit(model, data, steps=400)
     best, frac = recovery(model.decoder_vectors(), data)
     shared = data.profile_NL.sum(-1) == 4
     assert res["fvu"] < 0.15

@@ -8,18 +8,20 @@ import torch
 from scipy.stats import wasserstein_distance
 
 import activations
-import activation_cache
-import corpora
+from support import cache as activation_cache
+from support import corpora
 import metrics
-import runs
+from support import runs
 import sae
 from crosscoder import CrossCoder, CrossCoderConfig
 from polysae import PolySAE, PolySAEConfig
+import core
+from support import saved
 
 
 def fake_output(recon, latents):
     z = torch.zeros(())
-    return sae.Output(recon, latents, latents, z, z, z, z)
+    return core.Output(recon, latents, latents, z, z, z, z)
 
 
 def naive_fvu(x, x_hat):
@@ -312,15 +314,15 @@ def test_replayed_splice_equals_a_full_spliced_forward_pass(lm_windows, layer):
     """logits_from_block skips blocks 0..layer (their outputs come from the clean pass): the logits of the
     spliced, zero- and mean-ablated passes equal those of full forward passes with a hook."""
     lm, tok, batch = lm_windows
-    logits, outs = metrics.block_outputs(lm, batch, [layer])
+    logits, outs = activations.block_outputs(lm, batch, [layer])
     with torch.no_grad():
         plain = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(logits, plain, rtol=0, atol=0)                    # the clean pass, untouched
-    torch.testing.assert_close(metrics.logits_from_block(lm, batch, layer, outs[layer]), plain, rtol=0, atol=0)
+    torch.testing.assert_close(activations.logits_from_block(lm, batch, layer, outs[layer]), plain, rtol=0, atol=0)
     g = torch.Generator().manual_seed(layer)
     noise = torch.randn(int(batch["keep"].sum()), 64, generator=g)
     for replace in (lambda h: 0.5 * h + noise, torch.zeros_like):
-        got = metrics.logits_from_block(lm, batch, layer, metrics.spliced(outs[layer], batch["keep"], replace))
+        got = activations.logits_from_block(lm, batch, layer, activations.spliced(outs[layer], batch["keep"], replace))
         torch.testing.assert_close(got, naive_spliced_logits(lm, batch, layer, replace), rtol=1e-5, atol=1e-5)
     assert all("forward" not in vars(m) for m in lm.modules())                  # the blocks are restored
 
@@ -410,7 +412,7 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
         assert 0 < r["l0"] <= 64
         assert len(r["mse_raw_per_layer"]) == (4 if multi else 1)
     # the same held-out tokens as train.py's own summary (its FVU: Σx² − (Σx)²/n in float32)
-    for (layers, _, meta), r in zip(runs.load_run(out), ev["results"]):
+    for (layers, _, meta), r in zip(saved.load_run(out), ev["results"]):
         assert r["fvu"] == pytest.approx(meta["metrics"]["eval"]["fvu"], rel=1e-3)
         assert r["l0"] == pytest.approx(meta["metrics"]["eval"]["l0"], rel=1e-6)
     if kind == "sae":
@@ -439,7 +441,7 @@ def test_streamed_run_is_evaluated_on_the_tokens_it_held_out(gpt2_dir, tmp_path)
         "--out", str(out), "--device", "cpu", "--dead-tokens", "1000", "--ckpt-every", "0"]))
     ev = metrics.evaluate_run(out, "cpu", ce_tokens=0, wasserstein_task=None)
     assert "harvested 512 tokens" in ev["data"] and "streamed" in ev["data"]
-    (_, _, meta), = runs.load_run(out)
+    (_, _, meta), = saved.load_run(out)
     r = ev["results"][0]
     assert r["fvu"] == pytest.approx(meta["metrics"]["eval"]["fvu"], rel=1e-3)
     assert r["mse_norm"] == pytest.approx(meta["metrics"]["eval"]["mse"], rel=1e-3)

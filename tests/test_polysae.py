@@ -10,7 +10,9 @@ import torch
 import polysae
 import sae
 from polysae import PolySAE, PolySAEConfig
-from synthetic import ToyData, fit, make_toy_data, recovery
+from support.synthetic import ToyData, fit, make_toy_data, recovery
+import core
+from support import saved
 
 
 def _model(sparsity="topk", order=3, ranks=(6, 4, 3), seed=0, dtype=torch.float32, **kw):
@@ -292,15 +294,15 @@ def test_dead_counter_auxk_and_dead_fraction():
     naive = min(20 / model.config.aux_k, 1.0) * (resid - (model.decode(z_aux) - model.b_dec)).pow(2).sum(-1).mean()
     assert out.auxk.item() == pytest.approx(naive.item(), rel=1e-5)
     model.config.dead_tokens = 16
-    assert model.dead_fraction() == pytest.approx((~(out.latents > 0).any(0)).float().mean().item())
+    assert core.dead_fraction(model) == pytest.approx((~(out.latents > 0).any(0)).float().mean().item())
 
 
 @pytest.mark.parametrize("order", [1, 3])
 def test_save_load_round_trip_is_exact(tmp_path, order):
     model = _randomise(_model("batchtopk", order=order))
     model(torch.randn(32, 6))  # move the buffers away from their init
-    sae.save(model, tmp_path / "m")
-    loaded = sae.load(tmp_path / "m")
+    saved.save(model, tmp_path / "m")
+    loaded = saved.load(tmp_path / "m")
     assert type(loaded) is PolySAE and loaded.config == model.config
     assert loaded.config.ranks == (6, 4, 3)  # JSON list back to a tuple
     sd, sd2 = model.state_dict(), loaded.state_dict()
@@ -332,7 +334,7 @@ def test_polysae_learns_ground_truth_atoms():
     data = make_toy_data(d=32, n_layers=4, n_atoms=256, seed=0)
     torch.manual_seed(0)
     model = polysae.demo_model(32)
-    res = fit(model, data, sae.train_step, steps=400, single_layer=0)
+    res = fit(model, data, steps=400, single_layer=0)
     layer0 = ToyData(data.atoms_NLD[:, :1], data.profile_NL[:, :1], data.density, data.noise, 0)
     present = layer0.profile_NL[:, 0] > 0
     best, _ = recovery(model.decoder_vectors()[:, None], layer0)

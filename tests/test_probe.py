@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import activations
-import corpora
+from support import corpora
 import crosscoder
 import probe
-import tasks
+from support import tasks
 import sae
+from support import saved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,7 +233,7 @@ def _save_run(model, path, layers, lm_path):
     run = {"dict": "crosscoder" if len(layers) > 1 else "sae", "model": lm_path, "layers": layers,
            "hooks": [f"transformer.h.{l}" for l in layers], "dataset": None, "context": 32, "cache": None,
            "train_tokens": 0, "eval_tokens": 0, "drop_outliers": None}
-    sae.save(model, path, extra={"run": run, "train": {}, "metrics": {}})
+    saved.save(model, path, extra={"run": run, "train": {}, "metrics": {}})
 
 
 @pytest.mark.slow
@@ -370,7 +371,7 @@ def test_percentile_interval_of_a_mean_matches_the_normal_approximation():
     x = torch.randn(400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     g = torch.Generator().manual_seed(2)
     reps = [x[torch.randint(400, (400,), generator=g)].mean().item() for _ in range(2000)]
-    lo, hi = metrics.percentile_interval(reps)
+    lo, hi = probe.percentile_interval(reps)
     half = 1.96 * x.std().item() / 20
     assert lo == pytest.approx(x.mean().item() - half, abs=0.15 * half)
     assert hi == pytest.approx(x.mean().item() + half, abs=0.15 * half)

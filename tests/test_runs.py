@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import activations
-import activation_cache
-import runs
+from support import cache as activation_cache
+from support import runs
 import sae
 import train
+from support import saved
+from support import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,20 +59,20 @@ def test_a_new_run_refuses_a_folder_holding_another_run(gpt2_dir, cache_dir, tmp
     last = error_of(capsys, train.main(flags(gpt2_dir, cache_dir, out, "--dict", "sae")))
     assert last.startswith("error: --out") and str(out) in last and "--resume" in last and "--overwrite" in last
     assert snapshot(out) == before                                  # untouched
-    [(layers, model, _)] = runs.load_run(out)
+    [(layers, model, _)] = saved.load_run(out)
     assert layers == [0, 1, 2, 3] and type(model).__name__ == "CrossCoder"
     assert train.main(flags(gpt2_dir, cache_dir, out, "--dict", "sae", "--overwrite")) == 0
-    assert [layers for layers, _, _ in runs.load_run(out)] == [[0], [1], [2], [3]]
+    assert [layers for layers, _, _ in saved.load_run(out)] == [[0], [1], [2], [3]]
 
 
 def test_overwrite_replaces_the_whole_folder(gpt2_dir, cache_dir, tmp_path):
     """The old code left layer_0/ of a two-layer per-layer run next to the new one-layer run, and
-    runs.load_run returned both."""
+    saved.load_run returned both."""
     out, c01, c1 = tmp_path / "run", str(tmp_path / "c01"), str(tmp_path / "c1")
     assert train.main(flags(gpt2_dir, c01, out, "--dict", "sae", "--layers", "0,1")) == 0
     assert train.main(flags(gpt2_dir, c1, out, "--dict", "sae", "--layers", "1", "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "layer_1", "summary.json"]
-    assert [layers for layers, _, _ in runs.load_run(out)] == [[1]]
+    assert [layers for layers, _, _ in saved.load_run(out)] == [[1]]
     assert train.main(flags(gpt2_dir, cache_dir, out, "--dict", "crosscoder", "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "model.safetensors",
                                                      "summary.json"]
@@ -79,7 +81,7 @@ def test_overwrite_replaces_the_whole_folder(gpt2_dir, cache_dir, tmp_path):
 def test_a_failed_export_leaves_the_previous_run_whole(gpt2_dir, cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert train.main(flags(gpt2_dir, cache_dir, out, "--dict", "sae")) == 0
-    real_save, saved = sae.save, []
+    real_save, saved = saved.save, []
 
     def save_then_crash(model, path, extra=None):
         if saved:
@@ -116,7 +118,7 @@ def test_an_interrupted_run_is_saved_marked_incomplete_and_exits_130(gpt2_dir, c
     assert train.main(flags(gpt2_dir, cache_dir, out, "--tokens", "2048")) == 130
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False and summary["interrupted"] and summary["steps"] == 4
-    assert runs.load_run(out)                                          # a loadable model all the same
+    assert saved.load_run(out)                                          # a loadable model all the same
     ctrl_c_at(None)
     assert train.main(flags(gpt2_dir, cache_dir, out, "--tokens", "2048", "--resume")) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -142,7 +144,7 @@ def test_kill_9_then_resume_is_bit_identical(gpt2_dir, cache_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL and not (part / "config.json").exists()   # died mid-run
     assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 10
     assert train.main(flags(gpt2_dir, cache_dir, part, *common, "--resume")) == 0
-    a, b = sae.load(full), sae.load(part)
+    a, b = saved.load(full), saved.load(part)
     for (name, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(v, w), name
 
@@ -229,34 +231,34 @@ def test_eval_every_writes_a_curve_that_survives_interruption(gpt2_dir, cache_di
 @pytest.mark.parametrize("name", ["tpu", "meta", "mps", "cuda:x", ""])
 def test_resolve_device_accepts_only_auto_cpu_and_cuda(name):
     with pytest.raises(ValueError, match=f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"):
-        runs.resolve_device(name)
+        cli.resolve_device(name)
 
 
 def test_resolve_device_gives_a_torch_device_and_checks_cuda_indices():
-    assert runs.resolve_device("cpu") == torch.device("cpu")
-    assert runs.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert cli.resolve_device("cpu") == torch.device("cpu")
+    assert cli.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with pytest.raises(ValueError, match=f"--device 'cuda:{n}' requested but "):
-        runs.resolve_device(f"cuda:{n}")                       # one past the last device torch sees
+        cli.resolve_device(f"cuda:{n}")                       # one past the last device torch sees
 
 
 def test_check_writable_names_the_folder_and_creates_nothing(tmp_path):
-    runs.check_writable(tmp_path)                              # an existing folder
-    runs.check_writable(tmp_path / "a" / "b")                  # one that can be created ...
+    cli.check_writable(tmp_path)                              # an existing folder
+    cli.check_writable(tmp_path / "a" / "b")                  # one that can be created ...
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())   # ... but is not
     (tmp_path / "file").write_text("")
     with pytest.raises(runs.RunFolderError, match=f"cannot write into {str(tmp_path / 'file')!r}"):
-        runs.check_writable(tmp_path / "file")
+        cli.check_writable(tmp_path / "file")
     with pytest.raises(runs.RunFolderError, match=f"{str(tmp_path / 'file' / 'sub')!r} is not writable: cannot "
                                                   f"write into {str(tmp_path / 'file')!r}"):
-        runs.check_writable(tmp_path / "file" / "sub")
+        cli.check_writable(tmp_path / "file" / "sub")
 
 
 def test_load_run_and_check_run_read_layer_folders_in_layer_order(tmp_path):
     """layer_10 comes after layer_2 (not in the order of the names), in both; a stray layer_x/ is no layer."""
     for l in (10, 2):
-        sae.save(sae.demo_model(8), tmp_path / f"layer_{l}", {"run": {"layers": [l], "model": "m"}})
+        saved.save(sae.demo_model(8), tmp_path / f"layer_{l}", {"run": {"layers": [l], "model": "m"}})
     (tmp_path / "layer_x").mkdir()
-    assert [ls for ls, _, _ in runs.load_run(tmp_path)] == [[2], [10]]
-    assert [m["run"]["layers"] for m in runs.check_run(tmp_path)] == [[2], [10]]
-    assert [ls for ls, _, _ in runs.open_run(tmp_path)] == [[2], [10]]
+    assert [ls for ls, _, _ in saved.load_run(tmp_path)] == [[2], [10]]
+    assert [m["run"]["layers"] for m in saved.check_run(tmp_path)] == [[2], [10]]
+    assert [ls for ls, _, _ in saved.open_run(tmp_path)] == [[2], [10]]

@@ -4,9 +4,11 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-import runs
+from support import runs
 import sae
-from synthetic import fit, make_toy_data, recovery, ToyData
+from support.synthetic import fit, make_toy_data, recovery, ToyData
+import core
+from support import saved
 
 
 def test_topk_keeps_exactly_the_k_largest_relu_values():
@@ -58,16 +60,16 @@ def test_batchtopk_threshold_calibrates_and_is_used_in_eval():
 
 def test_update_threshold_is_an_ema_of_the_smallest_kept_value():
     th = torch.tensor(-1.0)
-    sae.update_threshold(th, torch.tensor([[0.0, 2.0], [3.0, 0.0]]))
+    core.update_threshold(th, torch.tensor([[0.0, 2.0], [3.0, 0.0]]))
     assert th.item() == 2.0
-    sae.update_threshold(th, torch.tensor([[1.0, 0.0]]), momentum=0.5)
+    core.update_threshold(th, torch.tensor([[1.0, 0.0]]), momentum=0.5)
     assert th.item() == pytest.approx(1.5)
 
 
 def _auxk(pre, dead, resid, W, aux_k):
-    idx, keep = sae.auxk_indices(pre, dead, aux_k)
-    z_aux = sae.Selection(idx, pre.reshape(-1)[idx].relu() * keep, tuple(pre.shape))
-    return sae.auxk_loss(z_aux, dead, resid, lambda z: z.dense() @ W, aux_k)
+    idx, keep = core.auxk_indices(pre, dead, aux_k)
+    z_aux = core.Selection(idx, pre.reshape(-1)[idx].relu() * keep, tuple(pre.shape))
+    return core.auxk_loss(z_aux, dead, resid, lambda z: z.dense() @ W, aux_k)
 
 
 def test_auxk_matches_naive_formula():
@@ -104,7 +106,7 @@ def test_geometric_median_matches_scipy():
     x = rng.standard_normal((200, 5)) + rng.standard_exponential((200, 1)) * 3
     res = minimize(lambda m: np.linalg.norm(x - m, axis=1).sum(), x.mean(0), method="Nelder-Mead",
                    options={"xatol": 1e-9, "fatol": 1e-9, "maxiter": 20000, "maxfev": 40000})
-    got = sae.geometric_median(torch.tensor(x, dtype=torch.float64), iters=1000).numpy()
+    got = core.geometric_median(torch.tensor(x, dtype=torch.float64), iters=1000).numpy()
     obj = lambda m: np.linalg.norm(x - m, axis=1).sum()
     assert obj(got) <= obj(res.x) + 1e-6
     assert np.allclose(got, res.x, atol=1e-3)
@@ -112,8 +114,8 @@ def test_geometric_median_matches_scipy():
 
 def test_fvu_known_answers():
     x = torch.randn(100, 8)
-    assert sae.fvu(x, x).item() == 0.0
-    assert sae.fvu(x, x.mean(0).expand_as(x)).item() == pytest.approx(1.0)
+    assert core.fvu(x, x).item() == 0.0
+    assert core.fvu(x, x.mean(0).expand_as(x)).item() == pytest.approx(1.0)
 
 
 def _model(sparsity="topk", seed=0):
@@ -163,7 +165,7 @@ def test_free_decoder_norms_start_at_the_init_norm_and_are_not_renormalised():
     assert torch.equal(model.W_dec.grad, g)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(20):
-        sae.train_step(model, opt, torch.randn(64, 16))
+        core.train_step(model, opt, torch.randn(64, 16))
     norms = model.W_dec.norm(dim=-1)
     assert (norms - 0.1).abs().max() > 1e-3      # trained away from the init norm, not pulled back
     with pytest.raises(ValueError, match="decoder_norm must be 'unit' or 'free'"):
@@ -196,18 +198,18 @@ def test_auxk_is_used_when_latents_are_dead():
 def test_save_load_round_trip_is_exact(tmp_path):
     model = _model("batchtopk")
     model(torch.randn(32, 12))  # move the buffers away from their init
-    sae.save(model, tmp_path / "m", extra={"run": {"layers": [3]}})
-    loaded = sae.load(tmp_path / "m")
+    saved.save(model, tmp_path / "m", extra={"run": {"layers": [3]}})
+    loaded = saved.load(tmp_path / "m")
     assert type(loaded) is sae.SAE and loaded.config == model.config
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
-    [(layers, m2, meta)] = runs.load_run(tmp_path / "m")
+    [(layers, m2, meta)] = saved.load_run(tmp_path / "m")
     assert layers == [3] and meta["class"] == "sae.SAE"
 
 
 def test_load_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        sae.load(tmp_path)
+        saved.load(tmp_path)
 
 
 def test_bad_config_errors():
@@ -237,7 +239,7 @@ def test_sae_learns_ground_truth_atoms():
     data = make_toy_data(d=32, n_layers=4, n_atoms=256, seed=0)
     torch.manual_seed(0)
     model = sae.SAE(sae.SAEConfig(d_in=32, n_latents=512, k=8, dead_tokens=50_000))
-    res = fit(model, data, sae.train_step, steps=300, single_layer=0)
+    res = fit(model, data, steps=300, single_layer=0)
     layer0 = ToyData(data.atoms_NLD[:, :1], data.profile_NL[:, :1], data.density, data.noise, 0)
     present = layer0.profile_NL[:, 0] > 0
     best, _ = recovery(model.W_dec[:, None], layer0)
@@ -252,7 +254,7 @@ def test_sparse_decode_equals_dense_product_and_gradients(density):
     z[3] = 0.0  # a token with no active latent
     W = torch.randn(64, 24, requires_grad=True)
     z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
-    y_sparse, y_dense = sae.sparse_decode(z1, W), z2 @ W.detach().clone().requires_grad_()
+    y_sparse, y_dense = core.sparse_decode(z1, W), z2 @ W.detach().clone().requires_grad_()
     assert torch.allclose(y_sparse, y_dense, atol=1e-5)
     g = torch.randn_like(y_dense)
     (y_sparse * g).sum().backward()
@@ -272,9 +274,9 @@ def test_the_four_dictionaries_provide_the_dictionary_protocol():
               polysae.PolySAE(polysae.PolySAEConfig(d_in=8, n_latents=32, k=4)),
               crosscoder.CrossCoder(crosscoder.CrossCoderConfig(d_in=8, n_latents=32, k=4, n_layers=3)),
               fmxcoder.FMXCoder(fmxcoder.FMXCoderConfig(d_in=8, n_latents=32, k=4, n_layers=3, rank=8))]
-    members = [m for m in sae.Dictionary.__dict__ if not m.startswith("_")] + list(sae.Dictionary.__annotations__)
+    members = [m for m in core.Dictionary.__dict__ if not m.startswith("_")] + list(core.Dictionary.__annotations__)
     assert {"encoder_linear", "decode_nobias", "dead_bound", "tokens_since_fired", "config"} <= set(members)
     for model in models:
-        assert isinstance(model, sae.Dictionary), type(model).__name__
+        assert isinstance(model, core.Dictionary), type(model).__name__
         assert all(hasattr(model, m) for m in members)
-    assert not isinstance(torch.nn.Linear(2, 2), sae.Dictionary)
+    assert not isinstance(torch.nn.Linear(2, 2), core.Dictionary)

@@ -1,4 +1,4 @@
-"""The sparse encoder backward (sae.SparseEncoderGrad) against dense autograd, and a training step
+"""The sparse encoder backward (core.SparseEncoderGrad) against dense autograd, and a training step
 without host–device syncs, for all four dictionaries."""
 import contextlib
 import copy
@@ -10,6 +10,7 @@ import crosscoder as cc
 import fmxcoder as fx
 import polysae
 import sae
+import core
 
 KINDS = ["sae", "polysae", "crosscoder", "crosscoder-masked", "fmxcoder-cp", "fmxcoder-tr"]
 
@@ -42,14 +43,14 @@ def batch(kind, n=24, dtype=torch.float32, device="cpu", seed=1):
 
 @contextlib.contextmanager
 def backward_path(sparse: bool, device):
-    old = dict(sae.SPARSE_BACKWARD)
+    old = dict(core.SPARSE_BACKWARD)
     kind = torch.device(device).type
-    sae.SPARSE_BACKWARD.update({kind: sparse, f"{kind}+autocast": sparse})
+    core.SPARSE_BACKWARD.update({kind: sparse, f"{kind}+autocast": sparse})
     try:
         yield
     finally:
-        sae.SPARSE_BACKWARD.clear()
-        sae.SPARSE_BACKWARD.update(old)
+        core.SPARSE_BACKWARD.clear()
+        core.SPARSE_BACKWARD.update(old)
 
 
 def gradients(model, x, sparse, device):
@@ -97,7 +98,7 @@ def test_twenty_optimiser_steps_give_the_same_weights(kind, sparsity, device):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         torch.manual_seed(3)
         with backward_path(path, device):
-            auxk = [sae.train_step(model, opt, batch(kind, dtype=torch.float64, device=device, seed=s)).auxk
+            auxk = [core.train_step(model, opt, batch(kind, dtype=torch.float64, device=device, seed=s)).auxk
                     for s in range(20)]
         assert torch.stack(auxk).gt(0).any().item()   # AuxK ran
         models[path] = model
@@ -118,7 +119,7 @@ def test_sparse_encoder_grad_equals_autograd_with_repeated_entries(device):
     idx = torch.tensor([0, 3, 3, 10, 12, 30, 31, 31, 54], device=device)   # sorted, with repeats, token 1 empty
     g = torch.randn(len(idx), dtype=torch.float64, device=device)
     pre = torch.nn.functional.linear(h, W, b)
-    got = torch.autograd.grad((sae.SparseEncoderGrad.apply(h, W, b, pre.detach(), idx) * g).sum(), (h, W, b))
+    got = torch.autograd.grad((core.SparseEncoderGrad.apply(h, W, b, pre.detach(), idx) * g).sum(), (h, W, b))
     want = torch.autograd.grad((pre.reshape(-1)[idx] * g).sum(), (h, W, b))
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
@@ -127,10 +128,10 @@ def test_sparse_encoder_grad_equals_autograd_with_repeated_entries(device):
 def test_selection_decode_equals_the_dense_product(device):
     torch.manual_seed(5)
     pre = torch.randn(9, 40, device=device)
-    idx, _ = sae.select(pre, "batchtopk", 3)
-    z = sae.Selection(idx, pre.reshape(-1)[idx].relu(), (9, 40))
+    idx, _ = core.select(pre, "batchtopk", 3)
+    z = core.Selection(idx, pre.reshape(-1)[idx].relu(), (9, 40))
     W = torch.randn(40, 6, device=device)
-    torch.testing.assert_close(sae.sparse_decode(z, W), z.dense() @ W)
+    torch.testing.assert_close(core.sparse_decode(z, W), z.dense() @ W)
     torch.testing.assert_close(z.dense(), sae.batch_topk(pre, 3))
     assert torch.equal(idx, idx.sort().values) and len(idx) == 27
 
@@ -195,9 +196,9 @@ def test_training_steps_do_not_sync(kind, sparsity, dead, sparse, device):
     xs = [batch(kind.removesuffix("-exact-norms"), device=device, seed=s) for s in range(5)]
     counter = SyncCounter()
     with backward_path(sparse, device):
-        sae.train_step(model, opt, xs[0])   # on a GPU the first step reads the dead counter once (HostMirror)
+        core.train_step(model, opt, xs[0])   # on a GPU the first step reads the dead counter once (HostMirror)
         with counter.counting(device):
-            outs = [sae.train_step(model, opt, x) for x in xs[1:]]
+            outs = [core.train_step(model, opt, x) for x in xs[1:]]
     assert counter.calls == []
     assert all((o.auxk > 0).item() == dead for o in outs)
 
@@ -213,7 +214,7 @@ def test_batchtopk_inference_encode_does_not_sync(kind, device):
         calibrated = model.encode(x)
     assert counter.calls == []
     assert ((uncalibrated > 0).sum(-1) == 4).all()                              # per-row TopK
-    assert torch.equal(calibrated > 0, sae.scores(model.pre_acts(x), model.decoder_scale()) > 0.05)
+    assert torch.equal(calibrated > 0, core.scores(model.pre_acts(x), model.decoder_scale()) > 0.05)
 
 
 def test_old_style_syncs_are_counted():
@@ -232,7 +233,7 @@ def test_old_style_syncs_are_counted():
 
 
 class Always:
-    """A stand-in for model.dead_bound that always says "a latent may be dead"."""
+    """A stand-in for model.dead.bound that always says "a latent may be dead"."""
 
     def get(self, buf):
         return 1 << 62
@@ -249,10 +250,10 @@ def test_the_host_side_dead_bound_never_skips_auxk(kind, device):
     for gate in (True, False):
         model = make(kind, dead_tokens=60, device=device)
         if not gate:
-            model.dead_bound = Always()
+            model.dead.bound = Always()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         torch.manual_seed(3)
-        auxk = [sae.train_step(model, opt, batch(kind, device=device, seed=s)).auxk for s in range(8)]
+        auxk = [core.train_step(model, opt, batch(kind, device=device, seed=s)).auxk for s in range(8)]
         runs.append((model, torch.stack(auxk)))
     (gated, auxk_g), (always, auxk_a) = runs
     # the ungated run adds AuxK's zero terms to the backward (another computation): float rounding only;
@@ -264,7 +265,7 @@ def test_the_host_side_dead_bound_never_skips_auxk(kind, device):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
         else:                                   # dead counters: integers, far from any selection tie
             assert torch.equal(a, b), name
-    assert gated.dead_bound.get(gated.tokens_since_fired) >= gated.tokens_since_fired.max().item()
+    assert gated.dead.bound.get(gated.tokens_since_fired) >= gated.tokens_since_fired.max().item()
 
 
 @pytest.mark.parametrize("kind", ["sae", "crosscoder-masked"])
@@ -273,7 +274,7 @@ def test_a_refreshed_dead_count_shrinks_auxk_without_changing_it(kind, device, m
     entries per token as latents can be dead before the next refresh: the AuxK losses and the weights
     equal those of the full k_aux selection to float rounding (the sums run over fewer masked zeros,
     and the backward adds the same terms in another order), and the selections are smaller."""
-    sizes, real = [], sae.auxk_indices
+    sizes, real = [], core.auxk_indices
 
     def spy(pre, dead, k):
         sizes.append(k)
@@ -290,7 +291,7 @@ def test_a_refreshed_dead_count_shrinks_auxk_without_changing_it(kind, device, m
         for s in range(8):
             if refresh:                                # every step of 24 tokens
                 sae.refresh_dead_mirror(model, 24)
-            auxk.append(sae.train_step(model, opt, batch(kind, device=device, seed=s)).auxk)
+            auxk.append(core.train_step(model, opt, batch(kind, device=device, seed=s)).auxk)
         runs.append((model, torch.stack(auxk), list(sizes)))
     (small, auxk_s, sizes_s), (full, auxk_f, sizes_f) = runs
     # the same entries selected (the extra ones are masked): the losses agree to float rounding
@@ -308,9 +309,9 @@ def test_dead_bound_is_reread_after_load_state_dict(device):
     with torch.no_grad():
         src.tokens_since_fired.fill_(500)
     fresh = make("sae", dead_tokens=100, device=device)
-    assert fresh.dead_bound.get(fresh.tokens_since_fired) == 0
+    assert fresh.dead.bound.get(fresh.tokens_since_fired) == 0
     fresh.load_state_dict(src.state_dict())
-    assert fresh.dead_bound.get(fresh.tokens_since_fired) == 500
+    assert fresh.dead.bound.get(fresh.tokens_since_fired) == 500
     assert fresh.train()(batch("sae", device=device)).auxk.item() > 0
 
 
@@ -318,7 +319,7 @@ def test_crosscoder_step_mirror_follows_load_state_dict(device):
     model = make("fmxcoder-tr", device=device)    # norm_every 3
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for s in range(4):
-        sae.train_step(model, opt, batch("fmxcoder-tr", device=device, seed=s))
+        core.train_step(model, opt, batch("fmxcoder-tr", device=device, seed=s))
     assert model.steps_host.get(model.steps_done) == 4 == model.steps_done.item()
     other = make("fmxcoder-tr", device=device)
     other.load_state_dict(model.state_dict())

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-import runs
-import activation_cache
-import corpora
+from support import runs
+from support import cache as activation_cache
+from support import corpora
 import sae
 import train
+import core
+from support import saved
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_
     summary = train.train(train.parse_args(flags(gpt2_dir, cache_dir, out, "--dict", kind, *extra,
                                                  "--device", str(device))))
     assert summary["complete"] and summary["steps"] == 3072 // 128
-    entries = runs.load_run(out)
+    entries = saved.load_run(out)
     cache = activation_cache.ActivationCache(cache_dir)
     n_train = summary["eval"] and cache.n_tokens - entries[0][2]["run"]["eval_tokens"]
     x = cache.read(n_train, cache.n_tokens) * cache.scale[:, None]
@@ -48,7 +50,7 @@ def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_
         with torch.no_grad():
             recon = model(xi).recon
         # reconstructs better than predicting the mean of the held-out tokens
-        assert sae.fvu(xi, recon).item() < 0.9
+        assert core.fvu(xi, recon).item() < 0.9
         assert meta["train"]["dictionary"] == kind and meta["run"]["dict"] == kind and meta["run"]["hooks"]
 
 
@@ -65,7 +67,7 @@ def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, ctrl_c_
     ctrl_c_at(None)
     s2 = train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common, "--resume")))
     assert s2["steps"] == 20
-    a, b = sae.load(full), sae.load(part)
+    a, b = saved.load(full), saved.load(part)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(v, w, atol=1e-6), k
 
@@ -84,7 +86,7 @@ def test_interrupted_constant_lr_run_can_be_extended(gpt2_dir, cache_dir, tmp_pa
         train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common[:-2], "--tokens", "2560", "--resume")))
     s = train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, *common, "--tokens", "2560", "--resume")))
     assert s["steps"] == 20 and s["complete"]
-    a, b = sae.load(full), sae.load(part)
+    a, b = saved.load(full), saved.load(part)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(v, w, atol=1e-6), (k, (v-w).abs().max(), s)
 
@@ -127,7 +129,7 @@ def test_cache_tokens_one_big_cache_for_several_runs(gpt2_dir, tmp_path, capsys)
                  "--lm-dtype", "bfloat16")
     train.train(train.parse_args(args))
     assert activation_cache.ActivationCache(cache).n_tokens == 12000
-    [(_, _, meta)] = runs.load_run(tmp_path / "a")
+    [(_, _, meta)] = saved.load_run(tmp_path / "a")
     assert meta["run"]["train_tokens"] == 12000 - 1024 and meta["run"]["lm_dtype"] == "bfloat16"
     assert train.main(flags(gpt2_dir, "none", tmp_path / "b", "--cache-tokens", "6000")) == 2
     assert "--cache none streams" in capsys.readouterr().err
@@ -140,7 +142,7 @@ def test_streaming_without_a_cache(gpt2_dir, tmp_path, device):
     args = flags(gpt2_dir, "none", tmp_path / "s", "--dict", "sae", "--layers", "1", "--eval-tokens", "4608",
                  "--tokens", "2048", "--device", str(device))
     summary = train.train(train.parse_args(args))
-    [(layers, model, meta)] = runs.load_run(tmp_path / "s")
+    [(layers, model, meta)] = saved.load_run(tmp_path / "s")
     assert layers == [1] and meta["run"]["cache"] is None and meta["run"]["eval_tokens"] == 4608
     assert summary["steps"] == 16
     assert 0 < summary["eval"]["1"]["fvu"] < 0.9
@@ -218,10 +220,10 @@ def test_the_loop_reads_the_device_only_every_log_every_steps(gpt2_dir, cache_di
     monkeypatch.setattr(train.Logs, "read", paused(train.Logs.read, reads))
     monkeypatch.setattr(train, "evaluate", paused(train.evaluate))
     monkeypatch.setattr(runs.RunFolder, "save_checkpoint", paused(runs.RunFolder.save_checkpoint))
-    real_step, real_fit, counting = sae.train_step, train.fit, []
+    real_step, real_fit, counting = core.train_step, train.fit, []
 
     def step(*a, **kw):                 # count from the second step on: on a GPU the first step reads
-        out = real_step(*a, **kw)       # the dead counter once (sae.HostMirror), and fit's setup copies
+        out = real_step(*a, **kw)       # the dead counter once (core.HostMirror), and fit's setup copies
         if not counting:                # the scales to the device
             counting.append(counter.counting(device))
             counting[0].__enter__()

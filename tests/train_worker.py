@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import crosscoder  # noqa: E402
-import runs  # noqa: E402
+from support import runs  # noqa: E402
 import train  # noqa: E402
 
 dump = os.environ.get("FMX_DUMP")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from corpora import bbc_news, first_line, hub_errors, package_dir
+from support.corpora import bbc_news, first_line, hub_errors, package_dir
 
 
 OFFLINE_TEST_FRACTION = 0.25

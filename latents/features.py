@@ -1,11 +1,11 @@
 """What each latent means: its top activating contexts on held-out text, and the numbers around them.
 
-    python features.py RUN_DIR [--tokens 100000] [--top 16] [--device cuda]
+    python -m latents.features RUN_DIR [--tokens 100000] [--top 16] [--device cuda]
 
 streams held-out text of the run through the LM and every dictionary of the run (the four kinds, per-layer
 sets included), in batches of context windows with bounded memory, and writes RUN_DIR/features.json and the
-browsable page RUN_DIR/features.html (dashboard.py). The text is the run's held-out stream (metrics.py:
-the windows that follow its training tokens, `corpora.heldout_text`), read as the harvest reads it: the
+browsable page RUN_DIR/features.html (latents/page.py). The text is the run's held-out stream (metrics.py:
+the windows that follow its training tokens, support.corpora.heldout_text), read as the harvest reads it: the
 same windows, special tokens excluded, attention-sink outliers dropped when the run dropped them.
 
 For every latent i of a dictionary, with z_i(t) its activation at token t (encode, as in inference):
@@ -27,7 +27,7 @@ For every latent i of a dictionary, with z_i(t) its activation at token t (encod
              norm(d) − norm(0) is the norm's linear part applied to d (LayerNorm: γ ⊙ (d − mean d)/σ(d),
              RMSNorm: g ⊙ d / rms(d)): the logit lens of SAE dashboards, scale-free
   crosscoder, fmxcoder: layer_delta Δ_il (metrics.layer_deltas, the functional-coherence formula of
-             fmxcoders §1.5 on the first `fc_tokens` tokens), fc = Σ_l Δ_il / max_l Δ_il (null when the
+             fmxcoders, arXiv 2605.09438 pp. 6 and 14, on the first `fc_tokens` tokens), fc = Σ_l Δ_il / max_l Δ_il (null when the
              latent fired fewer than `min_fires` times there), decoder_norms ‖d_il‖ per layer
   polysae    partners: the `partners` latents j with the largest ‖Θ2[i, j, :]‖ (PolySAE §2.1), among the
              `inter_latents` most frequent ones (both i and j; the others have none)
@@ -54,12 +54,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import activation_cache
 import activations
-import corpora
+import core
 import metrics
-import runs
-import sae as sae_mod
+from core import opt
+from support import cache as activation_cache
+from support import cli, corpora, saved
+from support.files import write_atomic
 
 HIST_LO, HIST_HI = 1e-2, 1e3          # histogram range of activations (normalised units)
 VERSION = 1
@@ -67,27 +68,31 @@ VERSION = 1
 
 @dataclass
 class Settings:
-    top: int = 16              # top-activating windows kept per latent
-    samples: int = 32          # reservoir of random firing windows per latent (the quantile examples)
-    bands: int = 4             # quantile bands of the reservoir
-    per_band: int = 2          # examples kept per band
-    left: int = 16             # tokens before the peak in a snippet
-    right: int = 8             # tokens after it
-    pool: int = 256            # random snippets (the judge's non-activating examples)
-    bins: int = 50             # histogram bins
-    fc_tokens: int = 20_000    # tokens for the per-layer profile (crosscoders)
-    min_fires: int = 10        # latents firing fewer times on them get no FC
-    logits: int = 10           # promoted and suppressed tokens per latent
-    partners: int = 5          # PolySAE interaction partners per latent
-    inter_latents: int = 1024  # PolySAE: most frequent latents searched for partners
-    seed: int = 0
+    """What is kept per latent (the flags of features.py besides --tokens, --device, --lm-batch)."""
+    top: int = opt(16, "top-activating windows kept per latent")
+    samples: int = opt(32, "reservoir of random firing windows per latent (the quantile examples)")
+    bands: int = opt(4, "quantile bands of the reservoir")
+    per_band: int = opt(2, "examples kept per band")
+    left: int = opt(16, "tokens before the peak in a snippet")
+    right: int = opt(8, "tokens after it")
+    pool: int = opt(256, "random snippets (the judge's non-activating examples)")
+    bins: int = opt(50, "histogram bins")
+    fc_tokens: int = opt(20_000, "tokens for the per-layer profile (crosscoders)")
+    min_fires: int = opt(10, "latents firing fewer times on them get no FC")
+    logits: int = opt(10, "promoted and suppressed tokens per latent")
+    partners: int = opt(5, "PolySAE interaction partners per latent")
+    inter_latents: int = opt(1024, "PolySAE: most frequent latents searched for partners")
+    seed: int = opt(0, "sampling seed")
 
-    def check(self) -> None:
-        for name, v in asdict(self).items():
-            zero_ok = name in ("left", "right", "fc_tokens", "partners", "seed")
+    def __post_init__(self):
+        self.check()
+
+    def check(self, name=lambda f: "--" + f.replace("_", "-")) -> None:
+        for f in ("top", "samples", "bands", "per_band", "left", "right", "pool", "bins", "fc_tokens", "min_fires",
+                  "logits", "partners", "inter_latents", "seed"):
+            v, zero_ok = getattr(self, f), f in ("left", "right", "fc_tokens", "partners", "seed")
             if not isinstance(v, int) or v < (0 if zero_ok else 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be a {'non-negative' if zero_ok else 'positive'} "
-                                 f"integer, got {v!r}")
+                raise ValueError(f"{name(f)} must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def dictionary_input(x_NLD: Tensor, cols: list[int], model) -> Tensor:
     """The slice of the raw kept tokens (N, L_all, d) a dictionary reads, scaled by its input scale."""
     s_L = torch.tensor(model.config.input_scale, dtype=torch.float32, device=x_NLD.device)
     x = x_NLD[:, cols] * s_L[:, None]
-    return x if sae_mod.is_multilayer(model) else x[:, 0]
+    return x if core.is_multilayer(model) else x[:, 0]
 
 
 @torch.no_grad()
@@ -222,7 +227,7 @@ def stream(entries, lm, tok, windows, n_tokens: int, s: Settings, drop_outliers:
             tr.update(z_BTF, ids_BT, window_B, gen)
             acts_FBW, ids_FBW = snippets(z_BTF, ids_BT, center_B[None].expand(z_NF.shape[1], -1), s.left, s.right)
             cand |= {f"max{i}": acts_FBW.amax(2).T[None], "ids": ids_FBW[:1]}
-            if sae_mod.is_multilayer(model) and n_seen < s.fc_tokens:
+            if core.is_multilayer(model) and n_seen < s.fc_tokens:
                 d_FL, f_F = metrics.layer_deltas(model, dictionary_input(x_NLD[:s.fc_tokens - n_seen], c, model))
                 tr.dsum, tr.dfires = (d_FL, f_F) if tr.dsum is None else (tr.dsum + d_FL, tr.dfires + f_F)
         pool.offer(key_B[None], **cand)
@@ -366,18 +371,15 @@ def vocabulary(tok, dicts: list[dict], pool_ids: list[list[int]]) -> dict:
 
 @torch.no_grad()
 def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device="cpu", lm_batch: int = 8,
-             progress: bool = True) -> dict:
-    """The features of every dictionary of a run folder, as the JSON-ready dict features.json holds."""
+             progress: bool = True, allow_incomplete: bool = False) -> dict:
+    """The features of every dictionary of a run folder, as the JSON-ready dict features.json holds. The
+    folder is opened as metrics.py and probe.py open it (saved.open_run): one-line errors for a damaged or
+    foreign folder, and an interrupted run refused unless allow_incomplete."""
     s = s or Settings()
-    s.check()
     if n_tokens < 1:
         raise ValueError(f"--tokens must be positive, got {n_tokens}")
-    entries = runs.load_run(run_dir, device)
-    run = entries[0][2].get("run", {})
-    if not run:
-        raise ValueError(f"{str(run_dir)!r} has no 'run' entry in config.json: not written by train.py")
-    for _, m, _ in entries:
-        m.eval()
+    entries = saved.open_run(run_dir, device, allow_incomplete)
+    run = saved.run_entry(run_dir, entries[0][2], ("model",))
     lm, tok = activations.load_lm(run["model"], device=device, dtype=run.get("lm_dtype", "float32"))
     cache_meta = None
     if run.get("cache") and Path(run["cache"], "meta.json").exists():
@@ -388,14 +390,14 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
     trackers, pool = stream(entries, lm, tok, windows, n_tokens, s, run.get("drop_outliers"), device, progress)
     dicts = []
     for i, ((layers, model, meta), tr) in enumerate(zip(entries, trackers)):
-        multi = sae_mod.is_multilayer(model)
+        multi = core.is_multilayer(model)
         extra = per_layer(tr, model, s) if multi else {}
         if hasattr(model, "interaction_matrix"):
             extra["partners"] = partners(model, tr.fires.cpu(), s.inter_latents, s.partners)
         logits = token_logits(lm, last_layer_directions(model), s.logits, progress=progress)
         lat = latent_records(tr, s, pool["tokens"], pool[f"max{i}"], logits, extra)
         dicts.append({"name": f"layers {layers[0]}-{layers[-1]}" if multi else f"layer {layers[0]}",
-                      "kind": meta["class"].split(".")[0], "class": meta["class"], "layers": layers,
+                      "kind": saved.meta_kind(meta), "layers": layers,
                       "n_latents": len(lat), "alive": sum(r["fires"] > 0 for r in lat),
                       "fc_tokens": min(s.fc_tokens, pool["tokens"]) if multi else 0, "latents": lat})
     pool_ids = pool["ids"].tolist()
@@ -415,29 +417,29 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
 
 
 def parse_args(argv=None):
-    p = runs.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder written by train.py")
-    p.add_argument("--tokens", type=int, default=100_000, help="held-out tokens to read (default 100,000)")
+    p.add_argument("--tokens", type=cli.parse_int, default=100_000, help="held-out tokens to read (default 100,000)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--lm-batch", type=int, default=8, help="context windows per LM forward pass")
-    for name, default in asdict(Settings()).items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"(default {default})")
+    p.add_argument("--lm-batch", type=cli.parse_int, default=8, help="context windows per LM forward pass")
+    p.add_argument("--allow-incomplete", action="store_true", help="read a run whose training was interrupted")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    cli.add_flags(p, Settings, group="what is kept per latent")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    import dashboard
+    from latents import page
 
     try:
         a = parse_args(argv)
-        device = runs.resolve_device(a.device)
-        s = Settings(**{k: getattr(a, k) for k in asdict(Settings())})
-        feats = read_run(a.run, a.tokens, s, device, a.lm_batch, progress=not a.quiet)
-    except runs.USER_ERRORS as e:
-        return runs.cli_error(e)
-    sae_mod.write_atomic(Path(a.run, "features.json"), json.dumps(feats, separators=(",", ":")))
-    dashboard.write_page(feats, Path(a.run, "features.html"))
+        device = cli.resolve_device(a.device)
+        s = Settings(**cli.values(a, Settings))
+        feats = read_run(a.run, a.tokens, s, device, a.lm_batch, progress=not a.quiet, allow_incomplete=a.allow_incomplete)
+        write_atomic(Path(a.run, "features.json"), json.dumps(feats, separators=(",", ":")))
+        page.write_page(feats, Path(a.run, "features.html"))
+    except cli.USER_ERRORS as e:
+        return cli.cli_error(e)
     for d in feats["dictionaries"]:
         print(f"{d['name']}: {d['alive']:,} of {d['n_latents']:,} latents fire on {feats['tokens']:,} held-out tokens")
     print(f"wrote {Path(a.run, 'features.json')} and {Path(a.run, 'features.html')}")

@@ -6,7 +6,7 @@ description of the run), so train.py's loop does not know which it has.
   cache (default)  activation_cache.build_cache runs the LM once and keeps the residual stream after
                    the chosen blocks in a float16 memmap (reused by later runs with the same model,
                    layers and data); the LM is loaded only if the cache must be built, and freed
-                   right after. The last --eval-tokens tokens are held out, never trained on.
+                   right after. The last eval_tokens tokens are held out, never trained on.
                    Step s of epoch e reads the tokens perm_e[s·B : (s+1)·B] of the training region,
                    perm_e a seeded permutation made once per epoch (`batch_indices`: O(B) per step,
                    whatever the cache size), so a run resumed at step s sees exactly the batches it
@@ -17,8 +17,7 @@ description of the run), so train.py's loop does not know which it has.
                    trained on, without training.
 
 One normalising scale per layer so that E‖s_l x_l‖² = d. `Prefetch` produces the batches in a
-background thread, so cache reads or harvesting overlap with training. `cfg` is train.py's
-TrainConfig.
+background thread, so cache reads or harvesting overlap with training.
 """
 from __future__ import annotations
 
@@ -35,20 +34,21 @@ from typing import Callable, Iterator
 import torch
 
 import activations
-import activation_cache
-import corpora
-import sae as sae_mod
-from distributed import Ranks
+import core
+from support import cache as activation_cache
+from support import corpora
+from support.distributed import Ranks
 
 SAMPLE_TOKENS = 4096          # tokens for the b_dec init (and, streamed, the scale)
 
 
-def cache_path(cfg, multi: bool) -> Path | None:
-    if cfg.cache == "none":
+def cache_path(cache: str | None, model: str, layers_spec, multi: bool, dataset, context: int, cache_dtype: str,
+               drop_outliers: float | None, lm_dtype: str) -> Path | None:
+    """--cache: None → the default folder for these settings, "none" → no cache (streaming), else that folder."""
+    if cache == "none":
         return None
-    return Path(cfg.cache) if cfg.cache else activation_cache.default_cache_path(
-        cfg.model, cfg.layers, multi, cfg.dataset, "train", cfg.context, cfg.cache_dtype, cfg.drop_outliers or None,
-        cfg.lm_dtype)
+    return Path(cache) if cache else activation_cache.default_cache_path(
+        model, layers_spec, multi, dataset, "train", context, cache_dtype, drop_outliers or None, lm_dtype)
 
 
 @dataclass
@@ -75,24 +75,26 @@ def batch_indices(step: int, batch: int, n_train: int, seed: int) -> torch.Tenso
     return epoch_permutation(n_train, seed, epoch)[i * batch:(i + 1) * batch].long()
 
 
-def open_cache(cfg, layers: list[int], multi: bool, ranks: Ranks, device: torch.device) -> Data:
-    """Rank 0 opens the activation cache, harvesting it first if it is missing (the LM is loaded for
-    that only, and freed after); the other ranks wait, then open it."""
-    path, n_tokens = cache_path(cfg, multi), cfg.cache_tokens or cfg.tokens + cfg.eval_tokens
-    build = dict(model_name=cfg.model, layers=layers, dataset=cfg.dataset, n_tokens=n_tokens, lm_dtype=cfg.lm_dtype,
-                 context=cfg.context, batch_size=cfg.harvest_batch, device=device, dtype=cfg.cache_dtype,
-                 drop_outliers=cfg.drop_outliers or None, multi=multi)
+def open_cache(path: Path, *, model: str, layers: list[int], multi: bool, dataset, context: int, n_tokens: int,
+               tokens: int, eval_tokens: int, batch_size: int, seed: int, harvest_batch: int, cache_dtype: str,
+               lm_dtype: str, drop_outliers: float | None, ranks: Ranks, device: torch.device) -> Data:
+    """The cache at `path` holding `n_tokens` tokens (rank 0 harvests it first if it is missing: the LM is
+    loaded for that only, and freed after; the other ranks wait, then open it); `tokens` training tokens
+    in batches of `batch_size` from its first n_tokens − eval_tokens, the last eval_tokens held out."""
+    build = dict(model_name=model, layers=layers, dataset=dataset, n_tokens=n_tokens, lm_dtype=lm_dtype,
+                 context=context, batch_size=harvest_batch, device=device, dtype=cache_dtype,
+                 drop_outliers=drop_outliers or None, multi=multi)
     if ranks.main:
         cache = activation_cache.build_cache(path, **build)
     ranks.barrier()
     if not ranks.main:
         cache = activation_cache.build_cache(path, **build)    # complete now: opened, never harvested again
-    n_eval, B = cfg.eval_tokens, cfg.batch_size
+    n_eval, B = eval_tokens, batch_size
     n_train = cache.n_tokens - n_eval
     if n_train < B:
-        raise ValueError(f"the cache {str(path)!r} holds {cache.n_tokens:,} tokens: after the {n_eval:,} held out by --eval-tokens, "
-             f"{max(n_train, 0):,} are left, fewer than one batch (--batch-size {B})")
-    steps = cfg.tokens // B
+        raise ValueError(f"the cache {str(path)!r} holds {cache.n_tokens:,} tokens: after the {n_eval:,} held out by "
+                         f"--eval-tokens, {max(n_train, 0):,} are left, fewer than one batch (--batch-size {B})")
+    steps = tokens // B
     if cache.meta.get("exhausted") and steps > n_train // B:
         print(f"warning: the corpus ran out at {cache.n_tokens:,} tokens: training {n_train // B} steps (one pass "
               f"over its {n_train:,} training tokens) instead of the {steps} --tokens asks for", file=sys.stderr)
@@ -101,7 +103,7 @@ def open_cache(cfg, layers: list[int], multi: bool, ranks: Ranks, device: torch.
 
     def batches(start: int):
         for step in range(start, steps):
-            idx = batch_indices(step, B, n_train, cfg.seed)[ranks.rank::ranks.world]
+            idx = batch_indices(step, B, n_train, seed)[ranks.rank::ranks.world]
             yield cache.take(idx, as_stored=True, pin_memory=pin)   # converted to float32 on the device
 
     run = {"hooks": cache.meta.get("hooks"), "cache": str(cache.path), "train_tokens": n_train, "eval_tokens": n_eval}
@@ -122,33 +124,36 @@ def split_stream(chunks, n_first: int):
     raise ValueError(f"the corpus gave only {got:,} tokens, fewer than the {n_first:,} needed to hold out and estimate scales")
 
 
-def open_stream(cfg, layers: list[int], ranks: Ranks, device: torch.device) -> Data:
+def open_stream(*, model: str, layers: list[int], dataset, context: int, tokens: int, eval_tokens: int,
+                batch_size: int, seed: int, harvest_batch: int, cache_dtype: str, lm_dtype: str,
+                drop_outliers: float | None, passes: int, ranks: Ranks, device: torch.device) -> Data:
     """--cache none: each rank harvests its own documents (r, r + world, ...) with the LM on `device`;
     the first eval_tokens tokens are held out, the next SAMPLE_TOKENS set the scale and b_dec (and are
-    trained on), everything after goes through a shuffle buffer on `device`."""
-    lm, tok = activations.load_lm(cfg.model, device=device, dtype=cfg.lm_dtype)
-    n_eval = cfg.eval_tokens
+    trained on), everything after goes through a shuffle buffer on `device`, `passes` times over a
+    finite corpus."""
+    lm, tok = activations.load_lm(model, device=device, dtype=lm_dtype)
+    n_eval = eval_tokens
 
     def one_pass():
-        docs = itertools.islice(corpora.load_texts(cfg.dataset), ranks.rank, None, ranks.world)
-        return activations.harvest(lm, tok, docs, layers, cfg.context, cfg.harvest_batch, device,
-                                   cfg.drop_outliers or None, out_device=device)
+        docs = itertools.islice(corpora.load_texts(dataset), ranks.rank, None, ranks.world)
+        return activations.harvest(lm, tok, docs, layers, context, harvest_batch, device, drop_outliers or None,
+                                   out_device=device)
 
     def later_passes():                        # over a finite corpus, skipping the held-out tokens each time
-        for _ in range(cfg.passes - 1):
+        for _ in range(passes - 1):
             yield from split_stream(one_pass(), n_eval)[1]
 
     held, rest = split_stream(one_pass(), n_eval + SAMPLE_TOKENS)
     rest = itertools.chain(rest, later_passes())
-    sq_L = sae_mod.all_reduce(held.double().pow(2).sum(-1).mean(0), "sum") / ranks.world
+    sq_L = core.all_reduce(held.double().pow(2).sum(-1).mean(0), "sum") / ranks.world
     scale_L = (held.shape[-1] / sq_L).sqrt().float().cpu()          # the same on every rank
-    local_batch, steps = cfg.batch_size // ranks.world, cfg.tokens // cfg.batch_size
+    local_batch, steps = batch_size // ranks.world, tokens // batch_size
     sample = held[n_eval:]
-    store_dtype = activations.LM_DTYPES[cfg.cache_dtype]
+    store_dtype = activations.LM_DTYPES[cache_dtype]
 
     def batches(start: int):   # resuming replays the (seeded) stream up to `start`
         buffer = activations.ShuffleBuffer(itertools.chain([sample], rest), max(64 * local_batch, 2 ** 16),
-                                           local_batch, cfg.seed + ranks.rank, store_dtype, device)
+                                           local_batch, seed + ranks.rank, store_dtype, device)
         for step, x in enumerate(buffer):
             if step >= steps or len(x) < local_batch:
                 return
@@ -156,7 +161,7 @@ def open_stream(cfg, layers: list[int], ranks: Ranks, device: torch.device) -> D
                 yield x
 
     run = {"hooks": [activations.block_paths(lm)[l] for l in layers], "cache": None,
-           "train_tokens": cfg.tokens, "eval_tokens": n_eval}
+           "train_tokens": tokens, "eval_tokens": n_eval}
     return Data(batches, steps, scale_L, sample, lambda lo, hi: held[lo:hi], n_eval, run)
 
 

@@ -1,4 +1,4 @@
-"""Synthetic activations built from known sparse features, for tests and the file demos.
+"""Synthetic activations built from known sparse features, for the tests and benchmarks.
 
 Ground truth: N atoms, each with a unit direction per layer D[n, l] ∈ R^d and a layer
 profile P[n, l] ∈ {0, 1}. A fraction `shared` of the atoms is present in every layer
@@ -11,19 +11,17 @@ Every token draws sparse non-negative codes a_n (each atom fires with probabilit
 `recovery(decoder_FLd, data)` is the usual check: for each atom, the best cosine between
 its concatenated (masked) per-layer directions and any latent's concatenated decoder
 vectors; an atom counts as recovered at cosine > 0.9.
-
-This file imports nothing from the dictionaries: `fit` and `demo` take the model and the
-training step (sae.train_step) from the caller, e.g. sae.py's `__main__`:
-
-    demo(demo_model, train_step)        # demo_model(d_in, n_layers) builds the model
+`fit` trains any dictionary on them with core.train_step (the model files' own `python sae.py` demos
+use core.demo, which needs nothing beyond core.py).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+import core
 
 TOY_D, TOY_L = 32, 4        # make_toy_data's default model dimension and number of layers
 
@@ -69,18 +67,17 @@ def recovery(decoder_FLD: Tensor, data: ToyData, threshold: float = 0.9) -> tupl
     return best_N, (best_N > threshold).float().mean().item()
 
 
-def fit(model, data: ToyData, train_step, steps: int = 300, batch: int = 512, lr: float = 3e-3,
+def fit(model, data: ToyData, steps: int = 300, batch: int = 512, lr: float = 3e-3,
         single_layer: int | None = None, seed: int = 0) -> dict:
-    """A minimal training loop (train.py has the full one) taking `train_step(model, opt, x)`
-    (sae.train_step) steps. If `single_layer` is set the model sees only x[:, single_layer] (for
-    SAEs / PolySAE)."""
+    """A minimal training loop (train.py has the full one) of core.train_step steps. With `single_layer`
+    the model sees only x[:, single_layer] (SAEs, PolySAEs)."""
     g = torch.Generator().manual_seed(seed + 1)
     take = (lambda x: x[:, single_layer]) if single_layer is not None else (lambda x: x)
     model.init_b_dec(take(data.sample(2048, g)), "mean")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        train_step(model, opt, take(data.sample(batch, g)))
+        core.train_step(model, opt, take(data.sample(batch, g)))
     model.eval()
     with torch.no_grad():
         x = take(data.sample(4096, g))
@@ -88,30 +85,3 @@ def fit(model, data: ToyData, train_step, steps: int = 300, batch: int = 512, lr
         fvu = ((x - out.recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
         l0 = (out.latents > 0).float().sum(-1).mean().item()
     return {"fvu": fvu, "l0": l0}
-
-
-def demo(build, train_step, steps: int = 400) -> None:
-    """What `python <file>.py` runs: train the model `build(d_in, n_layers)` returns on toy data
-    for a few seconds and print the reconstruction and how many atoms it recovered."""
-    data = make_toy_data()
-    L = data.profile_NL.shape[1]
-    torch.manual_seed(0)
-    model = build(TOY_D, TOY_L)
-    multi = hasattr(model.config, "n_layers")   # a crosscoder (sae.is_multilayer)
-    kind = type(model).__name__
-    t0 = time.time()
-    res = fit(model, data, train_step, steps=steps, single_layer=None if multi else 0)
-    if multi:
-        dec = model.decoder_vectors()
-        best, frac = recovery(dec, data)
-        shared = data.profile_NL.sum(-1) == L
-        extra = f"cross-layer atoms recovered {best[shared].gt(0.9).float().mean():.2f}"
-    else:
-        sub = ToyData(data.atoms_NLD[:, :1], data.profile_NL[:, :1], data.density, data.noise, 0)
-        present = sub.profile_NL[:, 0] > 0
-        best, _ = recovery(model.decoder_vectors()[:, None], sub)
-        frac = best[present].gt(0.9).float().mean().item()
-        extra = f"({int(present.sum())} atoms present in layer 0)"
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{kind}: {n_params:,} parameters, {steps} steps in {time.time() - t0:.1f}s | "
-          f"FVU {res['fvu']:.3f}  L0 {res['l0']:.1f}  atoms recovered (cos>0.9) {frac:.2f}  {extra}")

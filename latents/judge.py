@@ -1,9 +1,9 @@
 """LLM-as-a-judge: how many latents of a dictionary are semantically coherent (autointerp, detection).
 
-    python autointerp.py RUN_DIR [RUN_DIR ...] --judge local:smollm2-135m          # offline pipeline check
-    python autointerp.py runs/cc runs/fmx --judge http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct
+    python -m latents.judge RUN_DIR [RUN_DIR ...] --judge local:smollm2-135m          # offline pipeline check
+    python -m latents.judge runs/cc runs/fmx --judge http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct
 
-reads RUN_DIR/features.json (features.py), judges `--latents` latents of every dictionary of the run, writes
+reads RUN_DIR/features.json (latents/features.py), judges `--latents` latents of every dictionary of the run, writes
 RUN_DIR/autointerp.json, adds the explanations to RUN_DIR/features.html, and prints one row per dictionary.
 The fmxcoders paper (arXiv 2605.09438, abstract) counts "semantically coherent latents" with an LLM judge
 (3–13× more for fmxcoders than for standard crosscoders) without giving the protocol; this is the
@@ -11,7 +11,7 @@ detection protocol of the autointerp literature (Bills et al. 2023; Paulo et al.
 SAEBench's autointerp, Karvonen et al. 2025):
 
   1. explain. The judge sees the latent's first `n_explain` top examples and the first example of each
-     quantile band (features.py), the tokens where the latent fires marked <<like this>>, and writes a
+     quantile band (latents/features.py), the tokens where the latent fires marked <<like this>>, and writes a
      one-sentence explanation.
   2. detect. In a new conversation it sees the explanation and 2n shuffled, unmarked held-out snippets:
      n activating ones (the next `n_detect_top` top examples and the second example of each band, never
@@ -337,11 +337,11 @@ def judge_dictionary(d: dict, feats: dict, judge, s: JudgeSettings, progress: bo
 
 def judge_run(run_dir, judge, s: JudgeSettings, progress: bool = True) -> dict:
     """Judge every dictionary of a run folder; writes autointerp.json and the page with the explanations."""
-    import dashboard
+    from latents import page
 
     path = Path(run_dir, "features.json")
     if not path.exists():
-        raise FileNotFoundError(f"no features.json in {str(run_dir)!r}: run python features.py {run_dir} first")
+        raise FileNotFoundError(f"no features.json in {str(run_dir)!r}: run python -m latents.features {run_dir} first")
     feats = json.loads(path.read_text())
     cached = CachedJudge(judge, Path(run_dir, "autointerp_cache.jsonl"))
     dicts = [judge_dictionary(d, feats, cached, s, progress) for d in feats["dictionaries"]]
@@ -352,7 +352,7 @@ def judge_run(run_dir, judge, s: JudgeSettings, progress: bool = True) -> dict:
     Path(run_dir, "autointerp.json").write_text(json.dumps(report, indent=1))
     judged = {d["name"]: {x["id"]: {"explanation": x["explanation"] or "(unparseable)", "accuracy": x.get("accuracy"),
                                     "f1": x.get("f1")} for x in d["latents"]} for d in dicts}
-    dashboard.write_page(feats, Path(run_dir, "features.html"), judged)
+    page.write_page(feats, Path(run_dir, "features.html"), judged)
     return report
 
 
@@ -381,7 +381,7 @@ def table(reports: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders with a features.json (python features.py RUN_DIR)")
+    p.add_argument("runs", nargs="+", help="run folders with a features.json (python -m latents.features RUN_DIR)")
     p.add_argument("--judge", default="local:smollm2-135m", help="local:NAME (a local HF model) or an http(s):// "
                    "OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (default local:smollm2-135m)")
     p.add_argument("--judge-model", default=None, help="model name sent to an HTTP judge")
@@ -396,12 +396,12 @@ def main(argv=None) -> int:
         if s.detect not in ("batch", "each"):
             raise ValueError(f"--detect must be batch or each, got {s.detect!r}")
         if a.judge.startswith("local:"):
-            import runs                   # (torch: only a local judge needs it)
+            from support import cli       # (torch: only a local judge needs it)
 
-            a.device = runs.resolve_device(a.device)
+            a.device = cli.resolve_device(a.device)
         missing = [r for r in a.runs if not Path(r, "features.json").exists()]
         if missing:
-            raise FileNotFoundError(f"no features.json in {missing[0]!r}: run python features.py {missing[0]} first")
+            raise FileNotFoundError(f"no features.json in {missing[0]!r}: run python -m latents.features {missing[0]} first")
         judge = make_judge(a.judge, a.judge_model, a.api_key_env, a.device)
         if judge.id == "local:smollm2-135m":
             print("note: SmolLM2-135M is far too weak a judge for conclusions; this run checks the pipeline")

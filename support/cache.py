@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 import activations
-from corpora import load_texts
-from sae import write_atomic
+from support.corpora import load_texts
+from support.files import write_atomic
 
 
 VERSION = 1                      # bump when the cache format or harvesting semantics change

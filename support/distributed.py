@@ -4,7 +4,7 @@
 
 Rank r trains on rows r::world of every global batch (a cache) or on its own documents (a stream,
 batches.py). The models are identical on every rank: DDP broadcasts rank 0's at the start and
-all-reduces the gradients, sae.py reduces the BatchTopK selection, threshold and dead counters
+all-reduces the gradients, core.py reduces the BatchTopK selection, threshold and dead counters
 itself (so DDP must leave the buffers alone: `ddp`), and `assert_ranks_agree` checks it once at the
 end. Host-side agreements (stop on Ctrl-C, or when a rank's documents run out) go through a CPU
 (gloo) group, so they never wait for the GPU.
@@ -74,7 +74,7 @@ def setup_ranks(batch_size: int, device: torch.device) -> tuple[Ranks, torch.dev
 
 
 def ddp(model, **kwargs):
-    """DistributedDataParallel that leaves the buffers alone in forward (sae.py reduces the dead
+    """DistributedDataParallel that leaves the buffers alone in forward (core.py reduces the dead
     counters and the BatchTopK threshold itself); the flag was renamed in torch 2.13."""
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"

@@ -1,0 +1,170 @@
+"""The command lines of every entry point, in one style: flags derived from a dataclass, every mistake
+one line `error: ...` (exit code 2), checked before any expensive work.
+
+A dataclass field becomes a flag when its metadata has a "help" (core.opt(default, help)): `n_latents` →
+`--n-latents`, bool → `--x/--no-x`, `int | list[int]` → "32" or "8,16,16", integers also as "3e8". The
+dataclass's own `check(name)` validates the values before the object is built, with `name` = `flag`, so
+errors name the flag a user typed (`--k must be smaller than --n-latents`), while a library caller who
+builds the object sees the field names.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+FLAG_NAMES = {"dictionary": "dict"}         # the design card's --dict (a field named dict would shadow the builtin)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field."""
+    return "--" + FLAG_NAMES.get(name, name).replace("_", "-")
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a ValueError (main prints it as one line), not usage + exit."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def cli_error(e: BaseException) -> int:
+    """Print a user mistake as one line `error: ...` on stderr; the exit code 2."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2
+
+
+def parse_int(text: str) -> int:
+    """An integer, also written as 3e8 or 1_000 (a float that is not whole is refused)."""
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        pass
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer like 300000000 or 3e8, got {text!r}") from None
+    if not v.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer like 300000000 or 3e8, got {text!r}")
+    return int(v)
+
+
+def parse_ints(text: str) -> int | list[int]:
+    """"32" → 32, "8,16,16" → [8, 16, 16]."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}")
+    vals = [parse_int(p) for p in parts]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def parse_int_list(text: str) -> list[int]:
+    v = parse_ints(text)
+    return v if isinstance(v, list) else [v]
+
+
+def _parser_of(typ):
+    """The argparse type for a field's annotation."""
+    if typing.get_origin(typ) in (list, tuple):                                     # list[int]
+        return parse_int_list
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typ is int or args == [int]:
+        return parse_int
+    if typ is float or args == [float]:
+        return float
+    if typ is str or args == [str]:
+        return str
+    if int in args and any(typing.get_origin(a) is list for a in args):          # int | list[int]
+        return parse_ints
+    if any(typing.get_origin(a) in (list, tuple) for a in args):                  # list[int] | tuple | None
+        return parse_int_list
+    raise TypeError(f"no command-line parser for {typ}")
+
+
+def flag_fields(cls) -> list[dataclasses.Field]:
+    """The fields of dataclass `cls` that are flags (they carry a help text)."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def add_flags(p: argparse.ArgumentParser, cls, defaults: bool = True, group: str | None = None,
+              skip: set[str] = frozenset()) -> set[str]:
+    """One flag per flag field of `cls` (but those in `skip`); returns the field names added. defaults=False:
+    the parsed value is None unless given (to tell a flag given from one left at its default)."""
+    hints = typing.get_type_hints(cls)
+    target = p.add_argument_group(group) if group else p
+    added = set()
+    for f in flag_fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f"{f.metadata['help']} (default: {default})"
+        if hints[f.name] is bool:
+            target.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default if defaults else None, help=help_)
+        else:
+            target.add_argument(flag(f.name), dest=f.name, type=_parser_of(hints[f.name]),
+                                default=default if defaults else None, help=help_)
+        added.add(f.name)
+    return added
+
+
+def values(ns, cls, given_only: bool = False) -> dict:
+    """{field: value} of `cls`'s flag fields in the parsed namespace `ns` (given_only: those not None)."""
+    out = {f.name: getattr(ns, f.name) for f in flag_fields(cls) if hasattr(ns, f.name)}
+    return {k: v for k, v in out.items() if v is not None} if given_only else out
+
+
+def build(cls, **kw):
+    """cls(**kw) after cls.check names the flags: the fields' defaults, then kw, checked as a namespace."""
+    ns = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+          for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    ns.update(kw)
+    if hasattr(cls, "check"):
+        cls.check(types.SimpleNamespace(**ns), flag)
+    return cls(**kw)
+
+
+def check_min(*flags: tuple[str, float | None, float]) -> None:
+    """(flag, value, lowest) triples: ValueError naming the first flag below its lowest value (None: unset)."""
+    for name, v, lo in flags:
+        if v is not None and v < lo:
+            raise ValueError(f"{name} must be at least {lo}, got {v}")
+
+
+def resolve_device(name: str):
+    """--device: auto (cuda when torch sees one, else cpu) | cpu | cuda | cuda:N, checked."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= n:
+        raise ValueError(f"--device {name!r} requested but " + ("CUDA is not available" if n == 0 else
+                         f"torch sees {n} CUDA device{'s' * (n > 1)} (cuda:0 to cuda:{n - 1})"))
+    return device
+
+
+def check_writable(folder, what: str = "") -> None:
+    """ValueError now, rather than after the work, unless files can be written into `folder` or it can
+    be created: its nearest existing ancestor must be a folder we may write into. Nothing is created."""
+    folder = Path(folder)
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    why = ("a file, not a folder" if not parent.is_dir()
+           else None if os.access(parent, os.W_OK | os.X_OK) else "no permission to write, or read-only")
+    if why:
+        head = (f"cannot create {what} {str(folder)!r}: " if what else
+                "" if parent == folder else f"{str(folder)!r} is not writable: ")
+        raise ValueError(f"{head}cannot write into {str(parent)!r} ({why})")

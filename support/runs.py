@@ -1,0 +1,224 @@
+"""Run folders: writing them (RunFolder) and the checkpoints that resume them (support/saved.py opens them).
+
+What one `train.py --out DIR` run leaves behind, written so that no result can be lost, mixed up
+with another run's, or read before it is finished:
+
+    DIR/config.json          the dictionary (sae.save): class, config, the run description, metrics
+    DIR/model.safetensors    its weights               (per-layer sets: DIR/layer_<l>/ for each layer)
+    DIR/summary.json         steps, tokens, timing, held-out metrics, "complete": true | false
+    DIR/checkpoint.pt        model + optimiser state of the last step, for --resume
+    DIR/curve.jsonl          with --eval-every: one line of held-out metrics per evaluation step
+
+Writing (`RunFolder`, used by train.py):
+  * one writer: the folder is locked (flock on the directory) for the run's lifetime; a second
+    train.py on the same --out fails at once with a one-line error. The lock goes with the
+    process, so a killed run leaves no stale lock.
+  * no mixture: a new run refuses a folder that already holds files unless it is told what to
+    do with them: --resume (continue the run whose checkpoint.pt is there) or --overwrite
+    (delete it first). An export writes the new contents into a fresh sibling folder and swaps
+    it in with two renames, so a reader sees the old run or the new one, never parts of both
+    (e.g. a stale layer_14/ of an earlier per-layer run next to a new crosscoder).
+  * nothing half-written: every file is written atomically (support/files.py: temp name, fsync,
+    os.replace); the checkpoint too.
+  * nothing faked: summary.json says whether the run completed all its steps. An interrupted run
+    (Ctrl-C) still exports a loadable model, but with "complete": false, and train.py exits 130;
+    metrics.py and probe.py refuse such folders unless told otherwise.
+  * nothing left behind by a failure: a folder this run created is removed again if the run
+    fails before writing anything into it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from support.cli import check_writable
+from support.files import write_atomic
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (one-line message naming the folder and the fix)."""
+
+
+def read_summary(path: Path) -> dict | None:
+    """The folder's summary.json, or None when there is none."""
+    f = Path(path) / "summary.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+class RunFolder:
+    """The --out folder of one run (see the module docstring). Use as a context manager:
+
+        with RunFolder(out, resume=False, overwrite=False) as folder:
+            ...train, folder.save_checkpoint(state) now and then...
+            with folder.export() as new:   # write the run's files into `new`
+                ...
+    """
+
+    def __init__(self, path, resume: bool = False, overwrite: bool = False):
+        if resume and overwrite:
+            raise RunFolderError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+        self.path, self.resume, self.overwrite = Path(path), resume, overwrite
+        self.created, self.fd = False, None
+
+    # -- lifetime ------------------------------------------------------------------------
+    def __enter__(self) -> "RunFolder":
+        check_writable(self.path)
+        self.created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._release()
+            raise RunFolderError(f"--out {str(self.path)!r} is in use by another train.py run: wait for it to "
+                                 f"finish or choose another --out") from None
+        try:
+            self._check_contents()
+        except RunFolderError:
+            self.__exit__(RunFolderError, None, None)
+            raise
+        return self
+
+    def _check_contents(self) -> None:
+        names = sorted(p.name for p in self.path.iterdir())
+        if self.resume:
+            if "checkpoint.pt" not in names:
+                raise RunFolderError(f"--resume: {str(self.path)!r} holds no checkpoint.pt, so there is nothing to "
+                                     f"resume; start a new run without --resume")
+        elif names and not self.overwrite:
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise RunFolderError(f"--out {str(self.path)!r} already holds a run ({shown}): pass --resume to continue "
+                                 f"it, --overwrite to replace it, or choose another --out")
+        elif names:                                    # --overwrite: the old run goes now
+            for p in self.path.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()                          # a failed run leaves no empty folder behind
+        self._release()
+
+    def _release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)                          # closing the descriptor releases the flock
+            self.fd = None
+
+    # -- what is written ----------------------------------------------------------------------
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def save_checkpoint(self, state: dict) -> None:
+        """torch.save `state` to checkpoint.pt atomically (a crash never leaves half a checkpoint)."""
+        tmp = self.path / f".checkpoint.pt.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    @property
+    def curve(self) -> Path:
+        return self.path / "curve.jsonl"
+
+    def append_curve(self, record: dict) -> None:
+        """One line of curve.jsonl (flushed to disk: a killed run keeps every line it wrote)."""
+        with open(self.curve, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_curve(self, step: int) -> None:
+        """Drop the curve lines after `step` (written after the checkpoint a resumed run restarts from)."""
+        if self.curve.exists():
+            lines = [l for l in self.curve.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            write_atomic(self.curve, "".join(l + "\n" for l in lines))
+
+    def split_curve(self, path: Path, name: str) -> None:
+        """The curve lines of dictionary `name` of a set (eval keys "<name>/<sub>"), keyed by <sub>, into `path`."""
+        if self.curve.exists():
+            rows = [json.loads(l) for l in self.curve.read_text().splitlines() if l.strip()]
+            for r in rows:
+                r["eval"] = {k.split("/", 1)[1]: v for k, v in r["eval"].items() if k.split("/", 1)[0] == name}
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def export(self) -> "_Export":
+        """Context manager yielding a fresh folder to write the run's files into; on success it
+        replaces the contents of `path` as a whole (checkpoint and curve carried over, hard-linked)."""
+        return _Export(self)
+
+
+class _Export:
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.new = folder.path.parent / f".{folder.path.name}.export-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.new, ignore_errors=True)
+        self.new.mkdir()
+        return self.new
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.new, ignore_errors=True)
+            return
+        path = self.folder.path
+        for f in (self.folder.checkpoint, self.folder.curve):
+            if f.exists():
+                os.link(f, self.new / f.name)
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)                           # the two renames: old run out, new run in
+        os.rename(self.new, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+IGNORED = ("resume", "overwrite", "device", "ckpt_every", "log_every", "eval_every", "eval_panel", "out")
+"""Flags a resumed run may change: they do not change the result (--out: a copied or moved run resumes)."""
+
+
+def read_checkpoint(path: Path, config) -> dict:
+    """checkpoint.pt, after checking that the run's flags equal the checkpoint's (but IGNORED, and --tokens
+    when neither the learning rate nor the data depend on it: --decay none, and --cache-tokens given or
+    --cache none, so that the first s steps of a longer run are the same steps and a constant-rate run can
+    be extended). RunFolderError naming the differences."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved, now = state.get("config"), dataclasses.asdict(config)
+    if not isinstance(saved, dict) or "dictionaries" not in saved:
+        raise RunFolderError(f"cannot resume {str(path)!r}: it was written by an earlier version of train.py (before "
+                             f"--dict groups); finish it with that version, or start a new run")
+    ignore = IGNORED
+    if all(c.get("decay") == "none" and (c.get("cache_tokens") or c.get("cache") == "none") for c in (now, saved)):
+        ignore += ("tokens",)
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if k not in ignore and saved.get(k) != now.get(k)}
+    if diff:
+        raise RunFolderError(f"cannot resume {str(path)!r}: flags differ from the checkpoint's (saved, now): {diff}")
+    return state
+
+
+def restore(state: dict, models: dict, opts: dict, name) -> int:
+    """Load read_checkpoint's state into the models and optimisers (keys named by `name(key)`); the step."""
+    for k, m in models.items():
+        m.load_state_dict(state["models"][name(k)])
+        limit = state["aux_limits"].get(name(k))           # host-side AuxK size (core.DeadLatents)
+        m.dead.aux_limit = tuple(limit) if limit is not None else None
+    for k, o in opts.items():
+        o.load_state_dict(state["opts"][name(k)])
+    return state["step"]
+
+
+def checkpoint_state(models: dict, opts: dict, step: int, config, name) -> dict:
+    """What checkpoint.pt holds: every model and optimiser state, each model's host-side AuxK size
+    (core.DeadLatents.aux_limit: a resumed run selects the AuxK entries the first run selected), the step
+    and the flags."""
+    return {"models": {name(k): m.state_dict() for k, m in models.items()},
+            "opts": {name(k): o.state_dict() for k, o in opts.items()},
+            "aux_limits": {name(k): m.dead.aux_limit for k, m in models.items()},
+            "step": step, "config": dataclasses.asdict(config)}
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2))

@@ -1,0 +1,208 @@
+"""A saved dictionary (config.json + model.safetensors, by registered name), and opening a run folder.
+
+    save(model, DIR)        DIR/model.safetensors, then DIR/config.json {"kind", "config", ...}, each written whole
+    load(DIR)               the dictionary back, of any kind in KINDS (one call)
+    open_run(RUN)           [(layers, dictionary, config.json)] after checking every file: one-line errors
+
+A dictionary is saved under its kind ("sae", "crosscoder", "fmxcoder", "polysae"), not under a module path,
+so renaming a file breaks no run folder; KINDS is the one table that names the module and class of each
+kind (imported when a folder of that kind is loaded: nothing here imports a model file at import time).
+Folders written before kinds existed name a class ("sae.SAE", ...): LEGACY maps those.
+
+A run folder (train.py --out) holds one dictionary (config.json at its root) or a per-layer set
+(layer_<l>/config.json for each layer); `open_run` checks that every file is usable (JSON, the kind,
+the config, the safetensors header, "complete" in summary.json), so a missing, truncated, foreign or
+interrupted run is one ValueError naming the file and the fix, never a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from support.files import write_atomic
+
+KINDS = {"sae": ("sae", "SAE", "SAEConfig"), "crosscoder": ("crosscoder", "CrossCoder", "CrossCoderConfig"),
+         "fmxcoder": ("fmxcoder", "FMXCoder", "FMXCoderConfig"), "polysae": ("polysae", "PolySAE", "PolySAEConfig")}
+LEGACY = {"sae.SAE": "sae", "crosscoder.CrossCoder": "crosscoder", "fmxcoder.FMXCoder": "fmxcoder",
+          "polysae.PolySAE": "polysae"}
+RERUN = "rerun training or delete the folder"
+
+
+def kind_classes(kind: str) -> tuple[type, type]:
+    """(model class, config class) of a registered kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown dictionary kind {kind!r}: one of {', '.join(KINDS)}")
+    module, cls, config = KINDS[kind]
+    mod = importlib.import_module(module)
+    return getattr(mod, cls), getattr(mod, config)
+
+
+def kind_of(model) -> str:
+    name = type(model).__name__
+    for kind, (_, cls, _) in KINDS.items():
+        if cls == name:
+            return kind
+    raise ValueError(f"{name} is not a registered dictionary kind (support/saved.py KINDS)")
+
+
+def meta_kind(meta: dict) -> str | None:
+    """The kind a config.json records (its "kind", or an old "class" entry), None if neither."""
+    if isinstance(meta.get("kind"), str):
+        return meta["kind"]
+    return LEGACY.get(meta.get("class")) if isinstance(meta.get("class"), str) else None
+
+
+def weights_digest(path) -> str:
+    """sha256 of a weights file (results record it: a result of another model is detected when read)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(model, path, extra: dict | None = None) -> None:
+    """Write path/model.safetensors, then path/config.json (kind, config, the digest of the weights and
+    `extra`), each whole: a folder with a config.json always has the weights that go with it."""
+    from safetensors.torch import save as to_bytes
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    data = to_bytes({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    write_atomic(path / "model.safetensors", data)
+    meta = {"kind": kind_of(model), "config": dataclasses.asdict(model.config),
+            "weights_sha256": hashlib.sha256(data).hexdigest(), **(extra or {})}
+    write_atomic(path / "config.json", json.dumps(meta, indent=2))
+
+
+def load(path, device="cpu"):
+    """The dictionary saved in `path` (sae, crosscoder, fmxcoder or polysae), in eval mode on `device`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {str(path)!r}: not a saved dictionary")
+    meta = json.loads((path / "config.json").read_text())
+    cls, config_cls = kind_classes(meta_kind(meta))
+    model = cls(config_cls(**meta["config"]))
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Run folders
+# ----------------------------------------------------------------------------------------
+
+
+def dictionary_dirs(run_dir) -> list[Path]:
+    """The folders holding one saved dictionary each: run_dir itself, or its layer_<l>/ by l."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").is_file():
+        return [run_dir]
+    layer_dirs = [p for p in run_dir.glob("layer_*") if p.name[6:].isdigit() and (p / "config.json").is_file()]
+    return sorted(layer_dirs, key=lambda p: int(p.name[6:]))
+
+
+def load_run(path, device="cpu") -> list[tuple[list[int], torch.nn.Module, dict]]:
+    """What `train.py --out path` wrote: [(layers, dictionary, config.json)], one per dictionary (per-layer
+    sets: one per layer). No checks beyond load's: command lines use `open_run`."""
+    dirs = dictionary_dirs(path)
+    if not dirs:
+        raise FileNotFoundError(f"{str(path)!r} holds no config.json nor layer_*/config.json")
+    out = []
+    for d in dirs:
+        meta = json.loads((d / "config.json").read_text())
+        out.append((list(meta.get("run", {}).get("layers", [])), load(d, device), meta))
+    return out
+
+
+def check_saved(folder: Path) -> dict:
+    """What load needs of a folder, checked without building the model: config.json is JSON with a
+    registered kind and a config its class accepts, model.safetensors is there and its header covers the
+    file. Returns the parsed config.json."""
+    from safetensors import SafetensorError, safe_open
+
+    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
+    try:
+        meta = json.loads(cfg_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON, truncated? ({e}): {RERUN}") from e
+    kind = meta_kind(meta) if isinstance(meta, dict) else None
+    if kind is None or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{str(cfg_file)!r} has no \"kind\" (or \"class\") and \"config\" entries: not a dictionary "
+                         f"saved by support.saved.save; {RERUN}")
+    if kind not in KINDS:
+        raise ValueError(f"{str(cfg_file)!r} names the kind {kind!r}, which this version of the code does not know "
+                         f"(one of {', '.join(KINDS)})")
+    try:
+        kind_classes(kind)[1](**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit a {kind} ({e}): the run was written by "
+                         f"another version of this code") from e
+    if not weights.is_file():
+        raise ValueError(f"{str(weights)!r} is missing: {RERUN}")
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except SafetensorError as e:
+        raise ValueError(f"{str(weights)!r} is truncated or damaged ({e}): {RERUN}") from e
+    return meta
+
+
+def check_complete(run_dir: Path, metas: list[dict]) -> None:
+    """ValueError if train.py marked the run interrupted: "complete": false in summary.json or in a
+    config.json's "metrics" entry. Runs written before that field existed count as complete."""
+    records = [m["metrics"] for m in metas if isinstance(m.get("metrics"), dict)]
+    try:
+        records.insert(0, json.loads((run_dir / "summary.json").read_bytes()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        pass                              # none, or damaged: the dictionaries' own config.json decide
+    records = [r for r in records if isinstance(r, dict)]
+    if any(r.get("complete") is False for r in records):
+        steps, planned = records[0].get("steps"), records[0].get("steps_planned")
+        where = (f" after {steps:,}" + (f" of {planned:,}" if isinstance(planned, int) else "") + " steps"
+                 if isinstance(steps, int) else "")
+        raise ValueError(f"{str(run_dir)!r} holds an interrupted run (training stopped{where}): resume it with "
+                         f"python train.py <the same flags> --resume, or pass --allow-incomplete to use it as it is")
+
+
+def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
+    """The config.json of every dictionary in a run folder, after check_saved on each and check_complete
+    (unless allow_incomplete); the weights are not loaded."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist")
+                         + ": pass a folder written by train.py --out")
+    dirs = dictionary_dirs(run_dir)
+    if not dirs:
+        raise ValueError(f"{str(run_dir)!r} holds no run (no config.json nor layer_*/config.json): pass a folder "
+                         f"written by train.py --out")
+    metas = [check_saved(d) for d in dirs]
+    if not allow_incomplete:
+        check_complete(run_dir, metas)
+    return metas
+
+
+def open_run(run_dir, device="cpu", allow_incomplete: bool = False) -> list[tuple[list[int], torch.nn.Module, dict]]:
+    """load_run after check_run: a ValueError naming the file and the fix, never a traceback."""
+    check_run(run_dir, allow_incomplete)
+    try:
+        return load_run(run_dir, device)
+    except RuntimeError as e:         # load_state_dict: missing, unexpected or mis-shaped tensors
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"the weights in {str(run_dir)!r} do not fit their config.json ({detail}): {RERUN}") from e
+
+
+def run_entry(run_dir, meta: dict, keys=("model",)) -> dict:
+    """The "run" entry train.py writes into config.json, with `keys`; ValueError naming the file."""
+    run = meta.get("run")
+    missing = [k for k in keys if not isinstance(run, dict) or run.get(k) is None]
+    if missing:
+        raise ValueError(f"the config.json in {str(run_dir)!r} has no run.{missing[0]}: not a folder written by "
+                         f"train.py")
+    return run
