@@ -291,7 +291,7 @@ def block_outputs(lm, batch: dict, layers: list[int]) -> tuple[Tensor, dict]:
     dev = next(lm.parameters()).device
     blocks = dict(lm.named_modules())
     outs: dict = {}
-    handles = [blocks[activations.block_paths(lm)[l]].register_forward_hook(
+    handles = [blocks[block_paths(lm)[l]].register_forward_hook(
         lambda m, args, out, l=l: outs.__setitem__(l, out)) for l in layers]
     try:
         logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
@@ -315,7 +315,7 @@ def logits_from_block(lm, batch: dict, layer: int, out) -> Tensor:
     clean pass's own output this is the clean pass, bit for bit."""
     dev = next(lm.parameters()).device
     blocks = dict(lm.named_modules())
-    skipped = [blocks[p] for p in activations.block_paths(lm)[:layer + 1]]
+    skipped = [blocks[p] for p in block_paths(lm)[:layer + 1]]
 
     def skip(*args, **kwargs):
         return with_hidden(out, args[0] if args else kwargs["hidden_states"])

@@ -83,9 +83,10 @@ class DictConfig:
     def check(self, name=str) -> None:
         """ValueError for a bad field (self may be any object with the fields: the CLI checks its flags)."""
         for f in ("d_in", "n_latents", "k", "dead_tokens") + (("aux_k",) if self.aux_k is not None else ()):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name(f)} must be a positive integer, got {v!r}")
+            v, least = getattr(self, f), 0 if f == "dead_tokens" else 1    # dead_tokens 0: every latent is dead
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ValueError(f"{name(f)} must be {'an integer >= 0' if least == 0 else 'a positive integer'}, "
+                                 f"got {v!r}")
         if self.k >= self.n_latents:
             raise ValueError(f"{name('k')} must be smaller than {name('n_latents')}, got k={self.k} >= "
                              f"n_latents={self.n_latents}")

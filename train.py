@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if "-h" in argv or "--help" in argv:
         flag_parser(kinds, help_=True).print_help()
         raise SystemExit(0)
-    parser, run = flag_parser(kinds), {}
+    parser, run = flag_parser(saved.KINDS), {}    # every kind's flags: a misplaced one gets a message, below
 
     def parse(args: list[str]) -> dict:
         given = {k: v for k, v in vars(parser.parse_args(args)).items() if v is not None}

@@ -57,9 +57,12 @@ def parse_int(text: str) -> int:
 def parse_ints(text: str) -> int | list[int]:
     """"32" → 32, "8,16,16" → [8, 16, 16]."""
     parts = [p for p in text.replace(" ", "").split(",") if p]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}")
-    vals = [parse_int(p) for p in parts]
+    try:
+        vals = [parse_int(p) for p in parts]
+    except argparse.ArgumentTypeError:
+        vals = []
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers like 1,2,5, got {text!r}")
     return vals[0] if len(vals) == 1 else vals
 
 

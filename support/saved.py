@@ -133,6 +133,9 @@ def check_saved(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(cfg_file)!r} is not valid JSON, truncated? ({e}): {RERUN}") from e
     kind = meta_kind(meta) if isinstance(meta, dict) else None
+    if kind is None and isinstance(meta, dict) and isinstance(meta.get("class"), str):
+        raise ValueError(f"{str(cfg_file)!r} names the class {meta['class']!r}, which this version of the code does "
+                         f"not know (one of {', '.join(LEGACY)}); {RERUN}")
     if kind is None or not isinstance(meta.get("config"), dict):
         raise ValueError(f"{str(cfg_file)!r} has no \"kind\" (or \"class\") and \"config\" entries: not a dictionary "
                          f"saved by support.saved.save; {RERUN}")

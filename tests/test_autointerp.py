@@ -295,7 +295,7 @@ def test_http_garbage_is_unparseable_and_errors_are_one_line(tmp_path, capsys):
     assert autointerp.main([str(run), "--judge", "http://127.0.0.1:1/v1"]) == 2
     assert "needs --judge-model" in capsys.readouterr().err
     assert autointerp.main([str(tmp_path / "nothing")]) == 2
-    assert "run python features.py" in capsys.readouterr().err
+    assert "run python -m latents.features" in capsys.readouterr().err
     assert autointerp.main([str(run), "--device", "gpu"]) == 2      # checked before the judge loads
     assert capsys.readouterr().err == "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'\n"
 

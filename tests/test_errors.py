@@ -67,15 +67,15 @@ RERUN = saved.RERUN
 DAMAGE = {
     "config not JSON": (lambda r: _truncate(r / "layer_1/config.json"), ["is not valid JSON", RERUN],
                         "layer_1/config.json"),
-    "config without class": (lambda r: edit_json(r / "layer_1/config.json", lambda m: m.pop("class")),
-                             ['no "class" and "config"'], "layer_1/config.json"),
-    "class not importable": (lambda r: edit_json(r / "layer_1/config.json",
-                                                 lambda m: m.update({"class": "nosuchmodule.SAE"})),
-                             ["'nosuchmodule.SAE'", "cannot be imported", "PYTHONPATH"], "layer_1/config.json"),
-    "class not defined": (lambda r: edit_json(r / "layer_1/config.json", lambda m: m.update({"class": "sae.NoSAE"})),
-                          ["does not define", "another version"], "layer_1/config.json"),
+    "config without kind": (lambda r: edit_json(r / "layer_1/config.json", lambda m: m.pop("kind")),
+                            ['has no "kind" (or "class") and "config" entries', RERUN], "layer_1/config.json"),
+    "kind unknown": (lambda r: edit_json(r / "layer_1/config.json", lambda m: m.update({"kind": "transcoder"})),
+                     ["names the kind 'transcoder'", "does not know", "one of sae, crosscoder"], "layer_1/config.json"),
+    "old class unknown": (lambda r: edit_json(r / "layer_1/config.json",
+                                              lambda m: (m.pop("kind"), m.update({"class": "sae.NoSAE"}))),
+                          ["names the class 'sae.NoSAE'", "does not know", RERUN], "layer_1/config.json"),
     "config field unknown": (lambda r: edit_json(r / "layer_1/config.json", lambda m: m["config"].update(width=3)),
-                             ["does not fit sae.SAE", "width"], "layer_1/config.json"),
+                             ["does not fit a sae", "width", "another version"], "layer_1/config.json"),
     "weights truncated": (lambda r: _truncate(r / "layer_1/model.safetensors"), ["is truncated or damaged", RERUN],
                           "layer_1/model.safetensors"),
     "weights missing": (lambda r: (r / "layer_1/model.safetensors").unlink(), ["is missing", RERUN],
@@ -131,7 +131,7 @@ def test_missing_folder_file_and_bad_flags(run, tmp_path, capsys):
     assert "is a file" in cli_error(metrics.main, [str(tmp_path / "file")], capsys)
     before = snapshot(run)
     for argv, words in [
-        (["--pairs", "abc"], "argument --pairs: invalid int value: 'abc'"),
+        (["--pairs", "abc"], "argument --pairs: expected an integer like 300000000 or 3e8, got 'abc'"),
         (["--ce-tokens", "-1"], "--ce-tokens must be at least 0, got -1"),
         (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
         (["--wasserstein", "nope"], "unknown task 'nope'"),
@@ -140,7 +140,7 @@ def test_missing_folder_file_and_bad_flags(run, tmp_path, capsys):
         assert words in cli_error(metrics.main, [str(run), *argv], capsys)
     for argv, words in [
         (["--task", "nope"], "unknown task 'nope'"),
-        (["--k", "1,x"], "--k must be positive integers like 1,2,5, got '1,x'"),
+        (["--k", "1,x"], "argument --k: expected an integer or comma-separated integers like 1,2,5, got '1,x'"),
         (["--n-train", "1"], "--n-train must be at least 2, got 1"),
         (["--C", "0"], "--C must be positive"),
         (["--out", str(tmp_path / "file" / "probe.json")], f"cannot write into {str(tmp_path / 'file')!r}"),

@@ -192,7 +192,8 @@ def test_tr_learns_toy_atoms_and_every_shared_atom():
     data = make_toy_data()
     shared = data.profile_NL.sum(-1) == 4
     torch.manual_seed(0)
-    model = fx.demo_model(d_in=32, n_layers=4)
+    model = fx.FMXCoder(fx.FMXCoderConfig(d_in=32, n_latents=512, k=8, n_layers=4, sparsity="topk", dead_tokens=50_000,
+                                          rank=[8, 16, 16], norm_every=1))
     assert model.config.factorization == "tr" and model.config.mask_prob == 0.05
     res = fit(model, data, steps=400)
     best, frac = recovery(model.decoder_vectors(), data)
@@ -205,8 +206,8 @@ def test_tr_learns_toy_atoms_and_every_shared_atom():
 def test_cp_learns_toy_atoms(factorization, rank):
     data = make_toy_data()
     torch.manual_seed(0)
-    model = fx.FMXCoder(fx.FMXCoderConfig(d_in=32, n_latents=512, k=8, n_layers=4, dead_tokens=50_000,
-                                          factorization=factorization, rank=rank))
+    model = fx.FMXCoder(fx.FMXCoderConfig(d_in=32, n_latents=512, k=8, n_layers=4, sparsity="topk",
+                                          dead_tokens=50_000, factorization=factorization, rank=rank))
     res = fit(model, data, steps=400)
     best, frac = recovery(model.decoder_vectors(), data)
     shared = data.profile_NL.sum(-1) == 4

@@ -68,7 +68,7 @@ def test_config_defaults_and_validation():
         PolySAEConfig(d_in=8, n_latents=64, ranks=(4, 8, 2))
     with pytest.raises(ValueError, match="three integers"):
         PolySAEConfig(d_in=8, n_latents=64, ranks=(8, 4))
-    with pytest.raises(ValueError, match="positive integers"):
+    with pytest.raises(ValueError, match=r"R1 >= R2 >= R3 >= 1, got \(8, 0, 0\)"):
         PolySAEConfig(d_in=8, n_latents=64, ranks=(8, 0, 0))
     with pytest.raises(ValueError, match="R1 must be <= n_latents"):
         PolySAEConfig(d_in=8, n_latents=16, k=2, ranks=(32, 4, 4))
@@ -111,7 +111,8 @@ def test_forward_equals_decode_encode_and_shapes(sparsity):
     assert out.mse.item() == pytest.approx(((x - out.recon) ** 2).sum(-1).mean().item(), rel=1e-6)
     w = model.decoder_norms() if sparsity == "relu" else 1.0  # weighted only where it is in the loss
     assert torch.allclose(out.l1, (out.latents * w).sum(-1).mean())
-    assert model.loss(x).item() == pytest.approx(out.loss.item())
+    l1 = model.config.l1_coeff * out.l1.item() if sparsity == "relu" else 0.0    # eval mode: no AuxK
+    assert out.loss.item() == pytest.approx(out.mse.item() + l1)
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 6\)"):
         model(torch.randn(3, 5))
 
@@ -240,11 +241,12 @@ def test_interaction_weight_and_matrix_match_explicit_theta():
     U, C2 = model.U.detach(), model.C2.detach()
     for i, j in [(0, 0), (3, 7), (7, 3), (19, 5)]:
         naive = sum(U[i, r] * U[j, r] * C2[:, r] for r in range(4)).norm().item()
-        assert model.interaction_weight(i, j) == pytest.approx(naive, rel=1e-10)
-        assert model.interaction_weight(i, j) == pytest.approx(T2[i, j].norm().item(), rel=1e-10)
+        assert model.interaction_matrix([i, j])[0, 1].item() == pytest.approx(naive, rel=1e-10)
+        assert naive == pytest.approx(T2[i, j].norm().item(), rel=1e-10)
     idx = [2, 9, 0, 13, 9]
     M = model.interaction_matrix(idx)
-    want = torch.tensor([[model.interaction_weight(a, b) for b in idx] for a in idx], dtype=torch.float64)
+    want = torch.tensor([[sum(U[a, r] * U[b, r] * C2[:, r] for r in range(4)).norm().item() for b in idx]
+                         for a in idx], dtype=torch.float64)
     assert M.shape == (5, 5)
     assert torch.allclose(M, want, rtol=1e-8, atol=1e-12)
     assert torch.allclose(M, M.T)
@@ -259,15 +261,20 @@ def test_interaction_weight_and_matrix_match_explicit_theta():
 # -- parameter count ---------------------------------------------------------------------
 
 
+def sae_param_count(d_in: int, n_latents: int) -> int:
+    """The TopK SAE of the same width: W_enc, W_dec, b_enc, b_dec."""
+    return 2 * d_in * n_latents + n_latents + d_in
+
+
 def test_param_count_reproduces_the_gpt2_overhead_without_building_the_model():
     cfg = PolySAEConfig(d_in=768, n_latents=16384, k=64, ranks=(768, 64, 64))
-    extra = polysae.param_count(cfg) - polysae.sae_param_count(768, 16384)
+    extra = polysae.param_count(cfg) - sae_param_count(768, 16384)
     assert extra == 688_130 == 768 * (768 + 64 + 64) + 2
-    assert polysae.sae_param_count(768, 16384) == 25_182_976
-    assert extra / polysae.sae_param_count(768, 16384) == pytest.approx(0.0273, abs=1e-4)
+    assert sae_param_count(768, 16384) == 25_182_976
+    assert extra / sae_param_count(768, 16384) == pytest.approx(0.0273, abs=1e-4)
     cfg_smoke = PolySAEConfig(d_in=768, n_latents=16384, k=64, ranks=(768, 32, 32))
-    smoke = polysae.param_count(cfg_smoke) - polysae.sae_param_count(768, 16384)
-    assert smoke / polysae.sae_param_count(768, 16384) == pytest.approx(0.025, abs=1e-3)
+    smoke = polysae.param_count(cfg_smoke) - sae_param_count(768, 16384)
+    assert smoke / sae_param_count(768, 16384) == pytest.approx(0.025, abs=1e-3)
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -275,7 +282,7 @@ def test_param_count_matches_real_models(order):
     model = _model(order=order)
     assert polysae.param_count(model.config) == sum(p.numel() for p in model.parameters())
     base = sae.SAE(sae.SAEConfig(d_in=6, n_latents=20, k=3))
-    assert polysae.sae_param_count(6, 20) == sum(p.numel() for p in base.parameters())
+    assert sae_param_count(6, 20) == sum(p.numel() for p in base.parameters())
 
 
 # -- upkeep, save/load, folding ----------------------------------------------------------
@@ -290,7 +297,7 @@ def test_dead_counter_auxk_and_dead_fraction():
     assert out.loss.item() == pytest.approx(out.mse.item() + model.config.aux_coeff * out.auxk.item(), rel=1e-6)
     # AuxK decodes through the polynomial decoder without b_dec
     pre, resid = out.pre_acts, (x - out.recon).detach()
-    z_aux = sae.topk(pre, model.config.aux_k)
+    z_aux = core.dense(core.sparsify(pre, "topk", model.config.aux_k, True, torch.tensor(-1.0)))
     naive = min(20 / model.config.aux_k, 1.0) * (resid - (model.decode(z_aux) - model.b_dec)).pow(2).sum(-1).mean()
     assert out.auxk.item() == pytest.approx(naive.item(), rel=1e-5)
     model.config.dead_tokens = 16
@@ -333,7 +340,7 @@ def test_fold_input_scale_keeps_outputs_in_raw_units(order):
 def test_polysae_learns_ground_truth_atoms():
     data = make_toy_data(d=32, n_layers=4, n_atoms=256, seed=0)
     torch.manual_seed(0)
-    model = polysae.demo_model(32)
+    model = PolySAE(PolySAEConfig(d_in=32, n_latents=512, k=8, sparsity="topk", dead_tokens=50_000))
     res = fit(model, data, steps=400, single_layer=0)
     layer0 = ToyData(data.atoms_NLD[:, :1], data.profile_NL[:, :1], data.density, data.noise, 0)
     present = layer0.profile_NL[:, 0] > 0

@@ -132,7 +132,7 @@ def test_selection_decode_equals_the_dense_product(device):
     z = core.Selection(idx, pre.reshape(-1)[idx].relu(), (9, 40))
     W = torch.randn(40, 6, device=device)
     torch.testing.assert_close(core.sparse_decode(z, W), z.dense() @ W)
-    torch.testing.assert_close(z.dense(), sae.batch_topk(pre, 3))
+    torch.testing.assert_close(z.dense(), pre.relu() * (pre >= pre.flatten().topk(27).values.min()))
     assert torch.equal(idx, idx.sort().values) and len(idx) == 27
 
 
@@ -270,7 +270,7 @@ def test_the_host_side_dead_bound_never_skips_auxk(kind, device):
 
 @pytest.mark.parametrize("kind", ["sae", "crosscoder-masked"])
 def test_a_refreshed_dead_count_shrinks_auxk_without_changing_it(kind, device, monkeypatch):
-    """sae.refresh_dead_mirror (train.py calls it at its log steps) lets AuxK select only as many
+    """model.dead.refresh (train.py calls it at its log steps) lets AuxK select only as many
     entries per token as latents can be dead before the next refresh: the AuxK losses and the weights
     equal those of the full k_aux selection to float rounding (the sums run over fewer masked zeros,
     and the backward adds the same terms in another order), and the selections are smaller."""
@@ -280,7 +280,7 @@ def test_a_refreshed_dead_count_shrinks_auxk_without_changing_it(kind, device, m
         sizes.append(k)
         return real(pre, dead, k)
 
-    monkeypatch.setattr(sae, "auxk_indices", spy)
+    monkeypatch.setattr(core, "auxk_indices", spy)
     runs = []
     for refresh in (True, False):
         sizes.clear()
@@ -290,7 +290,7 @@ def test_a_refreshed_dead_count_shrinks_auxk_without_changing_it(kind, device, m
         auxk = []
         for s in range(8):
             if refresh:                                # every step of 24 tokens
-                sae.refresh_dead_mirror(model, 24)
+                model.dead.refresh(model.tokens_since_fired, model.config.dead_tokens, 24)
             auxk.append(core.train_step(model, opt, batch(kind, device=device, seed=s)).auxk)
         runs.append((model, torch.stack(auxk), list(sizes)))
     (small, auxk_s, sizes_s), (full, auxk_f, sizes_f) = runs

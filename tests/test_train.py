@@ -51,7 +51,7 @@ def test_each_dictionary_trains_saves_and_reconstructs(gpt2_dir, cache_dir, tmp_
             recon = model(xi).recon
         # reconstructs better than predicting the mean of the held-out tokens
         assert core.fvu(xi, recon).item() < 0.9
-        assert meta["train"]["dictionary"] == kind and meta["run"]["dict"] == kind and meta["run"]["hooks"]
+        assert meta["train"]["dictionaries"][0]["kind"] == kind and meta["run"]["dict"] == kind and meta["run"]["hooks"]
 
 
 def test_resume_matches_uninterrupted_run(gpt2_dir, cache_dir, tmp_path, ctrl_c_at):
@@ -114,7 +114,8 @@ def test_unwritable_out_and_cache_mismatch(gpt2_dir, cache_dir, tmp_path, capsys
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert train.main(flags(gpt2_dir, cache_dir, blocker / "sub")) == 2
-    assert "not writable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot create the run folder" in err and "(a file, not a folder)" in err
     # a cache made for layers 0-3 of the tiny GPT-2 cannot serve layers 1,2
     activation_cache.build_cache(cache_dir, gpt2_dir, [0, 1, 2, 3], n_tokens=4096, context=64, multi=True, drop_outliers=10.0)
     assert train.main(flags(gpt2_dir, cache_dir, tmp_path / "o", "--layers", "1,2")) == 2
@@ -177,7 +178,6 @@ def test_the_loop_reads_the_device_only_every_log_every_steps(gpt2_dir, cache_di
     background data thread is not either."""
     import threading
 
-    import runs
     from test_sparse_backward import SyncCounter
 
     class LoopCounter(SyncCounter):
@@ -236,7 +236,7 @@ def test_the_loop_reads_the_device_only_every_log_every_steps(gpt2_dir, cache_di
             if counting:
                 counting.pop().__exit__(None, None, None)
 
-    monkeypatch.setattr(sae, "train_step", step)
+    monkeypatch.setattr(core, "train_step", step)
     monkeypatch.setattr(train, "fit", counted_fit)
     args = flags(gpt2_dir, cache_dir, tmp_path / "r", "--dict", "crosscoder", "--sparsity", "batchtopk",
                  "--mask-prob", "0.1", "--log-every", "10", "--ckpt-every", "10", "--dead-tokens", "256",
