@@ -13,6 +13,8 @@ S is one of (`sparsify`, one path for training and inference):
              at inference z = pre · 1[pre > θ], θ an EMA of the smallest kept score in training
              (per-row TopK while θ is uncalibrated, θ < 0).
   relu       ReLU, with the L1 penalty λ Σ_f z_f ‖d_f‖ in the loss (the classic SAE).
+  jumprelu   inference only (SAEs imported from SAELens, support/saelens.py): z = ReLU(pre) · 1[pre > θ_f]
+             with a per-latent threshold θ (F,), strict >, as SAELens's JumpReLUSAE. Never trained here.
 Entries are chosen by score = pre · decoder_scale() (crosscoders: Σ_l ‖W_dec[f, l]‖; None for 1) and
 the unscaled ReLU(pre) is decoded. TopK and training-time BatchTopK give a `Selection`: N = B·k
 flat indices and values, a fixed size, so a training step never waits for the device.
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SPARSITIES = ("topk", "batchtopk", "relu")
+INFERENCE_ONLY = ("jumprelu",)        # loaded (support/saelens.py), evaluated, saved; refused in training
 # Does a TopK/BatchTopK step use SparseEncoderGrad ("<type>+autocast" under torch.autocast)? The faster
 # path measured by bench/bench_train.py: CPU sparse (1.3-2x), H200 float32 sparse (1.24-1.55x), H200 under
 # bfloat16 autocast dense (the sparse path 0.74-0.97x). Set e.g. core.SPARSE_BACKWARD["cuda"] = False.
@@ -90,11 +93,19 @@ class DictConfig:
         if self.k >= self.n_latents:
             raise ValueError(f"{name('k')} must be smaller than {name('n_latents')}, got k={self.k} >= "
                              f"n_latents={self.n_latents}")
-        if self.sparsity not in SPARSITIES:
+        if self.sparsity not in SPARSITIES + INFERENCE_ONLY:
             raise ValueError(f"{name('sparsity')} must be one of {', '.join(SPARSITIES)}, got {self.sparsity!r}")
+        if self.sparsity in INFERENCE_ONLY and name is not str:    # a command line (cli.flag) builds it to train
+            raise ValueError(inference_only(self.sparsity) + f"; train with {name('sparsity')} "
+                             f"{', '.join(SPARSITIES)}")
         for f in ("l1_coeff", "aux_coeff"):
             if not (isinstance(getattr(self, f), (int, float)) and 0 <= getattr(self, f) < math.inf):
                 raise ValueError(f"{name(f)} must be a finite number >= 0, got {getattr(self, f)}")
+
+
+def inference_only(sparsity: str) -> str:
+    """The one-line refusal of training an inference-only sparsity."""
+    return f"{sparsity} is inference only: SAEs imported from SAELens (support/saelens.py) are never trained here"
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,6 +225,8 @@ def sparsify(pre_BF: Tensor, sparsity: str, k: int, training: bool, threshold: T
     if sparsity == "topk" or (sparsity == "batchtopk" and training):
         idx_N, keep_N = select(pre_BF, sparsity, k, scale_F)
         return Selection(idx_N, selected_values(enc, pre_BF, idx_N, keep_N, sparse_backward), tuple(pre_BF.shape))
+    if sparsity == "jumprelu":          # threshold (F,); the same rule in training and eval (never trained)
+        return F.relu(pre_BF) * (pre_BF > threshold)
     if sparsity == "batchtopk":
         acts_BF = F.relu(pre_BF)
         jump_BF = acts_BF * (scores(acts_BF, scale_F) > threshold)
@@ -283,9 +296,10 @@ class DeadLatents:
 
 def init_state(model, n_latents: int) -> None:
     """The state every dictionary keeps besides its weights: the dead counter (with its host side) and
-    BatchTopK's inference threshold θ (< 0: not calibrated)."""
+    BatchTopK's inference threshold θ (< 0: not calibrated), or for "jumprelu" the per-latent θ (F,)."""
     model.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
-    model.register_buffer("threshold", torch.tensor(-1.0))
+    per_latent = getattr(model.config, "sparsity", None) in INFERENCE_ONLY
+    model.register_buffer("threshold", torch.zeros(n_latents) if per_latent else torch.tensor(-1.0))
     model.dead = DeadLatents(model.tokens_since_fired)
 
 
@@ -403,7 +417,7 @@ class Dictionary(Protocol):
     config: Any                 # a DictConfig (+ n_layers for crosscoders)
     training: bool              # nn.Module's: AuxK, the dead counter and θ update only in training
     b_dec: Tensor               # (d,) or (L, d)
-    tokens_since_fired: Tensor  # buffer (F,), threshold: buffer (), dead: DeadLatents (init_state)
+    tokens_since_fired: Tensor  # buffer (F,), threshold: buffer () or (F,) (jumprelu), dead (init_state)
     threshold: Tensor
     dead: DeadLatents
 
@@ -435,6 +449,8 @@ def forward_with_losses(model, x_in: Tensor, target: Tensor) -> Output:
     masked); in training also AuxK (while a latent may be dead: a host-side bound, no reads), the dead
     counter and θ. The sparse backward runs where SPARSE_BACKWARD says so."""
     c = model.config
+    if model.training and c.sparsity in INFERENCE_ONLY:
+        raise ValueError(inference_only(c.sparsity) + " (call model.eval() to use it)")
     enc = model.encoder_linear(x_in)
     with torch.no_grad():
         scale_F = model.decoder_scale()                   # selection only: no gradient through it

@@ -1,15 +1,16 @@
 """fmxcoder: a crosscoder whose encoder and decoder tensors are low-rank tensor factorisations, trained
-with stochastic layer masking (Demou et al. 2026, arXiv 2605.09438: factorisations pp. 5 and 15, masking
-p. 5; what each rank allows and costs, our derivations: docs/fmxcoder-ranks.md).
+with stochastic layer masking (Demou et al. 2026, arXiv 2605.09438, v1; pointers below are pages of its PDF:
+the section and equation numbers were not available to us). What each rank allows and costs, our
+derivations: docs/fmxcoder-ranks.md.
 
 A crosscoder (crosscoder.py) has two weight tensors W ∈ R^{d × F × L}. The fmxcoder factorises each over
 all three modes, encoder and decoder independently, so every latent draws its per-layer weights from a
 shared cross-layer basis:
 
-  Tensor Ring, ranks (R1, R2, R3) (the paper's main model; `rank` R or [R1, R2, R3]):
+  Tensor Ring, ranks (R1, R2, R3) (the paper's main model, arXiv 2605.09438 p. 5; `rank` R or [R1, R2, R3]):
       W[d, f, l] = Tr(G1[:, d, :] G2[:, f, :] G3[:, l, :])     G1 (R1, d, R2)  G2 (R2, F, R3)  G3 (R3, L, R1)
       G3 is the layer core shared by all latents.
-  CP, rank R (the paper's appendix):
+  CP, rank R (arXiv 2605.09438, appendix, p. 15):
       W[d, f, l] = Σ_r A[d, r] B[f, r] C[l, r]                 A (d, R)  B (F, R)  C (L, R)
       latent f writes x̂_l ∋ A (B[f] ⊙ C[l]): the rows of C are layer patterns shared by all latents.
 
@@ -33,7 +34,8 @@ Init: the materialised decoder has the dense crosscoder's per-entry variance 1/(
 unit-scale code per latent (G2 ~ N(0, 1/(R2·R3)), B ~ N(0, 1/R)), the two others the rest (G1, G3 ~
 N(0, (R1·L·d)^-1/2); A, C ~ N(0, (L·d)^-1/2)); then each latent's slice of G2 / B is rescaled so its
 concatenated decoder norm is 1, like the crosscoder's, and the encoder factors start as copies (W_enc =
-W_decᵀ). Masking (default p = 0.05), b_dec, the losses and the upkeep are crosscoder.CrossCoder's.
+W_decᵀ). Masking (arXiv 2605.09438 p. 5, default p = 0.05), b_dec, the losses and the upkeep are
+crosscoder.CrossCoder's.
 Copy this file with crosscoder.py and core.py; `python fmxcoder.py` trains one on toy data.
 """
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Koromilas, Demou, Oldfield, Panagakis, Nicolaou, "PolySAE: Modeling Feature Interactions in Sparse
 Autoencoders via Polynomial Decoding", arXiv 2602.01322 (ICML 2026). Implemented as the official code does
 it (github.com/pakoromilas/PolySAE, sae_lens/saes/polysae.py, the `--shared_u` mode that every command of
-its README uses; the function names below are that file's):
+its README uses). The section and equation numbers of the PDF were not available to us, so each line names
+that file's function instead:
 
-    pre = (x − b_dec) W_enc + b_enc,   z = S(pre)         the SAE's linear encoder (sae.py)
+    pre = (x − b_dec) W_enc + b_enc,   z = S(pre)         the linear encoder, as sae.py (SAELens `encode`)
     a   = z U                                            U (F, R1), UᵀU = I          a (B, R1)
     y1  = a C1ᵀ                                          C1 (d, R1)
     y2  = (a[:, :R2] ⊙ a[:, :R2]) C2ᵀ                    C2 (d, R2)

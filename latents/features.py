@@ -29,7 +29,7 @@ For every latent i of a dictionary, with z_i(t) its activation at token t (encod
   crosscoder, fmxcoder: layer_delta Δ_il (metrics.layer_deltas, the functional-coherence formula of
              fmxcoders, arXiv 2605.09438 pp. 6 and 14, on the first `fc_tokens` tokens), fc = Σ_l Δ_il / max_l Δ_il (null when the
              latent fired fewer than `min_fires` times there), decoder_norms ‖d_il‖ per layer
-  polysae    partners: the `partners` latents j with the largest ‖Θ2[i, j, :]‖ (PolySAE §2.1), among the
+  polysae    partners: the `partners` latents j with the largest ‖Θ2[i, j, :]‖ (PolySAE arXiv 2602.01322: Θ2[i,j,:] = Σ_r U_ir U_jr C2[:, r], polysae.py), among the
              `inter_latents` most frequent ones (both i and j; the others have none)
 
 Shapes: a batch is B windows of T tokens; z: (B, T, F); the kept examples (F, K, W) with W = left + 1 + right.
