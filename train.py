@@ -386,7 +386,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
                     folder.append_curve({"step": done, "tokens": done * cfg.batch_size,
                                          "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
                 if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < data.steps and ranks.main:
-                    folder.save_checkpoint(runs.checkpoint_state(models, opts, done, cfg, key_names(cfg)))
+                    folder.save_checkpoint(runs.checkpoint_state(models, opts, done, cfg, key_names(cfg), data.identity))
         finally:
             feed.close()
             bar.close()
@@ -500,6 +500,8 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     torch.manual_seed(cfg.seed)
     t_setup = time.perf_counter()
     data = open_data(cfg, layers, ranks, device)
+    if state is not None:
+        runs.check_data(state, data, Path(cfg.out))
     models = {k: cls(c).to(device) for k, (cls, c) in dictionary_configs(cfg, d, layers, data.scale_L.tolist()).items()}
     # fused Adam: one kernel per step, and its step count stays on the device (the plain one reads it back)
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True) for k, m in models.items()}
@@ -533,7 +535,7 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     assert_ranks_agree({names(k): m for k, m in models.items()}, ranks)
     if not ranks.main:
         return result
-    folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg, names))
+    folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg, names, data.identity))
     summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
                "parameters": sizes, "eval": evaluate(models, data, layers, device)}
     summary["time"]["setup_s"] = setup_s

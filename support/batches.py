@@ -21,6 +21,7 @@ background thread, so cache reads or harvesting overlap with training.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import queue
 import sys
@@ -60,6 +61,16 @@ class Data:
     read_eval: Callable[[int, int], torch.Tensor]      # raw held-out tokens [lo, hi) as (n, L, d)
     n_eval: int
     run: dict                                          # saved with the model: hooks, cache, token counts
+    identity: dict                                     # kept in checkpoints: what a resumed run must find again
+
+
+def fingerprint(cache: activation_cache.ActivationCache, n_rows: int = 64) -> str:
+    """sha1 of n_rows tokens spread evenly over the cache's view (and of its size): a rebuilt cache whose
+    tokens differ changes it, at the cost of reading n_rows rows."""
+    idx = torch.linspace(0, cache.n_tokens - 1, min(n_rows, cache.n_tokens)).long()
+    h = hashlib.sha1(str(cache.n_tokens).encode())
+    h.update(cache.take(idx, as_stored=True).numpy().tobytes())
+    return h.hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -107,8 +118,10 @@ def open_cache(path: Path, *, model: str, layers: list[int], multi: bool, datase
             yield cache.take(idx, as_stored=True, pin_memory=pin)   # converted to float32 on the device
 
     run = {"hooks": cache.meta.get("hooks"), "cache": str(cache.path), "train_tokens": n_train, "eval_tokens": n_eval}
+    identity = {"cache": str(cache.path), "n_tokens": cache.n_tokens, "fingerprint": fingerprint(cache),
+                "scale": cache.scale.tolist()}
     return Data(batches, steps, cache.scale, cache.read(0, min(n_train, SAMPLE_TOKENS)),
-                lambda lo, hi: cache.read(n_train + lo, n_train + hi), n_eval, run)
+                lambda lo, hi: cache.read(n_train + lo, n_train + hi), n_eval, run, identity)
 
 
 def split_stream(chunks, n_first: int):
@@ -162,7 +175,8 @@ def open_stream(*, model: str, layers: list[int], dataset, context: int, tokens:
 
     run = {"hooks": [activations.block_paths(lm)[l] for l in layers], "cache": None,
            "train_tokens": tokens, "eval_tokens": n_eval}
-    return Data(batches, steps, scale_L, sample, lambda lo, hi: held[lo:hi], n_eval, run)
+    identity = {"cache": None, "scale": scale_L.tolist()}
+    return Data(batches, steps, scale_L, sample, lambda lo, hi: held[lo:hi], n_eval, run, identity)
 
 
 _END = object()

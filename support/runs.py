@@ -199,6 +199,24 @@ def read_checkpoint(path: Path, config) -> dict:
     return state
 
 
+def check_data(state: dict, data, path: Path) -> None:
+    """A resumed run trains on what it trained on before: RunFolderError if the cache's tokens changed
+    (rebuilt by another run with other tokens), and the run's own scale replaces a re-estimated one."""
+    saved = state.get("data")
+    if saved is None:                                   # checkpoints written before the data identity
+        return
+    now = data.identity
+    if saved.get("fingerprint") != now.get("fingerprint") or saved.get("n_tokens") != now.get("n_tokens"):
+        raise RunFolderError(f"cannot resume {str(path)!r}: the activation cache {now.get('cache')!r} no longer holds "
+                             f"the tokens this run trained on (rebuilt since, with other tokens); rebuild it as it was "
+                             f"(--cache-tokens {saved.get('n_tokens')}) into another --cache folder, or start a new run")
+    if saved["scale"] != now["scale"]:
+        print(f"note: the cache's per-layer scale was re-estimated since this run started (another run rebuilt it); "
+              f"resuming with the run's own scale")
+        data.scale_L = torch.tensor(saved["scale"], dtype=torch.float32)
+        data.identity = {**now, "scale": saved["scale"]}
+
+
 def restore(state: dict, models: dict, opts: dict, name) -> int:
     """Load read_checkpoint's state into the models and optimisers (keys named by `name(key)`); the step."""
     for k, m in models.items():
@@ -210,14 +228,14 @@ def restore(state: dict, models: dict, opts: dict, name) -> int:
     return state["step"]
 
 
-def checkpoint_state(models: dict, opts: dict, step: int, config, name) -> dict:
+def checkpoint_state(models: dict, opts: dict, step: int, config, name, data_identity: dict) -> dict:
     """What checkpoint.pt holds: every model and optimiser state, each model's host-side AuxK size
-    (core.DeadLatents.aux_limit: a resumed run selects the AuxK entries the first run selected), the step
-    and the flags."""
+    (core.DeadLatents.aux_limit: a resumed run selects the AuxK entries the first run selected), the step,
+    the flags and the identity of the data (check_data)."""
     return {"models": {name(k): m.state_dict() for k, m in models.items()},
             "opts": {name(k): o.state_dict() for k, o in opts.items()},
             "aux_limits": {name(k): m.dead.aux_limit for k, m in models.items()},
-            "step": step, "config": dataclasses.asdict(config)}
+            "step": step, "config": dataclasses.asdict(config), "data": data_identity}
 
 
 def write_json(path: Path, obj) -> None:

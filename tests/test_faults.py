@@ -1,0 +1,73 @@
+"""Faults that used to give a silent wrong result or lose a finished model: each case, the exact
+one-line message, and that nothing is lost or mixed up (train.py, metrics.py, the run folder, the cache)."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from support import cache as activation_cache
+from support import saved
+import metrics
+import train
+
+
+def flags(gpt2_dir, cache_dir, out, *extra):
+    return ["--model", gpt2_dir, "--layers", "0-3", "--tokens", "1536", "--eval-tokens", "512",
+            "--batch-size", "128", "--n-latents", "64", "--k", "4", "--context", "64", "--dict", "crosscoder",
+            "--cache", str(cache_dir), "--out", str(out), "--device", "cpu", "--dead-tokens", "1000",
+            "--ckpt-every", "4", "--lr", "3e-3", *extra]
+
+
+def error_of(capsys, code):
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: "), err
+    return lines[-1]
+
+
+def same_weights(a_dir, b_dir):
+    a, b = saved.load(a_dir), saved.load(b_dir)
+    return all(torch.equal(v, w) for v, w in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------------------
+# 1. A resumed run keeps the data it trained on
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_cache_rebuilt_by_another_run_does_not_change_a_resumed_run(gpt2_dir, tmp_path, ctrl_c_at):
+    """Run A is interrupted after a checkpoint; run B rebuilds the shared cache with more tokens, which
+    re-estimates its scale (fewer than activations.SCALE_TOKENS tokens either way); A resumes with its own
+    scale on the same tokens and equals A run without interruption on a cache nobody touched."""
+    shared, untouched = tmp_path / "shared", tmp_path / "untouched"
+    full, part, other = tmp_path / "full", tmp_path / "part", tmp_path / "other"
+    assert train.main(flags(gpt2_dir, untouched, full)) == 0
+    ctrl_c_at(5)                                            # after the step-4 checkpoint
+    assert train.main(flags(gpt2_dir, shared, part)) == 130
+    ctrl_c_at(None)
+    scale_before = activation_cache.ActivationCache(shared).scale
+    assert train.main(flags(gpt2_dir, shared, other, "--cache-tokens", "4096")) == 0    # rebuilds it
+    assert not torch.equal(activation_cache.ActivationCache(shared).scale, scale_before)
+    assert train.main(flags(gpt2_dir, shared, part, "--resume")) == 0
+    assert same_weights(full, part)
+    run = json.loads((part / "config.json").read_text())
+    assert run["config"]["input_scale"] == scale_before.tolist()
+
+
+def test_resume_refuses_a_cache_whose_tokens_changed(gpt2_dir, tmp_path, ctrl_c_at, capsys):
+    cache, part = tmp_path / "c", tmp_path / "part"
+    ctrl_c_at(5)
+    assert train.main(flags(gpt2_dir, cache, part)) == 130
+    ctrl_c_at(None)
+    meta = json.loads((cache / "meta.json").read_text())
+    shard = cache / meta["shards"][0][0]                    # rebuilt from an edited corpus: the same size and
+    rows = np.fromfile(shard, dtype=np.float16).reshape(meta["shards"][0][1], -1)      # settings, other tokens
+    rows[::-1].tofile(shard)
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, part, "--resume")))
+    assert line == (f"error: cannot resume {str(part)!r}: the activation cache {str(cache)!r} no longer holds the "
+                    f"tokens this run trained on (rebuilt since, with other tokens); rebuild it as it was "
+                    f"(--cache-tokens 2048) into another --cache folder, or start a new run")
