@@ -78,7 +78,7 @@ import core
 from core import opt
 from probe import percentile_interval, pool
 from support import cache as activation_cache
-from support import cli, saved, tasks
+from support import cli, runs, saved, tasks
 from support.corpora import heldout_text, heldout_windows, take_tokens
 from support.files import write_atomic
 from support.heldout import Held
@@ -509,38 +509,41 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
     """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json.
     ValueError (one line, naming the file and the fix) for a folder that holds no usable run, an
     interrupted one (unless allow_incomplete) or a damaged activation cache. `progress`: a tqdm bar
-    per phase (reconstruction, LM loss, functional coherence, co-occurrence, Wasserstein)."""
-    entries = saved.open_run(run_dir, device, allow_incomplete)
-    cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
-    run = saved.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
-    cli.check_writable(Path(run_dir))
+    per phase (reconstruction, LM loss, functional coherence, co-occurrence, Wasserstein). The folder is
+    locked (shared) meanwhile, so train.py cannot replace it (support.runs.reading)."""
+    with runs.reading(run_dir):
+        entries = saved.open_run(run_dir, device, allow_incomplete)
+        cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
+        run = saved.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
+        cli.check_writable(Path(run_dir))
 
-    @functools.cache
-    def lm_tok():                         # loaded once, and only when a metric needs it
-        return activations.load_lm(run["model"], device=device, dtype=run.get("lm_dtype", "float32"))
+        @functools.cache
+        def lm_tok():                         # loaded once, and only when a metric needs it
+            return activations.load_lm(run["model"], device=device, dtype=run.get("lm_dtype", "float32"))
 
-    held = Held(run, sorted({l for ls, _, _ in entries for l in ls}), eval_tokens, batch_size, device, lm_tok)
-    records = [record(layers, model, meta, held) for layers, model, meta in entries]
-    reconstruction(records, held, progress)
-    results = [r.result for r in records] + ([reconstruction_of_set(records)] if len(records) > 1 else [])
-    single = [r for r in records if not r.multi]
-    if ce_tokens and single:
-        lm_loss_of(single, *lm_tok(), run, held, ce_tokens, lm_batch, progress)
-    for r in records:
-        if fc_tokens and r.multi:
-            r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires, progress))
-        if hasattr(r.model, "interaction_matrix") and r.model.config.order >= 2:
-            r.result.update(interaction_of(r, held, cooc_tokens, n_pairs, progress))
-    if wasserstein_task:
-        texts, labels = tasks.load_task(wasserstein_task, "train", n_train=wasserstein_texts)
-        wasserstein_of(records, *lm_tok(), texts, labels, run, device, progress)
+        held = Held(run, sorted({l for ls, _, _ in entries for l in ls}), eval_tokens, batch_size, device, lm_tok)
+        records = [record(layers, model, meta, held) for layers, model, meta in entries]
+        reconstruction(records, held, progress)
+        results = [r.result for r in records] + ([reconstruction_of_set(records)] if len(records) > 1 else [])
+        single = [r for r in records if not r.multi]
+        if ce_tokens and single:
+            lm_loss_of(single, *lm_tok(), run, held, ce_tokens, lm_batch, progress)
         for r in records:
-            r.result.update({"wasserstein_task": wasserstein_task, "wasserstein_texts": len(texts)})
+            if fc_tokens and r.multi:
+                r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires, progress))
+            if hasattr(r.model, "interaction_matrix") and r.model.config.order >= 2:
+                r.result.update(interaction_of(r, held, cooc_tokens, n_pairs, progress))
+        if wasserstein_task:
+            texts, labels = tasks.load_task(wasserstein_task, "train", n_train=wasserstein_texts)
+            wasserstein_of(records, *lm_tok(), texts, labels, run, device, progress)
+            for r in records:
+                r.result.update({"wasserstein_task": wasserstein_task, "wasserstein_texts": len(texts)})
 
-    out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
-           "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
-    write_atomic(Path(run_dir, "eval.json"), json.dumps(out, indent=2))
-    return out
+        out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
+               "weights_sha256": runs.model_digests(run_dir),
+               "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
+        write_atomic(Path(run_dir, "eval.json"), json.dumps(out, indent=2))
+        return out
 
 
 # ----------------------------------------------------------------------------------------

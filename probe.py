@@ -48,7 +48,7 @@ from torch import Tensor
 import activations
 import core
 from core import opt
-from support import cli, saved
+from support import cli, runs, saved
 from support.corpora import tokenize
 from support.files import write_atomic
 from support.tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
@@ -321,72 +321,76 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
     """Probe every dictionary of a run folder (saved.open_run) on the named tasks; writes probe.json
     (atomically; the tasks of an earlier probe.json with the same settings are kept). ValueError
     naming the file and the fix for an unusable or interrupted run (see saved.open_run) and an
-    earlier probe.json that is not JSON, before any work."""
+    earlier probe.json that is not JSON, before any work. The folder is locked (shared) meanwhile
+    (support.runs.reading); probe.json records the digests of the weights it probed."""
     run_dir = Path(run_dir)
-    entries = saved.open_run(run_dir, device, allow_incomplete)
-    meta = saved.run_entry(run_dir, entries[0][2], ("model",))
-    out = Path(out) if out else run_dir / "probe.json"
-    old = {}
-    if out.exists():                          # keep other tasks probed with the same settings
-        try:
-            old = json.loads(out.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{str(out)!r} is not valid JSON ({e}): delete it (its earlier tasks are lost) or "
-                             f"pass another --out") from e
-    cli.check_writable(out.parent)
-    kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
-    layers = sorted({l for ls, _, _ in entries for l in ls})
-    readers = {(kind if len(entries) == 1 else f"{kind}@{ls[0]}"): (m, ls, None) for ls, m, _ in entries}
-    context = context or meta.get("context") or 128
+    with runs.reading(run_dir):
+        entries = saved.open_run(run_dir, device, allow_incomplete)
+        meta = saved.run_entry(run_dir, entries[0][2], ("model",))
+        out = Path(out) if out else run_dir / "probe.json"
+        old = {}
+        if out.exists():                          # keep other tasks probed with the same settings
+            try:
+                old = json.loads(out.read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{str(out)!r} is not valid JSON ({e}): delete it (its earlier tasks are lost) or "
+                                 f"pass another --out") from e
+        cli.check_writable(out.parent)
+        kind = meta.get("dict") or type(entries[0][1]).__name__.lower()
+        layers = sorted({l for ls, _, _ in entries for l in ls})
+        readers = {(kind if len(entries) == 1 else f"{kind}@{ls[0]}"): (m, ls, None) for ls, m, _ in entries}
+        context = context or meta.get("context") or 128
 
-    data, skipped, hub_down = {}, {}, None
-    for name in task_names:                   # data first: fail (or skip) before loading the LM
-        if hub_down and not TASKS[name].offline:
-            skipped[name] = hub_down
-            continue
-        try:
-            data[name] = load_splits(name, n_train, n_test, seed)
-        except TaskUnavailable as e:
-            if len(task_names) == 1:
-                raise
-            skipped[name] = str(e)
-            print(f"skipping {name}: {e}", file=sys.stderr)
-            if "hub" in str(e) and any(w in str(e).lower() for w in ("reach", "connect", "offline", "resolve")):
-                hub_down = "the Hugging Face hub is unreachable"
-    if not data:
-        raise TaskUnavailable("no task could be loaded: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        data, skipped, hub_down = {}, {}, None
+        for name in task_names:                   # data first: fail (or skip) before loading the LM
+            if hub_down and not TASKS[name].offline:
+                skipped[name] = hub_down
+                continue
+            try:
+                data[name] = load_splits(name, n_train, n_test, seed)
+            except TaskUnavailable as e:
+                if len(task_names) == 1:
+                    raise
+                skipped[name] = str(e)
+                print(f"skipping {name}: {e}", file=sys.stderr)
+                if "hub" in str(e) and any(w in str(e).lower() for w in ("reach", "connect", "offline", "resolve")):
+                    hub_down = "the Hugging Face hub is unreachable"
+        if not data:
+            raise TaskUnavailable("no task could be loaded: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
-    lm, tokenizer = activations.load_lm(meta["model"], device, meta.get("lm_dtype", "float32"))
-    results, preds = {}, {}
-    for name, splits in data.items():
-        t0 = time.time()
-        classes = list(TASKS[name].classes)
-        feats, ys = {}, {}
-        for split, (texts, labels) in splits.items():
-            lat, acts = pool(lm, tokenizer, texts, layers, list(readers.values()), context, batch_size,
-                             device, raw)
-            feats[split] = dict(zip(readers, lat))
-            if raw:
-                feats[split].update({f"raw@{l}": acts[:, i] for i, l in enumerate(layers)})
-            ys[split] = torch.tensor([classes.index(l) for l in labels])
-        per_set, preds[name] = probe_task(name, feats, ys, seed, ks, full, C, device, n_boot,
-                                          (["raw"] if raw else []) + ([kind] if len(entries) > 1 else []))
-        results[name] = {"dataset": TASKS[name].source, "group": TASKS[name].group, "classes": classes,
-                         "n_texts": {s: len(splits[s][0]) for s in splits}, "features": per_set,
-                         "seconds": round(time.time() - t0, 1)}
-        print(f"{name}: {sum(len(s[0]) for s in splits.values())} texts in {time.time() - t0:.0f} s", file=sys.stderr)
+        lm, tokenizer = activations.load_lm(meta["model"], device, meta.get("lm_dtype", "float32"))
+        results, preds = {}, {}
+        for name, splits in data.items():
+            t0 = time.time()
+            classes = list(TASKS[name].classes)
+            feats, ys = {}, {}
+            for split, (texts, labels) in splits.items():
+                lat, acts = pool(lm, tokenizer, texts, layers, list(readers.values()), context, batch_size,
+                                 device, raw)
+                feats[split] = dict(zip(readers, lat))
+                if raw:
+                    feats[split].update({f"raw@{l}": acts[:, i] for i, l in enumerate(layers)})
+                ys[split] = torch.tensor([classes.index(l) for l in labels])
+            per_set, preds[name] = probe_task(name, feats, ys, seed, ks, full, C, device, n_boot,
+                                              (["raw"] if raw else []) + ([kind] if len(entries) > 1 else []))
+            results[name] = {"dataset": TASKS[name].source, "group": TASKS[name].group, "classes": classes,
+                             "n_texts": {s: len(splits[s][0]) for s in splits}, "features": per_set,
+                             "seconds": round(time.time() - t0, 1)}
+            print(f"{name}: {sum(len(s[0]) for s in splits.values())} texts in {time.time() - t0:.0f} s", file=sys.stderr)
 
-    report = {"run": str(run_dir), "dict": kind, "model": meta["model"], "layers": layers,
-              "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed, "context": context,
-                           "C": C, "full": full},
-              "tasks": results, "skipped": skipped}
-    if isinstance(old, dict) and old.get("settings") == report["settings"]:
-        report["tasks"] = {**old.get("tasks", {}), **results}
-    report["mean"] = summarise(report["tasks"])
-    if n_boot and report["tasks"].keys() == preds.keys():     # an interval needs every task's predictions
-        report["mean_ci"] = mean_intervals(report["tasks"], preds, n_boot, seed)
-    write_atomic(out, json.dumps(report, indent=2))
-    return report
+        report = {"run": str(run_dir), "dict": kind, "model": meta["model"], "layers": layers,
+                  "weights_sha256": runs.model_digests(run_dir),
+                  "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed, "context": context,
+                               "C": C, "full": full},
+                  "tasks": results, "skipped": skipped}
+        if isinstance(old, dict) and old.get("settings") == report["settings"] \
+                and old.get("weights_sha256") == report["weights_sha256"]:      # not the tasks of a replaced model
+            report["tasks"] = {**old.get("tasks", {}), **results}
+        report["mean"] = summarise(report["tasks"])
+        if n_boot and report["tasks"].keys() == preds.keys():     # an interval needs every task's predictions
+            report["mean_ci"] = mean_intervals(report["tasks"], preds, n_boot, seed)
+        write_atomic(out, json.dumps(report, indent=2))
+        return report
 
 
 def probe_task(name: str, feats: dict, ys: dict, seed: int, ks, full: bool, C: float, device, n_boot: int,

@@ -59,7 +59,7 @@ import core
 import metrics
 from core import opt
 from support import cache as activation_cache
-from support import cli, corpora, saved
+from support import cli, corpora, runs, saved
 from support.files import write_atomic
 
 HIST_LO, HIST_HI = 1e-2, 1e3          # histogram range of activations (normalised units)
@@ -401,7 +401,8 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
                       "n_latents": len(lat), "alive": sum(r["fires"] > 0 for r in lat),
                       "fc_tokens": min(s.fc_tokens, pool["tokens"]) if multi else 0, "latents": lat})
     pool_ids = pool["ids"].tolist()
-    return {"version": VERSION, "run": str(run_dir), "model": run["model"], "dataset": run.get("dataset"),
+    return {"version": VERSION, "run": str(run_dir), "weights_sha256": runs.model_digests(run_dir),
+            "model": run["model"], "dataset": run.get("dataset"),
             "text": f"{run.get('dataset') or 'bbc'} split {split}, "
                     + (f"after the first {skip:,} tokens (held out)" if skip else "its first tokens (held out)"),
             "tokens": pool["tokens"], "windows": pool["windows"], "settings": asdict(s),
@@ -435,9 +436,11 @@ def main(argv=None) -> int:
         a = parse_args(argv)
         device = cli.resolve_device(a.device)
         s = Settings(**cli.values(a, Settings))
-        feats = read_run(a.run, a.tokens, s, device, a.lm_batch, progress=not a.quiet, allow_incomplete=a.allow_incomplete)
-        write_atomic(Path(a.run, "features.json"), json.dumps(feats, separators=(",", ":")))
-        page.write_page(feats, Path(a.run, "features.html"))
+        with runs.reading(a.run):       # train.py cannot replace the run meanwhile
+            feats = read_run(a.run, a.tokens, s, device, a.lm_batch, progress=not a.quiet,
+                             allow_incomplete=a.allow_incomplete)
+            write_atomic(Path(a.run, "features.json"), json.dumps(feats, separators=(",", ":")))
+            page.write_page(feats, Path(a.run, "features.html"))
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
     for d in feats["dictionaries"]:

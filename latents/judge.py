@@ -339,10 +339,11 @@ def judge_run(run_dir, judge, s: JudgeSettings, progress: bool = True) -> dict:
     """Judge every dictionary of a run folder; writes autointerp.json and the page with the explanations."""
     from latents import page
 
-    path = Path(run_dir, "features.json")
-    if not path.exists():
+    from support.runs import read_result
+
+    if not Path(run_dir, "features.json").exists():
         raise FileNotFoundError(f"no features.json in {str(run_dir)!r}: run python -m latents.features {run_dir} first")
-    feats = json.loads(path.read_text())
+    feats = read_result(run_dir, "features.json")        # refused when the run's model was replaced since
     cached = CachedJudge(judge, Path(run_dir, "autointerp_cache.jsonl"))
     dicts = [judge_dictionary(d, feats, cached, s, progress) for d in feats["dictionaries"]]
     n_judged = sum(d["judged"] for d in dicts)

@@ -28,6 +28,7 @@ Writing (`RunFolder`, used by train.py):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -43,6 +44,57 @@ from support.files import write_atomic
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (one-line message naming the folder and the fix)."""
+
+
+@contextlib.contextmanager
+def reading(run_dir):
+    """Hold a shared lock on a run folder while it is evaluated (metrics.py, probe.py, latents): train.py,
+    which holds an exclusive one while it writes, can then not replace the folder under the evaluator, and
+    an evaluator refuses a folder that train.py is writing. Results computed inside carry the digests of
+    the weights they read (`model_digests`)."""
+    if not Path(run_dir).is_dir():        # nothing to lock: the opening reports what is there instead
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunFolderError(f"{str(run_dir)!r} is being written by a train.py run: evaluate it once that run has "
+                             f"finished") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def model_digests(run_dir) -> dict[str, str]:
+    """{folder of each dictionary, relative to run_dir ("." for the run itself): sha256 of its weights}, as
+    config.json records it (support.saved.save), else computed."""
+    from support.saved import dictionary_dirs, weights_digest
+
+    out = {}
+    for d in dictionary_dirs(run_dir):
+        meta = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        weights = next((d / n for n in ("model.safetensors", "sae_weights.safetensors") if (d / n).is_file()), None)
+        out[str(d.relative_to(run_dir))] = meta.get("weights_sha256") or (weights_digest(weights) if weights else None)
+    return out
+
+
+def read_result(run_dir, name: str) -> dict:
+    """run_dir/<name> (eval.json, probe.json, features.json), checked to be of the model now in run_dir:
+    ValueError when it was computed from other weights (the run was replaced since) or records none."""
+    path = Path(run_dir, name)
+    try:
+        result = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"no {name} in {str(run_dir)!r}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}): compute it again") from e
+    if result.get("weights_sha256") != model_digests(run_dir):
+        raise ValueError(f"{str(path)!r} was computed from other weights than the model now in {str(run_dir)!r} "
+                         f"(the run was replaced since): compute it again")
+    return result
 
 
 def read_summary(path: Path) -> dict | None:
@@ -76,8 +128,8 @@ class RunFolder:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._release()
-            raise RunFolderError(f"--out {str(self.path)!r} is in use by another train.py run: wait for it to "
-                                 f"finish or choose another --out") from None
+            raise RunFolderError(f"--out {str(self.path)!r} is in use by another train.py run or an evaluation of "
+                                 f"it: wait for it to finish or choose another --out") from None
         try:
             self._check_contents()
         except RunFolderError:

@@ -71,3 +71,48 @@ def test_resume_refuses_a_cache_whose_tokens_changed(gpt2_dir, tmp_path, ctrl_c_
     assert line == (f"error: cannot resume {str(part)!r}: the activation cache {str(cache)!r} no longer holds the "
                     f"tokens this run trained on (rebuilt since, with other tokens); rebuild it as it was "
                     f"(--cache-tokens 2048) into another --cache folder, or start a new run")
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Evaluators and train.py never share a folder; results name the weights they came from
+# ----------------------------------------------------------------------------------------
+
+QUICK_METRICS = ["--device", "cpu", "--ce-tokens", "0", "--fc-tokens", "0", "--wasserstein", ""]
+
+
+@pytest.fixture(scope="module")
+def cache(gpt2_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("acts") / "c"
+    activation_cache.build_cache(path, gpt2_dir, [0, 1, 2, 3], n_tokens=2048, context=64, multi=True, drop_outliers=10.0)
+    return path
+
+
+def test_metrics_refuses_a_folder_that_train_is_writing_and_train_refuses_one_being_evaluated(
+        gpt2_dir, cache, tmp_path, capsys):
+    from support import runs
+
+    out = tmp_path / "run"
+    assert train.main(flags(gpt2_dir, cache, out)) == 0
+    with runs.RunFolder(out, resume=True):                 # a train.py --resume holds it
+        line = error_of(capsys, metrics.main([str(out), *QUICK_METRICS]))
+    assert line == f"error: {str(out)!r} is being written by a train.py run: evaluate it once that run has finished"
+    assert not (out / "eval.json").exists()
+    with runs.reading(out):                                 # metrics.py holds it
+        line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--overwrite", "--k", "8")))
+    assert "is in use by another train.py run or an evaluation of it" in line
+    assert saved.load(out).config.k == 4                    # the evaluated model was not replaced
+
+
+def test_a_result_records_its_weights_and_is_refused_once_the_run_is_replaced(gpt2_dir, cache, tmp_path):
+    from support import runs
+
+    out = tmp_path / "run"
+    assert train.main(flags(gpt2_dir, cache, out)) == 0
+    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    digest = json.loads((out / "config.json").read_text())["weights_sha256"]
+    assert runs.read_result(out, "eval.json")["weights_sha256"] == {".": digest}
+    stale = (out / "eval.json").read_bytes()
+    assert train.main(flags(gpt2_dir, cache, out, "--overwrite", "--k", "8")) == 0
+    (out / "eval.json").write_bytes(stale)                  # an eval.json of the k=4 model beside the k=8 one
+    with pytest.raises(ValueError, match=r"eval.json' was computed from other weights than the model now in"):
+        runs.read_result(out, "eval.json")

@@ -102,8 +102,8 @@ def test_two_runs_on_one_folder_at_once(gpt2_dir, cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
     with runs.RunFolder(out):                                       # another train.py holds the folder
         last = error_of(capsys, train.main(flags(gpt2_dir, cache_dir, out)))
-    assert last == f"error: --out {str(out)!r} is in use by another train.py run: wait for it to finish or choose " \
-                   f"another --out"
+    assert last == f"error: --out {str(out)!r} is in use by another train.py run or an evaluation of it: wait for " \
+                   f"it to finish or choose another --out"
     assert train.main(flags(gpt2_dir, cache_dir, out)) == 0           # released with its holder
 
 
