@@ -223,19 +223,22 @@ class LocalJudge:
                 {"prompt_tokens": ids["input_ids"].shape[1], "completion_tokens": len(new)})
 
 
-def make_judge(spec: str, model: str | None = None, key_env: str = "OPENAI_API_KEY", device="cpu"):
+def make_judge(spec: str, model: str | None = None, key_env: str = "OPENAI_API_KEY", device="cpu",
+               timeout: float = 300):
     """"local:NAME" → LocalJudge(NAME); "http(s)://..." → HTTPJudge (needs the model name)."""
     if spec.startswith(("http://", "https://")):
         if not model:
             raise ValueError("an HTTP judge needs --judge-model (the model name the endpoint serves)")
-        return HTTPJudge(spec, model, key_env)
+        return HTTPJudge(spec, model, key_env, timeout)
     if spec.startswith("local:"):
         return LocalJudge(spec[len("local:"):], device)
     raise ValueError(f"--judge must be local:NAME or an http(s):// URL, got {spec!r}")
 
 
 class CachedJudge:
-    """Answers from RUN_DIR/autointerp_cache.jsonl when asked before; else asks the judge and appends."""
+    """Answers from RUN_DIR/autointerp_cache.jsonl when asked before; else asks the judge and appends. Only
+    answers that parse are kept: a malformed one (a broken server, a judge off its format) is asked again
+    on the next run, as is one cached by an earlier version of this code."""
 
     def __init__(self, judge, path):
         self.judge, self.path, self.answers = judge, Path(path), {}
@@ -249,15 +252,18 @@ class CachedJudge:
                 except (json.JSONDecodeError, KeyError):
                     continue                        # a line cut by an interrupted run
 
-    def __call__(self, messages: list[dict], max_tokens: int) -> str:
+    def __call__(self, messages: list[dict], max_tokens: int, parse=lambda answer: answer) -> str:
+        """The judge's answer; `parse(answer)` is None for an answer that cannot be used (not cached)."""
         key = hashlib.sha256(json.dumps([self.judge.id, messages, max_tokens]).encode()).hexdigest()
         row = self.answers.get(key)
-        if row is None:
+        if row is None or parse(row["answer"]) is None:
             text, usage = self.judge(messages, max_tokens)
             row = {"key": key, "answer": text, "usage": usage}
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            self.answers[key], self.calls = row, self.calls + 1
+            if parse(text) is not None:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                self.answers[key] = row
+            self.calls += 1
         else:
             self.hits += 1
         for k in self.usage:
@@ -296,18 +302,20 @@ def judge_latent(r: dict, feats: dict, judge, s: JudgeSettings, rng: random.Rand
     items = [(render(e, vocab, special, False), True) for e in positives[:n]]
     items += [(render(pool[i], vocab, special, False), False) for i in neg_idx[:n]]
     rng.shuffle(items)
-    answer = judge(explain_messages([render(e, vocab, special, True) for e in explain]), s.explain_tokens)
+    answer = judge(explain_messages([render(e, vocab, special, True) for e in explain]), s.explain_tokens,
+                   parse_explanation)
     explanation = parse_explanation(answer)
     out = {"id": r["id"], "explanation": explanation, "explain_answer": answer, "truth": [t for _, t in items]}
     if explanation is None:
         return out | {"status": "unparseable explanation"}
     if s.detect == "each":
-        answers = [judge(each_messages(explanation, t), min(s.detect_tokens, 4)) for t, _ in items]
+        answers = [judge(each_messages(explanation, t), min(s.detect_tokens, 4), parse_yes_no) for t, _ in items]
         said = [parse_yes_no(a) for a in answers]
         picked = None if None in said else [i + 1 for i, yes in enumerate(said) if yes]
         out["detect_answer"] = answers
     else:
-        out["detect_answer"] = judge(detect_messages(explanation, [t for t, _ in items]), s.detect_tokens)
+        out["detect_answer"] = judge(detect_messages(explanation, [t for t, _ in items]), s.detect_tokens,
+                                     lambda a: parse_predictions(a, len(items)))
         picked = parse_predictions(out["detect_answer"], len(items))
     if picked is None:
         return out | {"status": "unparseable detection"}
@@ -387,6 +395,8 @@ def main(argv=None) -> int:
                    "OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (default local:smollm2-135m)")
     p.add_argument("--judge-model", default=None, help="model name sent to an HTTP judge")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--judge-timeout", type=float, default=300, help="seconds to wait for one answer of an HTTP "
+                   "judge (default 300)")
     p.add_argument("--device", default="cpu", help="device of a local judge: auto | cpu | cuda | cuda:N")
     for name, default in asdict(JudgeSettings()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"(default {default})")
@@ -403,7 +413,9 @@ def main(argv=None) -> int:
         missing = [r for r in a.runs if not Path(r, "features.json").exists()]
         if missing:
             raise FileNotFoundError(f"no features.json in {missing[0]!r}: run python -m latents.features {missing[0]} first")
-        judge = make_judge(a.judge, a.judge_model, a.api_key_env, a.device)
+        if not a.judge_timeout > 0:
+            raise ValueError(f"--judge-timeout must be a number of seconds > 0, got {a.judge_timeout}")
+        judge = make_judge(a.judge, a.judge_model, a.api_key_env, a.device, a.judge_timeout)
         if judge.id == "local:smollm2-135m":
             print("note: SmolLM2-135M is far too weak a judge for conclusions; this run checks the pipeline")
         reports = [judge_run(r, judge, s, progress=not a.quiet) for r in a.runs]

@@ -83,7 +83,8 @@ def model_digests(run_dir) -> dict[str, str]:
 
 def read_result(run_dir, name: str) -> dict:
     """run_dir/<name> (eval.json, probe.json, features.json), checked to be of the model now in run_dir:
-    ValueError when it was computed from other weights (the run was replaced since) or records none."""
+    ValueError when it was computed from other weights (the run was replaced since). Results written
+    before they recorded their weights cannot be checked and are returned as they are."""
     path = Path(run_dir, name)
     try:
         result = json.loads(path.read_bytes())
@@ -91,7 +92,7 @@ def read_result(run_dir, name: str) -> dict:
         raise ValueError(f"no {name} in {str(run_dir)!r}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}): compute it again") from e
-    if result.get("weights_sha256") != model_digests(run_dir):
+    if "weights_sha256" in result and result["weights_sha256"] != model_digests(run_dir):  # (older: unchecked)
         raise ValueError(f"{str(path)!r} was computed from other weights than the model now in {str(run_dir)!r} "
                          f"(the run was replaced since): compute it again")
     return result

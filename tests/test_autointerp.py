@@ -318,3 +318,36 @@ def test_smollm2_judge_locally_and_behind_the_http_server(tmp_path):
     assert h["latents"][0]["explain_answer"] == d["latents"][0]["explain_answer"] != ""
     assert h["latents"][0].get("detect_answer") == d["latents"][0].get("detect_answer")
     assert direct["usage"]["prompt_tokens"] > 100 and direct["usage"] == http["usage"]
+
+
+class BrokenThenFixed(KeywordJudge):
+    """The same judge (same id) answering garbage until it is fixed."""
+    broken = True
+
+    def __call__(self, messages, max_tokens):
+        return ("", {}) if self.broken else super().__call__(messages, max_tokens)
+
+
+def test_a_malformed_answer_is_not_cached_so_a_fixed_judge_is_asked_again(tmp_path):
+    run = synthetic_features(tmp_path / "run")
+    judge = BrokenThenFixed()
+    first = autointerp.judge_run(run, judge, S, progress=False)
+    assert first["dictionaries"][0]["unparseable_explanations"] == 3 and first["calls"] == 3
+    assert not (run / "autointerp_cache.jsonl").exists() or not (run / "autointerp_cache.jsonl").read_text()
+    judge.broken = False
+    again = autointerp.judge_run(run, judge, S, progress=False)
+    assert again["calls"] == 6 and again["dictionaries"][0]["scored"] == 3       # asked again, scored now
+    assert autointerp.judge_run(run, Raising(), S, progress=False)["cached_calls"] == 6   # and cached since
+
+
+def test_judge_timeout_reaches_the_http_judge(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(autointerp, "judge_run", lambda run, judge, s, progress: made.append(judge) or
+                        {"run": run, "judge": judge.id, "calls": 0, "cached_calls": 0, "dictionaries": [],
+                         "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "tokens_per_latent": None})
+    run = synthetic_features(tmp_path / "run")
+    assert autointerp.main([str(run), "--judge", "http://127.0.0.1:1/v1", "--judge-model", "m",
+                            "--judge-timeout", "12.5", "--quiet"]) == 0
+    assert made[0].timeout == 12.5
+    assert autointerp.main([str(run), "--judge", "http://127.0.0.1:1/v1", "--judge-model", "m",
+                            "--judge-timeout", "0"]) == 2
