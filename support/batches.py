@@ -110,6 +110,10 @@ def open_cache(path: Path, *, model: str, layers: list[int], multi: bool, datase
         print(f"warning: the corpus ran out at {cache.n_tokens:,} tokens: training {n_train // B} steps (one pass "
               f"over its {n_train:,} training tokens) instead of the {steps} --tokens asks for", file=sys.stderr)
         steps = n_train // B
+    elif steps * B > n_train:
+        print(f"warning: --tokens {tokens:,} is {steps * B / n_train:.1f} passes over the cache's {n_train:,} training "
+              f"tokens ({cache.n_tokens:,} cached, {n_eval:,} of them held out); --cache-tokens "
+              f"{steps * B + n_eval:,} would give one pass", file=sys.stderr)
     pin = device.type == "cuda"
 
     def batches(start: int):

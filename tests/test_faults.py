@@ -116,3 +116,56 @@ def test_a_result_records_its_weights_and_is_refused_once_the_run_is_replaced(gp
     (out / "eval.json").write_bytes(stale)                  # an eval.json of the k=4 model beside the k=8 one
     with pytest.raises(ValueError, match=r"eval.json' was computed from other weights than the model now in"):
         runs.read_result(out, "eval.json")
+
+
+# ----------------------------------------------------------------------------------------
+# 3, 4, 6, 13: resume compares the flags; repeated tokens are said; features refuse an interrupted run;
+# a moved run resumes
+# ----------------------------------------------------------------------------------------
+
+
+def test_resume_on_a_finished_run_compares_the_flags(gpt2_dir, cache, tmp_path, capsys):
+    out, c01 = tmp_path / "run", tmp_path / "c01"
+    assert train.main(flags(gpt2_dir, c01, out, "--layers", "0,1")) == 0
+    line = error_of(capsys, train.main(flags(gpt2_dir, c01, out, "--dict", "sae", "--layers", "1", "--resume")))
+    assert line.startswith(f"error: cannot resume {str(out / 'checkpoint.pt')!r}: flags differ from the checkpoint's")
+    assert "'layers': ('0,1', '1')" in line and "'kind': 'sae'" in line
+    assert train.main(flags(gpt2_dir, c01, out, "--layers", "0,1", "--resume")) == 0        # the same flags
+    assert "already finished its 12 steps" in capsys.readouterr().out
+
+
+def test_tokens_beyond_the_cache_are_said_with_the_numbers(gpt2_dir, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(flags(gpt2_dir, cache, out, "--cache-tokens", "2048", "--tokens", "6144")) == 0
+    err = capsys.readouterr().err
+    assert ("warning: --tokens 6,144 is 4.0 passes over the cache's 1,536 training tokens (2,048 cached, 512 of them "
+            "held out); --cache-tokens 6,656 would give one pass") in err
+    assert json.loads((out / "summary.json").read_text())["steps"] == 48
+
+
+def test_features_refuse_an_interrupted_run(gpt2_dir, cache, tmp_path, ctrl_c_at, capsys):
+    from latents import features
+
+    out = tmp_path / "run"
+    ctrl_c_at(5)
+    assert train.main(flags(gpt2_dir, cache, out)) == 130
+    ctrl_c_at(None)
+    capsys.readouterr()
+    line = error_of(capsys, features.main([str(out), "--device", "cpu", "--tokens", "256", "--quiet"]))
+    assert line.startswith(f"error: {str(out)!r} holds an interrupted run (training stopped after 6 of 12 steps)")
+    assert not (out / "features.json").exists()
+    (out / "config.json").write_text("{not json")
+    line = error_of(capsys, features.main([str(out), "--device", "cpu", "--allow-incomplete"]))
+    assert line.startswith(f"error: {str(out / 'config.json')!r} is not valid JSON")
+
+
+def test_a_moved_interrupted_run_resumes(gpt2_dir, cache, tmp_path, ctrl_c_at):
+    full, part, moved = tmp_path / "full", tmp_path / "part", tmp_path / "elsewhere" / "part"
+    assert train.main(flags(gpt2_dir, cache, full)) == 0
+    ctrl_c_at(5)
+    assert train.main(flags(gpt2_dir, cache, part)) == 130
+    ctrl_c_at(None)
+    moved.parent.mkdir()
+    shutil.move(part, moved)
+    assert train.main(flags(gpt2_dir, cache, moved, "--resume")) == 0
+    assert same_weights(full, moved)
