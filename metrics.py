@@ -81,7 +81,7 @@ from support import cache as activation_cache
 from support import cli, runs, saved, tasks
 from support.corpora import heldout_text, heldout_windows, take_tokens
 from support.files import write_atomic
-from support.heldout import Held
+from support.heldout import Held, check_held_out
 
 EPS = 1e-8
 
@@ -515,6 +515,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
         entries = saved.open_run(run_dir, device, allow_incomplete)
         cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
         run = saved.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
+        check_held_out(run_dir, run)
         cli.check_writable(Path(run_dir))
 
         @functools.cache
@@ -626,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         c = cli.build(MetricsConfig, **cli.values(a, MetricsConfig))
         device = cli.resolve_device(c.device)
         for r in a.runs:                  # every run (and its cache) checked before the first is evaluated
+            runs.recover_export(r)
             cache = (saved.check_run(r, c.allow_incomplete)[0].get("run") or {}).get("cache")
             if cache and Path(cache, "meta.json").exists():
                 activation_cache.read_meta(Path(cache))

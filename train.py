@@ -560,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(parse_args(argv))
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
+    except KeyboardInterrupt:           # Ctrl-C before the loop (which saves instead): the harvest, the setup
+        print("\ninterrupted before training started: nothing was saved (a partial cache is removed)", file=sys.stderr)
+        return 130
     return 130 if summary.get("interrupted") else 0
 
 

@@ -61,6 +61,7 @@ from core import opt
 from support import cache as activation_cache
 from support import cli, corpora, runs, saved
 from support.files import write_atomic
+from support.heldout import check_held_out
 
 HIST_LO, HIST_HI = 1e-2, 1e3          # histogram range of activations (normalised units)
 VERSION = 1
@@ -380,6 +381,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
         raise ValueError(f"--tokens must be positive, got {n_tokens}")
     entries = saved.open_run(run_dir, device, allow_incomplete)
     run = saved.run_entry(run_dir, entries[0][2], ("model",))
+    check_held_out(run_dir, run)
     lm, tok = activations.load_lm(run["model"], device=device, dtype=run.get("lm_dtype", "float32"))
     cache_meta = None
     if run.get("cache") and Path(run["cache"], "meta.json").exists():

@@ -16,6 +16,7 @@ raw (N, L, d) activations: `read(start, stop)` in corpus order, `take(idx)` for 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ from torch import Tensor
 
 import activations
 from support.corpora import load_texts
-from support.files import write_atomic
+from support.files import check_free, disk_full, remove_stale, temp_path, write_atomic
 
 
 VERSION = 1                      # bump when the cache format or harvesting semantics change
@@ -234,6 +235,7 @@ def build_cache(path, model_name: str = activations.DEFAULT_MODEL, layers=None, 
     elif path.exists() and any(path.iterdir()):
         raise ValueError(f"cache path {str(path)!r} exists but is not an activation cache (no meta.json)")
 
+    remove_stale(path.parent, path.name)           # what a killed harvest left (.<name>.tmp-<pid>)
     if model is None:
         model, tokenizer = activations.load_lm(model_name, device=device, dtype=lm_dtype)
     paths = activations.block_paths(model)
@@ -244,13 +246,32 @@ def build_cache(path, model_name: str = activations.DEFAULT_MODEL, layers=None, 
     return ActivationCache(path, max_tokens=n_tokens)
 
 
+def new_shard(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A shard file with all its blocks allocated before it is mapped: a full disk is then an error here
+    (DiskFull naming the file), never a SIGBUS when a page of the map is written back later."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full(path, size) from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):   # a filesystem without fallocate
+                raise
+            f.truncate(size)
+    return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+
+
 def _write_cache(path: Path, model, tokenizer, layers, paths, texts, n_tokens, context, batch_size, device,
                  dtype, drop_outliers, info: dict) -> None:
     from tqdm import tqdm
 
     np_dtype, d = DTYPES[dtype], model.config.get_text_config().hidden_size
-    shard_tokens = max(1, SHARD_BYTES // (len(layers) * d * np.dtype(np_dtype).itemsize))
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    row_bytes = len(layers) * d * np.dtype(np_dtype).itemsize
+    shard_tokens = max(1, SHARD_BYTES // row_bytes)
+    check_free(path.parent, n_tokens * row_bytes, f"the activation cache ({n_tokens:,} tokens × {len(layers)} layers "
+               f"× {d} × {np.dtype(np_dtype).itemsize} bytes)")
+    tmp = temp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shards, shard, filled, done = [], None, 0, 0
@@ -272,7 +293,7 @@ def _write_cache(path: Path, model, tokenizer, layers, paths, texts, n_tokens, c
                 if shard is None:
                     name = f"acts_{len(shards):05d}.bin"
                     size = min(shard_tokens, n_tokens - done)
-                    shard, filled = np.memmap(tmp / name, dtype=np_dtype, mode="w+", shape=(size, len(layers), d)), 0
+                    shard, filled = new_shard(tmp / name, np_dtype, (size, len(layers), d)), 0
                     shards.append([name, size])
                 k = min(len(xs), len(shard) - filled)
                 shard[filled:filled + k] = xs[:k]

@@ -200,20 +200,40 @@ def load_texts(dataset: str | None = None, split: str = "train", seed: int = 0) 
 # ----------------------------------------------------------------------------------------
 
 
+PIECE_CHARS = 100_000      # a document is tokenised in pieces of at most this many characters
+
+
+def pieces(text: str, max_chars: int | None = None) -> Iterator[str]:
+    """`text` in consecutive pieces of at most max_chars characters, each cut before a space that starts a
+    word (so a BPE tokenizer, which never merges across such a boundary, gives the tokens of the whole
+    text); a stretch with no such space is cut where it must be. max_chars: default PIECE_CHARS."""
+    start, max_chars = 0, max_chars or PIECE_CHARS
+    while len(text) - start > max_chars:
+        cut = text.rfind(" ", start + 1, start + max_chars)
+        while cut > start and (text[cut - 1].isspace() or cut + 1 >= len(text) or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + max_chars
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def windows(tokenizer, texts: Iterable[str], context: int) -> Iterator[list[int]]:
-    """Token windows: [BOS] + the next context−1 tokens of the EOS-joined document stream."""
+    """Token windows: [BOS] + the next context−1 tokens of the EOS-joined document stream. Long documents
+    are tokenised in pieces (`pieces`), so memory follows the window, not the document."""
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens (BOS + 1), got {context}")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     buf: list[int] = []
     for text in texts:
-        buf += tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
-        pos = 0                                   # (an index, not repeated slicing: long documents)
-        while len(buf) - pos >= context - 1:
-            yield [bos] + buf[pos:pos + context - 1]
-            pos += context - 1
-        buf = buf[pos:]
+        for part in itertools.chain(pieces(text), [None]):          # None: the document's end
+            buf += tokenizer(part, add_special_tokens=False)["input_ids"] if part is not None else [sep]
+            pos = 0                               # (an index, not repeated slicing)
+            while len(buf) - pos >= context - 1:
+                yield [bos] + buf[pos:pos + context - 1]
+                pos += context - 1
+            buf = buf[pos:]
     if any(t != sep for t in buf):
         yield [bos] + buf
 

@@ -19,6 +19,14 @@ from support import cache as activation_cache
 from support.corpora import heldout_text, heldout_windows
 
 
+def check_held_out(run_dir, run: dict) -> None:
+    """ValueError naming the run when it held out no tokens (train.py --eval-tokens 0): every token of its
+    data was trained on, so there is nothing to evaluate it on."""
+    if "eval_tokens" in run and not run["eval_tokens"] and heldout_text(run, None)[0] != "test":   # (a hub test split)
+        raise ValueError(f"{str(run_dir)!r} holds out no tokens: it was trained with --eval-tokens 0, so every token "
+                         f"of its data was trained on; train it again with --eval-tokens N (N > 0) to evaluate it")
+
+
 class Held:
     """The held-out activations of a run: raw (B, L_all, d) batches over `layers`."""
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -39,11 +40,28 @@ from pathlib import Path
 import torch
 
 from support.cli import check_writable
-from support.files import write_atomic
+from support.files import disk_full, pid_alive, remove_stale, temp_path, write_atomic
 
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (one-line message naming the folder and the fix)."""
+
+
+def recover_export(path) -> None:
+    """Finish or undo an export that a killed train.py left between its two renames (_Export): the old run
+    moved out to .<name>.old-<pid>, the new one not yet moved in from .<name>.export-<pid>. A complete
+    export (it is renamed only after every file is written) whose run folder is gone is moved in; what is
+    left of dead processes (an export killed while writing, the old run) is removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for p in sorted(path.parent.iterdir()):
+        what, _, pid = p.name.removeprefix(f".{path.name}.").rpartition("-")
+        if p.name.startswith(f".{path.name}.") and what == "export" and pid.isdigit() and not pid_alive(int(pid)) \
+                and not path.exists():
+            os.rename(p, path)
+            print(f"note: finished the export of {str(path)!r} that an interrupted train.py left half done")
+    remove_stale(path.parent, path.name)
 
 
 @contextlib.contextmanager
@@ -52,6 +70,7 @@ def reading(run_dir):
     which holds an exclusive one while it writes, can then not replace the folder under the evaluator, and
     an evaluator refuses a folder that train.py is writing. Results computed inside carry the digests of
     the weights they read (`model_digests`)."""
+    recover_export(run_dir)
     if not Path(run_dir).is_dir():        # nothing to lock: the opening reports what is there instead
         yield
         return
@@ -121,16 +140,21 @@ class RunFolder:
 
     # -- lifetime ------------------------------------------------------------------------
     def __enter__(self) -> "RunFolder":
-        check_writable(self.path)
+        recover_export(self.path)
+        check_writable(self.path, "the run folder")
         self.created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise RunFolderError(f"cannot create the run folder {str(self.path)!r}: {e.strerror or e}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._release()
             raise RunFolderError(f"--out {str(self.path)!r} is in use by another train.py run or an evaluation of "
                                  f"it: wait for it to finish or choose another --out") from None
+        remove_stale(self.path)                    # temporaries of a killed run (a half-written checkpoint)
         try:
             self._check_contents()
         except RunFolderError:
@@ -169,9 +193,15 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict) -> None:
         """torch.save `state` to checkpoint.pt atomically (a crash never leaves half a checkpoint)."""
-        tmp = self.path / f".checkpoint.pt.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
+        tmp, needed = temp_path(self.checkpoint), tensor_bytes(state)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.checkpoint)
+        except (OSError, RuntimeError) as e:    # (torch.save reports a full disk as an obscure RuntimeError)
+            tmp.unlink(missing_ok=True)
+            if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.path).free < needed:
+                raise disk_full(self.checkpoint, needed) from None
+            raise
 
     @property
     def curve(self) -> Path:
@@ -289,6 +319,17 @@ def checkpoint_state(models: dict, opts: dict, step: int, config, name, data_ide
             "opts": {name(k): o.state_dict() for k, o in opts.items()},
             "aux_limits": {name(k): m.dead.aux_limit for k, m in models.items()},
             "step": step, "config": dataclasses.asdict(config), "data": data_identity}
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (what torch.save of it needs, near enough)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def write_json(path: Path, obj) -> None:

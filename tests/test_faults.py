@@ -169,3 +169,159 @@ def test_a_moved_interrupted_run_resumes(gpt2_dir, cache, tmp_path, ctrl_c_at):
     shutil.move(part, moved)
     assert train.main(flags(gpt2_dir, cache, moved, "--resume")) == 0
     assert same_weights(full, moved)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. A kill between the export's two renames loses nothing
+# ----------------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("then", ["metrics", "resume", "new run"])
+def test_an_export_killed_between_its_renames_is_finished_by_whoever_comes_next(gpt2_dir, cache, tmp_path, capsys,
+                                                                                then):
+    out = tmp_path / "run"
+    assert train.main(flags(gpt2_dir, cache, out)) == 0
+    pid = dead_pid()                       # as _Export leaves it when killed after `os.rename(path, old)`
+    new = out.parent / f".run.export-{pid}"
+    shutil.copytree(out, new)
+    digest = json.loads((new / "config.json").read_text())["weights_sha256"]
+    (out / "summary.json").write_text('{"old": true}')
+    out.rename(out.parent / f".run.old-{pid}")
+    if then == "metrics":
+        assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    elif then == "resume":
+        assert train.main(flags(gpt2_dir, cache, out, "--resume")) == 0
+        assert "already finished" in capsys.readouterr().out
+    else:
+        line = error_of(capsys, train.main(flags(gpt2_dir, cache, out)))
+        assert "already holds a run" in line                 # the finished run is back, and protected
+    assert json.loads((out / "config.json").read_text())["weights_sha256"] == digest
+    assert "old" not in json.loads((out / "summary.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]        # no temporary left
+
+
+def test_a_half_written_export_and_checkpoint_of_a_dead_run_are_removed(gpt2_dir, cache, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(flags(gpt2_dir, cache, out)) == 0
+    pid = dead_pid()
+    (out.parent / f".run.export-{pid}").mkdir()            # killed while writing its export
+    (out / f".checkpoint.pt.tmp-{pid}").write_bytes(b"half")
+    assert train.main(flags(gpt2_dir, cache, out, "--overwrite")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+# ----------------------------------------------------------------------------------------
+# 8, 9, 10, 11, 12: disk full, Ctrl-C in the harvest, an uncreatable --out, huge requests, nothing held out
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_the_harvest(gpt2_dir, tmp_path, capsys, monkeypatch):
+    from support import files
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    cache = tmp_path / "c"
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, tmp_path / "run")))
+    assert line == (f"error: the activation cache (2,048 tokens × 4 layers × 64 × 2 bytes) needs 1,048,576 bytes at "
+                    f"{str(tmp_path)!r} but only 10,000 are free: free some space, write elsewhere or ask for less")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []               # no cache, no run folder, no temporary
+
+
+def test_tokens_accept_1e12_and_a_petabyte_cache_is_refused_up_front(gpt2_dir, tmp_path, capsys):
+    line = error_of(capsys, train.main(flags(gpt2_dir, tmp_path / "c", tmp_path / "run", "--tokens", "1e12")))
+    assert line.startswith("error: the activation cache (1,000,000,000,512 tokens × 4 layers × 64 × 2 bytes) needs "
+                           "512,000,000,262,144 bytes at")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporary(gpt2_dir, cache, tmp_path, capsys,
+                                                                          monkeypatch):
+    from support import runs
+
+    def full(state, f):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(runs.torch, "save", full)
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    out = tmp_path / "run"
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, out)))
+    assert line.startswith(f"error: disk full at {str(out / 'checkpoint.pt')!r}: ") and "bytes needed" in line
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name] if out.exists() else True
+
+
+def test_ctrl_c_during_the_harvest_is_one_line_and_leaves_no_temporary(gpt2_dir, tmp_path, capsys, monkeypatch):
+    import activations
+
+    real = activations.harvest
+
+    def harvest_then_ctrl_c(*a, **k):
+        for i, x in enumerate(real(*a, **k)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield x
+
+    monkeypatch.setattr(activations, "harvest", harvest_then_ctrl_c)
+    assert train.main(flags(gpt2_dir, tmp_path / "c", tmp_path / "run")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "interrupted before training started: nothing was saved (a partial cache is removed)"
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_out_that_cannot_be_created_is_named(gpt2_dir, cache, capsys):
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, "/proc/forbidden")))
+    assert line.startswith("error: cannot create the run folder '/proc/forbidden': ")
+
+
+def test_a_run_that_held_out_nothing_is_named_by_the_evaluators(gpt2_dir, cache, tmp_path, capsys):
+    from latents import features
+
+    out = tmp_path / "run"
+    assert train.main(flags(gpt2_dir, cache, out, "--eval-tokens", "0", "--cache-tokens", "2048")) == 0
+    want = (f"error: {str(out)!r} holds out no tokens: it was trained with --eval-tokens 0, so every token of its "
+            f"data was trained on; train it again with --eval-tokens N (N > 0) to evaluate it")
+    assert error_of(capsys, metrics.main([str(out), *QUICK_METRICS])) == want
+    assert error_of(capsys, features.main([str(out), "--device", "cpu", "--quiet"])) == want
+
+
+# ----------------------------------------------------------------------------------------
+# 14. A long document is tokenised in bounded pieces, to the same tokens
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_long_document_is_tokenised_in_pieces_to_the_same_windows(gpt2_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from support import corpora
+
+    tok = AutoTokenizer.from_pretrained(gpt2_dir)
+    words = ["the", "river", "flows", "past", "1,234", "mountains;", "Dr.", "O'Neil", "said:", "\"yes\"", "—",
+             "naïve", "café", "  double", "\ttab", "\nline", "end."]
+    rng = __import__("random").Random(0)
+    doc = " ".join(rng.choice(words) for _ in range(60_000))          # ~0.4 M characters
+    whole = tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    want = [[tok.eos_token_id] + whole[i:i + 63] for i in range(0, len(whole), 63)]
+    lengths = []
+    real_call = type(tok).__call__
+
+    def spy(self, text, *a, **k):
+        lengths.append(len(text))
+        return real_call(self, text, *a, **k)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    monkeypatch.setattr(corpora, "PIECE_CHARS", 10_000)
+    got = list(corpora.windows(tok, [doc], 64))
+    assert max(lengths) <= 10_000 and len(lengths) > 30               # never the whole document at once
+    assert [w for w in got if len(w) == 64] == [w for w in want if len(w) == 64]
+    assert "".join(corpora.pieces(doc, 10_000)) == doc
+    assert [len(p) for p in corpora.pieces("x" * 25, 10)] == [10, 10, 5]   # no space: cut where it must be
