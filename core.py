@@ -95,9 +95,6 @@ class DictConfig:
                              f"n_latents={self.n_latents}")
         if self.sparsity not in SPARSITIES + INFERENCE_ONLY:
             raise ValueError(f"{name('sparsity')} must be one of {', '.join(SPARSITIES)}, got {self.sparsity!r}")
-        if self.sparsity in INFERENCE_ONLY and name is not str:    # a command line (cli.flag) builds it to train
-            raise ValueError(inference_only(self.sparsity) + f"; train with {name('sparsity')} "
-                             f"{', '.join(SPARSITIES)}")
         for f in ("l1_coeff", "aux_coeff"):
             if not (isinstance(getattr(self, f), (int, float)) and 0 <= getattr(self, f) < math.inf):
                 raise ValueError(f"{name(f)} must be a finite number >= 0, got {getattr(self, f)}")

@@ -267,6 +267,9 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
     messages name the flags), so train calls this before harvesting anything."""
     out = {}
     for spec in cfg.dictionaries:
+        if spec["options"].get("sparsity") in core.INFERENCE_ONLY:
+            raise ValueError(f"--sparsity {core.inference_only(spec['options']['sparsity'])}; train with --sparsity "
+                             f"{' | '.join(core.SPARSITIES)}")
         cls, config_cls = saved.kind_classes(spec["kind"])
         if "n_layers" in {f.name for f in dataclasses.fields(config_cls)}:
             out[(spec["name"], "all")] = (cls, cli.build(config_cls, d_in=d, n_layers=len(layers),

@@ -13,6 +13,10 @@ A run folder (train.py --out) holds one dictionary (config.json at its root) or 
 (layer_<l>/config.json for each layer); `open_run` checks that every file is usable (JSON, the kind,
 the config, the safetensors header, "complete" in summary.json), so a missing, truncated, foreign or
 interrupted run is one ValueError naming the file and the fix, never a traceback.
+
+A SAELens folder (cfg.json + sae_weights.safetensors, support/saelens.py) is accepted wherever a run folder
+or a saved dictionary is (as run_dir itself, or as its layer_<l>/): it loads as a sae.SAE with a meta shaped
+like our config.json, and counts as complete.
 """
 from __future__ import annotations
 
@@ -85,6 +89,8 @@ def load(path, device="cpu"):
     from safetensors.torch import load_file
 
     path = Path(path)
+    if is_saelens(path):
+        return saelens().load(path, device)[0]
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {str(path)!r}: not a saved dictionary")
     meta = json.loads((path / "config.json").read_text())
@@ -99,12 +105,23 @@ def load(path, device="cpu"):
 # ----------------------------------------------------------------------------------------
 
 
+def saelens():
+    """support.saelens, imported when a SAELens folder is met (it imports this module)."""
+    from support import saelens as module
+    return module
+
+
+def is_saelens(folder: Path) -> bool:
+    return saelens().is_saelens_folder(folder)
+
+
 def dictionary_dirs(run_dir) -> list[Path]:
-    """The folders holding one saved dictionary each: run_dir itself, or its layer_<l>/ by l."""
+    """The folders holding one saved dictionary (or SAELens folder) each: run_dir itself, or its layer_<l>/ by l."""
     run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file():
+    if (run_dir / "config.json").is_file() or is_saelens(run_dir):
         return [run_dir]
-    layer_dirs = [p for p in run_dir.glob("layer_*") if p.name[6:].isdigit() and (p / "config.json").is_file()]
+    layer_dirs = [p for p in run_dir.glob("layer_*") if p.name[6:].isdigit()
+                  and ((p / "config.json").is_file() or is_saelens(p))]
     return sorted(layer_dirs, key=lambda p: int(p.name[6:]))
 
 
@@ -116,6 +133,10 @@ def load_run(path, device="cpu") -> list[tuple[list[int], torch.nn.Module, dict]
         raise FileNotFoundError(f"{str(path)!r} holds no config.json nor layer_*/config.json")
     out = []
     for d in dirs:
+        if is_saelens(d):
+            model, meta = saelens().load(d, device)
+            out.append((meta["run"]["layers"], model, meta))
+            continue
         meta = json.loads((d / "config.json").read_text())
         out.append((list(meta.get("run", {}).get("layers", [])), load(d, device), meta))
     return out
@@ -124,9 +145,11 @@ def load_run(path, device="cpu") -> list[tuple[list[int], torch.nn.Module, dict]
 def check_saved(folder: Path) -> dict:
     """What load needs of a folder, checked without building the model: config.json is JSON with a
     registered kind and a config its class accepts, model.safetensors is there and its header covers the
-    file. Returns the parsed config.json."""
+    file. Returns the parsed config.json (a SAELens folder: support.saelens.check's meta)."""
     from safetensors import SafetensorError, safe_open
 
+    if is_saelens(folder):
+        return saelens().check(folder)
     cfg_file, weights = folder / "config.json", folder / "model.safetensors"
     try:
         meta = json.loads(cfg_file.read_bytes())
@@ -186,6 +209,9 @@ def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
         raise ValueError(f"{str(run_dir)!r} holds no run (no config.json nor layer_*/config.json): pass a folder "
                          f"written by train.py --out")
     metas = [check_saved(d) for d in dirs]
+    for d, meta in zip(dirs, metas):
+        if "saelens" in meta:            # its LM, when known without a download, must fit its d_in and layer
+            saelens().check_lm(d, meta)
     if not allow_incomplete:
         check_complete(run_dir, metas)
     return metas

@@ -225,7 +225,7 @@ def test_bad_config_errors():
     with pytest.raises(ValueError, match="k must be smaller than n_latents"):
         sae.SAEConfig(d_in=4, n_latents=8, k=8)
     with pytest.raises(ValueError, match="sparsity must be one of"):
-        sae.SAEConfig(d_in=4, n_latents=8, k=2, sparsity="jumprelu")
+        sae.SAEConfig(d_in=4, n_latents=8, k=2, sparsity="gated")
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 12\)"):
         _model()(torch.randn(3, 5))
 
