@@ -40,6 +40,7 @@ the fp16 releases.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -348,31 +349,28 @@ def drop_outlier_tokens(x_NLD: Tensor, multiple: float) -> Tensor:
 def harvest(model, tokenizer, texts: Iterable[str], layers, context: int = 128, batch_size: int = 16,
             device="cpu", drop_outliers: float | None = None, max_tokens: int | None = None,
             out_device="cpu") -> Iterator[Tensor]:
-    """Yield (N_tokens, L, d) float32 chunks on `out_device` (default the CPU), one per batch of
-    `batch_size` windows, special tokens excluded (and outliers if `drop_outliers`), at most
-    `max_tokens` in all."""
-    model.to(device)
-    done, rows = 0, []
+    """harvest_batches over the windows of `texts` (support.corpora.windows), `batch_size` windows a batch."""
+    rows = windows(tokenizer, texts, context)
+    batches = (collate(tokenizer, b, context) for b in iter(lambda: list(itertools.islice(rows, batch_size)), []))
+    return harvest_batches(model, batches, layers, device, drop_outliers, max_tokens, out_device)
 
-    def run(rows):
-        batch = collate(tokenizer, rows, context)
+
+def harvest_batches(model, batches: Iterable[dict], layers, device="cpu", drop_outliers: float | None = None,
+                    max_tokens: int | None = None, out_device="cpu") -> Iterator[Tensor]:
+    """Yield (N_tokens, L, d) float32 chunks on `out_device` (default the CPU), one per collated batch of
+    windows (support.corpora.collate / dataset_batches: input_ids, attention_mask, keep), special tokens
+    excluded (and outliers if `drop_outliers`), at most `max_tokens` in all."""
+    model.to(device)
+    done = 0
+    for batch in batches:
         h = hidden_states(model, batch["input_ids"], batch["attention_mask"], layers)
         x = h[batch["keep"].to(h.device)].float().to(out_device)
-        return drop_outlier_tokens(x, drop_outliers) if drop_outliers else x
-
-    for row in windows(tokenizer, texts, context):
-        rows.append(row)
-        if len(rows) < batch_size:
-            continue
-        x, rows = run(rows), []
+        x = drop_outlier_tokens(x, drop_outliers) if drop_outliers else x
         if max_tokens is not None and done + len(x) >= max_tokens:
             yield x[:max_tokens - done]
             return
         done += len(x)
         yield x
-    if rows:
-        x = run(rows)
-        yield x if max_tokens is None else x[:max_tokens - done]
 
 
 def estimate_scale(x_NLD: Tensor) -> Tensor:

@@ -435,10 +435,15 @@ def pre_acts(model, x: Tensor) -> Tensor:
 
 def encode(model, x: Tensor) -> Tensor:
     """Dense z (B, F) as inference computes it."""
+    return latents_of(model, pre_acts(model, x))
+
+
+def latents_of(model, pre_BF: Tensor) -> Tensor:
+    """Dense z (B, F) = S(pre) for given pre-activations (B, F)."""
     c = model.config
     with torch.no_grad():
         scale_F = model.decoder_scale()
-    return dense(sparsify(pre_acts(model, x), c.sparsity, c.k, model.training, model.threshold, scale_F))
+    return dense(sparsify(pre_BF, c.sparsity, c.k, model.training, model.threshold, scale_F))
 
 
 def forward_with_losses(model, x_in: Tensor, target: Tensor) -> Output:

@@ -45,7 +45,9 @@ training's stochastic layer masking):
     FC_i = Σ_l Δ_il / max_l Δ_il ∈ [1, L]       1: driven by one layer, L: by all layers equally
 Reported: mean FC over latents that fired ≥ min_fires times, a histogram over [1, L], the fraction
 with FC ≥ 2, and the same spread ratio of the per-layer decoder norms Σ_l ‖d_il‖ / max_l ‖d_il‖,
-which standard crosscoders keep high while their FC is low (the paper's point).
+which standard crosscoders keep high while their FC is low (the paper's point). The description leaves
+three choices open; `--fc-variants` reports FC under all eight readings on the same tokens (FC_READINGS:
+a = ReLU(pre) or z; over firing or all tokens; mean of ratios or ratio of means).
 
 Class-conditional Wasserstein distance (PolySAE arXiv 2602.01322, Table 1, computed as its SAEBench fork's
 compute_mean_wasserstein_distance does):
@@ -174,42 +176,94 @@ def spread(v_FL: Tensor) -> Tensor:
 @torch.no_grad()
 def layer_deltas(model, x_BLD: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
     """One batch: (Σ over firing tokens of |a − a_(l zeroed)| / (a + eps)) as (F, L), fires (F,)."""
-    a_BF = model.pre_acts(x_BLD).relu()
-    fired_BF = model.encode(x_BLD) > 0
-    L = x_BLD.shape[1]
-    sums = []
-    for l in range(L):
+    sums, fires = layer_delta_sums(model, x_BLD, eps)
+    return sums[MAIN], fires
+
+
+# The readings of "the relative change of each latent when a layer is zeroed" (arXiv 2605.09438, pp. 6, 14):
+#   act      pre: a = ReLU(pre), before the sparsifier (ours) | post: z, after it
+#   over     fired: the tokens where the latent fires (z > 0, ours) | all: every token
+#   form     ratio_mean: mean_t |a − a_l| / (a + ε) (ours) | mean_ratio: mean_t |a − a_l| / (mean_t a + ε)
+# ("all" with ratio_mean divides by ε wherever a = 0: the reading the description allows, however extreme.)
+FC_READINGS = [(act, over, form) for act in ("pre", "post") for over in ("fired", "all")
+               for form in ("ratio_mean", "mean_ratio")]
+MAIN = ("pre", "fired", "ratio_mean")
+
+
+@torch.no_grad()
+def layer_delta_sums(model, x_BLD: Tensor, eps: float = EPS, readings=(MAIN,)) -> tuple[dict, Tensor]:
+    """One batch: {reading: what Δ averages, summed over the batch, (F, L)} (ratio_mean: Σ of the ratios;
+    mean_ratio: Σ|a − a_l| and, under ("den", act, over), Σa) and the fires (F,); Δ = sums / counts."""
+    pre_BF = model.pre_acts(x_BLD)
+    z_BF = core.latents_of(model, pre_BF)
+    acts = {"pre": pre_BF.relu(), "post": z_BF}
+    masks = {"fired": (z_BF > 0).double(), "all": torch.ones_like(z_BF, dtype=torch.float64)}
+    sums = {r: [] for r in readings}
+    for l in range(x_BLD.shape[1]):
         x_l = x_BLD.clone()
         x_l[:, l] = 0
-        rel_BF = (a_BF - model.pre_acts(x_l).relu()).abs() / (a_BF + eps)
-        sums.append((rel_BF * fired_BF).double().sum(0))
-    return torch.stack(sums, dim=1), fired_BF.sum(0).double()
+        pre_l = model.pre_acts(x_l)
+        acts_l = {"pre": pre_l.relu(), "post": core.latents_of(model, pre_l) if any(r[0] == "post" for r in readings)
+                  else None}
+        for act, over, form in readings:
+            diff_BF = (acts[act] - acts_l[act]).abs()
+            if form == "ratio_mean":
+                diff_BF = diff_BF / (acts[act] + eps)
+            sums[(act, over, form)].append((diff_BF.double() * masks[over]).sum(0))
+    out = {r: torch.stack(v, dim=1) for r, v in sums.items()}
+    for act, over, form in readings:
+        if form == "mean_ratio":
+            out[("den", act, over)] = (acts[act].double() * masks[over]).sum(0)
+    return out, masks["fired"].sum(0)
+
+
+def coherence(sums: dict, fires_F: Tensor, n_tokens: int, reading, eps: float = EPS) -> Tensor:
+    """(F,) FC_i = Σ_l Δ_il / max_l Δ_il under `reading`, from summed layer_delta_sums."""
+    act, over, form = reading
+    count_F = fires_F if over == "fired" else torch.full_like(fires_F, n_tokens)
+    if form == "ratio_mean":
+        delta_FL = sums[reading] / count_F.clamp_min(1)[:, None]
+    else:
+        delta_FL = sums[reading] / (sums[("den", act, over)] + eps * count_F.clamp_min(1))[:, None]
+    return spread(delta_FL)
 
 
 @torch.no_grad()
 def functional_coherence(model, batches: Iterable[Tensor], min_fires: int = 10, bins: int = 10,
-                         eps: float = EPS) -> dict:
-    """FC over batches of normalised inputs (B, L, d); see the module docstring."""
-    dsum_FL, fires_F = None, None
+                         eps: float = EPS, variants: bool = False) -> dict:
+    """FC over batches of normalised inputs (B, L, d); see the module docstring. variants: also FC under
+    every reading of FC_READINGS, on the same tokens and latents ("fc_readings")."""
+    readings = FC_READINGS if variants else [MAIN]
+    sums, fires_F, n = None, None, 0
     for x in batches:
-        d, f = layer_deltas(model, x, eps)
-        dsum_FL, fires_F = (d, f) if dsum_FL is None else (dsum_FL + d, fires_F + f)
-    if dsum_FL is None:
+        s, f = layer_delta_sums(model, x, eps, readings)
+        sums = s if sums is None else {k: sums[k] + v for k, v in s.items()}
+        fires_F, n = (f if fires_F is None else fires_F + f), n + x.shape[0]
+    if sums is None:
         raise ValueError("functional_coherence got no batches")
-    L = dsum_FL.shape[1]
-    delta_FL = dsum_FL / fires_F.clamp_min(1)[:, None]
-    fc_F = spread(delta_FL)
+    L = sums[MAIN].shape[1]
+    fc_F = coherence(sums, fires_F, n, MAIN, eps)
     ok = (fires_F >= min_fires) & torch.isfinite(fc_F)
     fc = fc_F[ok].cpu()
     norm_spread_F = spread(model.decoder_norms().detach()).cpu()
     hist = torch.histc(fc.float(), bins=bins, min=1.0, max=float(L)) if len(fc) else torch.zeros(bins)
-    return {"fc_mean": fc.mean().item() if len(fc) else math.nan,
-            "fc_median": fc.median().item() if len(fc) else math.nan,
-            "fc_frac_ge2": (fc >= 2).double().mean().item() if len(fc) else math.nan,
-            "fc_latents": int(ok.sum()), "min_fires": min_fires,
-            "fc_hist": hist.long().tolist(), "fc_hist_edges": torch.linspace(1, L, bins + 1).tolist(),
-            "norm_spread_mean": norm_spread_F[ok.cpu()].nanmean().item() if ok.any() else math.nan,
-            "norm_spread_mean_all": norm_spread_F.nanmean().item()}
+    out = {"fc_mean": fc.mean().item() if len(fc) else math.nan,
+           "fc_median": fc.median().item() if len(fc) else math.nan,
+           "fc_frac_ge2": (fc >= 2).double().mean().item() if len(fc) else math.nan,
+           "fc_latents": int(ok.sum()), "min_fires": min_fires,
+           "fc_hist": hist.long().tolist(), "fc_hist_edges": torch.linspace(1, L, bins + 1).tolist(),
+           "norm_spread_mean": norm_spread_F[ok.cpu()].nanmean().item() if ok.any() else math.nan,
+           "norm_spread_mean_all": norm_spread_F.nanmean().item()}
+    if variants:
+        out["fc_readings"] = {}
+        for r in FC_READINGS:
+            v = coherence(sums, fires_F, n, r, eps)[ok].cpu()
+            v = v[torch.isfinite(v)]
+            out["fc_readings"]["/".join(r)] = {"mean": v.mean().item() if len(v) else math.nan,
+                                               "median": v.median().item() if len(v) else math.nan,
+                                               "frac_ge2": (v >= 2).double().mean().item() if len(v) else math.nan,
+                                               "latents": len(v)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -468,11 +522,13 @@ def lm_loss_of(records: list[Record], lm, tok, run: dict, held: Held, ce_tokens:
         r.result.update(res)
 
 
-def functional_coherence_of(r: Record, held: Held, fc_tokens: int, min_fires: int, progress: bool = False) -> dict:
+def functional_coherence_of(r: Record, held: Held, fc_tokens: int, min_fires: int, progress: bool = False,
+                            variants: bool = False) -> dict:
     """FC and decoder-norm spread of a multi-layer dictionary on the first fc_tokens held-out tokens."""
     batches = held.batches(fc_tokens, desc=f"functional coherence ({r.model.config.n_layers + 1} passes)"
                            if progress else None)
-    return functional_coherence(r.model, (r.inputs(x) for x in batches), min_fires=min_fires, bins=10)
+    return functional_coherence(r.model, (r.inputs(x) for x in batches), min_fires=min_fires, bins=10,
+                                variants=variants)
 
 
 def interaction_of(r: Record, held: Held, cooc_tokens: int | None, n_pairs: int, progress: bool = False) -> dict:
@@ -505,7 +561,8 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
                  fc_tokens: int = QUICK["fc_tokens"], cooc_tokens: int | None = None, n_pairs: int = 512,
                  min_fires: int = 10, wasserstein_task: str | None = "bbc_topic",
                  wasserstein_texts: int = QUICK["wasserstein_texts"], batch_size: int = 1024,
-                 lm_batch: int = 8, allow_incomplete: bool = False, progress: bool = False) -> dict:
+                 lm_batch: int = 8, allow_incomplete: bool = False, progress: bool = False,
+                 fc_variants: bool = False) -> dict:
     """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json.
     ValueError (one line, naming the file and the fix) for a folder that holds no usable run, an
     interrupted one (unless allow_incomplete) or a damaged activation cache. `progress`: a tqdm bar
@@ -531,7 +588,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
             lm_loss_of(single, *lm_tok(), run, held, ce_tokens, lm_batch, progress)
         for r in records:
             if fc_tokens and r.multi:
-                r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires, progress))
+                r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires, progress, fc_variants))
             if hasattr(r.model, "interaction_matrix") and r.model.config.order >= 2:
                 r.result.update(interaction_of(r, held, cooc_tokens, n_pairs, progress))
         if wasserstein_task:
@@ -597,6 +654,7 @@ class MetricsConfig:
     cooc_tokens: int | None = opt(None, "tokens for co-occurrence (default: all)")
     pairs: int = opt(512, "most frequent latents for interaction vs co-occurrence")
     min_fires: int = opt(10, "latents firing fewer times get no FC")
+    fc_variants: bool = opt(False, "FC also under the other readings of the paper's description (FC_READINGS)")
     wasserstein: str = opt("bbc_topic", "probe.py task for the class-conditional Wasserstein distance ('' skips)")
     wasserstein_texts: int | None = opt(None, "n_train of tasks.load_task: its train split, n/2 texts per class at "
                                               f"most (default {QUICK['wasserstein_texts']}; SAEBench: 4000)")
@@ -633,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
                 activation_cache.read_meta(Path(cache))
         evals = [evaluate_run(r, device, c.eval_tokens, c.ce_tokens, c.fc_tokens, c.cooc_tokens, c.pairs, c.min_fires,
                               c.wasserstein or None, c.wasserstein_texts, c.batch_size,
-                              allow_incomplete=c.allow_incomplete, progress=not c.quiet) for r in a.runs]
+                              allow_incomplete=c.allow_incomplete, progress=not c.quiet, fc_variants=c.fc_variants)
+                 for r in a.runs]
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
     print(format_table(evals))

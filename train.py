@@ -91,7 +91,8 @@ class TrainConfig:
     passes: int = opt(1, "--cache none: passes over a finite corpus (the held-out tokens never trained on)")
     cache_tokens: int | None = opt(None, "tokens to harvest into the cache (default tokens + eval-tokens)")
     lm_dtype: str = opt("float32", "LM weights when harvesting and evaluating: float32 | bfloat16 | float16")
-    harvest_batch: int = opt(16, "texts per LM forward pass when harvesting")
+    harvest_batch: int | None = opt(None, "context windows per LM forward pass when harvesting (default 16 on a "
+                                          "CPU, 256 on a GPU)")
     drop_outliers: float | None = opt(10.0, "drop tokens whose norm > this x median (attention sinks; 0 keeps all)")
     ckpt_every: int = opt(200, "steps between resumable checkpoints (0: only at the end)")
     log_every: int = opt(25, "steps between progress-bar readings of loss, L0, FVU (host syncs)")
@@ -100,6 +101,8 @@ class TrainConfig:
     resume: bool = opt(False, "continue the run in --out from its checkpoint.pt")
     overwrite: bool = opt(False, "delete the run already in --out and start a new one")
     fold_scale: bool = opt(False, "fold the input scale into the weights on export")
+    time_limit: float = opt(0.0, "seconds of training after which the run ends, complete, at the step it reached "
+                                 "(0: none; a budget for a lent GPU)")
     # [{"kind", "name", "options"}], one per --dict (its flags); not a flag itself
     dictionaries: list[dict] = field(default_factory=lambda: [{"kind": DEFAULT_DICT, "name": DEFAULT_DICT, "options": {}}])
 
@@ -112,9 +115,9 @@ class TrainConfig:
             if getattr(self, f) not in allowed:
                 raise ValueError(f"{name(f)} must be one of {', '.join(allowed)}, got {getattr(self, f)!r}")
         for f in ("tokens", "batch_size", "context", "harvest_batch", "log_every", "eval_panel", "passes"):
-            if getattr(self, f) < 1:
+            if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"{name(f)} must be a positive integer, got {getattr(self, f)}")
-        for f in ("eval_tokens", "warmup_steps", "ckpt_every", "eval_every", "grad_clip"):
+        for f in ("eval_tokens", "warmup_steps", "ckpt_every", "eval_every", "grad_clip", "time_limit"):
             if not math.isfinite(getattr(self, f)) or getattr(self, f) < 0:
                 raise ValueError(f"{name(f)} must be a finite number >= 0, got {getattr(self, f)}")
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -362,20 +365,21 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
     if start % cfg.log_every == 0:      # as at every log reading: a resumed run refreshes where the first run did
         for m in models.values():
             m.dead.refresh(m.tokens_since_fired, m.config.dead_tokens, cfg.log_every * cfg.batch_size)
-    interrupted = exhausted = False
+    interrupted = exhausted = out_of_time = False
     if cfg.eval_every and start == 0 and ranks.main:
         folder.append_curve({"step": 0, "tokens": 0, "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
     with StopOnSigint() as sigint:
         try:
             for step in range(start, data.steps):
                 x_raw = feed.next()
-                exhausted, interrupted = ranks.any(x_raw is None, sigint.requested)
-                if exhausted or interrupted:
+                late = cfg.time_limit > 0 and time.perf_counter() - t0 > cfg.time_limit
+                exhausted, interrupted, out_of_time = ranks.any(x_raw is None, sigint.requested, late)
+                if exhausted or interrupted or out_of_time:
                     break
-                torch.manual_seed(step_seed(cfg.seed, ranks.rank, step))
                 lr = get_lr(step, cfg, data.steps)
                 x = x_raw.to(device, non_blocking=True).float() * scale_L1
                 for key, m in models.items():
+                    torch.manual_seed(step_seed(cfg.seed, ranks.rank, step))   # each model's masks as if alone
                     for g in opts[key].param_groups:
                         g["lr"] = lr
                     xi = model_input(key, x, layers)
@@ -397,7 +401,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     return {"steps": done, "steps_planned": data.steps, "interrupted": interrupted,
-            "data_exhausted": exhausted and not interrupted,
+            "data_exhausted": exhausted and not interrupted, "time_limit_reached": out_of_time and not interrupted,
             "tokens_per_s": (done - start) * cfg.batch_size / max(seconds, 1e-9),
             "time": {"loop_s": seconds, "data_s": feed.busy, "waited_for_data_s": feed.waited}}
 
@@ -423,9 +427,9 @@ def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, ba
             s = stats[key_str(key, single)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
                                                "dead_eval": r["dead_eval"], "dead_counter": core.dead_fraction(model)}
             if n_tokens is not None and key[1] == "all":
-                fc = metrics.functional_coherence(model, panel(key))
+                fc = metrics.functional_coherence(model, panel(key), variants=True)
                 s.update({k: fc[k] for k in ("fc_mean", "fc_median", "fc_frac_ge2", "fc_latents",
-                                             "norm_spread_mean", "norm_spread_mean_all")})
+                                             "norm_spread_mean", "norm_spread_mean_all", "fc_readings")})
         model.train()
     return stats
 
@@ -481,7 +485,8 @@ def train(cfg: TrainConfig) -> dict:
 
 def open_data(cfg: TrainConfig, layers, ranks: Ranks, device) -> Data:
     common = dict(model=cfg.model, layers=layers, dataset=cfg.dataset, context=cfg.context, tokens=cfg.tokens,
-                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, seed=cfg.seed, harvest_batch=cfg.harvest_batch,
+                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                  harvest_batch=cfg.harvest_batch or (256 if device.type == "cuda" else 16),
                   cache_dtype=cfg.cache_dtype, lm_dtype=cfg.lm_dtype, drop_outliers=cfg.drop_outliers, ranks=ranks,
                   device=device)
     if cfg.cache == "none":
@@ -505,7 +510,11 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     data = open_data(cfg, layers, ranks, device)
     if state is not None:
         runs.check_data(state, data, Path(cfg.out))
-    models = {k: cls(c).to(device) for k, (cls, c) in dictionary_configs(cfg, d, layers, data.scale_L.tolist()).items()}
+    models = {}
+    for k, (cls, c) in dictionary_configs(cfg, d, layers, data.scale_L.tolist()).items():
+        if k[1] in ("all", layers[0]):
+            torch.manual_seed(cfg.seed)        # each dictionary (a per-layer set: its first) initialised as if alone
+        models[k] = cls(c).to(device)
     # fused Adam: one kernel per step, and its step count stays on the device (the plain one reads it back)
     opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True) for k, m in models.items()}
     start = 0
@@ -548,6 +557,8 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
               f"continue with the same flags and --resume)")
     elif result["data_exhausted"]:
         print(f"note: the data ran out after {result['steps']} of {result['steps_planned']} steps")
+    elif result["time_limit_reached"]:
+        print(f"note: --time-limit {cfg.time_limit:g} s reached after {result['steps']} of {result['steps_planned']} steps")
     for key, s in summary["eval"].items():
         where = "all layers" if key.endswith("all") else f"layer {key.rsplit('/', 1)[-1]}"
         who = "" if len(cfg.dictionaries) == 1 else f"{key.rsplit('/', 1)[0]} "

@@ -217,8 +217,8 @@ def main(argv=None) -> int:
     peaks = {dt: matmul_peak(device, getattr(torch, dt)) for dt in dtypes}
     default = {}                                  # the device's default path, per dtype (autocast or not)
     for dt in dtypes:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dt == "bfloat16"):
-            default[dt] = "sparse" if sae.sparse_backward_on(device) else "dense"
+        key = device.type + ("+autocast" if dt == "bfloat16" else "")
+        default[dt] = "sparse" if core.SPARSE_BACKWARD.get(key, core.SPARSE_BACKWARD.get(device.type)) else "dense"
     print(f"device {a.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; matmul peak "
           + ", ".join(f"{dt} {v:,.1f} GFLOP/s" for dt, v in peaks.items())
           + f"; d {a.d}, L {a.layers}, F {a.n_latents}, k {a.k}, {a.sparsity}, batch {a.batch}, "

@@ -152,9 +152,8 @@ def open_stream(*, model: str, layers: list[int], dataset, context: int, tokens:
     n_eval = eval_tokens
 
     def one_pass():
-        docs = itertools.islice(corpora.load_texts(dataset), ranks.rank, None, ranks.world)
-        return activations.harvest(lm, tok, docs, layers, context, harvest_batch, device, drop_outliers or None,
-                                   out_device=device)
+        batches = corpora.dataset_batches(tok, dataset, "train", context, harvest_batch, ranks.rank, ranks.world)
+        return activations.harvest_batches(lm, batches, layers, device, drop_outliers or None, out_device=device)
 
     def later_passes():                        # over a finite corpus, skipping the held-out tokens each time
         for _ in range(passes - 1):

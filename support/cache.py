@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 import activations
-from support.corpora import load_texts
+from support.corpora import dataset_batches, is_token_corpus, token_file
 from support.files import check_free, disk_full, remove_stale, temp_path, write_atomic
 
 
@@ -240,8 +240,13 @@ def build_cache(path, model_name: str = activations.DEFAULT_MODEL, layers=None, 
         model, tokenizer = activations.load_lm(model_name, device=device, dtype=lm_dtype)
     paths = activations.block_paths(model)
     layer_list = activations.parse_layers(layers, len(paths), multi)
-    _write_cache(path, model, tokenizer, layer_list, paths, load_texts(dataset, split), n_tokens, context,
-                 batch_size, device, dtype, drop_outliers,
+    known = len(token_file(dataset, tokenizer)) if is_token_corpus(dataset) else None
+    if known is not None and n_tokens > known:        # a pre-tokenised corpus: its size is known up front
+        print(f"note: the corpus {dataset!r} holds {known:,} tokens, fewer than the {n_tokens:,} asked for: caching "
+              f"all of them")
+        n_tokens = known
+    _write_cache(path, model, layer_list, paths, dataset_batches(tokenizer, dataset, split, context, batch_size),
+                 n_tokens, context, device, dtype, drop_outliers,
                  {"model": model_name, "dataset": dataset, "split": split, "lm_dtype": lm_dtype})
     return ActivationCache(path, max_tokens=n_tokens)
 
@@ -262,8 +267,8 @@ def new_shard(path: Path, dtype, shape: tuple) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
 
-def _write_cache(path: Path, model, tokenizer, layers, paths, texts, n_tokens, context, batch_size, device,
-                 dtype, drop_outliers, info: dict) -> None:
+def _write_cache(path: Path, model, layers, paths, batches, n_tokens, context, device, dtype, drop_outliers,
+                 info: dict) -> None:
     from tqdm import tqdm
 
     np_dtype, d = DTYPES[dtype], model.config.get_text_config().hidden_size
@@ -280,7 +285,7 @@ def _write_cache(path: Path, model, tokenizer, layers, paths, texts, n_tokens, c
     bar = tqdm(total=n_tokens, desc=f"activations.harvest {Path(str(info['model'])).name} layers {layers}",
                unit="tok", unit_scale=True, dynamic_ncols=True)
     try:
-        for x in activations.harvest(model, tokenizer, texts, layers, context, batch_size, device, drop_outliers, n_tokens):
+        for x in activations.harvest_batches(model, batches, layers, device, drop_outliers, n_tokens):
             if sq_n < activations.SCALE_TOKENS:                       # the scale: first activations.SCALE_TOKENS tokens
                 part = x[:activations.SCALE_TOKENS - sq_n].double()
                 sq_sum += part.pow(2).sum(-1).sum(0)

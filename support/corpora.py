@@ -238,6 +238,63 @@ def windows(tokenizer, texts: Iterable[str], context: int) -> Iterator[list[int]
         yield [bos] + buf
 
 
+TOKEN_CORPORA = ("offline-large",)    # pre-tokenised corpora by name (experiments/corpus_large.py builds them)
+
+
+def is_token_corpus(dataset) -> bool:
+    """A pre-tokenised corpus: a name of TOKEN_CORPORA or a .u16 token file (support/tokenfile.py)."""
+    return dataset in TOKEN_CORPORA or (isinstance(dataset, str) and dataset.endswith(".u16"))
+
+
+def token_file(dataset: str, tokenizer):
+    """The TokenFile of a pre-tokenised corpus for this tokenizer: ValueError when there is none, or when
+    it was tokenised by another tokenizer (its vocabulary size or EOS differ)."""
+    from support.tokenfile import BUILD, TokenFile, resolve
+
+    if dataset.endswith(".u16"):
+        candidates = [Path(dataset).expanduser()]
+    else:
+        folder = resolve(dataset).parent
+        candidates = sorted(folder.glob(f"{dataset}.*.u16")) if folder.is_dir() else []
+    want = (len(tokenizer), tokenizer.eos_token_id)
+    for path in candidates:
+        tf = TokenFile(path)
+        if (tf.vocab_size, tf.eos_id) == want:
+            return tf
+    if dataset.endswith(".u16"):
+        raise ValueError(f"token file {dataset!r} was tokenised with vocab size {tf.vocab_size:,} and EOS {tf.eos_id}, "
+                         f"but the model's tokenizer has {want[0]:,} and {want[1]}")
+    raise ValueError(f"no {dataset!r} token file for this model's tokenizer (vocab size {want[0]:,}) in "
+                     f"{str(resolve(dataset).parent)!r}: build it with `{BUILD} --tokenizer ...`")
+
+
+def dataset_batches(tokenizer, dataset: str | None, split: str, context: int, batch_size: int, rank: int = 0,
+                    world: int = 1) -> Iterator[dict]:
+    """Collated batches (input_ids, attention_mask, keep) of `batch_size` windows of a dataset, this rank's
+    share of them (documents r, r + world, ... of a text corpus; windows r, r + world, ... of a token file).
+    A text corpus is tokenised here (`windows`); a pre-tokenised one is read as arrays of whole windows,
+    with nothing tokenised or built window by window."""
+    if not is_token_corpus(dataset):
+        docs = load_texts(dataset, split)
+        rows = windows(tokenizer, itertools.islice(docs, rank, None, world) if world > 1 else docs, context)
+        while batch := list(itertools.islice(rows, batch_size)):
+            yield collate(tokenizer, batch, context)
+        return
+    if split != "train":
+        raise ValueError(f"the pre-tokenised corpus {dataset!r} has one split, 'train', not {split!r}")
+    tf = token_file(dataset, tokenizer)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    n_full = (tf.n_tokens // (context - 1)) // world * world          # whole windows, as many on every rank
+    for lo in range(0, n_full, batch_size * world):
+        n = min(batch_size * world, n_full - lo)
+        ids = torch.from_numpy(tf.window_array(lo * (context - 1), n, context, bos))[rank::world]
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "keep": ~torch.isin(ids, special)}
+    tail = list(tf.windows(n_full * (context - 1), None, context, bos))    # the corpus's last partial windows
+    if tail[rank::world]:
+        yield collate(tokenizer, tail[rank::world], context)
+
+
 def collate(tokenizer, rows: list[list[int]], context: int) -> dict:
     n = len(rows)
     ids = torch.full((n, context), tokenizer.pad_token_id, dtype=torch.long)
@@ -269,10 +326,19 @@ def tokenize(tokenizer, texts: list[str], context: int = 128, pack: bool = True)
 
 
 def is_hub(dataset: str | None) -> bool:
-    if dataset in (None, "bbc"):
+    if dataset in (None, "bbc") or is_token_corpus(dataset):
         return False
     name = dataset.rsplit(":", 1)[0] if ":" in dataset and not Path(dataset).expanduser().exists() else dataset
     return not (Path(name).expanduser().exists() or any(c in name for c in "*?["))
+
+
+def dataset_windows(tokenizer, dataset: str | None, split: str, context: int) -> Iterator[list[int]]:
+    """The windows of a dataset one by one, as `dataset_batches` batches them (one rank)."""
+    if is_token_corpus(dataset):
+        for batch in dataset_batches(tokenizer, dataset, split, context, 256):
+            yield from (row[:int(n)].tolist() for row, n in zip(batch["input_ids"], batch["attention_mask"].sum(1)))
+    else:
+        yield from windows(tokenizer, load_texts(dataset, split), context)
 
 
 def heldout_windows(tokenizer, dataset: str | None, split: str, context: int, skip_tokens: int,
@@ -282,7 +348,7 @@ def heldout_windows(tokenizer, dataset: str | None, split: str, context: int, sk
     tokens of the cache). In the window holding the boundary the earlier tokens are context only
     (keep False), so the kept tokens are exactly the cache's tokens from `skip_tokens` on."""
     seen, rows, trim = 0, [], 0
-    for row in windows(tokenizer, load_texts(dataset, split), context):
+    for row in dataset_windows(tokenizer, dataset, split, context):
         if seen < skip_tokens:
             n_keep = int(collate(tokenizer, [row], context)["keep"].sum())
             if seen + n_keep <= skip_tokens:

@@ -258,7 +258,7 @@ class _Export:
         shutil.rmtree(old, ignore_errors=True)
 
 
-IGNORED = ("resume", "overwrite", "device", "ckpt_every", "log_every", "eval_every", "eval_panel", "out")
+IGNORED = ("resume", "overwrite", "device", "ckpt_every", "log_every", "eval_every", "eval_panel", "out", "time_limit")
 """Flags a resumed run may change: they do not change the result (--out: a copied or moved run resumes)."""
 
 

@@ -262,7 +262,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporary(gpt2_di
 def test_ctrl_c_during_the_harvest_is_one_line_and_leaves_no_temporary(gpt2_dir, tmp_path, capsys, monkeypatch):
     import activations
 
-    real = activations.harvest
+    real = activations.harvest_batches
 
     def harvest_then_ctrl_c(*a, **k):
         for i, x in enumerate(real(*a, **k)):
@@ -270,7 +270,7 @@ def test_ctrl_c_during_the_harvest_is_one_line_and_leaves_no_temporary(gpt2_dir,
                 raise KeyboardInterrupt
             yield x
 
-    monkeypatch.setattr(activations, "harvest", harvest_then_ctrl_c)
+    monkeypatch.setattr(activations, "harvest_batches", harvest_then_ctrl_c)
     assert train.main(flags(gpt2_dir, tmp_path / "c", tmp_path / "run")) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "interrupted before training started: nothing was saved (a partial cache is removed)"

@@ -470,3 +470,58 @@ def test_wasserstein_intervals_pair_the_resamples():
         assert lo < 1 < hi
         widths.append(out["x"]["mean_ci"][1] - out["x"]["mean_ci"][0])
     assert widths[1] < 0.6 * widths[0]
+
+
+def naive_fc_readings(cc, x, eps=1e-8):
+    """Every reading of FC written out token by token from the weights (metrics.FC_READINGS)."""
+    B, L, d = x.shape
+    F_ = cc.config.n_latents
+    W, b, b_dec = cc.W_enc.detach().double(), cc.b_enc.detach().double(), cc.b_dec.detach().double()
+    scale = cc.W_dec.detach().double().norm(dim=-1).sum(-1)                    # Σ_l ‖W_dec[f, l]‖
+
+    def pre_and_z(xt):                                                         # one token (L, d)
+        pre = [sum(float((xt[l] - b_dec[l]) @ W[l][:, f]) for l in range(L)) + float(b[f]) for f in range(F_)]
+        order = sorted(range(F_), key=lambda f: -pre[f] * float(scale[f]))[:cc.config.k]
+        return [max(p, 0.0) for p in pre], [max(pre[f], 0.0) if f in order else 0.0 for f in range(F_)]
+
+    out = {}
+    rows = [[pre_and_z(x[t].double())] + [pre_and_z(torch.cat([x[t, :l], 0 * x[t, l:l + 1], x[t, l + 1:]]).double())
+                                          for l in range(L)] for t in range(B)]
+    for act in ("pre", "post"):
+        i = 0 if act == "pre" else 1
+        for over in ("fired", "all"):
+            for form in ("ratio_mean", "mean_ratio"):
+                fc = []
+                for f in range(F_):
+                    toks = [r for r in rows if over == "all" or r[0][1][f] > 0]
+                    if not any(r[0][1][f] > 0 for r in rows):
+                        continue                                               # never fires: no FC
+                    if form == "ratio_mean":
+                        delta = [sum(abs(r[0][i][f] - r[1 + l][i][f]) / (r[0][i][f] + eps) for r in toks) / len(toks)
+                                 for l in range(L)]
+                    else:
+                        delta = [sum(abs(r[0][i][f] - r[1 + l][i][f]) for r in toks) /
+                                 (sum(r[0][i][f] for r in toks) + eps * len(toks)) for l in range(L)]
+                    if max(delta) > 0:
+                        fc.append(sum(delta) / max(delta))
+                out[f"{act}/{over}/{form}"] = sum(fc) / len(fc)
+    return out
+
+
+def test_every_reading_of_fc_matches_a_token_by_token_computation():
+    """metrics.functional_coherence(variants=True) against naive_fc_readings on a random crosscoder whose
+    latents fire on some tokens and not others (so the readings differ)."""
+    torch.manual_seed(11)
+    cc = CrossCoder(CrossCoderConfig(d_in=4, n_latents=6, k=2, n_layers=3, sparsity="topk")).eval()
+    with torch.no_grad():
+        cc.b_enc.normal_(0, 0.3)
+        cc.b_dec.normal_(0, 0.3)
+    x = torch.randn(24, 3, 4)
+    fc = metrics.functional_coherence(cc, [x[:10], x[10:]], min_fires=1, variants=True)
+    want = naive_fc_readings(cc, x)
+    got = {k: v["mean"] for k, v in fc["fc_readings"].items()}
+    assert got.keys() == want.keys() and len(got) == 8
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-4), k
+    assert got["pre/fired/ratio_mean"] == pytest.approx(fc["fc_mean"], rel=1e-12)        # the main reading
+    assert len({round(v, 3) for v in got.values()}) > 4                                  # the readings differ

@@ -1,5 +1,7 @@
 """train.py end to end on a tiny random GPT-2 (real GPT-2 tokenizer, no downloads)."""
 
+import json
+
 import pytest
 import torch
 
@@ -244,3 +246,67 @@ def test_the_loop_reads_the_device_only_every_log_every_steps(gpt2_dir, cache_di
     summary = train.train(train.parse_args(args))
     assert summary["steps"] == 24 and len(reads) == 3          # steps 10, 20 and the last one
     assert counter.calls == []
+
+
+# ----------------------------------------------------------------------------------------
+# Several dictionaries from one stream of batches
+# ----------------------------------------------------------------------------------------
+
+SET = ["--dict", "crosscoder", "--mask-prob", "0.1", "--dict", "fmxcoder", "--rank", "16", "--dict", "sae",
+       "--sparsity", "topk"]
+ALONE = {"crosscoder": ["--dict", "crosscoder", "--mask-prob", "0.1"], "fmxcoder": ["--dict", "fmxcoder", "--rank", "16"],
+         "sae": ["--dict", "sae", "--sparsity", "topk"]}
+
+
+def assert_same_dicts(a_dir, b_dir):
+    a, b = saved.load_run(a_dir), saved.load_run(b_dir)
+    assert [la for la, _, _ in a] == [lb for lb, _, _ in b]
+    for (_, ma, _), (_, mb, _) in zip(a, b):
+        for (k, v), (_, w) in zip(ma.state_dict().items(), mb.state_dict().items()):
+            assert torch.equal(v, w), k
+
+
+def test_dictionaries_trained_together_equal_each_trained_alone(gpt2_dir, cache_dir, tmp_path):
+    """One harvest, three dictionaries on the same batches, each its own optimiser, init and masks: each
+    equals the same dictionary trained alone, bit for bit (the same computation)."""
+    both = tmp_path / "set"
+    summary = train.train(train.parse_args(flags(gpt2_dir, cache_dir, both, "--tokens", "1536", *SET)))
+    assert summary["complete"] and summary["steps"] == 12
+    assert sorted(p.name for p in both.iterdir()) == ["checkpoint.pt", "crosscoder", "fmxcoder", "sae", "summary.json"]
+    assert sorted(json.loads((both / "summary.json").read_text())["dictionaries"]) == ["crosscoder", "fmxcoder", "sae"]
+    for name, extra in ALONE.items():
+        alone = tmp_path / name
+        train.train(train.parse_args(flags(gpt2_dir, cache_dir, alone, "--tokens", "1536", *extra)))
+        assert_same_dicts(both / name, alone)
+        own = json.loads((both / name / "summary.json").read_text())
+        assert own["run"]["name"] == name and own["run"]["dict"] == name
+
+
+def test_a_set_of_dictionaries_resumes_exactly(gpt2_dir, cache_dir, tmp_path, ctrl_c_at):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = flags(gpt2_dir, cache_dir, full, "--tokens", "1536", "--ckpt-every", "4", *SET)
+    train.train(train.parse_args(common))
+    ctrl_c_at(6)
+    assert train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, "--tokens", "1536", "--ckpt-every", "4",
+                                              *SET)))["steps"] == 7
+    ctrl_c_at(None)
+    train.train(train.parse_args(flags(gpt2_dir, cache_dir, part, "--tokens", "1536", "--ckpt-every", "4", *SET,
+                                       "--resume")))
+    for name in ALONE:
+        assert_same_dicts(full / name, part / name)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dict", "sae", "--name", "a", "--dict", "crosscoder", "--name", "a"], "--name 'a' must be unique"),
+    (["--dict", "sae", "--rank", "8"], "--rank is not an option of --dict sae"),
+    (["--rank", "8", "--dict", "sae", "--dict", "polysae"], "--rank is not an option of --dict sae, polysae"),
+    (["--name", "x", "--dict", "sae", "--dict", "crosscoder"], "--name names the --dict before it"),
+    (["--dict", "sae", "--name", "a/b"], "--name 'a/b' must be unique and made of letters"),
+    (["--dict", "crosscoder,transcoder"], "--dict must be one of sae, crosscoder, fmxcoder, polysae, got 'transcoder'"),
+])
+def test_incompatible_sets_are_refused_in_one_line(gpt2_dir, cache_dir, tmp_path, capsys, argv, message):
+    out = tmp_path / "o"
+    assert train.main(flags(gpt2_dir, cache_dir, out, *argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()

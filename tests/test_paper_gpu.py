@@ -1,0 +1,47 @@
+"""experiments/paper_gpu.py rehearsed on the CPU (--smoke): every step the GPU run makes (four dictionaries
+from one stream of a pre-tokenised corpus, a time limit, curves at step 0, metrics with every FC reading,
+probing with intervals, the collected results), so the one GPU try cannot fail on a typo."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from support import corpora
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+import corpus_large  # noqa: E402
+import paper_gpu  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(gpt2_dir, tmp_path_factory):
+    """A small pre-tokenised corpus (BBC articles) for the tiny GPT-2, written as corpus_large writes one."""
+    texts, _ = corpora.bbc_news()
+    out = tmp_path_factory.mktemp("corpus") / "bbc.gpt2.u16"
+    corpus_large.write_tokens([("bbc", t) for t in texts[:120]], AutoTokenizer.from_pretrained(gpt2_dir), "gpt2", out)
+    return out
+
+
+def test_the_paper_run_rehearsed_at_tiny_width(gpt2_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    runs = tmp_path / "runs"
+    assert paper_gpu.main([str(out), "--smoke", "--runs", str(runs), "--model", gpt2_dir, "--dataset", str(corpus)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [s["step"] for s in res["log"]] == ["train"] + [f"{w} {n}" for n in ("crosscoder", "masked", "tr", "cp")
+                                                          for w in ("metrics", "probe")]
+    assert all(s["exit"] == 0 for s in res["log"])
+    for name, d in res["dictionaries"].items():
+        assert d["summary"]["complete"] and d["summary"]["tokens"] > 0, name
+        [ev] = d["eval"]["results"]
+        assert 0 < ev["fvu"] < 2 and len(ev["fc_readings"]) == 8 and "norm_spread_mean" in ev
+        assert d["probe"]["mean_ci"] and d["probe"]["weights_sha256"]
+    run = json.loads((runs / "summary.json").read_text())
+    assert run["time_limit_reached"] or run["data_exhausted"]
+    curves = [json.loads(l) for l in (out / "curves.jsonl").read_text().splitlines()]
+    assert {c["dictionary"] for c in curves if c["step"] == 0} == {"crosscoder", "masked", "tr", "cp"}
+    assert all("fc_readings" in c["eval"]["all"] for c in curves)
+    sizes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    assert sizes < 16 * 2**20                                          # small enough to come back from the GPU
