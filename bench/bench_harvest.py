@@ -35,6 +35,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import activations  # noqa: E402
+from bench_train import matmul_peak  # noqa: E402  (the same measurement as the training benchmark's)
 from support import corpora  # noqa: E402
 
 
@@ -64,20 +65,6 @@ def flops_per_token(model, deepest: int, context: int) -> float:
                   if p.ndim == 2)
     d = model.config.get_text_config().hidden_size
     return 2 * weights + (deepest + 1) * 4 * (context + 1) / 2 * d
-
-
-def matmul_peak(device: str, dtype: torch.dtype) -> float:
-    """Best FLOP/s of an n × n × n matmul in dtype."""
-    n = 4096 if device == "cuda" else 2048
-    x, y = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(6):
-        sync(device)
-        t = time.perf_counter()
-        x @ y
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def sync(device: str) -> None:
@@ -132,7 +119,7 @@ def main(argv=None) -> int:
                 if name == "harvest":
                     harvested += len(out)
     n_tok = a.batches * a.batch_size * a.context
-    peak = matmul_peak(a.device, activations.LM_DTYPES[a.lm_dtype])
+    peak = matmul_peak(torch.device(a.device), activations.LM_DTYPES[a.lm_dtype]) * 1e9     # FLOP/s
     bound = peak / flops_per_token(model, deepest, a.context)
     print(f"{a.model} ({n_blocks} blocks, attention {model.config._attn_implementation}) on {a.device}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), LM {a.lm_dtype}; dataset {a.dataset or 'bbc'}"

@@ -48,6 +48,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from core import opt
+from support import cli
+
 EXPLAIN_PROMPT = (
     "You are helping to interpret a feature of a language model. The feature fires on certain tokens. "
     "Below are text excerpts where it fires; the tokens on which it fires are marked <<like this>>. "
@@ -66,15 +69,16 @@ EACH_PROMPT = (
 
 @dataclass
 class JudgeSettings:
-    latents: int = 50          # latents judged per dictionary (a seeded random sample of the eligible ones)
-    n_explain: int = 10        # top examples shown to explain (plus one per quantile band)
-    n_detect_top: int = 3      # further top examples among the activating snippets (plus one per band)
-    min_positives: int = 2     # fewer held-out activating snippets: not eligible
-    threshold: float = 0.8     # detection accuracy above which a latent counts as coherent
-    explain_tokens: int = 40   # max tokens of the explanation
-    detect_tokens: int = 40    # max tokens of the detection answer
-    detect: str = "batch"      # batch: one call lists the numbers (SAEBench); each: a Yes/No call per excerpt
-    seed: int = 0
+    """The protocol's settings (flags of python -m latents.judge)."""
+    latents: int = opt(50, "latents judged per dictionary (a seeded random sample of the eligible ones)")
+    n_explain: int = opt(10, "top examples shown to explain (plus one per quantile band)")
+    n_detect_top: int = opt(3, "further top examples among the activating snippets (plus one per band)")
+    min_positives: int = opt(2, "fewer held-out activating snippets: not eligible")
+    threshold: float = opt(0.8, "detection accuracy at which a latent counts as coherent")
+    explain_tokens: int = opt(40, "max tokens of the explanation")
+    detect_tokens: int = opt(40, "max tokens of the detection answer")
+    detect: str = opt("batch", "batch: one call lists the numbers (SAEBench) | each: a Yes/No call per excerpt")
+    seed: int = opt(0, "seed of the latents and snippets chosen")
 
 
 class JudgeError(RuntimeError):
@@ -389,7 +393,7 @@ def table(reports: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders with a features.json (python -m latents.features RUN_DIR)")
     p.add_argument("--judge", default="local:smollm2-135m", help="local:NAME (a local HF model) or an http(s):// "
                    "OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (default local:smollm2-135m)")
@@ -398,17 +402,14 @@ def main(argv=None) -> int:
     p.add_argument("--judge-timeout", type=float, default=300, help="seconds to wait for one answer of an HTTP "
                    "judge (default 300)")
     p.add_argument("--device", default="cpu", help="device of a local judge: auto | cpu | cuda | cuda:N")
-    for name, default in asdict(JudgeSettings()).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"(default {default})")
+    cli.add_flags(p, JudgeSettings, group="the protocol")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    s = JudgeSettings(**{k: getattr(a, k) for k in asdict(JudgeSettings())})
     try:
+        a = p.parse_args(argv)
+        s = JudgeSettings(**cli.values(a, JudgeSettings))
         if s.detect not in ("batch", "each"):
             raise ValueError(f"--detect must be batch or each, got {s.detect!r}")
         if a.judge.startswith("local:"):
-            from support import cli       # (torch: only a local judge needs it)
-
             a.device = cli.resolve_device(a.device)
         missing = [r for r in a.runs if not Path(r, "features.json").exists()]
         if missing:
@@ -419,9 +420,8 @@ def main(argv=None) -> int:
         if judge.id == "local:smollm2-135m":
             print("note: SmolLM2-135M is far too weak a judge for conclusions; this run checks the pipeline")
         reports = [judge_run(r, judge, s, progress=not a.quiet) for r in a.runs]
-    except (ValueError, FileNotFoundError, JudgeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (*cli.USER_ERRORS, JudgeError) as e:
+        return cli.cli_error(e)
     print(table(reports))
     return 0
 
