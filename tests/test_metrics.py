@@ -16,7 +16,7 @@ import sae
 from crosscoder import CrossCoder, CrossCoderConfig
 from polysae import PolySAE, PolySAEConfig
 import core
-from support import saved
+from support import evaluate, saved
 
 
 def fake_output(recon, latents):
@@ -418,12 +418,12 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
     if kind == "sae":
         assert [r["name"] for r in ev["results"]] == ["layer 1", "layer 2", "set of 2"]
         # without the cache, the same held-out tokens are harvested again from the text stream
-        with_cache = metrics.evaluate_run(out, "cpu", eval_tokens=256, ce_tokens=0, wasserstein_task=None)
+        with_cache = evaluate.evaluate_run(out, "cpu", eval_tokens=256, ce_tokens=0, wasserstein_task=None)
         for layer_dir in out.glob("layer_*"):
             meta = json.loads((layer_dir / "config.json").read_text())
             meta["run"]["cache"] = str(tmp_path / "gone")
             (layer_dir / "config.json").write_text(json.dumps(meta))
-        harvested = metrics.evaluate_run(out, "cpu", eval_tokens=256, ce_tokens=0, wasserstein_task=None)
+        harvested = evaluate.evaluate_run(out, "cpu", eval_tokens=256, ce_tokens=0, wasserstein_task=None)
         assert "harvested 256 tokens" in harvested["data"]
         for a, b in zip(with_cache["results"][:2], harvested["results"][:2]):
             assert b["mse_raw"] == pytest.approx(a["mse_raw"], rel=1e-3)   # the cache is float16
@@ -439,7 +439,7 @@ def test_streamed_run_is_evaluated_on_the_tokens_it_held_out(gpt2_dir, tmp_path)
         "--model", gpt2_dir, "--dict", "sae", "--layers", "1", "--tokens", "1024", "--eval-tokens", "512",
         "--batch-size", "128", "--n-latents", "64", "--k", "4", "--context", "64", "--cache", "none",
         "--out", str(out), "--device", "cpu", "--dead-tokens", "1000", "--ckpt-every", "0"]))
-    ev = metrics.evaluate_run(out, "cpu", ce_tokens=0, wasserstein_task=None)
+    ev = evaluate.evaluate_run(out, "cpu", ce_tokens=0, wasserstein_task=None)
     assert "harvested 512 tokens" in ev["data"] and "streamed" in ev["data"]
     (_, _, meta), = saved.load_run(out)
     r = ev["results"][0]

@@ -22,7 +22,7 @@ import core
 import crosscoder
 import fmxcoder
 import sae
-from support import saelens, saved
+from support import evaluate, saelens, saved
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "saelens"
 NAMES = ("standard", "topk", "topk_rescale", "topk_trained", "batchtopk", "jumprelu")
@@ -432,7 +432,7 @@ def test_metrics_and_probe_run_unchanged_on_an_exported_saelens_folder(gpt2_dir,
                               tmp_path / "sl")
     md = json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]
     assert md["hf_hook_name"] == "transformer.h.1" and "dataset_path" not in md   # from the config, no download
-    ev = metrics.evaluate_run(tmp_path / "sl", "cpu", eval_tokens=256, ce_tokens=64, fc_tokens=0,
+    ev = evaluate.evaluate_run(tmp_path / "sl", "cpu", eval_tokens=256, ce_tokens=64, fc_tokens=0,
                               wasserstein_task=None)
     (r,) = ev["results"]
     assert r["name"] == "layer 1" and r["tokens"] == 256 and 0 < r["l0"] <= 3 and "harvested 256 tokens" in ev["data"]
