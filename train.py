@@ -33,7 +33,8 @@ Pipeline (`train` reads top to bottom):
 
 Exact resume: a cached run reads step s's batch from step s's own permutation slice, a streamed run replays
 its seeded stream; the masks of a step are seeded from (--seed, rank, step), so the models and optimisers
-are all a checkpoint holds. Data parallel: torchrun --nproc_per_node N train.py ... (support/distributed.py).
+are all a checkpoint holds (with the data's identity: a cache rebuilt since is refused). Each dictionary of
+a set is initialised from --seed and draws its masks from the step's seed, exactly as if trained alone. Data parallel: torchrun --nproc_per_node N train.py ... (support/distributed.py).
 
 Paper scale (fmxcoders arXiv 2605.09438 pp. 13-14; PolySAE arXiv 2602.01322, its README's commands), GPU:
     --model gpt2 --layers 2-9 --n-latents 16384 --k 64 --sparsity batchtopk --batch-size 4096

@@ -164,6 +164,7 @@ def test_kill_9_then_resume_is_bit_identical(gpt2_dir, cache_dir, tmp_path):
     (["--dict", "polysae", "--layers", "1", "--n-latents", "32"], "pass --ranks 32,64,64"),
     (["--sparsity", "top-k"], "--sparsity must be one of topk, batchtopk, relu, got 'top-k'"),
     (["--grad-clip", "-1"], "--grad-clip must be a finite number >= 0, got -1.0"),
+    (["--time-limit", "-5"], "--time-limit must be a finite number >= 0, got -5.0"),
     (["--drop-outliers", "0.5"], "--drop-outliers must be 0 (keep all tokens) or a multiple of the median norm > 1"),
     (["--resume", "--overwrite"], "pass one of them"),
     (["--mask-prob", "1"], "--mask-prob must be in [0, 1), got 1.0"),

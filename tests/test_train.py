@@ -310,3 +310,12 @@ def test_incompatible_sets_are_refused_in_one_line(gpt2_dir, cache_dir, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_a_time_limit_ends_the_run_complete_at_the_step_it_reached(gpt2_dir, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train.train(train.parse_args(flags(gpt2_dir, cache_dir, out, "--dict", "crosscoder",
+                                                 "--time-limit", "1e-9")))
+    assert summary["time_limit_reached"] and summary["complete"] and summary["steps"] < summary["steps_planned"]
+    assert "--time-limit 1e-09 s reached after 0 of 24 steps" in capsys.readouterr().out
+    assert saved.load(out)                                       # exported as a finished run
