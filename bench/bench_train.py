@@ -54,7 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import crosscoder  # noqa: E402
 import fmxcoder  # noqa: E402
 import polysae  # noqa: E402
-from support import runs  # noqa: E402
 import sae  # noqa: E402
 import core  # noqa: E402
 from support import cli  # noqa: E402

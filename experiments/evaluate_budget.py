@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import budget  # noqa: E402
-import metrics  # noqa: E402
+import probe  # noqa: E402
 from support import runs  # noqa: E402
 
 HERE = ROOT / "experiments"

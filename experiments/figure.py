@@ -24,7 +24,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from support.saved import load_run  # noqa: E402
-from support import saved  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MULTI = [("sae_per_layer", "TopK SAE per layer (8)"), ("crosscoder", "crosscoder"),

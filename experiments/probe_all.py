@@ -28,7 +28,7 @@ import metrics  # noqa: E402
 import probe  # noqa: E402
 from support.saved import load_run  # noqa: E402
 from support import tasks  # noqa: E402
-import sae  # noqa: E402
+from support.files import write_atomic  # noqa: E402
 
 
 def decoder_norm_per_latent(model) -> torch.Tensor:

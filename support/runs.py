@@ -294,8 +294,8 @@ def check_data(state: dict, data, path: Path) -> None:
                              f"the tokens this run trained on (rebuilt since, with other tokens); rebuild it as it was "
                              f"(--cache-tokens {saved.get('n_tokens')}) into another --cache folder, or start a new run")
     if saved["scale"] != now["scale"]:
-        print(f"note: the cache's per-layer scale was re-estimated since this run started (another run rebuilt it); "
-              f"resuming with the run's own scale")
+        print("note: the cache's per-layer scale was re-estimated since this run started (another run rebuilt it); "
+              "resuming with the run's own scale")
         data.scale_L = torch.tensor(saved["scale"], dtype=torch.float32)
         data.identity = {**now, "scale": saved["scale"]}
 

@@ -11,7 +11,6 @@ import torch
 
 from support import cache as activation_cache
 from support import corpora
-import sae
 from support import batches
 import train
 from tiny_gpt2 import tiny_gpt2

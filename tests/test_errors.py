@@ -11,7 +11,6 @@ from support import cache as activation_cache
 from support import corpora
 import metrics
 import probe
-from support import runs
 from support import tasks
 from support import saved
 

@@ -6,7 +6,6 @@ import torch
 
 import crosscoder as cc
 import fmxcoder as fx
-import sae
 from support.synthetic import fit, make_toy_data, recovery
 from support import saved
 

@@ -11,8 +11,6 @@ import activations
 from support import cache as activation_cache
 from support import corpora
 import metrics
-from support import runs
-import sae
 from crosscoder import CrossCoder, CrossCoderConfig
 from polysae import PolySAE, PolySAEConfig
 import core

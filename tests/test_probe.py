@@ -366,7 +366,6 @@ def test_bootstrap_f1_equals_a_naive_resampling_loop():
 
 
 def test_percentile_interval_of_a_mean_matches_the_normal_approximation():
-    import metrics
 
     x = torch.randn(400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     g = torch.Generator().manual_seed(2)

@@ -4,7 +4,6 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from support import runs
 import sae
 from support.synthetic import fit, make_toy_data, recovery, ToyData
 import core

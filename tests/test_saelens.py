@@ -424,7 +424,6 @@ def test_the_module_runs_as_a_command(tmp_path):
 
 def test_metrics_and_probe_run_unchanged_on_an_exported_saelens_folder(gpt2_dir, tmp_path):
     """A SAE on the tiny GPT-2 (d 64), exported; metrics.py and probe.py evaluate the SAELens folder alone."""
-    import metrics
     import probe
 
     model = trained_sae("topk", 3, d=64)

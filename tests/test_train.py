@@ -8,7 +8,6 @@ import torch
 from support import runs
 from support import cache as activation_cache
 from support import corpora
-import sae
 import train
 import core
 from support import saved
