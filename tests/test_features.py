@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from support import cache as activation_cache
+from support import corpora
 import activations
 from latents import page as dashboard
 from latents import features
@@ -55,7 +56,7 @@ def naive_pass(run):
     info = entries[0][2]["run"]
     all_layers = sorted({l for ls, _, _ in entries for l in ls})
     lm, tok = activations.load_lm(info["model"])
-    windows = metrics.take_tokens(metrics.heldout_windows(tok, info["dataset"], "train", info["context"],
+    windows = corpora.take_tokens(corpora.heldout_windows(tok, info["dataset"], "train", info["context"],
                                                           info["train_tokens"], 8), N_TOKENS)
     rows = []
     for w in windows:
