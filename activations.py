@@ -181,11 +181,28 @@ def load_lm(name: str = DEFAULT_MODEL, device="cpu", dtype="float32"):
     if len(tokenizer) < 2:
         raise ValueError(f"the tokenizer of model {name!r} is empty ({len(tokenizer)} tokens): its tokenizer files "
                          f"are missing or damaged")
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device).eval()
+    attention = {} if sdpa_runs(dtype, device) else {"attn_implementation": "eager"}
+    if attention:
+        print(f"note: this CPU's torch cannot run {dtype} scaled-dot-product attention here; using eager attention")
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **attention).to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.bos_token
     tokenizer.padding_side = "right"
     return model, tokenizer
+
+
+def sdpa_runs(dtype: torch.dtype, device) -> bool:
+    """Whether torch's scaled-dot-product attention runs in `dtype` on `device`. Some CPU set-ups cannot
+    run its bfloat16/float16 kernel (e.g. ATEN_CPU_CAPABILITY=default on an AVX512 machine: "pack_vnni2 is
+    only supported when avx512 is supported"); a small causal call tells."""
+    if torch.device(device).type != "cpu" or dtype == torch.float32:
+        return True
+    q = torch.zeros(2, 2, 64, 64, dtype=dtype)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return True
+    except RuntimeError:
+        return False
 
 
 def block_paths(model: nn.Module) -> list[str]:

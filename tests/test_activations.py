@@ -415,3 +415,19 @@ def test_smollm2_offline():
     assert x.shape == (200, 8, 576) and torch.isfinite(x).all()
     h = A.hidden_states(model, ids["input_ids"], ids["attention_mask"], [layers[0]])
     torch.testing.assert_close(h[:, :, 0], out.hidden_states[layers[0] + 1])
+
+
+def test_an_lm_whose_half_precision_attention_cannot_run_here_falls_back_to_eager(gpt2_dir, monkeypatch, capsys):
+    """Some CPU set-ups cannot run torch's bfloat16 scaled-dot-product attention (ATEN_CPU_CAPABILITY=default on
+    an AVX512 machine raises "pack_vnni2 is only supported when avx512 is supported"): load_lm then loads the
+    model with eager attention instead of failing in the middle of a harvest."""
+    def broken(*a, **k):
+        raise RuntimeError("pack_vnni2 is only supported when avx512 is supported")
+
+    assert A.load_lm(gpt2_dir, dtype="bfloat16")[0].config._attn_implementation == "sdpa"
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", broken)
+    model, tok = A.load_lm(gpt2_dir, dtype="bfloat16")
+    assert model.config._attn_implementation == "eager" and "using eager attention" in capsys.readouterr().out
+    batch = corpora.collate(tok, [[tok.eos_token_id] + list(range(100, 140))] * 3, 41)
+    assert torch.isfinite(A.hidden_states(model, batch["input_ids"], batch["attention_mask"], [1]).float()).all()
+    assert A.load_lm(gpt2_dir, dtype="float32")[0].config._attn_implementation == "sdpa"    # float32: untouched
