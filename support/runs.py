@@ -55,12 +55,14 @@ def recover_export(path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         return
-    for p in sorted(path.parent.iterdir()):
-        what, _, pid = p.name.removeprefix(f".{path.name}.").rpartition("-")
-        if p.name.startswith(f".{path.name}.") and what == "export" and pid.isdigit() and not pid_alive(int(pid)) \
-                and not path.exists():
-            os.rename(p, path)
-            print(f"note: finished the export of {str(path)!r} that an interrupted train.py left half done")
+    for what in ("export", "old"):       # the new run if it was written whole, else the old one back
+        for p in sorted(path.parent.iterdir()):
+            kind, _, pid = p.name.removeprefix(f".{path.name}.").rpartition("-")
+            if p.name.startswith(f".{path.name}.") and kind == what and pid.isdigit() and not pid_alive(int(pid)) \
+                    and not path.exists():
+                os.rename(p, path)
+                print(f"note: {'finished' if what == 'export' else 'undid'} the export of {str(path)!r} that an "
+                      f"interrupted train.py left half done")
     remove_stale(path.parent, path.name)
 
 

@@ -325,3 +325,13 @@ def test_a_long_document_is_tokenised_in_pieces_to_the_same_windows(gpt2_dir, mo
     assert [w for w in got if len(w) == 64] == [w for w in want if len(w) == 64]
     assert "".join(corpora.pieces(doc, 10_000)) == doc
     assert [len(p) for p in corpora.pieces("x" * 25, 10)] == [10, 10, 5]   # no space: cut where it must be
+
+
+def test_a_run_moved_out_with_no_export_to_replace_it_is_moved_back(gpt2_dir, cache, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(flags(gpt2_dir, cache, out)) == 0
+    digest = json.loads((out / "config.json").read_text())["weights_sha256"]
+    out.rename(tmp_path / f".run.old-{dead_pid()}")       # its export vanished: the old run is all there is
+    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    assert json.loads((out / "config.json").read_text())["weights_sha256"] == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
