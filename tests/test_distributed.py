@@ -79,6 +79,17 @@ def test_two_ranks_equal_one_rank(setup, tmp_path, sparsity):
     assert res.stdout.count("wrote ") == 1
 
 
+def test_a_set_of_dictionaries_on_two_ranks_equals_one_rank(setup, tmp_path):
+    """Several dictionaries from one stream under torchrun: each DDP-wrapped on its own, rank 0 writes the set."""
+    extra = ["--dict", "crosscoder", "--mask-prob", "0", "--dict", "fmxcoder", "--rank", "16", "--mask-prob", "0"]
+    torchrun(flags(setup, tmp_path / "one", *extra), nproc=1)
+    torchrun(flags(setup, tmp_path / "two", *extra))
+    for name in ("crosscoder", "fmxcoder"):
+        assert_same_model(tmp_path / "one" / name, tmp_path / "two" / name)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "crosscoder", "fmxcoder",
+                                                                     "summary.json"]
+
+
 def test_resume_on_a_different_number_of_ranks(setup, tmp_path, ctrl_c_at):
     extra = ["--dict", "sae", "--sparsity", "batchtopk"]
     train.train(train.parse_args(flags(setup, tmp_path / "ref", *extra)))
