@@ -129,7 +129,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from support import tokenfile  # noqa: E402
+from support import corpora, tokenfile  # noqa: E402
 
 VERSION = 1
 NAME = "offline-large"
@@ -584,7 +584,7 @@ def safe_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 def tokenizer_info(tokenizer, tag: str, name: str | None = None) -> dict:
     """What the .json records about the tokenizer; the BOS/EOS choice is support.corpora.windows'."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = corpora.bos_id(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     if eos is None:
         raise SystemExit(f"tokenizer {tag!r} has neither an EOS nor a BOS token to separate documents")

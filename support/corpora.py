@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from torch import Tensor
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,12 +219,17 @@ def pieces(text: str, max_chars: int | None = None) -> Iterator[str]:
     yield text[start:]
 
 
+def bos_id(tokenizer) -> int:
+    """The token that starts every window: BOS, or EOS for a tokenizer without one (GPT-2)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def windows(tokenizer, texts: Iterable[str], context: int) -> Iterator[list[int]]:
     """Token windows: [BOS] + the next context−1 tokens of the EOS-joined document stream. Long documents
     are tokenised in pieces (`pieces`), so memory follows the window, not the document."""
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens (BOS + 1), got {context}")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = bos_id(tokenizer)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     buf: list[int] = []
     for text in texts:
@@ -246,10 +252,13 @@ def is_token_corpus(dataset) -> bool:
     return dataset in TOKEN_CORPORA or (isinstance(dataset, str) and dataset.endswith(".u16"))
 
 
-def token_file(dataset: str, tokenizer):
-    """The TokenFile of a pre-tokenised corpus for this tokenizer: ValueError when there is none, or when
-    it was tokenised by another tokenizer (its vocabulary size or EOS differ)."""
+def token_file(dataset: str, tokenizer, split: str = "train"):
+    """The TokenFile of a pre-tokenised corpus for this tokenizer: ValueError when there is none, when it
+    was tokenised by another tokenizer (its vocabulary size or EOS differ), or for a split but "train"."""
     from support.tokenfile import BUILD, TokenFile, resolve
+
+    if split != "train":
+        raise ValueError(f"the pre-tokenised corpus {dataset!r} has one split, 'train', not {split!r}")
 
     if dataset.endswith(".u16"):
         candidates = [Path(dataset).expanduser()]
@@ -280,16 +289,12 @@ def dataset_batches(tokenizer, dataset: str | None, split: str, context: int, ba
         while batch := list(itertools.islice(rows, batch_size)):
             yield collate(tokenizer, batch, context)
         return
-    if split != "train":
-        raise ValueError(f"the pre-tokenised corpus {dataset!r} has one split, 'train', not {split!r}")
-    tf = token_file(dataset, tokenizer)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    tf, bos = token_file(dataset, tokenizer, split), bos_id(tokenizer)
     n_full = (tf.n_tokens // (context - 1)) // world * world          # whole windows, as many on every rank
     for lo in range(0, n_full, batch_size * world):
         n = min(batch_size * world, n_full - lo)
         ids = torch.from_numpy(tf.window_array(lo * (context - 1), n, context, bos))[rank::world]
-        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "keep": ~torch.isin(ids, special)}
+        yield batch_of(tokenizer, ids, torch.ones_like(ids))
     tail = list(tf.windows(n_full * (context - 1), None, context, bos))    # the corpus's last partial windows
     if tail[rank::world]:
         yield collate(tokenizer, tail[rank::world], context)
@@ -302,9 +307,13 @@ def collate(tokenizer, rows: list[list[int]], context: int) -> dict:
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
+    return batch_of(tokenizer, ids, mask)
+
+
+def batch_of(tokenizer, ids: Tensor, mask: Tensor) -> dict:
+    """{input_ids, attention_mask, keep}: keep marks the real tokens (in the mask, not a special token)."""
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    keep = mask.bool() & ~torch.isin(ids, special)
-    return {"input_ids": ids, "attention_mask": mask, "keep": keep}
+    return {"input_ids": ids, "attention_mask": mask, "keep": mask.bool() & ~torch.isin(ids, special)}
 
 
 def tokenize(tokenizer, texts: list[str], context: int = 128, pack: bool = True) -> dict:
@@ -315,7 +324,7 @@ def tokenize(tokenizer, texts: list[str], context: int = 128, pack: bool = True)
     if pack:
         rows = list(windows(tokenizer, texts, context))
     else:
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        bos = bos_id(tokenizer)
         rows = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][:context - 1] for t in texts]
     return collate(tokenizer, rows, context)
 
@@ -335,8 +344,7 @@ def is_hub(dataset: str | None) -> bool:
 def dataset_windows(tokenizer, dataset: str | None, split: str, context: int) -> Iterator[list[int]]:
     """The windows of a dataset one by one, as `dataset_batches` batches them (one rank)."""
     if is_token_corpus(dataset):
-        for batch in dataset_batches(tokenizer, dataset, split, context, 256):
-            yield from (row[:int(n)].tolist() for row, n in zip(batch["input_ids"], batch["attention_mask"].sum(1)))
+        yield from token_file(dataset, tokenizer, split).windows(0, None, context, bos_id(tokenizer))
     else:
         yield from windows(tokenizer, load_texts(dataset, split), context)
 
