@@ -193,7 +193,8 @@ def layer_delta_sums(model, x_BLD: Tensor, eps: float = EPS, readings=(MAIN,)) -
     pre_BF = model.pre_acts(x_BLD)
     z_BF = core.latents_of(model, pre_BF)
     acts = {"pre": pre_BF.relu(), "post": z_BF}
-    masks = {"fired": (z_BF > 0).double(), "all": torch.ones_like(z_BF, dtype=torch.float64)}
+    fired_BF = (z_BF > 0).double()
+    over_set = lambda v_BF, over: (v_BF * fired_BF if over == "fired" else v_BF).sum(0)  # noqa: E731  (F,)
     sums = {r: [] for r in readings}
     for l in range(x_BLD.shape[1]):
         x_l = x_BLD.clone()
@@ -205,12 +206,12 @@ def layer_delta_sums(model, x_BLD: Tensor, eps: float = EPS, readings=(MAIN,)) -
             diff_BF = (acts[act] - acts_l[act]).abs()
             if form == "ratio_mean":
                 diff_BF = diff_BF / (acts[act] + eps)
-            sums[(act, over, form)].append((diff_BF.double() * masks[over]).sum(0))
+            sums[(act, over, form)].append(over_set(diff_BF.double(), over))
     out = {r: torch.stack(v, dim=1) for r, v in sums.items()}
     for act, over, form in readings:
         if form == "mean_ratio":
-            out[("den", act, over)] = (acts[act].double() * masks[over]).sum(0)
-    return out, masks["fired"].sum(0)
+            out[("den", act, over)] = over_set(acts[act].double(), over)
+    return out, fired_BF.sum(0)
 
 
 def coherence(sums: dict, fires_F: Tensor, n_tokens: int, reading, eps: float = EPS) -> Tensor:
