@@ -26,7 +26,8 @@ Models: "sae-unit" and "poly-ours" use this project's conventions (unit SAE deco
 b_dec from the geometric median; AuxK 1/32; dead after 100 steps' tokens); "sae-free" and "poly-official" the
 official code's (free rows from norm 0.1; untied encoder; b_dec 0; AuxK 1.0; dead after 1,000 steps).
 Diagnostic PolySAE variants (ours otherwise): "poly-c2zero" (C2 = C3 = 0 at init), "poly-noqr" (U trained
-without the QR retraction), "poly-lr1e-3" (a third of the learning rate), and in the "exact" config, where a
+without the QR retraction), "poly-lr1e-3" (a third of the learning rate), "poly-k2" / "poly-k8" (k 2 or 8
+instead of 4), "poly-long" (4x the steps), and in the "exact" config, where a
 PolySAE that writes the data exactly exists (`oracle_polysae`, N + P + T ≤ d): "oracle" (that model, untrained),
 "oracle-trained" (trained from it), "frozen-enc" / "frozen-enc-c2zero" (the encoder fixed to the true codes,
 only the decoder trained). Ranks (R1, R2, R3) = (d, 4T + 2P, 4T): what the exact construction uses.
@@ -71,10 +72,12 @@ CONFIGS = {
     # no superposition (N + P + T <= d): an exact PolySAE exists (oracle_polysae)
     "exact": {"data": dict(d=32, n_atoms=24, n_pairs=2, n_cooc=2, n_triples=1, density=0.05, rate=0.05,
                            strength=1.0, strength3=1.0, noise=0.01),
-              "n_latents": 48, "k": 4, "models": STANDARD + ["poly-c2zero", "oracle", "oracle-trained", "frozen-enc",
-                                                              "frozen-enc-c2zero"]},
+              "n_latents": 48, "k": 4, "models": STANDARD + ["poly-c2zero", "poly-k2", "poly-k8", "poly-long", "oracle",
+                                                              "oracle-trained", "frozen-enc", "frozen-enc-c2zero"]},
 }
-LAMBDA_STEPS = (0, 100, 250, 500, 1000)      # λ2 is recorded after these steps (and at the end)
+# diagnostic variants of poly-ours that change the training: k, a third of the lr, 4x the steps
+VARIANTS = {"poly-k2": {"k": 2}, "poly-k8": {"k": 8}, "poly-lr1e-3": {"lr": 1 / 3}, "poly-long": {"steps": 4}}
+LAMBDA_STEPS = (0, 100, 250, 500, 1000, 2000, 4000)      # λ2 is recorded after these steps (and at the end)
 
 
 @dataclass
@@ -300,16 +303,18 @@ def run_cell(config_name: str, model_name: str, seed: int, cfg: GroundTruthConfi
     spec = CONFIGS[config_name]
     data = synthetic.make_composition_data(**spec["data"], seed=seed)
     torch.manual_seed(seed)
-    model, b_dec_init = build(model_name, data, spec["n_latents"], spec["k"], cfg.batch)
+    var = VARIANTS.get(model_name, {})
+    k, lr, steps = var.get("k", spec["k"]), cfg.lr * var.get("lr", 1), cfg.steps * var.get("steps", 1)
+    model, b_dec_init = build(model_name, data, spec["n_latents"], k, cfg.batch)
     t0 = time.time()
     lam = None
-    if model_name != "oracle":
-        lr = cfg.lr / 3 if model_name == "poly-lr1e-3" else cfg.lr
-        lam = train(model, data, b_dec_init, cfg.steps, cfg.batch, lr, seed)
+    if model_name == "oracle":
+        steps = 0
+    else:
+        lam = train(model, data, b_dec_init, steps, cfg.batch, lr, seed)
     model.eval()
     res = measure(model, data, cfg.eval_tokens, cfg.probe_n, seed)
-    return {"config": config_name, "model": model_name, "seed": seed, "steps": 0 if model_name == "oracle" else cfg.steps,
-            "batch": cfg.batch, "lr": cfg.lr, "train_s": round(time.time() - t0, 1), "lambda2_path": lam, **res}
+    return {"config": config_name, "model": model_name, "seed": seed, "steps": steps, "k": k, "batch": cfg.batch, "lr": lr, "train_s": round(time.time() - t0, 1), "lambda2_path": lam, **res}
 
 
 # ----------------------------------------------------------------------------------------
