@@ -74,6 +74,11 @@ CONFIGS = {
                            strength=1.0, strength3=1.0, noise=0.01),
               "n_latents": 48, "k": 4, "models": STANDARD + ["poly-c2zero", "poly-k2", "poly-k8", "poly-long", "oracle",
                                                               "oracle-trained", "frozen-enc", "frozen-enc-c2zero"]},
+    # the exact config's data at the narrowest width the exact PolySAE needs (F = R1 = N + T = 25): one latent
+    # to spare, so a dictionary cannot give every compound a latent of its own and keep every atom
+    "tight": {"data": dict(d=32, n_atoms=24, n_pairs=2, n_cooc=2, n_triples=1, density=0.05, rate=0.05,
+                           strength=1.0, strength3=1.0, noise=0.01),
+              "n_latents": 25, "r1": 25, "k": 4, "models": STANDARD + ["poly-c2zero", "oracle", "oracle-trained"]},
 }
 # diagnostic variants of poly-ours that change the training: k, a third of the lr, 4x the steps
 VARIANTS = {"poly-k2": {"k": 2}, "poly-k8": {"k": 8}, "poly-lr1e-3": {"lr": 1 / 3}, "poly-long": {"steps": 4}}
@@ -83,7 +88,7 @@ LAMBDA_STEPS = (0, 100, 250, 500, 1000, 2000, 4000)      # λ2 is recorded after
 @dataclass
 class GroundTruthConfig:
     out: str = opt("/tmp/issue28/ground_truth_poly", "folder of results.jsonl and the figure")
-    configs: str = opt("main,control,exact", "comma-separated data configs (main, control, exact)")
+    configs: str = opt("main,control,exact,tight", "comma-separated data configs (main, control, exact, tight)")
     seeds: int = opt(3, "seeds per (config, model): data, init and batches")
     steps: int = opt(2000, "training steps")
     batch: int = opt(512, "tokens per step")
@@ -113,11 +118,11 @@ class GroundTruthConfig:
 
 
 @torch.no_grad()
-def oracle_polysae(data: synthetic.CompositionData, k: int, n_latents: int | None = None,
+def oracle_polysae(data: synthetic.CompositionData, k: int, n_latents: int | None = None, r1: int | None = None,
                    dtype=torch.float64) -> PolySAE:
     """A PolySAE whose latents are the true codes (z_n = a_n, n < N) and whose decoder writes data.signal(a)
     exactly, when N + P + T ≤ d (the encoder is the atoms' rows of the pseudo-inverse of [D; E]). U's columns,
-    ranks (d, 4T + 2P, 4T) (R3 = 1 and no cubic term without triples), n_latents ≥ d (default d):
+    ranks (R1, 4T + 2P, 4T) (R3 = 1 and no cubic term without triples), N + T ≤ R1 ≤ n_latents (defaults d, R1):
       triple (i, j, k): 4 columns, rows i, j, k = S/2 with S the sign patterns (+++, ++−, +−+, +−−), and one
         latent that never fires (row N + t) = (1, −1, −1, 1)/2, which makes them orthonormal; C3 = σ ⊗ c with
         σ = (1, −1, −1, 1): Σ_w σ_w a_w³ = 3 z_i z_j z_k (polarisation), c = s3 E_ijk / (3 λ3); C2 = 0 there;
@@ -126,15 +131,16 @@ def oracle_polysae(data: synthetic.CompositionData, k: int, n_latents: int | Non
       every other atom n: one column e_n with C1 = D_n; the columns left over: latents that never fire.
     C1 on each block maps its a back to Σ z_n D_n. λ2, λ3 stay at their initial values."""
     N, d, P, T = data.n_atoms, data.d, len(data.pairs_P2), len(data.triples_T3)
-    F = n_latents or d
-    if N + P + T > d or F < d:
-        raise ValueError(f"oracle_polysae needs N + P + T <= d <= n_latents, got N={N}, P={P}, T={T}, d={d}, "
-                         f"n_latents={F}")
+    R1 = r1 or d
+    F = n_latents or R1
+    if N + P + T > d or not N + T <= R1 <= F:
+        raise ValueError(f"oracle_polysae needs N + P + T <= d and N + T <= r1 <= n_latents, got N={N}, P={P}, T={T}, "
+                         f"d={d}, r1={R1}, n_latents={F}")
     R2, R3 = max(4 * T + 2 * P, 1), max(4 * T, 1)
-    model = PolySAE(PolySAEConfig(d_in=d, n_latents=F, k=k, sparsity="topk", ranks=(d, R2, R3),
+    model = PolySAE(PolySAEConfig(d_in=d, n_latents=F, k=k, sparsity="topk", ranks=(R1, R2, R3),
                                   order=3 if T else 2)).to(dtype)
     D = data.atoms_ND.to(dtype)
-    U, C1 = torch.zeros(F, d, dtype=dtype), torch.zeros(d, d, dtype=dtype)
+    U, C1 = torch.zeros(F, R1, dtype=dtype), torch.zeros(d, R1, dtype=dtype)
     C2, C3 = torch.zeros(d, R2, dtype=dtype), torch.zeros(d, R3, dtype=dtype)
     S = torch.tensor([[1., 1, 1, 1], [1, 1, -1, -1], [1, -1, 1, -1]], dtype=dtype) / 2     # (3, 4)
     sigma = torch.tensor([1., -1, -1, 1], dtype=dtype)
@@ -156,7 +162,7 @@ def oracle_polysae(data: synthetic.CompositionData, k: int, n_latents: int | Non
         if n not in grouped:
             U[n, c], C1[:, c] = 1.0, D[n]
             c += 1
-    for row in range(N + T, N + T + d - c):     # columns left: latents that never fire
+    for row in range(N + T, N + T + R1 - c):    # columns left: latents that never fire
         U[row, c] = 1.0
         c += 1
     model.U.copy_(U)
@@ -178,7 +184,8 @@ def oracle_polysae(data: synthetic.CompositionData, k: int, n_latents: int | Non
 # ----------------------------------------------------------------------------------------
 
 
-def build(model_name: str, data: synthetic.CompositionData, n_latents: int, k: int, batch: int):
+def build(model_name: str, data: synthetic.CompositionData, n_latents: int, k: int, batch: int,
+          r1: int | None = None):
     """(model, how to initialise b_dec: "median", "zero" or None to keep it) for a model name."""
     d, P, T = data.d, len(data.pairs_P2), len(data.triples_T3)
     official = model_name in ("sae-free", "poly-official")
@@ -188,18 +195,18 @@ def build(model_name: str, data: synthetic.CompositionData, n_latents: int, k: i
         kw = dict(decoder_norm="free", decoder_init_norm=0.1) if official else {}
         return SAE(SAEConfig(**common, **kw)), "zero" if official else "median"
     if model_name in ("oracle", "oracle-trained"):
-        oracle = oracle_polysae(data, k, n_latents).float()
+        oracle = oracle_polysae(data, k, n_latents, r1).float()
         model = PolySAE(PolySAEConfig(**common, ranks=oracle.config.ranks, order=oracle.config.order))
         model.load_state_dict(oracle.state_dict())
         return model, None
-    ranks = (d, max(4 * T + 2 * P, 1), max(4 * T, 1))
+    ranks = (r1 or d, max(4 * T + 2 * P, 1), max(4 * T, 1))
     model = PolySAE(PolySAEConfig(**common, ranks=ranks, untied_init=official))
     with torch.no_grad():
         if model_name.endswith("c2zero"):
             model.C2.zero_()
             model.C3.zero_()
         if model_name.startswith("frozen-enc"):
-            oracle = oracle_polysae(data, k, n_latents)
+            oracle = oracle_polysae(data, k, n_latents, r1)
             model.W_enc.copy_(oracle.W_enc)
             model.b_enc.copy_(oracle.b_enc)
             for p in (model.W_enc, model.b_enc, model.b_dec):
@@ -305,7 +312,7 @@ def run_cell(config_name: str, model_name: str, seed: int, cfg: GroundTruthConfi
     torch.manual_seed(seed)
     var = VARIANTS.get(model_name, {})
     k, lr, steps = var.get("k", spec["k"]), cfg.lr * var.get("lr", 1), cfg.steps * var.get("steps", 1)
-    model, b_dec_init = build(model_name, data, spec["n_latents"], k, cfg.batch)
+    model, b_dec_init = build(model_name, data, spec["n_latents"], k, cfg.batch, spec.get("r1"))
     t0 = time.time()
     lam = None
     if model_name == "oracle":
@@ -356,63 +363,79 @@ def sweep(cfg: GroundTruthConfig) -> None:
     bar.close()
 
 
-def spread(vals) -> str:
-    """mean ± sd over seeds (sd with n − 1), or the single value."""
+def spread(vals, digits: int = 3) -> str:
+    """mean ± sd over seeds (sd with n − 1), or the single value; "—" when there is none."""
     v = [x for x in vals if x is not None]
     if not v:
         return "—"
     t = torch.tensor(v, dtype=torch.float64)
-    fmt = (lambda a: f"{a:.3f}") if t.abs().max() < 10 else (lambda a: f"{a:.1f}")  # noqa: E731
-    return fmt(t.mean().item()) + (f" ± {fmt(t.std().item())}" if len(v) > 1 else "")
+    out = f"{t.mean().item():.{digits}f}"
+    return out + (f" ± {t.std().item():.{digits}f}" if len(v) > 1 else "")
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| config | model | FVU | L0 | dead | atoms recovered | compound latents: P pairs + E (T triples) "
-            "| Q pairs | λ2 (end) | AUC ‖Θ2‖ P vs Q | AUC P vs other | \\|T\\|/s P | \\|T\\|/s Q | cos(T, E) "
-            "| r(‖Θ2‖, cooc) | r(cov, cooc) | F1 top-1 P compound / part | F1 top-1 Q compound / part "
-            "| W1 P compound / Q compound |")
-    lines = [head, "|" + "---|" * 2 + "---:|" * (head.count("|") - 3)]
-    order = [(c, m) for c in CONFIGS for m in CONFIGS[c]["models"]]
-    for c, m in order:
-        rs = [r for r in rows if r["config"] == c and r["model"] == m]
-        if not rs:
-            continue
-        get = lambda f: [f(r) for r in rs]  # noqa: E731
-        comp_P = get(lambda r: r["roles"].get("pair compound", 0) + r["roles"].get("pair E", 0))
-        comp_T = get(lambda r: r["roles"].get("triple compound", 0) + r["roles"].get("triple E", 0))
-        comp_Q = get(lambda r: r["roles"].get("cooc compound", 0))
-        poly = "lambda2" in rs[0]
-        pg = lambda f: spread(get(f)) if poly else "—"  # noqa: E731
-        pr = lambda key, field: spread(get(lambda r: r["probe"][key][field]))  # noqa: E731
-        lines.append(
-            f"| {c} | {m} | {spread(get(lambda r: r['fvu']))} | {spread(get(lambda r: r['l0']))} "
-            f"| {spread(get(lambda r: r['dead']))} | {spread(get(lambda r: r['atom_recovery']))} "
-            f"| {spread(comp_P)} ({spread(comp_T)}) | {spread(comp_Q)} "
-            f"| {pg(lambda r: r['lambda2'])} | {pg(lambda r: r['auc_pair_vs_cooc'])} | {pg(lambda r: r['auc_pair_vs_other'])} "
-            f"| {pg(lambda r: r['T_over_s']['pair'])} | {pg(lambda r: r['T_over_s']['cooc'])} | {pg(lambda r: r['cos_T_E'])} "
-            f"| {pg(lambda r: r['r_interaction_cooc'])} | {spread(get(lambda r: r['r_covariance_cooc']))} "
-            f"| {pr('P compound', 'f1_top1')} / {pr('P part', 'f1_top1')} | {pr('Q compound', 'f1_top1')} / "
-            f"{pr('Q part', 'f1_top1')} | {pr('P compound', 'w1_scaled')} / {pr('Q compound', 'w1_scaled')} |")
-    return "\n".join(lines)
+    """Three markdown tables (mean ± sd over seeds): reconstruction and what the latents match; PolySAE's
+    interaction weights at the planted pairs; probing and W1 on the planted labels."""
+    groups = [(c, m, [r for r in rows if r["config"] == c and r["model"] == m])
+              for c in CONFIGS for m in CONFIGS[c]["models"]]
+    groups = [(c, m, rs) for c, m, rs in groups if rs]
+    role = lambda r, *names: sum(r["roles"].get(n, 0) for n in names)  # noqa: E731
+    cols = {
+        "latents": [("FVU", lambda r: r["fvu"], 3), ("L0", lambda r: r["l0"], 2), ("dead", lambda r: r["dead"], 2),
+                    ("atoms recovered", lambda r: r["atom_recovery"], 2),
+                    ("latents on P compounds or E_ij (of P)", lambda r: role(r, "pair compound", "pair E"), 1),
+                    ("on T compounds or E_ijk (of T)", lambda r: role(r, "triple compound", "triple E"), 1),
+                    ("on Q compounds (of Q)", lambda r: role(r, "cooc compound"), 1)],
+        "interactions": [("λ2 at step 0 → end", None, 3), ("AUC ‖Θ2‖: P vs Q", lambda r: r["auc_pair_vs_cooc"], 2),
+                         ("P vs independent", lambda r: r["auc_pair_vs_other"], 2),
+                         ("\\|T\\|/s at P", lambda r: r["T_over_s"]["pair"], 3),
+                         ("\\|T\\|/s at Q", lambda r: r["T_over_s"]["cooc"], 3),
+                         ("cos(T, E_ij) at P", lambda r: r["cos_T_E"], 2),
+                         ("r(‖Θ2‖, co-occ.)", lambda r: r["r_interaction_cooc"], 2),
+                         ("r(cov, co-occ.)", lambda r: r["r_covariance_cooc"], 2)],
+        "probing": [(f"{what} {group} {task}", (lambda key, f: lambda r: r["probe"][key][f])(f"{group} {task}", field),
+                     4 if what == "W1" else 3)
+                    for what, field in (("F1 top-1", "f1_top1"), ("F1 top-2", "f1_top2"), ("W1", "w1_scaled"))
+                    for group, task in (("P", "compound"), ("P", "part"), ("Q", "compound"), ("Q", "part"))
+                    if not (what == "F1 top-2" and task == "part")],
+    }
+    out = []
+    for name, spec in cols.items():
+        head = "| config | model | " + " | ".join(h for h, _, _ in spec) + " |"
+        lines = [head, "|---|---|" + "---:|" * len(spec)]
+        for c, m, rs in groups:
+            if name == "interactions" and "lambda2" not in rs[0]:
+                continue
+            cells = []
+            for h, f, digits in spec:
+                if f is None:                                           # λ2 path: start → end
+                    cells.append(f"{rs[0]['lambda2_path'][0][1]:.2f} → {spread([r['lambda2'] for r in rs], 3)}"
+                                 if rs[0].get("lambda2_path") else spread([r["lambda2"] for r in rs], 3))
+                else:
+                    cells.append(spread([f(r) for r in rs], digits))
+            lines.append(f"| {c} | {m} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def figure(rows: list[dict], path: Path) -> None:
-    """Three panels per model of the main and exact configs: compound latents (P vs Q), effective interaction
-    |T|/s (P vs Q) for the PolySAEs, and λ2 along training."""
+    """Three panels: latents on compounds per pair (P vs Q) per model, the effective interaction |T|/s at P and Q
+    per PolySAE (each seed a dot), and λ2 along training (main config)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
     labels, P, Q, Ps, Qs = [], [], [], [], []
-    for c in ("main", "control", "exact"):
+    for c in CONFIGS:
+        n_p, n_q = CONFIGS[c]["data"]["n_pairs"], CONFIGS[c]["data"]["n_cooc"]
         for m in CONFIGS[c]["models"]:
             rs = [r for r in rows if r["config"] == c and r["model"] == m]
             if not rs or m == "oracle":
                 continue
-            p = torch.tensor([float(r["roles"].get("pair compound", 0) + r["roles"].get("pair E", 0)) for r in rs])
-            q = torch.tensor([float(r["roles"].get("cooc compound", 0)) for r in rs])
+            p = torch.tensor([(r["roles"].get("pair compound", 0) + r["roles"].get("pair E", 0)) / n_p for r in rs])
+            q = torch.tensor([r["roles"].get("cooc compound", 0) / n_q for r in rs])
             labels.append(f"{c}/{m}")
             P.append(p.mean().item()), Q.append(q.mean().item())
             Ps.append(p.std().item() if len(p) > 1 else 0), Qs.append(q.std().item() if len(q) > 1 else 0)
@@ -421,9 +444,11 @@ def figure(rows: list[dict], path: Path) -> None:
     axes[0].barh(y + 0.2, Q, 0.4, xerr=Qs, label="co-occurring pairs Q")
     axes[0].set_yticks(y.tolist(), labels, fontsize=6)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("latents spent on compounds (cos > 0.9)")
+    axes[0].set_xlabel("latents on compounds per pair (cos > 0.9)")
     axes[0].legend(fontsize=6)
-    polys = [(c, m) for c in ("main", "exact") for m in CONFIGS[c]["models"] if m.startswith(("poly", "oracle", "frozen"))]
+    polys = [(c, m) for c in CONFIGS for m in CONFIGS[c]["models"]
+             if c != "control" and m.startswith(("poly", "oracle", "frozen"))
+             and any(r["config"] == c and r["model"] == m for r in rows)]
     for k_, (c, m) in enumerate(polys):
         rs = [r for r in rows if r["config"] == c and r["model"] == m]
         for r in rs:
@@ -449,7 +474,7 @@ def figure(rows: list[dict], path: Path) -> None:
     if axes[2].get_legend_handles_labels()[0]:
         axes[2].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
 
 
 def main(argv=None) -> int:

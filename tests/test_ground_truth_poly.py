@@ -165,8 +165,15 @@ def test_oracle_polysae_writes_the_planted_composition_exactly():
         assert torch.allclose(T, data.strength * data.pair_dirs_PD[[i // 2]].double(), atol=1e-12)
     assert theta[~planted].abs().max() < 1e-12
     assert torch.allclose(theta[planted], torch.full((4,), data.strength / (2 * 0.5), dtype=theta.dtype))
+    # at the narrowest width it needs, F = R1 = N + T (one latent that never fires per triple)
+    narrow = gtp.oracle_polysae(data, k=16, n_latents=17, r1=17)
+    assert narrow.config.ranks == (17, 8, 4)
+    z = torch.cat([a, a.new_zeros(500, 1)], 1)
+    assert torch.allclose(narrow.decode(z), data.signal(a), atol=1e-12)
     with pytest.raises(ValueError, match="N \\+ P \\+ T <= d"):
         gtp.oracle_polysae(_data(d=16), k=4)
+    with pytest.raises(ValueError, match="N \\+ T <= r1 <= n_latents"):
+        gtp.oracle_polysae(data, k=4, n_latents=17, r1=16)
 
 
 def _frozen_truth_polysae(data, steps, seed=0):
