@@ -29,7 +29,7 @@ Diagnostic PolySAE variants (ours otherwise): "poly-c2zero" (C2 = C3 = 0 at init
 without the QR retraction), "poly-lr1e-3" (a third of the learning rate), "poly-k2" / "poly-k8" (k 2 or 8
 instead of 4), "poly-long" (4x the steps), and in the "exact" config, where a
 PolySAE that writes the data exactly exists (`oracle_polysae`, N + P + T ≤ d): "oracle" (that model, untrained),
-"oracle-trained" (trained from it), "frozen-enc" / "frozen-enc-c2zero" (the encoder fixed to the true codes,
+"oracle-trained" (trained from it), "oracle-k8" (the same at k 8), "frozen-enc" / "frozen-enc-c2zero" (the encoder fixed to the true codes,
 only the decoder trained). Ranks (R1, R2, R3) = (d, 4T + 2P, 4T): what the exact construction uses.
 
 Results go to OUT/results.jsonl, one line per cell; a cell already there is skipped, so an interrupted run
@@ -73,7 +73,8 @@ CONFIGS = {
     "exact": {"data": dict(d=32, n_atoms=24, n_pairs=2, n_cooc=2, n_triples=1, density=0.05, rate=0.05,
                            strength=1.0, strength3=1.0, noise=0.01),
               "n_latents": 48, "k": 4, "models": STANDARD + ["poly-c2zero", "poly-k2", "poly-k8", "poly-long", "oracle",
-                                                              "oracle-trained", "frozen-enc", "frozen-enc-c2zero"]},
+                                                              "oracle-k8", "oracle-trained", "frozen-enc",
+                                                              "frozen-enc-c2zero"]},
     # the exact config's data at the narrowest width the exact PolySAE needs (F = R1 = N + T = 25): one latent
     # to spare, so a dictionary cannot give every compound a latent of its own and keep every atom
     "tight": {"data": dict(d=32, n_atoms=24, n_pairs=2, n_cooc=2, n_triples=1, density=0.05, rate=0.05,
@@ -81,13 +82,15 @@ CONFIGS = {
               "n_latents": 25, "r1": 25, "k": 4, "models": STANDARD + ["poly-c2zero", "oracle", "oracle-trained"]},
 }
 # diagnostic variants of poly-ours that change the training: k, a third of the lr, 4x the steps
-VARIANTS = {"poly-k2": {"k": 2}, "poly-k8": {"k": 8}, "poly-lr1e-3": {"lr": 1 / 3}, "poly-long": {"steps": 4}}
+VARIANTS = {"poly-k2": {"k": 2}, "poly-k8": {"k": 8}, "poly-lr1e-3": {"lr": 1 / 3}, "poly-long": {"steps": 4},
+            "oracle-k8": {"k": 8}}
+UNTRAINED = ("oracle", "oracle-k8")
 LAMBDA_STEPS = (0, 100, 250, 500, 1000, 2000, 4000)      # λ2 is recorded after these steps (and at the end)
 
 
 @dataclass
 class GroundTruthConfig:
-    out: str = opt("/tmp/issue28/ground_truth_poly", "folder of results.jsonl and the figure")
+    out: str = opt(str(ROOT / "runs" / "ground_truth_poly"), "folder of results.jsonl and the figure")
     configs: str = opt("main,control,exact,tight", "comma-separated data configs (main, control, exact, tight)")
     seeds: int = opt(3, "seeds per (config, model): data, init and batches")
     steps: int = opt(2000, "training steps")
@@ -194,7 +197,7 @@ def build(model_name: str, data: synthetic.CompositionData, n_latents: int, k: i
     if model_name.startswith("sae"):
         kw = dict(decoder_norm="free", decoder_init_norm=0.1) if official else {}
         return SAE(SAEConfig(**common, **kw)), "zero" if official else "median"
-    if model_name in ("oracle", "oracle-trained"):
+    if model_name in UNTRAINED + ("oracle-trained",):
         oracle = oracle_polysae(data, k, n_latents, r1).float()
         model = PolySAE(PolySAEConfig(**common, ranks=oracle.config.ranks, order=oracle.config.order))
         model.load_state_dict(oracle.state_dict())
@@ -315,7 +318,7 @@ def run_cell(config_name: str, model_name: str, seed: int, cfg: GroundTruthConfi
     model, b_dec_init = build(model_name, data, spec["n_latents"], k, cfg.batch, spec.get("r1"))
     t0 = time.time()
     lam = None
-    if model_name == "oracle":
+    if model_name in UNTRAINED:
         steps = 0
     else:
         lam = train(model, data, b_dec_init, steps, cfg.batch, lr, seed)
@@ -393,11 +396,11 @@ def table(rows: list[dict]) -> str:
                          ("cos(T, E_ij) at P", lambda r: r["cos_T_E"], 2),
                          ("r(‖Θ2‖, co-occ.)", lambda r: r["r_interaction_cooc"], 2),
                          ("r(cov, co-occ.)", lambda r: r["r_covariance_cooc"], 2)],
-        "probing": [(f"{what} {group} {task}", (lambda key, f: lambda r: r["probe"][key][f])(f"{group} {task}", field),
-                     4 if what == "W1" else 3)
-                    for what, field in (("F1 top-1", "f1_top1"), ("F1 top-2", "f1_top2"), ("W1", "w1_scaled"))
-                    for group, task in (("P", "compound"), ("P", "part"), ("Q", "compound"), ("Q", "part"))
-                    if not (what == "F1 top-2" and task == "part")],
+        "probing": [(f"{what} {key}", (lambda key, f: lambda r: r["probe"][key][f])(key, field), 4 if what == "W1" else 3)
+                    for what, field, keys in (("F1 top-1", "f1_top1", ("P compound", "P part", "Q compound", "Q part")),
+                                              ("F1 top-2", "f1_top2", ("P compound",)),
+                                              ("W1", "w1_scaled", ("P compound", "Q compound")))
+                    for key in keys],
     }
     out = []
     for name, spec in cols.items():
@@ -432,19 +435,20 @@ def figure(rows: list[dict], path: Path) -> None:
         n_p, n_q = CONFIGS[c]["data"]["n_pairs"], CONFIGS[c]["data"]["n_cooc"]
         for m in CONFIGS[c]["models"]:
             rs = [r for r in rows if r["config"] == c and r["model"] == m]
-            if not rs or m == "oracle":
+            if not rs or m in UNTRAINED:
                 continue
             p = torch.tensor([(r["roles"].get("pair compound", 0) + r["roles"].get("pair E", 0)) / n_p for r in rs])
             q = torch.tensor([r["roles"].get("cooc compound", 0) / n_q for r in rs])
             labels.append(f"{c}/{m}")
             P.append(p.mean().item()), Q.append(q.mean().item())
-            Ps.append(p.std().item() if len(p) > 1 else 0), Qs.append(q.std().item() if len(q) > 1 else 0)
+            Ps.append([p.mean().item() - p.min().item(), p.max().item() - p.mean().item()])
+            Qs.append([q.mean().item() - q.min().item(), q.max().item() - q.mean().item()])
     y = torch.arange(len(labels)).float()
-    axes[0].barh(y - 0.2, P, 0.4, xerr=Ps, label="interacting pairs P (+ E)")
-    axes[0].barh(y + 0.2, Q, 0.4, xerr=Qs, label="co-occurring pairs Q")
+    axes[0].barh(y - 0.2, P, 0.4, xerr=torch.tensor(Ps).T.reshape(2, -1), label="interacting pairs P (+ E)")
+    axes[0].barh(y + 0.2, Q, 0.4, xerr=torch.tensor(Qs).T.reshape(2, -1), label="co-occurring pairs Q")
     axes[0].set_yticks(y.tolist(), labels, fontsize=6)
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("latents on compounds per pair (cos > 0.9)")
+    axes[0].set_xlabel("compound latents per pair (cos > 0.9)")
     axes[0].legend(fontsize=6)
     polys = [(c, m) for c in CONFIGS for m in CONFIGS[c]["models"]
              if c != "control" and m.startswith(("poly", "oracle", "frozen"))
@@ -457,19 +461,22 @@ def figure(rows: list[dict], path: Path) -> None:
                 if v is not None:
                     axes[1].scatter(max(v, 1e-4), k_ + (0.15 if key == "cooc" else -0.15), c=col, s=10,
                                     label=("P" if key == "pair" else "Q") if (k_, r["seed"]) == (0, 0) else None)
-            path_ = r.get("lambda2_path")
-            if path_ and c == "main":
-                axes[2].plot([s for s, _ in path_], [v for _, v in path_], color=f"C{k_}", lw=1,
-                             label=m if r["seed"] == 0 else None)
+    for c, style in (("main", "-"), ("tight", "--")):
+        for k_, m in enumerate(("poly-ours", "poly-official", "poly-c2zero")):
+            for r in rows:
+                if r["config"] == c and r["model"] == m and r.get("lambda2_path"):
+                    path_ = r["lambda2_path"]
+                    axes[2].plot([s for s, _ in path_], [v for _, v in path_], style, color=f"C{k_}", lw=1,
+                                 label=f"{c}/{m}" if r["seed"] == 0 else None)
     axes[1].set_xscale("log")
     axes[1].set_yticks(range(len(polys)), [f"{c}/{m}" for c, m in polys], fontsize=6)
     axes[1].invert_yaxis()
     axes[1].axvline(1.0, color="grey", lw=0.5)
-    axes[1].set_xlabel("effective interaction |T| / s (median over pairs; 1 = planted)")
+    axes[1].set_xlabel("|T| / s at P and Q pairs (1 = planted)")
     if axes[1].get_legend_handles_labels()[0]:
         axes[1].legend(fontsize=6)
     axes[2].axhline(0, color="grey", lw=0.5)
-    axes[2].set_xlabel("step (main config)")
+    axes[2].set_xlabel("step")
     axes[2].set_ylabel("λ2")
     if axes[2].get_legend_handles_labels()[0]:
         axes[2].legend(fontsize=6)
