@@ -27,10 +27,11 @@ b_dec from the geometric median; AuxK 1/32; dead after 100 steps' tokens); "sae-
 official code's (free rows from norm 0.1; untied encoder; b_dec 0; AuxK 1.0; dead after 1,000 steps).
 Diagnostic PolySAE variants (ours otherwise): "poly-c2zero" (C2 = C3 = 0 at init), "poly-noqr" (U trained
 without the QR retraction), "poly-lr1e-3" (a third of the learning rate), "poly-k2" / "poly-k8" (k 2 or 8
-instead of 4), "poly-long" (4x the steps), and in the "exact" config, where a
-PolySAE that writes the data exactly exists (`oracle_polysae`, N + P + T ≤ d): "oracle" (that model, untrained),
-"oracle-trained" (trained from it), "oracle-k8" (the same at k 8), "frozen-enc" / "frozen-enc-c2zero" (the encoder fixed to the true codes,
-only the decoder trained). Ranks (R1, R2, R3) = (d, 4T + 2P, 4T): what the exact construction uses.
+instead of 4), "poly-long" (4x the steps), and in the "exact" and "tight" configs, where a PolySAE that writes
+the data exactly exists (`oracle_polysae`, N + P + T ≤ d): "oracle" (that model, untrained; "oracle-k8" at k 8),
+"oracle-trained" (trained from it), "frozen-enc" / "frozen-enc-c2zero" (the encoder fixed to the true codes,
+only the decoder trained). Ranks (R1, R2, R3) = (d, 4T + 2P, 4T), what the exact construction uses; "tight" has
+R1 = F = N + T, the narrowest width that construction needs.
 
 Results go to OUT/results.jsonl, one line per cell; a cell already there is skipped, so an interrupted run
 resumes where it stopped. Sizes, wall time and the table: experiments/README.md.
@@ -270,8 +271,8 @@ def measure(model, data: synthetic.CompositionData, eval_tokens: int, probe_n: i
         s = data.strength if data.strength > 0 else 1.0
         res["theta"] = {k: median(v) for k, v in raw.items()}
         res["T_over_s"] = {k: median(v / s) for k, v in eff.items()}
-        res["auc_pair_vs_cooc"] = metrics.roc_auc(raw["pair"], raw["cooc"]) if len(raw["pair"]) and len(raw["cooc"]) else None
-        res["auc_pair_vs_other"] = metrics.roc_auc(raw["pair"], raw["other"]) if len(raw["pair"]) and len(raw["other"]) else None
+        for name, neg in (("auc_pair_vs_cooc", raw["cooc"]), ("auc_pair_vs_other", raw["other"])):
+            res[name] = metrics.roc_auc(raw["pair"], neg) if len(raw["pair"]) and len(neg) else None
         # cos(T, E_ij) for each interacting pair whose atoms are matched
         U2, C2 = model.U[:, :model.config.ranks[1]], model.C2
         coss = []
@@ -324,7 +325,8 @@ def run_cell(config_name: str, model_name: str, seed: int, cfg: GroundTruthConfi
         lam = train(model, data, b_dec_init, steps, cfg.batch, lr, seed)
     model.eval()
     res = measure(model, data, cfg.eval_tokens, cfg.probe_n, seed)
-    return {"config": config_name, "model": model_name, "seed": seed, "steps": steps, "k": k, "batch": cfg.batch, "lr": lr, "train_s": round(time.time() - t0, 1), "lambda2_path": lam, **res}
+    return {"config": config_name, "model": model_name, "seed": seed, "steps": steps, "k": k, "batch": cfg.batch,
+            "lr": lr, "train_s": round(time.time() - t0, 1), "lambda2_path": lam, **res}
 
 
 # ----------------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ def _hand_polysae():
 
 @pytest.mark.parametrize("cooc01, want", [(4, 1.0), (0, -1.0)])
 def test_interaction_vs_cooccurrence_on_hand_built_weights_and_codes(cooc01, want):
-    """Five latents fire in 8 tokens: every pair of them together once, pair (0, 1) `cooc01` times. The only
+    """Five latents fire in tokens of two: every other pair together once, pair (0, 1) `cooc01` times. The only
     non-zero interaction is at (0, 1), so r(‖Θ2‖, cooc) is +1 when (0, 1) co-occurs most and −1 when least;
     a latent that never fires (5..7) is left out."""
     model = _hand_polysae()
@@ -261,7 +261,7 @@ def test_interaction_vs_cooccurrence_on_hand_built_weights_and_codes(cooc01, wan
     tokens = []
     for i, j in pairs:                                               # 9 tokens: each other pair once
         t = torch.zeros(8)
-        t[[i, j]] = 1.0
+        t[[i, j]] = 5.0 if (i, j) == (2, 3) else 1.0                 # a magnitude that frequencies must ignore
         tokens.append(t)
     for _ in range(cooc01):
         t = torch.zeros(8)
@@ -276,7 +276,7 @@ def test_interaction_vs_cooccurrence_on_hand_built_weights_and_codes(cooc01, wan
     # covariance of 0/1 codes: P(both) − P(i)P(j), checked against numpy on the same pairs
     zi = z[:, counts.topk(5).indices].numpy().astype(float)
     cov = np.cov(zi.T, bias=True)
-    cooc = zi.T @ zi / n_tok
+    cooc = (zi > 0).T.astype(float) @ (zi > 0).astype(float) / n_tok
     iu = np.triu_indices(5, 1)
     assert r["r_covariance_cooc"] == pytest.approx(np.corrcoef(cov[iu], cooc[iu])[0, 1], rel=1e-6)
 
