@@ -108,14 +108,16 @@ x is a function of the code a alone: the interaction appears whenever its atoms 
 event or by chance. E[a_i a_j] = 1, so at s = 1 a compound's interaction part is as large as one atom.
 Each E is a unit vector in one shared subspace span(B), B (d, r) orthonormal (`rank` r; None: r = d), and
 exactly orthogonal to its own atoms' directions: E = B g / ‖B g‖ with g ~ N(0, I_r) projected off
-span(Bᵀ D_i, Bᵀ D_j[, Bᵀ D_k]) (so r ≥ 4). It is therefore outside the span of its own atoms; the other
-atoms, N > d of them, span everything. Atom directions are Gaussian, normalised.
+span(Bᵀ D_i, Bᵀ D_j[, Bᵀ D_k]) (so r ≥ 4). It is therefore outside the span of its own atoms (with N > d the
+other atoms span everything). Atom directions are Gaussian, normalised.
 
 A linear dictionary can write a compound as its parts plus one latent for E_ij (whose activation s·a_i a_j
 the encoder reads off x along E_ij), or as one monolithic latent along the compound direction
 D_i + D_j + s E_ij (the mean code a = 1). PolySAE's quadratic term y2 = Σ_ij z_i z_j Θ2[i, j] can write
 s a_i a_j E_ij from the atoms' own latents with no latent of its own. `latent_roles` says what each
-decoder row matches; `pair_scores` reads ‖Θ2‖ (or anything (F, F)) at the latents matched to each pair.
+decoder row matches; `pair_scores` reads ‖Θ2‖ (or anything (F, F)) at the latents matched to each pair;
+`probe_set` draws labelled examples ("compound present", "part present"). experiments/ground_truth_poly.py
+uses all of them.
 """
 
 
