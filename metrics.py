@@ -345,6 +345,16 @@ def offdiag_pearson(a_NN: Tensor, b_NN: Tensor) -> float:
     return (a @ b / (a.norm() * b.norm())).item()
 
 
+def roc_auc(pos: Tensor, neg: Tensor) -> float:
+    """Area under the ROC curve of scores that should rank `pos` (n,) above `neg` (m,): the fraction of the n·m
+    (positive, negative) pairs ordered right, ties counting ½ (the Mann-Whitney U / nm). 0.5 is chance."""
+    pos, neg = torch.as_tensor(pos).double().flatten(), torch.as_tensor(neg).double().flatten()
+    if not len(pos) or not len(neg):
+        raise ValueError(f"roc_auc needs at least one positive and one negative score, got {len(pos)} and {len(neg)}")
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()
+
+
 @torch.no_grad()
 def cooccurrence(latent_batches: Iterable[Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
     """For latents idx (n,) over batches of z (B, F): co-occurrence frequency P(z_i>0, z_j>0)
