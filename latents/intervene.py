@@ -356,13 +356,15 @@ def format_report(r: dict) -> str:
 
 @torch.no_grad()
 def top_context_effects(lm, tok, layers: list[int], model, ids_FKW: Tensor, key_FK: Tensor, peak: int,
-                        contexts: int, n: int, rows_per_batch: int = 32) -> dict[int, dict]:
+                        contexts: int, n: int, rows_per_batch: int = 32, progress: bool = False) -> dict[int, dict]:
     """{latent f: {"promoted", "suppressed": [[token id, mean drop]] (n each), "kl", "contexts"}}: latent f
     ablated (the module docstring's ablation, at all the dictionary's layers and every real token) in its first
     `contexts` top contexts (ids (F, K, W) of features.py's snippets, the peak at index `peak`, −1 outside the
     window), each cut at the peak (BOS + the tokens up to it), and at the peak, the prediction of the next
     token: mean over the contexts of log p_clean − log p_ablated (> 0: the latent promotes the token there)
     and of KL(clean || ablated). Latents without top contexts get no entry."""
+    from tqdm import tqdm
+
     dev = next(lm.parameters()).device
     tg = [Target(model, layers, layers)]
     bos, pad = corpora.bos_id(tok), tok.pad_token_id
@@ -378,7 +380,8 @@ def top_context_effects(lm, tok, layers: list[int], model, ids_FKW: Tensor, key_
             owner.append(f)
     out: dict[int, dict] = {}
     sums: dict[int, list] = {}
-    for lo in range(0, len(rows), rows_per_batch):
+    for lo in tqdm(range(0, len(rows), rows_per_batch), desc="ablation in the top contexts", unit="batch",
+                   disable=not progress, dynamic_ncols=True):
         chunk, who = rows[lo:lo + rows_per_batch], owner[lo:lo + rows_per_batch]
         T = max(map(len, chunk))
         ids = torch.full((len(chunk), T), pad, dtype=torch.long)
