@@ -51,8 +51,9 @@ runs both passes on the sequence so far (the prompt and the tokens generated und
 
 The report, at the prompt's last token: p the clean next-token distribution, q the intervened one,
     KL(p || q) = Σ_v p_v (log p_v − log q_v)   (nats; also its mean over the prompt's real positions)
-    Δ_v = log q_v − log p_v     promoted: the largest Δ, suppressed: the smallest (the same ranking as the
-                                logit change, from which Δ differs by the constant log Z_p − log Z_q)
+    promoted: the tokens with the largest q_v − p_v, suppressed: the smallest, each with p_v, q_v and
+    log q_v − log p_v (a ranking by that log ratio, i.e. by the logit change, would list tokens that stay
+    improbable: on SmolLM2 a steer's largest log ratios are tokens like '<filename>' at q < 1e-3)
 
 `top_context_effects` is latents/features.py's `--intervene`: each latent ablated in its top contexts.
 """
@@ -266,14 +267,14 @@ def kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
 
 
 def next_token_change(clean_V: Tensor, edited_V: Tensor, top: int) -> dict:
-    """KL(p || q) and the `top` tokens with the largest and smallest Δ = log q − log p, each
-    [token id, p, q, Δ], for one position's logits (V,)."""
+    """KL(p || q) and the `top` tokens with the largest and smallest q − p, each [token id, p, q,
+    log q − log p], for one position's logits (V,)."""
     lp, lq = clean_V.double().log_softmax(-1), edited_V.double().log_softmax(-1)
-    delta = lq - lp
-    row = lambda i: [int(i), lp[i].exp().item(), lq[i].exp().item(), delta[i].item()]  # noqa: E731
+    gain = lq.exp() - lp.exp()
+    row = lambda i: [int(i), lp[i].exp().item(), lq[i].exp().item(), (lq[i] - lp[i]).item()]  # noqa: E731
     return {"kl": kl(clean_V, edited_V).item(),
-            "promoted": [row(i) for i in delta.topk(top).indices],
-            "suppressed": [row(i) for i in delta.topk(top, largest=False).indices]}
+            "promoted": [row(i) for i in gain.topk(top).indices],
+            "suppressed": [row(i) for i in gain.topk(top, largest=False).indices]}
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import activations
 import core
 from crosscoder import CrossCoder, CrossCoderConfig
 from fmxcoder import FMXCoder, FMXCoderConfig
-from latents import intervene
+from latents import features, intervene
 from polysae import PolySAE, PolySAEConfig
 from sae import SAE, SAEConfig
 from support import saved
@@ -102,7 +102,7 @@ def record_added(lm, run, clean_outs, first):
     blocks = dict(lm.named_modules())
     paths = activations.block_paths(lm)
     own, seen, handles = {}, {}, []
-    nxt = [blocks[p] for p in paths[1:]] + [lm.transformer.ln_f]
+    nxt = [blocks[p] for p in paths[1:]] + [features.final_norm(lm)]
     for l, p in enumerate(paths):
         handles.append(blocks[p].register_forward_hook(lambda m, a, out, l=l: own.__setitem__(l, out.clone())))
         handles.append(nxt[l].register_forward_pre_hook(
@@ -334,23 +334,55 @@ def test_a_per_layer_set_edits_with_the_sae_of_each_chosen_layer(lm, prompt):
     torch.testing.assert_close(both[1], 2.0 * sae1.W_dec[9].detach() / 0.7, **TOL)
 
 
+@pytest.mark.slow
+def test_on_smollm2_steering_adds_at_the_chosen_blocks_exactly():
+    """The offline SmolLM2 (Llama blocks, RMSNorm): a random crosscoder on blocks 11 and 13 adds α d_l / s_l
+    exactly there (the hooks work on these blocks too), α = 0 and ablating a latent that does not fire are the
+    identity, and steering at the last block gives the logits of the final norm and W_U applied by hand."""
+    model_lm, tok = activations.load_lm()
+    torch.manual_seed(0)
+    cc = with_bias(CrossCoder(CrossCoderConfig(d_in=576, n_latents=64, k=8, sparsity="topk", n_layers=2,
+                                               input_scale=[0.4, 0.25])), 6)
+    prompt = "The capital of France is"
+    batch = intervene.prompt_batch(tok, intervene.prompt_ids(tok, prompt))
+    clean, outs = clean_pass(model_lm, batch, [11, 13])
+    tg = intervene.targets([([11, 13], cc, {})])
+    edits = intervene.layer_edits(tg, outs, batch["keep"], intervene.Intervention([5], steer=30.0))
+    logits, added = record_added(model_lm, lambda: intervene.edited_logits(model_lm, batch, outs, edits), outs, 11)
+    for l in range(11, 30):
+        want = torch.zeros_like(added[l])
+        if l in (11, 13):
+            want[batch["keep"]] = 30.0 * cc.W_dec[5, (11, 13).index(l)].detach() / cc.config.input_scale[(11, 13).index(l)]
+        torch.testing.assert_close(added[l], want, rtol=0, atol=1e-4)
+    assert intervene.kl(clean[0, -1], logits[0, -1]) > 1e-3
+    z = latents_on(cc, [11, 13], outs, batch["keep"])
+    _, never = firing_latent(z)
+    for iv in (intervene.Intervention([5], steer=0.0), intervene.Intervention([never], ablate=True)):
+        torch.testing.assert_close(intervene.intervened(model_lm, batch, tg, iv)[1], clean, rtol=0, atol=1e-4)
+    sae = SAE(SAEConfig(d_in=576, n_latents=16, k=2, sparsity="topk", input_scale=[0.5])).eval()
+    _, outs = clean_pass(model_lm, batch, [29])                  # at the last block: the final norm and W_U by hand
+    edited = intervene.intervened(model_lm, batch, [intervene.Target(sae, [29], [29])],
+                                  intervene.Intervention([3], steer=200.0))[1]
+    h = outs[29][0, -1] + 200.0 * sae.W_dec[3].detach() / 0.5
+    want = features.final_norm(model_lm)(h) @ model_lm.get_output_embeddings().weight.detach().T
+    torch.testing.assert_close(edited[0, -1], want, rtol=0, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------------------
 # The report and the continuation
 # ----------------------------------------------------------------------------------------
 
 
-def test_next_token_change_is_kl_and_the_ranked_log_probability_change():
+def test_next_token_change_is_kl_and_the_ranked_probability_change():
     g = torch.Generator().manual_seed(0)
-    p, q = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    p, q = 3 * torch.randn(50, generator=g), 3 * torch.randn(50, generator=g)
     r = intervene.next_token_change(p, q, 5)
     pp, qq = p.double().softmax(-1), q.double().softmax(-1)
     assert r["kl"] == pytest.approx(float((pp * (pp / qq).log()).sum()), rel=1e-9)
-    delta = (qq / pp).log()
-    assert [row[0] for row in r["promoted"]] == delta.argsort(descending=True)[:5].tolist()
-    assert [row[0] for row in r["suppressed"]] == delta.argsort()[:5].tolist()
-    assert [row[0] for row in r["promoted"]] == (q - p).argsort(descending=True)[:5].tolist()   # = logit change
-    i, pi, qi, di = r["promoted"][0]
-    assert (pi, qi, di) == pytest.approx((pp[i].item(), qq[i].item(), delta[i].item()), rel=1e-9)
+    assert [row[0] for row in r["promoted"]] == (qq - pp).argsort(descending=True)[:5].tolist()
+    assert [row[0] for row in r["suppressed"]] == (qq - pp).argsort()[:5].tolist()
+    for i, pi, qi, lr in r["promoted"] + r["suppressed"]:
+        assert (pi, qi, lr) == pytest.approx((pp[i].item(), qq[i].item(), (qq[i] / pp[i]).log().item()), rel=1e-9)
 
 
 def test_greedy_continuation_matches_transformers_generate(lm):
