@@ -16,34 +16,48 @@ x_l = s_l · h_l (s_l = config.input_scale) and writes x̂ = decode(z), z = enco
 the stream is in raw units: a decoder vector d_il (dictionary units) adds d_il / s_l. A folded dictionary
 (train.py --fold-scale: s_l = 1, weights divided by s_l) therefore intervenes identically.
 
-What is done, at each chosen layer l ∈ S (`--layers`; default every layer the dictionary reads: all L for a
+What is done, at the chosen layers S (`--layers`; default every layer the dictionary reads: all L for a
 crosscoder or fmxcoder, the one of an SAE or PolySAE; for a per-layer SAE set the SAE of each chosen layer,
-where latent i means latent i of each of those SAEs), for the chosen latents A (`--latent 3` or `3,7`):
+where latent i means latent i of each of those SAEs), for the chosen latents A (`--latent 3` or `3,7`). First
+the edit e_l of each layer l ∈ S, in raw units:
 
-  ablate   block l outputs   h_l + (decode(z')_l − decode(z)_l) / s_l  =  x̂'_l / s_l + (h_l − x̂_l / s_l)
-           z = encode(x) the latents of the clean pass, z' = z with z_i = 0 for i ∈ A: the reconstruction
-           without A plus the reconstruction error, so ablating nothing is exactly the clean forward pass.
-           Linear decoders (SAE, crosscoder, fmxcoder): decode(z')_l − decode(z)_l = −Σ_{i∈A} z_i d_il.
-           PolySAE: the polynomial decoder with z_i = 0, so every term of i goes (linear, and its quadratic
-           and cubic interactions with the other active latents).
-  steer    block l outputs   h_l + α Σ_{i∈A} d_il / s_l
-           α is an activation in the dictionary's units (the report gives the latent's own activations on
-           the prompt, and the added norm relative to the stream's). PolySAE: d_i is the linear decoder
-           direction D1[i] = (U C1ᵀ)[i] (decoder_vectors); the polynomial terms are not added.
+  ablate   e_l = (decode(z')_l − decode(z)_l) / s_l,   z = encode(x) the latents of the clean pass, z' = z with
+           z_i = 0 for i ∈ A; then  h_l + e_l = x̂'_l / s_l + (h_l − x̂_l / s_l): the reconstruction without A
+           plus the reconstruction error, so ablating nothing is exactly the clean forward pass.
+           Linear decoders (SAE, crosscoder, fmxcoder): e_l = −Σ_{i∈A} z_i d_il / s_l.  PolySAE: the
+           polynomial decoder with z_i = 0, so every term of i goes (linear, and its quadratic and cubic
+           interactions with the other active latents).
+  steer    e_l = α Σ_{i∈A} d_il / s_l.  α is an activation in the dictionary's units (the report gives the
+           latent's own activations on the prompt, and the norm of the edit relative to the stream's).
+           PolySAE: d_i is the linear decoder direction D1[i] = (U C1ᵀ)[i] (decoder_vectors); its polynomial
+           terms are not added.
+
+Then what is added at each layer, for the layers l_1 < l_2 < ... of S that one multi-layer dictionary edits.
+A crosscoder's x̂_l reconstructs the residual stream at layer l, the state after block l, and the stream
+carries whatever was added at l_1 on to l_2 (h_l2 = h_l1 + what blocks l_1+1..l_2 add, their response to the
+edit included). So, by default, block l_1 outputs h_l1 + e_l1 and each later block l_k outputs
+h_lk + (e_lk − e_lk−1): the edits' own chain holds exactly e_l at each l ∈ S, and the stream there is
+
+    h_l(clean) + e_l + R_l          R_l: what the blocks between changed in response to the earlier edits
+
+(ablating at every layer: x̂'_l / s_l + the clean error + R_l). With `--cumulative`, every block l ∈ S adds the
+whole e_l on top of what the stream carries, which then holds Σ_{l' ∈ S, l' ≤ l} e_l' at l: for a latent whose
+decoder vectors point alike at all its layers (the usual crosscoder latent) that is up to L times the edit
+at the last layer, the intervention "add α d_il at every layer" read literally. Single-layer dictionaries
+(an SAE, a PolySAE, each SAE of a per-layer set) add their e_l whole in both modes.
 
 Edits apply at the real tokens of the sequence (keep: not BOS nor any special token, which keep their
 activation, as in metrics.py's spliced LM loss), at every position: the prompt's and the generated ones.
 
-Later layers. The forward pass runs once with a hook at each block of S that adds that layer's edit as the
-pass goes through it, so h_l at a later layer of S is the stream the model actually produced there: it
-already carries the effect of the edits at the earlier layers of S, propagated through the blocks between.
-The edit itself is fixed before that pass: steering adds a constant; ablation uses the latents z of the
-clean pass (one clean forward pass of the same tokens) at every layer. A crosscoder's z reads all its layers
-at once, the later ones not yet computed when block l runs, so it cannot be re-encoded as the pass goes;
-for one rule across kinds, per-layer SAEs are not re-encoded either (unlike SAELens's hooked SAEs, where a
-later SAE encodes the already-edited stream). Thus at a later layer the reconstruction x̂_l is that of the
-clean stream and the kept "error" h_l − x̂_l / s_l also holds the downstream effect of the earlier edits:
-ablating at all layers removes exactly z_i d_il at each, on top of whatever the earlier removals caused.
+How the pass runs. One forward pass with a hook at each block of S that adds that layer's share as the pass
+goes through it, so h_l at a later layer of S is the stream the model actually produced there, already
+carrying the earlier edits and the blocks' response to them (R_l). The edits themselves are fixed before that
+pass: steering adds constants; ablation uses the latents z of a clean forward pass of the same tokens, at
+every layer. A crosscoder's z reads all its layers at once, the later ones not yet computed when block l
+runs, so it cannot be re-encoded as the pass goes; for one rule across kinds, per-layer SAEs are not
+re-encoded either (unlike SAELens's hooked SAEs, where a later SAE encodes the already-edited stream). So the
+reconstruction x̂_l subtracted at a later layer is that of the clean stream, and what is kept as the "error"
+there holds R_l too.
 
 Cost: a clean pass, then the blocks after min(S) only (activations.logits_from_block replays blocks
 0..min(S) from the clean pass, as metrics.py does). Greedy continuation without a KV cache: each new token
@@ -82,6 +96,9 @@ class Intervention:
     steer: float | None = opt(None, "add ALPHA x the decoder vector(s) (raw units) instead")
     layers: str | None = opt(None, "LM blocks to intervene at: 15, 11-14, 11,18 (default: every layer the "
                                    "dictionary reads; required for a per-layer set of several SAEs)")
+    cumulative: bool = opt(False, "a multi-layer dictionary: add the whole edit at every chosen layer, on top of "
+                                  "what the stream carries from the earlier ones (default: only the change from the "
+                                  "previous chosen layer's, so the stream at layer l holds the edit of layer l)")
 
     def __post_init__(self):
         self.check()
@@ -190,6 +207,14 @@ def ablation_delta(model, x: Tensor, drop_NF: Tensor) -> Tensor:
     return diff if diff.ndim == 3 else diff[:, None]
 
 
+def increments(e: dict[int, Tensor]) -> dict[int, Tensor]:
+    """{l: e_l − e_l'} (l' the previous layer of e; the first layer's e whole): added at each layer, these make
+    the edits' own chain hold exactly e_l at layer l, since the residual stream carries every earlier addition
+    forward (h_l = h_l' + the blocks between, which add their response to it on top)."""
+    ls = sorted(e)
+    return {l: e[l] - e[prev] if prev is not None else e[l] for prev, l in zip([None] + ls[:-1], ls)}
+
+
 @torch.no_grad()
 def layer_edits(tg: list[Target], outs: dict, keep: Tensor, iv: Intervention) -> dict[int, Tensor]:
     """{block l: what is added to its output at the real tokens, raw units: (N, d) per token or (d,)},
@@ -200,16 +225,13 @@ def layer_edits(tg: list[Target], outs: dict, keep: Tensor, iv: Intervention) ->
         if iv.steer is not None:
             d = t.model.decoder_vectors().detach()[iv.latent].sum(0).float()
             d_LD = d if d.ndim == 2 else d[None]
-            for l in t.at:
-                j = t.layers.index(l)
-                edits[l] = iv.steer * d_LD[j].to(keep.device) / s_L[j]
+            whole = {l: iv.steer * d_LD[t.layers.index(l)].to(keep.device) / s_L[t.layers.index(l)] for l in t.at}
         else:
             drop_F = torch.zeros(t.model.config.n_latents, dtype=torch.bool, device=keep.device)
             drop_F[iv.latent] = True
             diff_NLD = ablation_delta(t.model, dictionary_input(t, outs, keep), drop_F)
-            for l in t.at:
-                j = t.layers.index(l)
-                edits[l] = diff_NLD[:, j] / s_L[j]
+            whole = {l: diff_NLD[:, t.layers.index(l)] / s_L[t.layers.index(l)] for l in t.at}
+        edits.update(whole if iv.cumulative else increments(whole))
     return edits
 
 
@@ -312,8 +334,10 @@ def compare(lm, tok, entries, prompt: str, iv: Intervention, n_tokens: int = 20,
         pos = keep.nonzero()[:, 0].tolist()
         acts.append({"layers": t.layers, "at": t.at, "tokens": [
             [tok.decode([ids[p]]), [round(v, 4) for v in z[n].tolist()]] for n, p in enumerate(pos)]})
-    if iv.steer is not None:                                # ‖α d_l / s_l‖ / mean ‖h_l‖ over the prompt's real tokens
-        strength = {l: (e.norm() / hidden(outs[l])[0, keep].float().norm(dim=-1).mean()).item() for l, e in edits.items()}
+    if iv.steer is not None:       # ‖what the edits' chain holds at l‖ / mean ‖h_l‖ over the prompt's real tokens
+        held = torch.stack([edits[l] for l in sorted(edits)]).cumsum(0)
+        strength = {l: (held[n].norm() / hidden(outs[l])[0, keep].float().norm(dim=-1).mean()).item()
+                    for n, l in enumerate(sorted(edits))}
     change = next_token_change(clean[0, -1], edited[0, -1], top)
     per_pos = kl(clean[0, keep], edited[0, keep])
     report = {"prompt": prompt, "intervention": iv.describe(), "layers": sorted(edits), "acts": acts,
@@ -332,7 +356,7 @@ def format_report(r: dict) -> str:
     out = [f"{r['intervention']} at block{'s' * (len(r['layers']) > 1)} {', '.join(map(str, r['layers']))}"]
     if r["relative_norm"]:
         norms = " ".join(f"{v:.2f}" for _, v in sorted(r["relative_norm"].items()))
-        out.append(f"  added norm / mean norm of the stream on the prompt, per block: {norms}")
+        out.append(f"  norm of the edit the stream holds / its mean norm on the prompt, per block: {norms}")
     for a in r["acts"]:
         fired = [f"{show(t)} {'/'.join(f'{v:.3g}' for v in vs)}" for t, vs in a["tokens"] if any(v > 0 for v in vs)]
         where = f"layers {a['layers'][0]}-{a['layers'][-1]}" if len(a["layers"]) > 1 else f"layer {a['layers'][0]}"
@@ -397,7 +421,7 @@ def top_context_effects(lm, tok, layers: list[int], model, ids_FKW: Tensor, key_
         row_N = keep.nonzero()[:, 0]
         diff_NLD = ablation_delta(model, dictionary_input(tg[0], outs, keep), drop[row_N])
         s_L = model.config.input_scale
-        edits = {l: diff_NLD[:, j] / s_L[j] for j, l in enumerate(layers)}
+        edits = increments({l: diff_NLD[:, j] / s_L[j] for j, l in enumerate(layers)})
         edited = edited_logits(lm, batch, outs, edits)
         last = mask.sum(1).to(dev) - 1
         at = torch.arange(len(chunk), device=dev)

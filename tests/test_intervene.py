@@ -122,10 +122,18 @@ def record_added(lm, run, clean_outs, first):
 # ----------------------------------------------------------------------------------------
 
 
+def expected_additions(whole: dict, chosen: list[int], cumulative: bool) -> dict:
+    """What the hook at each chosen layer adds: the whole edit (cumulative), or its change from the previous
+    chosen layer's (the default), written out."""
+    return {l: whole[l] if cumulative or n == 0 else whole[l] - whole[chosen[n - 1]] for n, l in enumerate(chosen)}
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
 @pytest.mark.parametrize("kind", ["sae", "crosscoder", "fmxcoder"])
-def test_ablation_removes_exactly_the_latents_decoder_contribution(lm, dicts, prompt, kind):
-    """Ablating latent i adds −z_i d_il / s_l to block l's output at every real token (0 at BOS), at each layer
-    of the dictionary, and nothing anywhere else."""
+def test_ablation_removes_exactly_the_latents_decoder_contribution(lm, dicts, prompt, kind, cumulative):
+    """Ablating latent i removes −z_i d_il / s_l at layer l at every real token (0 at BOS): the first chosen
+    layer's block output changes by exactly that, a later one's by its change from the previous layer's (the
+    stream carries that one), or by the whole of it with cumulative; nothing anywhere else."""
     model_lm, tok = lm
     layers, model = dicts[kind]
     ids, batch = prompt
@@ -135,28 +143,29 @@ def test_ablation_removes_exactly_the_latents_decoder_contribution(lm, dicts, pr
     i, _ = firing_latent(z)
     assert (z[:, i] > 0).sum() >= 2
     tg = intervene.targets([(layers, model, {})])
-    iv = intervene.Intervention([i], ablate=True)
+    iv = intervene.Intervention([i], ablate=True, cumulative=cumulative)
     edits = intervene.layer_edits(tg, outs, keep, iv)
     logits, added = record_added(model_lm, lambda: intervene.edited_logits(model_lm, batch, outs, edits), outs,
                                  min(layers))
-    for l in range(len(activations.block_paths(model_lm))):
-        if l < min(layers):
-            continue
+    whole = {}
+    for j, l in enumerate(layers):
+        whole[l] = torch.zeros_like(added[l])
+        whole[l][keep] = -z[:, i, None] * decoder_of(model, i, j) / model.config.input_scale[j]
+    want = expected_additions(whole, layers, cumulative)
+    for l in range(min(layers), len(activations.block_paths(model_lm))):
         if l in layers:
-            j = layers.index(l)
-            want = torch.zeros_like(added[l])
-            want[keep] = -z[:, i, None] * decoder_of(model, i, j) / model.config.input_scale[j]
-            torch.testing.assert_close(added[l], want, **TOL)
-            assert added[l][keep].norm(dim=-1).gt(0).sum() == (z[:, i] > 0).sum()    # only where it fires
+            torch.testing.assert_close(added[l], want[l], **TOL)
         else:
             assert torch.equal(added[l], torch.zeros_like(added[l]))             # untouched
+    assert added[layers[0]][keep].norm(dim=-1).gt(0).sum() == (z[:, i] > 0).sum()    # only where it fires
     assert not torch.allclose(logits, clean, atol=1e-4)                         # and the output changed
 
 
-def literal_ablation_logits(lm, batch, layers, model, latents):
+def literal_ablation_logits(lm, batch, layers, model, latents, cumulative=True):
     """The definition, written out as a full forward pass with one hook per layer: block l outputs
     x̂'_l / s_l + (h_l − x̂_l / s_l), x̂ = z W_dec + b_dec from the clean pass's z, x̂' the same with the latents
-    zeroed (SAE: W_dec (F, d); crosscoder: W_dec (F, L, d))."""
+    zeroed (SAE: W_dec (F, d); crosscoder: W_dec (F, L, d)); without `cumulative`, a later layer then adds back
+    the previous layer's x̂_l' / s_l' − x̂'_l' / s_l', which the stream carries from there."""
     keep = batch["keep"]
     _, outs = activations.block_outputs(lm, batch, layers)
     z = latents_on(model, layers, outs, keep)
@@ -173,6 +182,9 @@ def literal_ablation_logits(lm, batch, layers, model, latents):
         def fn(m, args, out):
             h = out.clone()
             h[keep] = recon(z_off, j) / s + (h[keep] - recon(z, j) / s)
+            if j > 0 and not cumulative:
+                s0 = model.config.input_scale[j - 1]
+                h[keep] += recon(z, j - 1) / s0 - recon(z_off, j - 1) / s0
             return h
         return fn
 
@@ -193,8 +205,12 @@ def test_ablation_equals_the_literal_reconstruction_plus_error_and_nothing_ablat
     clean, outs = clean_pass(model_lm, batch, layers)
     i, never = firing_latent(latents_on(model, layers, outs, batch["keep"]))
     tg = intervene.targets([(layers, model, {})])
-    _, got, _, _ = intervene.intervened(model_lm, batch, tg, intervene.Intervention([i], ablate=True))
-    torch.testing.assert_close(got, literal_ablation_logits(model_lm, batch, layers, model, [i]), **TOL)
+    for cumulative in (False, True):
+        _, got, _, _ = intervene.intervened(model_lm, batch, tg, intervene.Intervention([i], ablate=True,
+                                                                                       cumulative=cumulative))
+        torch.testing.assert_close(got, literal_ablation_logits(model_lm, batch, layers, model, [i], cumulative), **TOL)
+    if kind == "crosscoder":                              # the two differ
+        assert not torch.allclose(got, literal_ablation_logits(model_lm, batch, layers, model, [i], False), atol=1e-4)
     # nothing ablated, the error kept: the literal form with z' = z, and the module with a latent that never fires
     torch.testing.assert_close(literal_ablation_logits(model_lm, batch, layers, model, []), clean, **TOL)
     _, same, _, edits = intervene.intervened(model_lm, batch, tg, intervene.Intervention([never], ablate=True))
@@ -234,9 +250,14 @@ def test_polysae_ablation_removes_every_term_of_the_latent(lm, dicts, prompt):
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cumulative", [False, True])
 @pytest.mark.parametrize("kind", ["crosscoder", "fmxcoder"])
 @pytest.mark.parametrize("at", [None, "1", "0,2"])
-def test_crosscoder_steering_adds_alpha_d_at_each_chosen_layer_and_nothing_elsewhere(lm, dicts, prompt, kind, at):
+def test_crosscoder_steering_adds_alpha_d_at_each_chosen_layer_and_nothing_elsewhere(lm, dicts, prompt, kind, at,
+                                                                                     cumulative):
+    """Steering adds α d_il / s_l at the first chosen layer, and at each later chosen layer the change
+    α (d_il / s_l − d_il' / s_l') from the previous one l' (or α d_il / s_l whole with cumulative); nothing at the
+    other layers."""
     model_lm, tok = lm
     layers, model = dicts[kind]
     ids, batch = prompt
@@ -246,16 +267,63 @@ def test_crosscoder_steering_adds_alpha_d_at_each_chosen_layer_and_nothing_elsew
     tg = intervene.targets([(layers, model, {})], at)
     assert tg[0].at == chosen
     alpha, i = 2.5, 7
-    edits = intervene.layer_edits(tg, outs, keep, intervene.Intervention([i], steer=alpha))
+    edits = intervene.layer_edits(tg, outs, keep, intervene.Intervention([i], steer=alpha, cumulative=cumulative))
     logits, added = record_added(model_lm, lambda: intervene.edited_logits(model_lm, batch, outs, edits), outs,
                                  min(chosen))
+    whole = {}
+    for l in chosen:
+        j = layers.index(l)
+        whole[l] = torch.zeros_like(added[l])
+        whole[l][keep] = alpha * decoder_of(model, i, j) / model.config.input_scale[j]
+    want = expected_additions(whole, chosen, cumulative)
     for l in range(min(chosen), len(activations.block_paths(model_lm))):
-        want = torch.zeros_like(added[l])
-        if l in chosen:
-            j = layers.index(l)
-            want[keep] = alpha * decoder_of(model, i, j) / model.config.input_scale[j]
-        torch.testing.assert_close(added[l], want, **TOL)
+        torch.testing.assert_close(added[l], want.get(l, torch.zeros_like(added[l])), **TOL)
     assert not torch.allclose(logits, clean, atol=1e-4)
+
+
+def identity_blocks(lm):
+    """A copy of the LM whose blocks add nothing (attention and MLP output projections zeroed): h_l = h_0."""
+    lm = copy.deepcopy(lm)
+    with torch.no_grad():
+        for block in lm.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    return lm
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_the_stream_at_each_layer_holds_that_layers_edit_or_their_sum_with_cumulative(lm, dicts, prompt, cumulative):
+    """With blocks that add nothing, the stream at layer l is the clean one plus exactly what the edits' chain
+    holds there: α d_il / s_l (the default, which does not add again what the stream carries) or the sum over
+    the chosen layers up to l (cumulative). Ablation likewise: −z_i d_il / s_l."""
+    model_lm, tok = lm
+    flat = identity_blocks(model_lm)
+    layers, model = dicts["crosscoder"]
+    _, batch = prompt
+    keep = batch["keep"]
+    clean, outs = clean_pass(flat, batch, [0, 1, 2, 3])
+    assert torch.equal(outs[3], outs[0])                                         # the blocks add nothing
+    z = latents_on(model, layers, outs, keep)
+    i, _ = firing_latent(z)
+    s = model.config.input_scale
+    for iv, per_layer in ((intervene.Intervention([i], steer=2.5, cumulative=cumulative),
+                           lambda j: 2.5 * decoder_of(model, i, j) / s[j]),
+                          (intervene.Intervention([i], ablate=True, cumulative=cumulative),
+                           lambda j: -z[:, i, None] * decoder_of(model, i, j) / s[j])):
+        edits = intervene.layer_edits(intervene.targets([(layers, model, {})]), outs, keep, iv)
+        seen = {}
+        handles = [blk.register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l - 1, args[0].clone()))
+                   for l, blk in enumerate(flat.transformer.h) if l > 0]
+        try:
+            intervene.edited_logits(flat, batch, outs, edits)
+        finally:
+            for h in handles:
+                h.remove()
+        for j, l in enumerate(layers):
+            want = torch.zeros_like(outs[l])
+            want[keep] = sum(per_layer(jj) for jj in range(j + 1)) if cumulative else per_layer(j)
+            torch.testing.assert_close(seen[l] - outs[l], want, **TOL)
 
 
 def test_steering_several_latents_adds_their_sum(lm, dicts, prompt):
