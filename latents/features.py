@@ -30,7 +30,7 @@ For every latent i of a dictionary, with z_i(t) its activation at token t (encod
              where it fires: latents/intervene.py's ablation (z_i zeroed at every layer the dictionary writes and at
              every real token, the reconstruction error kept) in each of its first `intervene_contexts` top
              contexts, cut after the peak (BOS + the snippet up to t*), read at the peak:
-                 effect_i = mean over the contexts of  log p_clean(v | ..t*) − log p_ablated(v | ..t*)   (V,)
+                 effect_i = mean over the contexts of  p_clean(v | ..t*) − p_ablated(v | ..t*)   (V,)
              promoted / suppressed: the largest / smallest effect; kl: the mean KL(clean || ablated) there
   crosscoder, fmxcoder: layer_delta Δ_il (metrics.layer_deltas, the functional-coherence formula of
              fmxcoders, arXiv 2605.09438 pp. 6 and 14, on the first `fc_tokens` tokens), fc = Σ_l Δ_il / max_l Δ_il (null when the

@@ -382,12 +382,13 @@ def format_report(r: dict) -> str:
 @torch.no_grad()
 def top_context_effects(lm, tok, layers: list[int], model, ids_FKW: Tensor, key_FK: Tensor, peak: int,
                         contexts: int, n: int, rows_per_batch: int = 32, progress: bool = False) -> dict[int, dict]:
-    """{latent f: {"promoted", "suppressed": [[token id, mean drop]] (n each), "kl", "contexts"}}: latent f
-    ablated (the module docstring's ablation, at all the dictionary's layers and every real token) in its first
-    `contexts` top contexts (ids (F, K, W) of features.py's snippets, the peak at index `peak`, −1 outside the
-    window), each cut at the peak (BOS + the tokens up to it), and at the peak, the prediction of the next
-    token: mean over the contexts of log p_clean − log p_ablated (> 0: the latent promotes the token there)
-    and of KL(clean || ablated). Latents without top contexts get no entry."""
+    """{latent f: {"promoted", "suppressed": [[token id, mean p_clean − p_ablated]] (n each), "kl", "contexts"}}:
+    latent f ablated (the module docstring's ablation, at all the dictionary's layers and every real token) in
+    its first `contexts` top contexts (ids (F, K, W) of features.py's snippets, the peak at index `peak`, −1
+    outside the window), each cut at the peak (BOS + the tokens up to it), read at the peak, the prediction of
+    the next token: the mean over the contexts of p_clean − p_ablated (> 0: the latent makes the token more
+    likely there; ranked by probability, as `next_token_change`) and of KL(clean || ablated). Latents without
+    top contexts get no entry."""
     from tqdm import tqdm
 
     dev = next(lm.parameters()).device
@@ -417,7 +418,7 @@ def top_context_effects(lm, tok, layers: list[int], model, ids_FKW: Tensor, key_
         clean, outs = activations.block_outputs(lm, batch, layers)
         keep = batch["keep"].to(dev)
         drop = torch.zeros(len(chunk), model.config.n_latents, dtype=torch.bool, device=dev)
-        drop[torch.arange(len(chunk)), torch.tensor(who)] = True
+        drop[torch.arange(len(chunk), device=dev), torch.tensor(who, device=dev)] = True
         row_N = keep.nonzero()[:, 0]
         diff_NLD = ablation_delta(model, dictionary_input(tg[0], outs, keep), drop[row_N])
         s_L = model.config.input_scale
@@ -426,7 +427,7 @@ def top_context_effects(lm, tok, layers: list[int], model, ids_FKW: Tensor, key_
         last = mask.sum(1).to(dev) - 1
         at = torch.arange(len(chunk), device=dev)
         c, e = clean[at, last].double(), edited[at, last].double()
-        drop_BV = c.log_softmax(-1) - e.log_softmax(-1)
+        drop_BV = c.softmax(-1) - e.softmax(-1)
         kl_B = kl(c, e)
         for b, f in enumerate(who):
             s = sums.setdefault(f, [0, 0.0, 0.0])

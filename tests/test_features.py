@@ -251,7 +251,7 @@ def test_intervene_adds_each_latents_ablation_in_its_top_contexts(runs, tmp_path
             row = row if row[0] == tok.bos_token_id else [tok.bos_token_id] + row
             clean, edited, _, _ = intervene.intervened(lm, intervene.prompt_batch(tok, row), tg,
                                                        intervene.Intervention([r["id"]], ablate=True))
-            drops.append(clean[0, -1].double().log_softmax(-1) - edited[0, -1].double().log_softmax(-1))
+            drops.append(clean[0, -1].double().softmax(-1) - edited[0, -1].double().softmax(-1))
         mean = torch.stack(drops).mean(0).cpu()
         assert [i for i, _ in r["intervention"]["promoted"]] == mean.topk(SETTINGS["logits"]).indices.tolist()
     if not (shutil.which("chromium") and shutil.which("chromedriver")):

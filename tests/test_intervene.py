@@ -562,7 +562,7 @@ def test_top_context_effects_equal_one_context_at_a_time(lm, dicts):
             row = row if row[0] == tok.bos_token_id else [tok.bos_token_id] + row
             clean, edited, _, _ = intervene.intervened(model_lm, intervene.prompt_batch(tok, row), tg,
                                                        intervene.Intervention([n], ablate=True))
-            drops.append(clean[0, -1].double().log_softmax(-1) - edited[0, -1].double().log_softmax(-1))
+            drops.append(clean[0, -1].double().softmax(-1) - edited[0, -1].double().softmax(-1))
             kls.append(intervene.kl(clean[0, -1], edited[0, -1]).item())
         mean = torch.stack(drops).mean(0)
         assert [i for i, _ in effects[n]["promoted"]] == mean.topk(4).indices.tolist()
