@@ -90,15 +90,16 @@ from support import cli, corpora, saved
 
 @dataclass
 class Intervention:
-    """What is done: ablate the latents, or steer with them, at some of the dictionary's layers."""
+    """What is done: ablate the latents, or steer with them, at some of the dictionary's layers (`layers`: what
+    activations.parse_layers reads, "11-14" or [11, 18], or None)."""
     latent: list[int] | None = opt(None, "the latent(s) to intervene with: 524, or 3,7 (several at once)")
     ablate: bool = opt(False, "zero the latent(s) in the reconstruction, the reconstruction error kept")
     steer: float | None = opt(None, "add ALPHA x the decoder vector(s) (raw units) instead")
-    layers: str | None = opt(None, "LM blocks to intervene at: 15, 11-14, 11,18 (default: every layer the "
-                                   "dictionary reads; required for a per-layer set of several SAEs)")
+    layers: str | None = opt(None, "LM blocks to intervene at: 15, 11-14, 11,18, or unset: every layer the "
+                                   "dictionary reads (a per-layer set of several SAEs needs it)")
     cumulative: bool = opt(False, "a multi-layer dictionary: add the whole edit at every chosen layer, on top of "
-                                  "what the stream carries from the earlier ones (default: only the change from the "
-                                  "previous chosen layer's, so the stream at layer l holds the edit of layer l)")
+                                  "what the stream carries from the earlier ones; otherwise only the change from the "
+                                  "previous chosen layer's, so that the stream at layer l holds the edit of layer l")
 
     def __post_init__(self):
         self.check()
