@@ -237,22 +237,24 @@ def layer_edits(tg: list[Target], outs: dict, keep: Tensor, iv: Intervention) ->
 
 
 @torch.no_grad()
-def edited_logits(lm, batch: dict, outs: dict, edits: dict[int, Tensor]) -> Tensor:
+def edited_logits(lm, batch: dict, outs: dict | None, edits: dict[int, Tensor], past_key_values=None) -> Tensor:
     """The logits (B, T, V) when block l's output gets edits[l] added at the real tokens (batch["keep"]), for
-    every l in edits, applied as the forward pass goes through: blocks 0..min(edits) are replayed from the
-    clean block outputs `outs` (activations.logits_from_block), every later edited block gets a forward hook
-    (activations.spliced). Empty edits: the clean pass."""
+    every l in edits, applied as the forward pass goes through: a forward hook at each edited block
+    (activations.spliced). With the clean block outputs `outs`, blocks 0..min(edits) are not run but replayed
+    from them (activations.logits_from_block); without, the whole pass runs, continuing `past_key_values` (a
+    transformers Cache, updated) if given."""
     dev = next(lm.parameters()).device
     keep = batch["keep"].to(dev)
-    if not edits:
-        return activations.logits_from_block(lm, batch, max(outs), outs[max(outs)])
     first, *later = sorted(edits)
     add = lambda l: (lambda h: h + edits[l].to(h.device))              # noqa: E731  (float; spliced casts back)
     blocks, paths = dict(lm.named_modules()), activations.block_paths(lm)
     handles = [blocks[paths[l]].register_forward_hook(
-        lambda m, args, out, l=l: activations.spliced(out, keep, add(l))) for l in later]
+        lambda m, args, out, l=l: activations.spliced(out, keep, add(l))) for l in (later if outs else edits)]
     try:
-        return activations.logits_from_block(lm, batch, first, activations.spliced(outs[first], keep, add(first)))
+        if outs:
+            return activations.logits_from_block(lm, batch, first, activations.spliced(outs[first], keep, add(first)))
+        return lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                  **activations.cache_kwargs(lm, past_key_values)).logits
     finally:
         for h in handles:
             h.remove()
@@ -302,19 +304,26 @@ def next_token_change(clean_V: Tensor, edited_V: Tensor, top: int) -> dict:
 
 @torch.no_grad()
 def greedy(lm, tok, ids: list[int], n: int, tg: list[Target] | None = None, iv: Intervention | None = None) -> list[int]:
-    """The n greedily chosen next tokens (fewer if EOS comes), intervened by `iv` if given."""
-    ids, new = list(ids), []
-    dev = next(lm.parameters()).device
+    """The n greedily chosen next tokens (fewer if EOS comes), intervened by `iv` if given. KV caches: the
+    prompt once, then one token a step; ablation keeps a second one, of the clean pass over the same (intervened)
+    sequence, whose latents it needs; each new token is edited as the prompt's tokens were."""
+    from transformers import DynamicCache
+
+    new, chunk = [], list(ids)
+    clean_cache, edit_cache = DynamicCache(), DynamicCache()
+    layers = sorted({l for t in tg for l in t.layers}) if iv is not None else [0]
     for _ in range(n):
-        batch = prompt_batch(tok, ids)
-        if iv is None:
-            logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                        use_cache=False).logits
-        else:
-            logits = intervened(lm, batch, tg, iv)[1]
+        batch = prompt_batch(tok, chunk)
+        batch["attention_mask"] = torch.ones(1, len(ids) + len(new), dtype=torch.long)   # the cached tokens too
+        if iv is None or iv.ablate:
+            logits, outs = activations.block_outputs(lm, batch, layers, past_key_values=clean_cache)
+        if iv is not None:
+            keep = batch["keep"].to(next(lm.parameters()).device)
+            edits = layer_edits(tg, outs if iv.ablate else {}, keep, iv)
+            logits = edited_logits(lm, batch, None, edits, past_key_values=edit_cache)
         nxt = int(logits[0, -1].argmax())
-        ids.append(nxt)
         new.append(nxt)
+        chunk = [nxt]
         if nxt == tok.eos_token_id:
             break
     return new

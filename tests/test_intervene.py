@@ -404,9 +404,10 @@ def test_a_per_layer_set_edits_with_the_sae_of_each_chosen_layer(lm, prompt):
 
 @pytest.mark.slow
 def test_on_smollm2_steering_adds_at_the_chosen_blocks_exactly():
-    """The offline SmolLM2 (Llama blocks, RMSNorm): a random crosscoder on blocks 11 and 13 adds α d_l / s_l
-    exactly there (the hooks work on these blocks too), α = 0 and ablating a latent that does not fire are the
-    identity, and steering at the last block gives the logits of the final norm and W_U applied by hand."""
+    """The offline SmolLM2 (Llama blocks, RMSNorm): a random crosscoder on blocks 11 and 13 adds α d_11 / s_11
+    at 11 and the change to α d_13 / s_13 at 13 exactly (the hooks work on these blocks too), α = 0 and ablating
+    a latent that does not fire are the identity, steering at the last block gives the logits of the final norm
+    and W_U applied by hand, and the KV-cached continuations equal generate's and the uncached intervened pass's."""
     model_lm, tok = activations.load_lm()
     torch.manual_seed(0)
     cc = with_bias(CrossCoder(CrossCoderConfig(d_in=576, n_latents=64, k=8, sparsity="topk", n_layers=2,
@@ -417,11 +418,13 @@ def test_on_smollm2_steering_adds_at_the_chosen_blocks_exactly():
     tg = intervene.targets([([11, 13], cc, {})])
     edits = intervene.layer_edits(tg, outs, batch["keep"], intervene.Intervention([5], steer=30.0))
     logits, added = record_added(model_lm, lambda: intervene.edited_logits(model_lm, batch, outs, edits), outs, 11)
+    whole = {}
+    for j, l in enumerate((11, 13)):
+        whole[l] = torch.zeros_like(added[l])
+        whole[l][batch["keep"]] = 30.0 * cc.W_dec[5, j].detach() / cc.config.input_scale[j]
+    want = expected_additions(whole, [11, 13], False)
     for l in range(11, 30):
-        want = torch.zeros_like(added[l])
-        if l in (11, 13):
-            want[batch["keep"]] = 30.0 * cc.W_dec[5, (11, 13).index(l)].detach() / cc.config.input_scale[(11, 13).index(l)]
-        torch.testing.assert_close(added[l], want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(added[l], want.get(l, torch.zeros_like(added[l])), rtol=0, atol=1e-4)
     assert intervene.kl(clean[0, -1], logits[0, -1]) > 1e-3
     z = latents_on(cc, [11, 13], outs, batch["keep"])
     _, never = firing_latent(z)
@@ -434,6 +437,15 @@ def test_on_smollm2_steering_adds_at_the_chosen_blocks_exactly():
     h = outs[29][0, -1] + 200.0 * sae.W_dec[3].detach() / 0.5
     want = features.final_norm(model_lm)(h) @ model_lm.get_output_embeddings().weight.detach().T
     torch.testing.assert_close(edited[0, -1], want, rtol=0, atol=1e-3)
+    ids = intervene.prompt_ids(tok, prompt)                        # the KV-cached continuations on Llama blocks
+    ref = model_lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=6, do_sample=False)
+    assert intervene.greedy(model_lm, tok, ids, 6) == ref[0, len(ids):].tolist()
+    iv = intervene.Intervention([5], steer=30.0)
+    got, seq = intervene.greedy(model_lm, tok, ids, 4, tg, iv), list(ids)
+    for t in got:
+        assert int(intervene.intervened(model_lm, intervene.prompt_batch(tok, seq), tg, iv)[1][0, -1].argmax()) == t
+        seq.append(t)
 
 
 # ----------------------------------------------------------------------------------------
@@ -463,20 +475,25 @@ def test_greedy_continuation_matches_transformers_generate(lm):
     assert got == ref[0, len(ids):].tolist()
 
 
-def test_intervened_continuation_applies_the_edit_at_every_step(lm, dicts):
-    """Each generated token is the argmax of the intervened pass over the sequence so far."""
+@pytest.mark.parametrize("how", ["steer", "ablate"])
+def test_intervened_continuation_applies_the_edit_at_every_step(lm, dicts, how):
+    """Each generated token (KV caches, one token a step) is the argmax of the intervened pass over the whole
+    sequence so far (no cache, replayed from a clean pass)."""
     model_lm, tok = lm
     layers, model = dicts["crosscoder"]
     tg = intervene.targets([(layers, model, {})])
-    iv = intervene.Intervention([7], steer=40.0)
     ids = intervene.prompt_ids(tok, PROMPT)
-    got = intervene.greedy(model_lm, tok, ids, 4, tg, iv)
+    batch = intervene.prompt_batch(tok, ids)
+    i, _ = firing_latent(latents_on(model, layers, clean_pass(model_lm, batch, layers)[1], batch["keep"]))
+    iv = intervene.Intervention([7], steer=40.0) if how == "steer" else intervene.Intervention([i], ablate=True)
+    got = intervene.greedy(model_lm, tok, ids, 5, tg, iv)
     seq = list(ids)
     for t in got:
         _, logits, _, _ = intervene.intervened(model_lm, intervene.prompt_batch(tok, seq), tg, iv)
         assert int(logits[0, -1].argmax()) == t
         seq.append(t)
-    assert got != intervene.greedy(model_lm, tok, ids, 4)             # a strong steer changes the continuation
+    if how == "steer":
+        assert got != intervene.greedy(model_lm, tok, ids, 5)         # a strong steer changes the continuation
 
 
 # ----------------------------------------------------------------------------------------
