@@ -60,8 +60,9 @@ reconstruction x̂_l subtracted at a later layer is that of the clean stream, an
 there holds R_l too.
 
 Cost: a clean pass, then the blocks after min(S) only (activations.logits_from_block replays blocks
-0..min(S) from the clean pass, as metrics.py does). Greedy continuation without a KV cache: each new token
-runs both passes on the sequence so far (the prompt and the tokens generated under the intervention).
+0..min(S) from the clean pass, as metrics.py does). Greedy continuation with KV caches, one token a step:
+steering one intervened pass a token; ablation also a clean pass of that token (its latents), with a cache
+of the clean model over the same, intervened, sequence.
 
 The report, at the prompt's last token: p the clean next-token distribution, q the intervened one,
     KL(p || q) = Σ_v p_v (log p_v − log q_v)   (nats; also its mean over the prompt's real positions)
