@@ -362,7 +362,7 @@ def compare(lm, tok, entries, prompt: str, iv: Intervention, n_tokens: int = 20,
 
 def format_report(r: dict) -> str:
     """The report as text (what the command line prints)."""
-    show = lambda s: repr(s)[1:-1] if s else "''"  # noqa: E731
+    show = repr
     text = lambda s: s.replace("\n", "↵")  # noqa: E731
     out = [f"{r['intervention']} at block{'s' * (len(r['layers']) > 1)} {', '.join(map(str, r['layers']))}"]
     if r["relative_norm"]:
