@@ -1,6 +1,6 @@
 """What each latent means: its top activating contexts on held-out text, and the numbers around them.
 
-    python -m latents.features RUN_DIR [--tokens 100000] [--top 16] [--device cuda]
+    python -m latents.features RUN_DIR [--tokens 100000] [--top 16] [--device cuda] [--intervene]
 
 streams held-out text of the run through the LM and every dictionary of the run (the four kinds, per-layer
 sets included), in batches of context windows with bounded memory, and writes RUN_DIR/features.json and the

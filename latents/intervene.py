@@ -1,14 +1,14 @@
 """Intervening with a latent: ablate it or steer with it, and see what the language model does differently.
 
-    python -m latents.intervene RUN --latent 524 --steer 40 --prompt "My favourite city is"             # every layer
-    python -m latents.intervene RUN --latent 524 --steer 40 --layers 15 --prompt "My favourite city is" # one layer
-    python -m latents.intervene RUN --latent 524 --ablate --prompt "The capital of France is"
+    python -m latents.intervene RUN --latent 524 --steer 20 --prompt "The meeting will take place in"   # every layer
+    python -m latents.intervene RUN --latent 524 --steer 20 --layers 11 --prompt "The meeting will take place in"
+    python -m latents.intervene RUN --latent 524 --ablate --prompt "She moved from Berlin to"
 
 prints the latent's activations on the prompt, the change of the next-token distribution (KL, the tokens
 promoted and suppressed) and a greedy continuation with and without the intervention. From Python:
 
     lm, tok, entries = intervene.load("runs/cc")
-    r = intervene.compare(lm, tok, entries, "My favourite city is", intervene.Intervention([524], steer=40.0))
+    r = intervene.compare(lm, tok, entries, "The meeting will take place in", intervene.Intervention([524], steer=20.0))
     print(intervene.format_report(r))       # r: a dict (KL, promoted / suppressed tokens, continuations)
 
 Units. Block l of the LM outputs h_l (raw residual stream, activations.py); a dictionary reads
