@@ -304,8 +304,9 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor, layers: list
 
 
 @torch.no_grad()
-def block_outputs(lm, batch: dict, layers: list[int]) -> tuple[Tensor, dict]:
-    """One clean forward pass: (logits (B, T, V), {l: what block l returned}) for the blocks `layers`."""
+def block_outputs(lm, batch: dict, layers: list[int], past_key_values=None) -> tuple[Tensor, dict]:
+    """One clean forward pass: (logits (B, T, V), {l: what block l returned}) for the blocks `layers`; with
+    `past_key_values` (a transformers Cache, updated) the batch continues the cached tokens."""
     dev = next(lm.parameters()).device
     blocks = dict(lm.named_modules())
     outs: dict = {}
@@ -313,11 +314,22 @@ def block_outputs(lm, batch: dict, layers: list[int]) -> tuple[Tensor, dict]:
         lambda m, args, out, l=l: outs.__setitem__(l, out)) for l in layers]
     try:
         logits = lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                    use_cache=False).logits
+                    **cache_kwargs(lm, past_key_values)).logits
     finally:
         for h in handles:
             h.remove()
     return logits, outs
+
+
+def cache_kwargs(lm, cache=None) -> dict:
+    """The keyword arguments of a forward pass without a KV cache, or continuing (and updating) `cache`: transformers
+    names it `cache` from 5.25 on, `past_key_values` before."""
+    if cache is None:
+        return {"use_cache": False}
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
 
 
 def with_hidden(out, h: Tensor):

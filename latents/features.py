@@ -1,6 +1,6 @@
 """What each latent means: its top activating contexts on held-out text, and the numbers around them.
 
-    python -m latents.features RUN_DIR [--tokens 100000] [--top 16] [--device cuda]
+    python -m latents.features RUN_DIR [--tokens 100000] [--top 16] [--device cuda] [--intervene]
 
 streams held-out text of the run through the LM and every dictionary of the run (the four kinds, per-layer
 sets included), in batches of context windows with bounded memory, and writes RUN_DIR/features.json and the
@@ -26,6 +26,12 @@ For every latent i of a dictionary, with z_i(t) its activation at token t (encod
                  logits_i = (norm(d_i) − norm(0)) W_Uᵀ           (V,)
              norm(d) − norm(0) is the norm's linear part applied to d (LayerNorm: γ ⊙ (d − mean d)/σ(d),
              RMSNorm: g ⊙ d / rms(d)): the logit lens of SAE dashboards, scale-free
+  intervention (with --intervene) the tokens the latent promotes and suppresses through the rest of the model,
+             where it fires: latents/intervene.py's ablation (z_i zeroed at every layer the dictionary writes and at
+             every real token, the reconstruction error kept) in each of its first `intervene_contexts` top
+             contexts, cut after the peak (BOS + the snippet up to t*), read at the peak:
+                 effect_i = mean over the contexts of  p_clean(v | ..t*) − p_ablated(v | ..t*)   (V,)
+             promoted / suppressed: the largest / smallest effect; kl: the mean KL(clean || ablated) there
   crosscoder, fmxcoder: layer_delta Δ_il (metrics.layer_deltas, the functional-coherence formula of
              fmxcoders, arXiv 2605.09438 pp. 6 and 14, on the first `fc_tokens` tokens), fc = Σ_l Δ_il / max_l Δ_il (null when the
              latent fired fewer than `min_fires` times there), decoder_norms ‖d_il‖ per layer
@@ -39,7 +45,8 @@ features.json: {"run", "model", "text", "tokens" (read), "windows", "settings", 
 "n_latents", "alive", "fc_tokens", "latents": [{"id", "fires", "density", "max_act", "mean_act", "promoted" and
 "suppressed" [[token id, logit]], and when it fired "hist", "top" and per band "quantiles"[b]["examples"]: examples
 {"act" (window max), "window", "peak" (index in the snippet), "tokens" [W] ids, "acts" [W]}, "pool_fires"; for
-crosscoders "layer_delta", "fc", "decoder_norms"; for PolySAE "partners" [[j, weight]]}]}]}. Ids are −1 at
+crosscoders "layer_delta", "fc", "decoder_norms"; for PolySAE "partners" [[j, weight]]; with --intervene
+"intervention" {"promoted", "suppressed" [[token id, effect]], "kl", "contexts"}}]}]}. Ids are −1 at
 positions outside the window; acts are in the dictionary's normalised input units (activations.py).
 """
 from __future__ import annotations
@@ -58,6 +65,7 @@ import activations
 import core
 import metrics
 from core import opt
+from latents import intervene
 from support import cache as activation_cache
 from support import cli, corpora, runs, saved
 from support.files import write_atomic
@@ -83,6 +91,9 @@ class Settings:
     logits: int = opt(10, "promoted and suppressed tokens per latent")
     partners: int = opt(5, "PolySAE interaction partners per latent")
     inter_latents: int = opt(1024, "PolySAE: most frequent latents searched for partners")
+    intervene: bool = opt(False, "also ablate each latent in its top contexts: the tokens it promotes through the "
+                                 "rest of the model (latents/intervene.py; LM passes over contexts x latents)")
+    intervene_contexts: int = opt(4, "top contexts per latent ablated with --intervene")
     seed: int = opt(0, "sampling seed")
 
     def __post_init__(self):
@@ -90,7 +101,7 @@ class Settings:
 
     def check(self, name=lambda f: "--" + f.replace("_", "-")) -> None:
         for f in ("top", "samples", "bands", "per_band", "left", "right", "pool", "bins", "fc_tokens", "min_fires",
-                  "logits", "partners", "inter_latents", "seed"):
+                  "logits", "partners", "inter_latents", "seed", "intervene_contexts"):
             v, zero_ok = getattr(self, f), f in ("left", "right", "fc_tokens", "partners", "seed")
             if not isinstance(v, int) or v < (0 if zero_ok else 1):
                 raise ValueError(f"{name(f)} must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
@@ -365,6 +376,8 @@ def vocabulary(tok, dicts: list[dict], pool_ids: list[list[int]]) -> dict:
     for d in dicts:
         for r in d["latents"]:
             ids.update(i for i, _ in r["promoted"] + r["suppressed"])
+            effect = r.get("intervention", {})
+            ids.update(i for i, _ in effect.get("promoted", []) + effect.get("suppressed", []))
             for e in r.get("top", []) + [e for b in r.get("quantiles", []) for e in b["examples"]]:
                 ids.update(e["tokens"])
     return {str(i): tok.decode([i]) for i in sorted(ids) if i >= 0}
@@ -397,6 +410,10 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
         if hasattr(model, "interaction_matrix"):
             extra["partners"] = partners(model, tr.fires.cpu(), s.inter_latents, s.partners)
         logits = token_logits(lm, last_layer_directions(model), s.logits, progress=progress)
+        if s.intervene:
+            extra["intervention"] = intervene.top_context_effects(
+                lm, tok, layers, model, tr.top.data["ids"], tr.top.key, s.left, s.intervene_contexts, s.logits,
+                progress=progress)
         lat = latent_records(tr, s, pool["tokens"], pool[f"max{i}"], logits, extra)
         dicts.append({"name": f"layers {layers[0]}-{layers[-1]}" if multi else f"layer {layers[0]}",
                       "kind": saved.meta_kind(meta), "layers": layers,

@@ -35,7 +35,8 @@ function rows() {
     }
     if (!q) return true;
     const j = judged(r.id);
-    const hay = r._top.join(' ') + ' ' + r.promoted.map(p => tokText(p[0])).join(' ') + ' ' + (j ? j.explanation : '');
+    const promoted = r.promoted.concat(r.intervention ? r.intervention.promoted : []);
+    const hay = r._top.join(' ') + ' ' + promoted.map(p => tokText(p[0])).join(' ') + ' ' + (j ? j.explanation : '');
     return hay.toLowerCase().includes(q);
   }).sort((a, b) => {
     const x = value(a, sortKey), y = value(b, sortKey);
@@ -112,6 +113,10 @@ function show(id) {
     side.append(el('h3', {text: 'activations (log-spaced bins)'}), bars(r.hist.slice(lo, hi), F.hist_edges.slice(lo, hi).map(fmt), 240, 50, '#e80'));
   }
   side.append(el('h3', {text: 'promoted tokens (logit lens)'}), chips(r.promoted, ''), el('h3', {text: 'suppressed tokens'}), chips(r.suppressed, 'neg'));
+  const iv = r.intervention;   // features.py --intervene: the latent ablated in its top contexts
+  if (iv) side.append(el('h3', {class: 'iv', text: `promoted where it fires (ablated in ${iv.contexts} top context${iv.contexts > 1 ? 's' : ''})`}),
+    chips(iv.promoted, ''), el('h3', {text: 'suppressed where it fires'}), chips(iv.suppressed, 'neg'),
+    el('div', {class: 'muted', text: `KL(clean || ablated) at the peak: ${fmt(iv.kl)} nats`}));
   if (r.partners) {
     side.append(el('h3', {text: 'interacts most with (‖Θ2‖)'}));
     const p = el('div');

@@ -12,7 +12,8 @@ per-layer set), sortable by clicking a column (density, max activation, FC, judg
 ranges of those and by a search over each latent's top tokens (the tokens at its top examples' peaks),
 promoted tokens and explanation. Clicking a latent opens its card: the numbers, the judge's explanation,
 the per-layer bars (Δ_l of the functional-coherence computation and the decoder norms, for crosscoders),
-the activation histogram (log-spaced bins), the promoted and suppressed tokens, PolySAE's interaction
+the activation histogram (log-spaced bins), the promoted and suppressed tokens (the logit lens, and with
+features.py --intervene those of the latent's ablation in its top contexts), PolySAE's interaction
 partners (clickable), and the top and quantile-band examples with each token's background intensity
 proportional to its activation (hover a token for the value).
 

@@ -219,3 +219,46 @@ def test_page_in_headless_chromium(feats, runs, tmp_path):
         png = b.screenshot()
     (tmp_path / "page.png").write_bytes(png)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_intervene_adds_each_latents_ablation_in_its_top_contexts(runs, tmp_path, device):
+    """--intervene: every live latent gets the tokens its ablation changes most at the peaks of its first top
+    contexts (those of features.json, cut after the peak), equal to intervene.intervened on each context alone;
+    the page shows them next to the logit lens."""
+    from latents import intervene
+
+    run = tmp_path / "cc"
+    shutil.copytree(runs["crosscoder"], run)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    assert features.main([str(run), "--tokens", str(N_TOKENS), "--device", str(device), "--quiet", *flags,
+                          "--intervene", "--intervene-contexts", "2"]) == 0
+    f_json = json.loads((run / "features.json").read_text())
+    d = f_json["dictionaries"][0]
+    assert f_json["settings"]["intervene"] and f_json["settings"]["intervene_contexts"] == 2
+    for r in d["latents"]:
+        assert ("intervention" in r) == (r["fires"] > 0)
+        if r["fires"]:
+            assert r["intervention"]["contexts"] == min(2, len(r["top"]))
+            assert len(r["intervention"]["promoted"]) == len(r["intervention"]["suppressed"]) == SETTINGS["logits"]
+            assert all(str(i) in f_json["vocab"] for i, _ in r["intervention"]["promoted"])
+    lm, tok = activations.load_lm(f_json["model"], device=device)
+    (layers, model, _), = load_run(run, device)
+    tg = intervene.targets([(layers, model, {})])
+    for r in [r for r in d["latents"] if r["fires"]][:3]:
+        drops = []
+        for e in r["top"][:2]:
+            row = [i for i in e["tokens"][:e["peak"] + 1] if i >= 0]
+            row = row if row[0] == tok.bos_token_id else [tok.bos_token_id] + row
+            clean, edited, _, _ = intervene.intervened(lm, intervene.prompt_batch(tok, row), tg,
+                                                       intervene.Intervention([r["id"]], ablate=True))
+            drops.append(clean[0, -1].double().softmax(-1) - edited[0, -1].double().softmax(-1))
+        mean = torch.stack(drops).mean(0).cpu()
+        assert [i for i, _ in r["intervention"]["promoted"]] == mean.topk(SETTINGS["logits"]).indices.tolist()
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("no browser: apt-get install chromium chromium-driver (Debian) to check the page")
+    live = max(d["latents"], key=lambda r: (r["max_act"], -r["id"]))
+    with dashboard.Browser() as b:
+        b.get((run / "features.html").resolve().as_uri())
+        b.click(b.find("#latents tbody tr")[0])
+        assert b.text(b.find("#card h2")[0]) == f"latent {live['id']}"
+        assert "ablated in 2 top contexts" in b.text(b.find("#card h3.iv")[0])
