@@ -143,6 +143,7 @@ class TrainConfig:
             raise ValueError(f"{name('resume')} continues the run in {name('out')} and {name('overwrite')} deletes it: "
                              f"pass one of them")
         cli.resolve_device(self.device)
+        runs.check_out(self.out)
         cli.check_writable(Path(self.out), "the run folder")
 
 

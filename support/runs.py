@@ -15,7 +15,11 @@ Writing (`RunFolder`, used by train.py):
     process, so a killed run leaves no stale lock.
   * no mixture: a new run refuses a folder that already holds files unless it is told what to
     do with them: --resume (continue the run whose checkpoint.pt is there) or --overwrite
-    (delete it first). An export writes the new contents into a fresh sibling folder and swaps
+    (delete it first).
+  * never what is not ours: --out must be a folder of its own (never "", ".", the current folder or
+    one above it, "/" or $HOME: `check_out`), and a folder holding anything a run does not write
+    (`foreign_entries`: a .git, notes, photos) is refused whatever the flags, so --overwrite only
+    ever deletes a run. An export writes the new contents into a fresh sibling folder and swaps
     it in with two renames, so a reader sees the old run or the new one, never parts of both
     (e.g. a stale layer_14/ of an earlier per-layer run next to a new crosscoder).
   * nothing half-written: every file is written atomically (support/files.py: temp name, fsync,
@@ -34,6 +38,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -45,6 +50,58 @@ from support.files import disk_full, pid_alive, remove_stale, temp_path, write_a
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (one-line message naming the folder and the fix)."""
+
+
+RUN_FILES = ("config.json", "model.safetensors", "summary.json", "checkpoint.pt", "curve.jsonl", "eval.json",
+             "probe.json", "features.json", "features.html", "autointerp.json", "autointerp_cache.jsonl")
+"""The files train.py and the evaluators write into a run folder (and into each dictionary's folder of a set)."""
+LAYER_DIR = re.compile(r"^layer_\d+$")                    # a per-layer set's layer_<l>/
+TEMPORARY = re.compile(r"^\..+\.[a-z]+-\d+$")             # support/files.py's .<name>.<what>-<pid>
+
+
+def check_out(path) -> None:
+    """RunFolderError unless `path` can be a run folder of its own: an export replaces the folder as a whole
+    (two renames) and --overwrite empties it, so it is never "", ".", the current folder or a folder above
+    it, the root or the home folder."""
+    if not str(path).strip():
+        raise RunFolderError("--out is empty: name the run folder, e.g. --out runs/latest")
+    full, cwd = Path(os.path.realpath(Path(path).expanduser())), Path.cwd().resolve()
+    what = ("the root folder" if full == Path(full.anchor) else
+            "your home folder" if full == Path.home().resolve() else
+            "the current folder" if full == cwd else
+            "a folder above the current one" if full in cwd.parents else None)
+    if what:
+        raise RunFolderError(f"--out {str(path)!r} is {what}: train.py replaces its run folder as a whole, so the run "
+                             f"needs a folder of its own, e.g. --out runs/latest")
+
+
+def ours(config_json: Path) -> bool:
+    """Is this config.json one that support.saved.save wrote (a "kind" or old "class" entry)? A damaged
+    one (not JSON) counts as ours: a truncated run is still a run."""
+    try:
+        meta = json.loads(config_json.read_bytes())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return True
+    return isinstance(meta, dict) and ("kind" in meta or "class" in meta)
+
+
+def foreign_entries(folder, top: bool = True) -> list[str]:
+    """The entries of `folder` that no run writes (a folder's name ends in /): everything but RUN_FILES
+    (a config.json only if it is ours), temporaries, layer_<l>/ folders and, at the top, the folders of
+    a set's dictionaries, each holding nothing foreign either. Symbolic links are foreign."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if TEMPORARY.match(p.name):
+            continue
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            out.append(p.name)
+        elif p.is_file():
+            if p.name not in RUN_FILES or (p.name == "config.json" and not ours(p)):
+                out.append(p.name)
+        elif not ((LAYER_DIR.match(p.name) or top and not p.name.startswith("."))
+                  and any(p.iterdir()) and not foreign_entries(p, top=False)):
+            out.append(p.name + "/")
+    return out
 
 
 def recover_export(path) -> None:
@@ -142,6 +199,7 @@ class RunFolder:
 
     # -- lifetime ------------------------------------------------------------------------
     def __enter__(self) -> "RunFolder":
+        check_out(self.path)
         recover_export(self.path)
         check_writable(self.path, "the run folder")
         self.created = not self.path.exists()
@@ -166,6 +224,12 @@ class RunFolder:
 
     def _check_contents(self) -> None:
         names = sorted(p.name for p in self.path.iterdir())
+        others = foreign_entries(self.path)
+        if others:
+            shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+            raise RunFolderError(f"--out {str(self.path)!r} holds files that train.py did not write ({shown}): a run "
+                                 f"folder is replaced as a whole (--overwrite deletes only a run), so choose a new or "
+                                 f"empty --out")
         if self.resume:
             if "checkpoint.pt" not in names:
                 raise RunFolderError(f"--resume: {str(self.path)!r} holds no checkpoint.pt, so there is nothing to "

@@ -1,0 +1,92 @@
+"""Faults of the third round (issue 31): each case, its exact one-line message, and that nothing was lost
+(the files still there, the good checkpoint still loading, every JSON file valid). Tiny GPT-2 runs of a
+second or so each."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from support import cache as activation_cache
+from support import runs, saved
+import metrics
+import train
+from test_faults import QUICK_METRICS, error_of, flags
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` (hidden ones too) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cache(gpt2_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("acts") / "c"
+    activation_cache.build_cache(path, gpt2_dir, [0, 1, 2, 3], n_tokens=2048, context=64, multi=True, drop_outliers=10.0)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# 1. --overwrite deletes only a run; --out is a folder of its own
+# ----------------------------------------------------------------------------------------
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(gpt2_dir, cache, tmp_path, capsys):
+    docs = tmp_path / "mydocs"
+    (docs / "photos").mkdir(parents=True)
+    (docs / "thesis.txt").write_text("four years")
+    (docs / "photos" / "a.jpg").write_bytes(b"\xff\xd8")
+    before = snapshot(docs)
+    want = (f"error: --out {str(docs)!r} holds files that train.py did not write (photos/, thesis.txt): a run folder "
+            f"is replaced as a whole (--overwrite deletes only a run), so choose a new or empty --out")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        assert error_of(capsys, train.main(flags(gpt2_dir, cache, docs, *extra))) == want
+    assert snapshot(docs) == before
+    run = tmp_path / "run"                                      # a run with a file of the user's added to it
+    assert train.main(flags(gpt2_dir, cache, run)) == 0
+    (run / "notes.md").write_text("mine")
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, run, "--overwrite")))
+    assert line.startswith(f"error: --out {str(run)!r} holds files that train.py did not write (notes.md): ")
+    assert (run / "notes.md").read_text() == "mine" and saved.load(run)
+
+
+def test_out_must_be_a_folder_of_its_own(gpt2_dir, cache, tmp_path, capsys, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "src.py").write_text("code")
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    before = snapshot(repo)
+    monkeypatch.chdir(repo)
+    tail = "train.py replaces its run folder as a whole, so the run needs a folder of its own, e.g. --out runs/latest"
+    for out, what, extra in ((".", "the current folder", "--overwrite"), (str(repo), "the current folder", "--overwrite"),
+                             ("..", "a folder above the current one", "--overwrite"),   # (all inside tmp_path)
+                             ("/", "the root folder", "--no-overwrite"), (str(Path.home()), "your home folder",
+                                                                          "--no-overwrite")):
+        line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, extra)))
+        assert line == f"error: --out {out!r} is {what}: {tail}"
+    assert error_of(capsys, train.main(flags(gpt2_dir, cache, "", "--overwrite"))) == \
+        "error: --out is empty: name the run folder, e.g. --out runs/latest"
+    monkeypatch.chdir(tmp_path)
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, repo, "--overwrite")))   # a repository's root
+    assert line.startswith(f"error: --out {str(repo)!r} holds files that train.py did not write (.git/, src.py): ")
+    assert snapshot(repo) == before
+
+
+def test_overwrite_replaces_a_set_and_an_interrupted_run_with_its_results(gpt2_dir, cache, tmp_path, ctrl_c_at):
+    out = tmp_path / "set"
+    assert train.main(flags(gpt2_dir, cache, out, "--dict", "sae")) == 0        # crosscoder/ and sae/layer_<l>/
+    assert metrics.main([str(out / "sae"), *QUICK_METRICS]) == 0
+    (out / "sae" / "layer_1" / "features.html").write_text("{}")
+    assert runs.foreign_entries(out) == []
+    ctrl_c_at(3)
+    assert train.main(flags(gpt2_dir, cache, out, "--overwrite")) == 130
+    ctrl_c_at(None)
+    assert train.main(flags(gpt2_dir, cache, out, "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "model.safetensors",
+                                                     "summary.json"]
