@@ -45,3 +45,25 @@ def test_the_paper_run_rehearsed_at_tiny_width(gpt2_dir, corpus, tmp_path):
     assert all("fc_readings" in c["eval"]["all"] for c in curves)
     sizes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     assert sizes < 16 * 2**20                                          # small enough to come back from the GPU
+
+
+def test_a_rehearsal_never_replaces_the_real_run(gpt2_dir, corpus, tmp_path, capsys):
+    """--runs holding a run is refused before anything runs unless --overwrite (it used to be passed always, so
+    a --smoke after the real run deleted it); an OUT that is a file is one line too."""
+    import train
+    from test_faults3 import snapshot
+
+    runs = tmp_path / "runs"
+    assert train.main(["--model", gpt2_dir, "--dataset", str(corpus), "--layers", "0-3", "--tokens", "512",
+                       "--eval-tokens", "256", "--batch-size", "128", "--n-latents", "64", "--k", "4", "--context",
+                       "64", "--cache", "none", "--dict", "crosscoder", "--out", str(runs), "--device", "cpu"]) == 0
+    before = snapshot(runs)
+    capsys.readouterr()
+    argv = ["--smoke", "--runs", str(runs), "--model", gpt2_dir, "--dataset", str(corpus)]
+    assert paper_gpu.main([str(tmp_path / "out"), *argv]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --runs {str(runs)!r} already holds a run: pass --overwrite to "
+                                               f"replace it, or choose another --runs")
+    (tmp_path / "file").write_text("x")
+    assert paper_gpu.main([str(tmp_path / "file"), *argv, "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: OUT {str(tmp_path / 'file')!r} is a file: pass a folder for the results"
+    assert snapshot(runs) == before and not (tmp_path / "out").exists()
