@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import re
 import signal
 import sys
 import time
@@ -153,7 +152,6 @@ class TrainConfig:
 
 
 RUN_FLAGS = {f.name for f in cli.flag_fields(TrainConfig)}
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def config_fields(kind: str) -> set[str]:
@@ -227,10 +225,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if s["name"] is None:
             n = sum(t["kind"] == s["kind"] for t in specs[:i]) + 1
             s["name"] = s["kind"] if n == 1 else f"{s['kind']}-{n}"
-    names = [s["name"] for s in specs]
-    for n in names:
-        if not NAME.match(n) or names.count(n) > 1:
-            raise ValueError(f"--name {n!r} must be unique and made of letters, digits, '.', '_' and '-'")
+    runs.check_member_names([s["name"] for s in specs])
     return cli.build(TrainConfig, **run, dictionaries=specs)
 
 

@@ -59,6 +59,24 @@ LAYER_DIR = re.compile(r"^layer_\d+$")                    # a per-layer set's la
 TEMPORARY = re.compile(r"^\..+\.[a-z]+-\d+$")             # support/files.py's .<name>.<what>-<pid>
 
 
+MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_member_names(names: list[str]) -> None:
+    """ValueError for a name of a set's dictionary (its folder, --out/<name>/) that is not unique, not a plain
+    file name, or one that the run folder itself uses (RUN_FILES, layer_<l>: the export would collide with
+    it, or the set would read as a per-layer run). Checked before anything expensive."""
+    for n in names:
+        if not MEMBER_NAME.match(n):
+            raise ValueError(f"--name {n!r} must start with a letter or digit and hold only letters, digits, '.', "
+                             f"'_' and '-'")
+        if names.count(n) > 1:
+            raise ValueError(f"--name {n!r} names two dictionaries: each needs a name of its own")
+        if n.lower() in RUN_FILES or LAYER_DIR.match(n.lower()):
+            raise ValueError(f"--name {n!r} is the name of a file or folder the run folder holds ({', '.join(RUN_FILES)}, "
+                             f"layer_<l>): choose another")
+
+
 def check_out(path) -> None:
     """RunFolderError unless `path` can be a run folder of its own: an export replaces the folder as a whole
     (two renames) and --overwrite empties it, so it is never "", ".", the current folder or a folder above

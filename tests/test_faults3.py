@@ -90,3 +90,22 @@ def test_overwrite_replaces_a_set_and_an_interrupted_run_with_its_results(gpt2_d
     assert train.main(flags(gpt2_dir, cache, out, "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "model.safetensors",
                                                      "summary.json"]
+
+
+# ----------------------------------------------------------------------------------------
+# 3. A dictionary's name never collides with the run folder's own files
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "summary.json", "curve.jsonl", "layer_12", "Config.json", "eval.json"])
+def test_a_name_the_run_folder_uses_is_refused_before_any_work(gpt2_dir, cache, tmp_path, capsys, name):
+    out = tmp_path / "run"
+    for extra in ([], ["--resume"]):
+        line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--name", name, "--dict", "sae", *extra)))
+        assert line == (f"error: --name {name!r} is the name of a file or folder the run folder holds (config.json, "
+                        f"model.safetensors, summary.json, checkpoint.pt, curve.jsonl, eval.json, probe.json, "
+                        f"features.json, features.html, autointerp.json, autointerp_cache.jsonl, layer_<l>): choose "
+                        f"another")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []              # nothing trained, nothing hidden left
+    for name, want in ((".", "must start with a letter or digit"), ("..", "must start with a letter or digit")):
+        assert want in error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--name", name, "--dict", "sae")))

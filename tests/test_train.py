@@ -296,11 +296,11 @@ def test_a_set_of_dictionaries_resumes_exactly(gpt2_dir, cache_dir, tmp_path, ct
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--dict", "sae", "--name", "a", "--dict", "crosscoder", "--name", "a"], "--name 'a' must be unique"),
+    (["--dict", "sae", "--name", "a", "--dict", "crosscoder", "--name", "a"], "--name 'a' names two dictionaries: each needs a name of its own"),
     (["--dict", "sae", "--rank", "8"], "--rank is not an option of --dict sae"),
     (["--rank", "8", "--dict", "sae", "--dict", "polysae"], "--rank is not an option of --dict sae, polysae"),
     (["--name", "x", "--dict", "sae", "--dict", "crosscoder"], "--name names the --dict before it"),
-    (["--dict", "sae", "--name", "a/b"], "--name 'a/b' must be unique and made of letters"),
+    (["--dict", "sae", "--name", "a/b"], "--name 'a/b' must start with a letter or digit and hold only letters"),
     (["--dict", "crosscoder,transcoder"], "--dict must be one of sae, crosscoder, fmxcoder, polysae, got 'transcoder'"),
 ])
 def test_incompatible_sets_are_refused_in_one_line(gpt2_dir, cache_dir, tmp_path, capsys, argv, message):
