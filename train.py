@@ -517,6 +517,7 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     if cfg.resume:   # every rank reads the checkpoint (rank 0 checked that it exists)
         start = runs.restore(state, models, opts, names)
         if ranks.main:
+            folder.saved_step = start
             folder.truncate_curve(start)
             print(f"resumed from {cfg.out}/checkpoint.pt at step {start}")
     else:

@@ -214,6 +214,7 @@ class RunFolder:
             raise RunFolderError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self.created, self.fd = False, None
+        self.saved_step = None                 # the step of checkpoint.pt (set by save_checkpoint, or a resume)
 
     # -- lifetime ------------------------------------------------------------------------
     def __enter__(self) -> "RunFolder":
@@ -276,7 +277,16 @@ class RunFolder:
         return self.path / "checkpoint.pt"
 
     def save_checkpoint(self, state: dict) -> None:
-        """torch.save `state` to checkpoint.pt atomically (a crash never leaves half a checkpoint)."""
+        """torch.save `state` to checkpoint.pt atomically (a crash never leaves half a checkpoint), after
+        checking that every weight and optimiser tensor is finite: a diverged run never replaces the last
+        good checkpoint (RunFolderError naming the tensor and the step the checkpoint keeps)."""
+        bad = first_nonfinite(state)
+        if bad is not None:
+            keeps = f"it keeps step {self.saved_step}" if self.saved_step is not None else "no checkpoint was saved"
+            lr = (state.get("config") or {}).get("lr")
+            raise RunFolderError(f"the training diverged: {bad} holds nan or inf at step {state.get('step')}, so "
+                                 f"{str(self.checkpoint)!r} was not replaced ({keeps}); lower --lr (it is {lr:g}) or "
+                                 f"check the activations")
         tmp, needed = temp_path(self.checkpoint), tensor_bytes(state)
         try:
             torch.save(state, tmp)
@@ -286,6 +296,7 @@ class RunFolder:
             if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.path).free < needed:
                 raise disk_full(self.checkpoint, needed) from None
             raise
+        self.saved_step = state.get("step")
 
     @property
     def curve(self) -> Path:
@@ -403,6 +414,28 @@ def checkpoint_state(models: dict, opts: dict, step: int, config, name, data_ide
             "opts": {name(k): o.state_dict() for k, o in opts.items()},
             "aux_limits": {name(k): m.dead.aux_limit for k, m in models.items()},
             "step": step, "config": dataclasses.asdict(config), "data": data_identity}
+
+
+def named_tensors(obj, prefix: str = ""):
+    """(path, tensor) of every tensor in a nested dict/list, the path joined with '.'."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            yield from named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def first_nonfinite(state: dict) -> str | None:
+    """"model 'key', W_enc" (or "optimiser 'key', state.0.exp_avg") of the first floating-point tensor of a
+    checkpoint state that holds nan or inf; None when all are finite (one host sync)."""
+    named = [(f"{what} {key!r}, {name}", t) for part, what in (("models", "model"), ("opts", "optimiser"))
+             for key, sd in (state.get(part) or {}).items() for name, t in named_tensors(sd)
+             if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    flags = [torch.isfinite(t).all() for _, t in named]
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    return next((name for (name, _), good in zip(named, ok) if not good), None)
 
 
 def tensor_bytes(obj) -> int:

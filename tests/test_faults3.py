@@ -109,3 +109,28 @@ def test_a_name_the_run_folder_uses_is_refused_before_any_work(gpt2_dir, cache, 
     assert sorted(p.name for p in tmp_path.iterdir()) == []              # nothing trained, nothing hidden left
     for name, want in ((".", "must start with a letter or digit"), ("..", "must start with a letter or digit")):
         assert want in error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--name", name, "--dict", "sae")))
+
+
+# ----------------------------------------------------------------------------------------
+# 4. A diverged run never replaces the last good checkpoint
+# ----------------------------------------------------------------------------------------
+
+
+def test_nan_weights_never_replace_the_last_good_checkpoint(gpt2_dir, cache, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--lr", "1e30", "--log-every", "25")))
+    assert line == (f"error: the training diverged: model 'all', W_dec holds nan or inf at step 4, so "
+                    f"{str(out / 'checkpoint.pt')!r} was not replaced (no checkpoint was saved); lower --lr (it is "
+                    f"1e+30) or check the activations")
+    assert not out.exists()
+    real = train.get_lr                                     # finite up to the step-4 checkpoint, then diverging
+    monkeypatch.setattr(train, "get_lr", lambda s, cfg, total: real(s, cfg, total) * (1 if s < 4 else 1e30))
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--log-every", "25")))
+    assert line == (f"error: the training diverged: model 'all', W_dec holds nan or inf at step 8, so "
+                    f"{str(out / 'checkpoint.pt')!r} was not replaced (it keeps step 4); lower --lr (it is 0.003) or "
+                    f"check the activations")
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and runs.first_nonfinite(state) is None
+    monkeypatch.setattr(train, "get_lr", real)              # the good checkpoint resumes
+    assert train.main(flags(gpt2_dir, cache, out, "--resume")) == 0
+    assert torch.isfinite(saved.load(out).W_enc).all()
