@@ -279,6 +279,19 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
     return out
 
 
+def state_bytes(configs: dict) -> tuple[int, int, int]:
+    """(checkpoint.pt, exported weights, training memory) in bytes of dictionary_configs' dictionaries, from
+    models built on the meta device (nothing allocated): a checkpoint holds every state dict and Adam's two
+    moments per parameter; training also holds the gradients."""
+    weights = params = 0
+    for cls, c in configs.values():
+        with torch.device("meta"):
+            m = cls(c)
+        weights += runs.tensor_bytes(m.state_dict())
+        params += sum(p.numel() * p.element_size() for p in m.parameters())
+    return weights + 2 * params, weights, weights + 3 * params
+
+
 def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """The slice of the (B, L, d) batch the dictionary of `key` = (name, "all" | layer) reads."""
     return x_BLD if key[1] == "all" else x_BLD[:, layers.index(key[1])]
@@ -468,11 +481,15 @@ def train(cfg: TrainConfig) -> dict:
     device = cli.resolve_device(cfg.device)
     d, n_blocks = model_shape(cfg)
     layers = activations.parse_layers(cfg.layers, n_blocks, multi_layer(cfg))
-    dictionary_configs(cfg, d, layers, [1.0] * len(layers))          # every dictionary flag, before any work
+    ckpt, weights, memory = state_bytes(dictionary_configs(cfg, d, layers, [1.0] * len(layers)))   # every flag
     ranks, device = setup_ranks(cfg.batch_size, device)
+    cli.check_memory(device, memory, "the dictionaries (weights, gradients and Adam's two moments)",
+                     "lower --n-latents, or train fewer dictionaries at once")
     folder = runs.RunFolder(cfg.out, cfg.resume, cfg.overwrite) if ranks.main else None
     try:
         with folder or contextlib.nullcontext():
+            if folder:                           # before the harvest: what the run will write must fit
+                folder.check_space(ckpt, weights, 0 < cfg.ckpt_every < cfg.tokens // cfg.batch_size)
             return _train(cfg, device, layers, d, ranks, folder)
     finally:
         if ranks.owns_group:

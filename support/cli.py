@@ -158,6 +158,32 @@ def resolve_device(name: str):
     return device
 
 
+def free_memory(device) -> int | None:
+    """Bytes free on `device`: a CUDA device's free memory, or the host's available memory (MemAvailable of
+    /proc/meminfo, else the free pages); None when unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(device, needed: int, what: str, fix: str) -> None:
+    """ValueError before any work when `needed` bytes of `what` cannot fit in the free memory of `device`."""
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise ValueError(f"{what} need {needed:,} bytes on {device} but only {free:,} are free: {fix}")
+
+
 def check_writable(folder, what: str = "") -> None:
     """ValueError now, rather than after the work, unless files can be written into `folder` or it can
     be created: its nearest existing ancestor must be a folder we may write into. Nothing is created."""

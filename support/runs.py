@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from support.cli import check_writable
-from support.files import disk_full, pid_alive, remove_stale, temp_path, write_atomic
+from support.files import check_free, disk_full, pid_alive, remove_stale, temp_path, write_atomic
 
 
 class RunFolderError(ValueError):
@@ -200,6 +200,10 @@ def read_summary(path: Path) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+SLACK = 2**20
+"""Bytes a run writes beside its tensors (JSON files, the checkpoint's pickling), reserved by check_space."""
+
+
 class RunFolder:
     """The --out folder of one run (see the module docstring). Use as a context manager:
 
@@ -270,6 +274,15 @@ class RunFolder:
         if self.fd is not None:
             os.close(self.fd)                          # closing the descriptor releases the flock
             self.fd = None
+
+    def check_space(self, checkpoint_bytes: int, weights_bytes: int, periodic: bool) -> None:
+        """DiskFull before the work when the folder's disk cannot hold what the run will write: checkpoint.pt
+        (twice while a periodic one replaces the last, unless a resumed run's is already there) and the
+        exported weights (the export hard-links the checkpoint)."""
+        twice = periodic and not self.resume
+        check_free(self.path, (2 if twice else 1) * checkpoint_bytes + weights_bytes + SLACK,
+                   f"the run (checkpoint.pt of {checkpoint_bytes:,} bytes{', twice while one replaces the other' if twice else ''}, "
+                   f"{weights_bytes:,} bytes of exported weights and 1 MiB for the rest)")
 
     # -- what is written ----------------------------------------------------------------------
     @property

@@ -134,3 +134,39 @@ def test_nan_weights_never_replace_the_last_good_checkpoint(gpt2_dir, cache, tmp
     monkeypatch.setattr(train, "get_lr", real)              # the good checkpoint resumes
     assert train.main(flags(gpt2_dir, cache, out, "--resume")) == 0
     assert torch.isfinite(saved.load(out).W_enc).all()
+
+
+# ----------------------------------------------------------------------------------------
+# 5. What the run will write must fit before it starts; so must the dictionaries in memory
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_run_whose_checkpoint_cannot_fit_is_refused_before_the_harvest(gpt2_dir, cache, tmp_path, capsys,
+                                                                        monkeypatch):
+    import re
+
+    from support import files
+
+    ref = tmp_path / "ref"
+    assert train.main(flags(gpt2_dir, cache, ref)) == 0      # what a run of these flags really writes
+    written = 2 * (ref / "checkpoint.pt").stat().st_size + (ref / "model.safetensors").stat().st_size
+    real = shutil.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=1_500_000))
+    out, new_cache = tmp_path / "run", tmp_path / "new-cache"
+    line = error_of(capsys, train.main(flags(gpt2_dir, new_cache, out)))
+    m = re.fullmatch(r"error: the run \(checkpoint.pt of ([\d,]+) bytes, twice while one replaces the other, ([\d,]+) "
+                     r"bytes of exported weights and 1 MiB for the rest\) needs ([\d,]+) bytes at (.+) but only "
+                     r"1,500,000 are free: free some space, write elsewhere or ask for less", line)
+    assert m and m[4] == repr(str(out)), line
+    ckpt, weights, needed = (int(g.replace(",", "")) for g in m.groups()[:3])
+    assert needed == 2 * ckpt + weights + 2**20 >= written                # never less than what is written
+    assert abs(ckpt - (ref / "checkpoint.pt").stat().st_size) < 0.05 * ckpt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref"]          # no harvest, no run folder
+
+
+def test_dictionaries_that_cannot_fit_in_memory_are_refused_before_any_work(gpt2_dir, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--n-latents", "100000000")))
+    assert line.startswith("error: the dictionaries (weights, gradients and Adam's two moments) need 822,000,004,")
+    assert line.endswith("are free: lower --n-latents, or train fewer dictionaries at once")
+    assert not out.exists()
