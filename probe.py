@@ -326,6 +326,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
     run_dir = Path(run_dir)
     with runs.reading(run_dir):
         entries = saved.open_run(run_dir, device, allow_incomplete)
+        digests = runs.model_digests(run_dir)     # of the weights read now
         meta = saved.run_entry(run_dir, entries[0][2], ("model",))
         out = Path(out) if out else run_dir / "probe.json"
         old = {}
@@ -379,7 +380,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
             print(f"{name}: {sum(len(s[0]) for s in splits.values())} texts in {time.time() - t0:.0f} s", file=sys.stderr)
 
         report = {"run": str(run_dir), "dict": kind, "model": meta["model"], "layers": layers,
-                  "weights_sha256": runs.model_digests(run_dir),
+                  "weights_sha256": digests,
                   "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed, "context": context,
                                "C": C, "full": full},
                   "tasks": results, "skipped": skipped}

@@ -380,6 +380,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
     if n_tokens < 1:
         raise ValueError(f"--tokens must be positive, got {n_tokens}")
     entries = saved.open_run(run_dir, device, allow_incomplete)
+    digests = runs.model_digests(run_dir)                  # of the weights read now
     run = saved.run_entry(run_dir, entries[0][2], ("model",))
     check_held_out(run_dir, run)
     lm, tok = activations.load_lm(run["model"], device=device, dtype=run.get("lm_dtype", "float32"))
@@ -403,7 +404,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
                       "n_latents": len(lat), "alive": sum(r["fires"] > 0 for r in lat),
                       "fc_tokens": min(s.fc_tokens, pool["tokens"]) if multi else 0, "latents": lat})
     pool_ids = pool["ids"].tolist()
-    return {"version": VERSION, "run": str(run_dir), "weights_sha256": runs.model_digests(run_dir),
+    return {"version": VERSION, "run": str(run_dir), "weights_sha256": digests,
             "model": run["model"], "dataset": run.get("dataset"),
             "text": f"{run.get('dataset') or 'bbc'} split {split}, "
                     + (f"after the first {skip:,} tokens (held out)" if skip else "its first tokens (held out)"),

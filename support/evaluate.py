@@ -145,6 +145,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
     locked (shared) meanwhile, so train.py cannot replace it (support.runs.reading)."""
     with runs.reading(run_dir):
         entries = saved.open_run(run_dir, device, allow_incomplete)
+        digests = runs.model_digests(run_dir)         # of the weights read now, not of whatever is there at the end
         cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
         run = saved.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
         check_held_out(run_dir, run)
@@ -173,7 +174,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
                 r.result.update({"wasserstein_task": wasserstein_task, "wasserstein_texts": len(texts)})
 
         out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
-               "weights_sha256": runs.model_digests(run_dir),
+               "weights_sha256": digests,
                "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
         write_atomic(Path(run_dir, "eval.json"), json.dumps(out, indent=2))
         return out

@@ -77,6 +77,31 @@ def check_member_names(names: list[str]) -> None:
                              f"layer_<l>): choose another")
 
 
+def run_root(path) -> Path:
+    """The folder train.py wrote (and locks) that holds `path`: path itself, or, for the folder of one
+    dictionary inside a run (a set's <name>/, a per-layer set's layer_<l>/, or a layer of a member), the
+    outermost run folder around it."""
+    p = Path(path).absolute()
+    while p.parent != p and part_of_run(p):
+        p = p.parent
+    return p
+
+
+def part_of_run(p: Path) -> bool:
+    """Is `p` a dictionary's folder inside the run folder p.parent (its layer_<l>/, or a member its
+    summary.json lists)?"""
+    summary = p.parent / "summary.json"
+    if not (summary.is_file() or (p.parent / "checkpoint.pt").is_file()):
+        return False
+    if LAYER_DIR.match(p.name):
+        return True
+    try:
+        members = json.loads(summary.read_bytes()).get("dictionaries")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(members, list) and p.name in members
+
+
 def check_out(path) -> None:
     """RunFolderError unless `path` can be a run folder of its own: an export replaces the folder as a whole
     (two renames) and --overwrite empties it, so it is never "", ".", the current folder or a folder above
@@ -91,6 +116,10 @@ def check_out(path) -> None:
     if what:
         raise RunFolderError(f"--out {str(path)!r} is {what}: train.py replaces its run folder as a whole, so the run "
                              f"needs a folder of its own, e.g. --out runs/latest")
+    root = run_root(path)
+    if root != Path(path).absolute():
+        raise RunFolderError(f"--out {str(path)!r} is one dictionary of the run in {str(root)!r}: that run is "
+                             f"written (and replaced) as a whole, so train into a folder of its own")
 
 
 def ours(config_json: Path) -> bool:
@@ -146,12 +175,16 @@ def reading(run_dir):
     """Hold a shared lock on a run folder while it is evaluated (metrics.py, probe.py, latents): train.py,
     which holds an exclusive one while it writes, can then not replace the folder under the evaluator, and
     an evaluator refuses a folder that train.py is writing. Results computed inside carry the digests of
-    the weights they read (`model_digests`)."""
-    recover_export(run_dir)
+    the weights they read (`model_digests`). One lock per run: the lock is taken on `run_root(run_dir)`, so
+    evaluating one dictionary of a set (or one layer_<l>/) excludes train.py on the whole set, and back."""
+    missing = Path(run_dir).absolute()
+    while not missing.exists() and missing.parent != missing and not missing.parent.exists():
+        missing = missing.parent          # a set whose export was interrupted: the set is what moved
+    recover_export(missing if not Path(run_dir).exists() else run_dir)
     if not Path(run_dir).is_dir():        # nothing to lock: the opening reports what is there instead
         yield
         return
-    fd = os.open(run_dir, os.O_RDONLY)
+    fd = os.open(run_root(run_dir), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

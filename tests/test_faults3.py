@@ -170,3 +170,49 @@ def test_dictionaries_that_cannot_fit_in_memory_are_refused_before_any_work(gpt2
     assert line.startswith("error: the dictionaries (weights, gradients and Adam's two moments) need 822,000,004,")
     assert line.endswith("are free: lower --n-latents, or train fewer dictionaries at once")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# 6. One lock for a set and its members; a result records the weights it read
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_set_and_its_members_are_locked_as_one(gpt2_dir, cache, tmp_path, capsys, ctrl_c_at):
+    out = tmp_path / "set"
+    ctrl_c_at(5)
+    assert train.main(flags(gpt2_dir, cache, out, "--dict", "sae")) == 130      # crosscoder/ and sae/layer_<l>/
+    ctrl_c_at(None)
+    before = snapshot(out)
+    for member in (out / "crosscoder", out / "sae", out / "sae" / "layer_1"):
+        with runs.reading(member):                          # metrics.py on one dictionary of the set
+            line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--dict", "sae", "--resume")))
+        assert line == (f"error: --out {str(out)!r} is in use by another train.py run or an evaluation of it: wait "
+                        f"for it to finish or choose another --out")
+        assert snapshot(out) == before
+        with runs.RunFolder(out, resume=True):              # train.py --resume on the set
+            line = error_of(capsys, metrics.main([str(member), *QUICK_METRICS, "--allow-incomplete"]))
+        assert line == (f"error: {str(member)!r} is being written by a train.py run: evaluate it once that run has "
+                        f"finished")
+    line = error_of(capsys, train.main(flags(gpt2_dir, cache, out / "crosscoder", "--overwrite")))
+    assert line == (f"error: --out {str(out / 'crosscoder')!r} is one dictionary of the run in {str(out)!r}: that run "
+                    f"is written (and replaced) as a whole, so train into a folder of its own")
+    assert snapshot(out) == before
+
+
+def test_a_result_records_the_weights_it_read_not_those_there_at_the_end(gpt2_dir, cache, tmp_path, monkeypatch):
+    from support import evaluate
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert train.main(flags(gpt2_dir, cache, run)) == 0
+    assert train.main(flags(gpt2_dir, cache, other, "--k", "8")) == 0
+    real = evaluate.reconstruction
+
+    def swapped_meanwhile(*a, **k):                          # the files replaced while the evaluation runs
+        real(*a, **k)
+        for f in ("model.safetensors", "config.json"):
+            shutil.copy(other / f, run / f)
+
+    monkeypatch.setattr(evaluate, "reconstruction", swapped_meanwhile)
+    assert metrics.main([str(run), *QUICK_METRICS]) == 0
+    with pytest.raises(ValueError, match="was computed from other weights than the model now in"):
+        runs.read_result(run, "eval.json")
