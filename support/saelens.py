@@ -300,6 +300,7 @@ def load(folder, device="cpu"):
     folder = Path(folder)
     meta = check(folder)
     tensors = load_file(str(folder / WEIGHTS))
+    saved.check_finite(tensors, folder / WEIGHTS, "take the SAE from its source again")
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not bool((scaling == 1).all()):
         raise ValueError(f"{str(folder / WEIGHTS)!r} holds a scaling_factor that is not all ones (a pre-6.0 "

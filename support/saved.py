@@ -12,7 +12,8 @@ Folders written before kinds existed name a class ("sae.SAE", ...): LEGACY maps 
 A run folder (train.py --out) holds one dictionary (config.json at its root) or a per-layer set
 (layer_<l>/config.json for each layer); `open_run` checks that every file is usable (JSON, the kind,
 the config, the safetensors header, "complete" in summary.json), so a missing, truncated, foreign or
-interrupted run is one ValueError naming the file and the fix, never a traceback.
+interrupted run is one ValueError naming the file and the fix, never a traceback. Loading refuses weights
+holding nan or inf (`check_finite`, naming the tensor) and an input scale that is not finite and > 0.
 
 A SAELens folder (cfg.json + sae_weights.safetensors, support/saelens.py) is accepted wherever a run folder
 or a saved dictionary is (as run_dir itself, or as its layer_<l>/): it loads as a sae.SAE with a meta shaped
@@ -24,6 +25,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -70,6 +72,25 @@ def weights_digest(path) -> str:
     return h.hexdigest()
 
 
+def check_finite(tensors: dict, file, fix: str = RERUN) -> None:
+    """ValueError naming the first floating-point tensor that holds nan or inf (a damaged file, or weights
+    saved from a diverged training): such a dictionary is never evaluated as a normal one."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{str(file)!r}: {name} holds nan or inf ({bad:,} of {t.numel():,} values): these weights "
+                             f"cannot be evaluated; {fix}")
+
+
+def check_scale(config: dict, file) -> None:
+    """ValueError unless config.input_scale (if given) is a list of finite numbers > 0 (x_model = s · x_raw)."""
+    scale = config.get("input_scale")
+    if scale is not None and not (isinstance(scale, list) and scale and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scale)):
+        raise ValueError(f"{str(file)!r}: config.input_scale must be finite numbers > 0, one per layer, got "
+                         f"{scale!r:.80}: {RERUN}")
+
+
 def save(model, path, extra: dict | None = None) -> None:
     """Write path/model.safetensors, then path/config.json (kind, config, the digest of the weights and
     `extra`), each whole: a folder with a config.json always has the weights that go with it."""
@@ -95,8 +116,11 @@ def load(path, device="cpu"):
         raise FileNotFoundError(f"no config.json in {str(path)!r}: not a saved dictionary")
     meta = json.loads((path / "config.json").read_text())
     cls, config_cls = kind_classes(meta_kind(meta))
+    check_scale(meta["config"], path / "config.json")
     model = cls(config_cls(**meta["config"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    tensors = load_file(str(path / "model.safetensors"))
+    check_finite(tensors, path / "model.safetensors")
+    model.load_state_dict(tensors)
     return model.to(device).eval()
 
 
@@ -165,6 +189,7 @@ def check_saved(folder: Path) -> dict:
     if kind not in KINDS:
         raise ValueError(f"{str(cfg_file)!r} names the kind {kind!r}, which this version of the code does not know "
                          f"(one of {', '.join(KINDS)})")
+    check_scale(meta["config"], cfg_file)
     try:
         kind_classes(kind)[1](**meta["config"])
     except (TypeError, ValueError) as e:

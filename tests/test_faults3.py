@@ -216,3 +216,65 @@ def test_a_result_records_the_weights_it_read_not_those_there_at_the_end(gpt2_di
     assert metrics.main([str(run), *QUICK_METRICS]) == 0
     with pytest.raises(ValueError, match="was computed from other weights than the model now in"):
         runs.read_result(run, "eval.json")
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Non-finite weights and impossible scales are refused on load, naming the tensor
+# ----------------------------------------------------------------------------------------
+
+
+def set_tensor(file, name, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    change(tensors[name])
+    save_file(tensors, str(file))
+
+
+def edit_config(file, change):
+    meta = json.loads(Path(file).read_text())
+    change(meta)
+    Path(file).write_text(json.dumps(meta))                  # (json writes NaN as NaN, as a careless tool would)
+
+
+@pytest.fixture(scope="module")
+def good_run(gpt2_dir, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("good") / "run"
+    assert train.main(flags(gpt2_dir, cache, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage,want", [
+    (lambda r: set_tensor(r / "model.safetensors", "W_enc", lambda t: t.view(-1)[7].fill_(float("nan"))),
+     "{w}: W_enc holds nan or inf (1 of 16,384 values): these weights cannot be evaluated; rerun training or delete "
+     "the folder"),
+    (lambda r: set_tensor(r / "model.safetensors", "b_dec", lambda t: t.fill_(float("inf"))),
+     "{w}: b_dec holds nan or inf (256 of 256 values): these weights cannot be evaluated; rerun training or delete "
+     "the folder"),
+    (lambda r: edit_config(r / "config.json", lambda m: m["config"].update(input_scale=[float("nan")] * 4)),
+     "{c}: config.input_scale must be finite numbers > 0, one per layer, got [nan, nan, nan, nan]: rerun training or "
+     "delete the folder"),
+    (lambda r: edit_config(r / "config.json", lambda m: m["config"]["input_scale"].__setitem__(2, -0.5)),
+     "{c}: config.input_scale must be finite numbers > 0, one per layer, got [")])
+def test_non_finite_weights_and_impossible_scales_are_refused(good_run, tmp_path, capsys, damage, want):
+    run = Path(shutil.copytree(good_run, tmp_path / "run"))
+    damage(run)
+    want = "error: " + want.format(w=repr(str(run / "model.safetensors")), c=repr(str(run / "config.json")))
+    line = error_of(capsys, metrics.main([str(run), *QUICK_METRICS]))
+    assert line.startswith(want), line
+    assert not (run / "eval.json").exists()
+    with pytest.raises(ValueError, match="holds nan or inf|must be finite numbers > 0"):
+        saved.load(run)
+
+
+@pytest.mark.parametrize("fixture,tensor", [("topk", "W_enc"), ("topk", "b_dec"), ("jumprelu", "threshold")])
+def test_a_saelens_folder_with_non_finite_weights_is_refused(tmp_path, fixture, tensor):
+    from test_saelens import copy_fixture
+
+    folder = copy_fixture(fixture, tmp_path, metadata={"model_name": "nobody/absent-lm"})   # (no LM to check)
+    set_tensor(folder / "sae_weights.safetensors", tensor, lambda t: t.view(-1)[0].fill_(float("nan")))
+    with pytest.raises(ValueError) as e:
+        saved.open_run(folder)
+    n = {"W_enc": 16 * 48, "b_dec": 16, "threshold": 48}[tensor]           # d_in 16, d_sae 48
+    assert str(e.value) == (f"{str(folder / 'sae_weights.safetensors')!r}: {tensor} holds nan or inf (1 of {n:,} "
+                            f"values): these weights cannot be evaluated; take the SAE from its source again")
