@@ -514,7 +514,7 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     if cfg.resume:            # the flags are compared with the checkpoint's, whether the run finished or not
         state = runs.read_checkpoint(Path(cfg.out) / "checkpoint.pt", cfg)
         finished = runs.read_summary(cfg.out)
-        if finished is not None and finished.get("complete"):
+        if finished is not None and saved.marked_complete(finished):
             if ranks.main:
                 print(f"{cfg.out} already finished its {finished['steps']} steps with these flags: nothing to resume")
             return finished

@@ -205,6 +205,12 @@ def check_saved(folder: Path) -> dict:
     return meta
 
 
+def marked_complete(record: dict) -> bool:
+    """Did train.py mark this summary.json (or config.json "metrics") complete? Only JSON true counts: "false",
+    0 or null do not. A record without the field (written before it existed) counts as complete."""
+    return record.get("complete", True) is True
+
+
 def check_complete(run_dir: Path, metas: list[dict]) -> None:
     """ValueError if train.py marked the run interrupted: "complete": false in summary.json or in a
     config.json's "metrics" entry. Runs written before that field existed count as complete."""
@@ -214,7 +220,7 @@ def check_complete(run_dir: Path, metas: list[dict]) -> None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         pass                              # none, or damaged: the dictionaries' own config.json decide
     records = [r for r in records if isinstance(r, dict)]
-    if any(r.get("complete") is False for r in records):
+    if not all(marked_complete(r) for r in records):
         steps, planned = records[0].get("steps"), records[0].get("steps_planned")
         where = (f" after {steps:,}" + (f" of {planned:,}" if isinstance(planned, int) else "") + " steps"
                  if isinstance(steps, int) else "")

@@ -278,3 +278,20 @@ def test_a_saelens_folder_with_non_finite_weights_is_refused(tmp_path, fixture, 
     n = {"W_enc": 16 * 48, "b_dec": 16, "threshold": 48}[tensor]           # d_in 16, d_sae 48
     assert str(e.value) == (f"{str(folder / 'sae_weights.safetensors')!r}: {tensor} holds nan or inf (1 of {n:,} "
                             f"values): these weights cannot be evaluated; take the SAE from its source again")
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Only JSON true is complete
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["false", 0, None, "true"])
+def test_only_json_true_marks_a_run_complete(good_run, gpt2_dir, cache, tmp_path, capsys, value):
+    run = Path(shutil.copytree(good_run, tmp_path / "run"))
+    edit_config(run / "summary.json", lambda m: m.update(complete=value))
+    line = error_of(capsys, metrics.main([str(run), *QUICK_METRICS]))
+    assert line == (f"error: {str(run)!r} holds an interrupted run (training stopped after 12 of 12 steps): resume it "
+                    f"with python train.py <the same flags> --resume, or pass --allow-incomplete to use it as it is")
+    assert train.main(flags(gpt2_dir, cache, run, "--resume")) == 0            # resumed, not "already finished"
+    assert "already finished" not in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["complete"] is True
