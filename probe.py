@@ -50,7 +50,7 @@ import core
 from core import opt
 from support import cli, runs, saved
 from support.corpora import tokenize
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 from support.tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
 
 NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (the top-k probes), L-BFGS above
@@ -390,7 +390,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
         report["mean"] = summarise(report["tasks"])
         if n_boot and report["tasks"].keys() == preds.keys():     # an interval needs every task's predictions
             report["mean_ci"] = mean_intervals(report["tasks"], preds, n_boot, seed)
-        write_atomic(out, json.dumps(report, indent=2))
+        write_atomic(out, json_text(report, indent=2))
         return report
 
 

@@ -565,6 +565,9 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
                "parameters": sizes, "eval": evaluate(models, data, layers, device)}
     summary["time"]["setup_s"] = setup_s
+    failed = None if result["interrupted"] else runs.failure(summary)
+    if failed:                                # saved (nothing is lost) but marked: the evaluators refuse it
+        summary.update(complete=False, failed=failed)
     export(folder, models, cfg, run, summary)
     if result["interrupted"]:
         print(f"\ninterrupted at step {result['steps']} of {result['steps_planned']}: saved {cfg.out} (incomplete; "
@@ -585,12 +588,16 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        summary = train(parse_args(argv))
+        cfg = parse_args(argv)
+        summary = train(cfg)
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
     except KeyboardInterrupt:           # Ctrl-C before the loop (which saves instead): the harvest, the setup
         print("\ninterrupted before training started: nothing was saved (a partial cache is removed)", file=sys.stderr)
         return 130
+    if summary.get("failed"):           # saved, marked incomplete: a run of no use never looks like a result
+        return cli.cli_error(ValueError(f"the run in {cfg.out!r} failed: {summary['failed']} (it is saved, "
+                                        f"marked incomplete)"), code=1)
     return 130 if summary.get("interrupted") else 0
 
 

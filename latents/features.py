@@ -60,7 +60,7 @@ import metrics
 from core import opt
 from support import cache as activation_cache
 from support import cli, corpora, runs, saved
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 from support.heldout import check_held_out
 
 HIST_LO, HIST_HI = 1e-2, 1e3          # histogram range of activations (normalised units)
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
         with runs.reading(a.run):       # train.py cannot replace the run meanwhile
             feats = read_run(a.run, a.tokens, s, device, a.lm_batch, progress=not a.quiet,
                              allow_incomplete=a.allow_incomplete)
-            write_atomic(Path(a.run, "features.json"), json.dumps(feats, separators=(",", ":")))
+            write_atomic(Path(a.run, "features.json"), json_text(feats, separators=(",", ":")))
             page.write_page(feats, Path(a.run, "features.html"))
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)

@@ -50,6 +50,7 @@ from pathlib import Path
 
 from core import opt
 from support import cli
+from support.files import json_text, write_atomic
 
 EXPLAIN_PROMPT = (
     "You are helping to interpret a feature of a language model. The feature fires on certain tokens. "
@@ -362,7 +363,7 @@ def judge_run(run_dir, judge, s: JudgeSettings, progress: bool = True) -> dict:
     report = {"run": str(run_dir), "judge": judge.id, "settings": asdict(s), "dictionaries": dicts,
               "calls": cached.calls, "cached_calls": cached.hits, "usage": cached.usage,
               "tokens_per_latent": (sum(cached.usage.values()) / n_judged) if n_judged else None}
-    Path(run_dir, "autointerp.json").write_text(json.dumps(report, indent=1))
+    write_atomic(Path(run_dir, "autointerp.json"), json_text(report, indent=1))
     judged = {d["name"]: {x["id"]: {"explanation": x["explanation"] or "(unparseable)", "accuracy": x.get("accuracy"),
                                     "f1": x.get("f1")} for x in d["latents"]} for d in dicts}
     page.write_page(feats, Path(run_dir, "features.html"), judged)

@@ -33,10 +33,10 @@ class ArgParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def cli_error(e: BaseException) -> int:
-    """Print a user mistake as one line `error: ...` on stderr; the exit code 2."""
+def cli_error(e: BaseException, code: int = 2) -> int:
+    """Print a user mistake as one line `error: ...` on stderr; the exit code (2)."""
     print("error: " + " ".join(str(e).split()), file=sys.stderr)
-    return 2
+    return code
 
 
 def parse_int(text: str) -> int:

@@ -24,7 +24,7 @@ from metrics import (QUICK, ReconStats, ce_recovered_all, class_wasserstein, fun
 from probe import pool
 from support import cli, runs, saved, tasks
 from support.corpora import heldout_text, heldout_windows, take_tokens
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 from support.heldout import Held, check_held_out
 
 
@@ -176,7 +176,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
         out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
                "weights_sha256": digests,
                "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
-        write_atomic(Path(run_dir, "eval.json"), json.dumps(out, indent=2))
+        write_atomic(Path(run_dir, "eval.json"), json_text(out, indent=2))
         return out
 
 

@@ -24,9 +24,12 @@ Writing (`RunFolder`, used by train.py):
     (e.g. a stale layer_14/ of an earlier per-layer run next to a new crosscoder).
   * nothing half-written: every file is written atomically (support/files.py: temp name, fsync,
     os.replace); the checkpoint too.
-  * nothing faked: summary.json says whether the run completed all its steps. An interrupted run
-    (Ctrl-C) still exports a loadable model, but with "complete": false, and train.py exits 130;
-    metrics.py and probe.py refuse such folders unless told otherwise.
+  * nothing faked: summary.json says whether the run completed all its steps ("complete": JSON true).
+    An interrupted run (Ctrl-C) still exports a loadable model, but with "complete": false, and train.py
+    exits 130; a finished run of no use (`failure`: no step trained, a held-out FVU not finite or above
+    DIVERGED_FVU) is exported with "complete": false and "failed": why, and train.py exits 1. metrics.py
+    and probe.py refuse such folders unless told otherwise. A checkpoint is written only when every tensor
+    is finite (a diverged run keeps its last good one), and every JSON file is valid JSON (nan/inf: null).
   * nothing left behind by a failure: a folder this run created is removed again if the run
     fails before writing anything into it.
 """
@@ -37,6 +40,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -45,7 +49,7 @@ from pathlib import Path
 import torch
 
 from support.cli import check_writable
-from support.files import check_free, disk_full, pid_alive, remove_stale, temp_path, write_atomic
+from support.files import check_free, disk_full, json_text, pid_alive, remove_stale, temp_path, write_atomic
 
 
 class RunFolderError(ValueError):
@@ -227,6 +231,34 @@ def read_result(run_dir, name: str) -> dict:
     return result
 
 
+DIVERGED_FVU = 1.0
+"""A held-out FVU above this (the dictionary reconstructs the held-out tokens worse than their mean does) marks
+a finished run as failed: diverged, whatever its weights."""
+
+
+def failure(summary: dict) -> str | None:
+    """Why a finished run is of no use ("<what>; <fix>"), or None. It is, and train.py saves it marked
+    incomplete ("complete": false, "failed": this), when it trained no step at all, or when a dictionary's
+    held-out FVU is not finite (the held-out activations do not vary, or the reconstruction overflowed) or
+    above DIVERGED_FVU (the training diverged)."""
+    if summary["steps"] == 0:
+        why = (" (--time-limit was reached first)" if summary.get("time_limit_reached") else
+               " (the data ran out first)" if summary.get("data_exhausted") else "")
+        return (f"it trained no step{why}, so its dictionaries are their initialisation; continue it with the same "
+                f"flags and --resume once it can train (a longer --time-limit, more data)")
+    for key, e in (summary.get("eval") or {}).items():     # "all", "<layer>", "<name>/all", "<name>/<layer>"
+        name, _, sub = key.rpartition("/")
+        key = " ".join(([name] if name else []) + ([] if sub == "all" else [f"layer {sub}"])) or "the dictionary"
+        fvu = e.get("fvu") if isinstance(e, dict) else None
+        if fvu is not None and not math.isfinite(fvu):
+            return (f"the held-out FVU of {key} is {fvu} (the held-out activations do not vary, or the "
+                    f"reconstruction overflowed); check the activations")
+        if fvu is not None and fvu > DIVERGED_FVU:
+            return (f"the held-out FVU of {key} is {fvu:.4g}, above {DIVERGED_FVU:g}: it reconstructs the held-out "
+                    f"tokens worse than their mean does, the training diverged; train it again with a lower --lr")
+    return None
+
+
 def read_summary(path: Path) -> dict | None:
     """The folder's summary.json, or None when there is none."""
     f = Path(path) / "summary.json"
@@ -351,7 +383,7 @@ class RunFolder:
     def append_curve(self, record: dict) -> None:
         """One line of curve.jsonl (flushed to disk: a killed run keeps every line it wrote)."""
         with open(self.curve, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -367,7 +399,7 @@ class RunFolder:
             rows = [json.loads(l) for l in self.curve.read_text().splitlines() if l.strip()]
             for r in rows:
                 r["eval"] = {k.split("/", 1)[1]: v for k, v in r["eval"].items() if k.split("/", 1)[0] == name}
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(path, "".join(json_text(r) + "\n" for r in rows))
 
     def export(self) -> "_Export":
         """Context manager yielding a fresh folder to write the run's files into; on success it
@@ -496,4 +528,4 @@ def tensor_bytes(obj) -> int:
 
 
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2))
+    write_atomic(path, json_text(obj, indent=2))

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 
 from support import cli, saved
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 
 SAELENS_VERSION = "6.54.12"          # the version whose format this follows (tests/fixtures/saelens/VERSION)
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -469,7 +469,7 @@ def write_folder(out: Path, cfg: dict, tensors: dict[str, Tensor], overwrite: bo
     cli.check_writable(out, "the SAELens folder")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / WEIGHTS, to_bytes(tensors))
-    write_atomic(out / CFG, json.dumps(cfg, indent=2))
+    write_atomic(out / CFG, json_text(cfg, indent=2))
 
 
 def export(run_dir, out_dir, overwrite: bool = False, allow_incomplete: bool = False) -> list[Path]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 
 KINDS = {"sae": ("sae", "SAE", "SAEConfig"), "crosscoder": ("crosscoder", "CrossCoder", "CrossCoderConfig"),
          "fmxcoder": ("fmxcoder", "FMXCoder", "FMXCoderConfig"), "polysae": ("polysae", "PolySAE", "PolySAEConfig")}
@@ -102,7 +102,7 @@ def save(model, path, extra: dict | None = None) -> None:
     write_atomic(path / "model.safetensors", data)
     meta = {"kind": kind_of(model), "config": dataclasses.asdict(model.config),
             "weights_sha256": hashlib.sha256(data).hexdigest(), **(extra or {})}
-    write_atomic(path / "config.json", json.dumps(meta, indent=2))
+    write_atomic(path / "config.json", json_text(meta, indent=2))
 
 
 def load(path, device="cpu"):
@@ -220,6 +220,10 @@ def check_complete(run_dir: Path, metas: list[dict]) -> None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         pass                              # none, or damaged: the dictionaries' own config.json decide
     records = [r for r in records if isinstance(r, dict)]
+    failed = next((r["failed"] for r in records if isinstance(r.get("failed"), str)), None)
+    if failed:                            # finished, but of no use (support.runs.failure)
+        raise ValueError(f"{str(run_dir)!r} holds a run that failed: {failed}; or pass --allow-incomplete to use it as "
+                         f"it is")
     if not all(marked_complete(r) for r in records):
         steps, planned = records[0].get("steps"), records[0].get("steps_planned")
         where = (f" after {steps:,}" + (f" of {planned:,}" if isinstance(planned, int) else "") + " steps"

@@ -295,3 +295,77 @@ def test_only_json_true_marks_a_run_complete(good_run, gpt2_dir, cache, tmp_path
     assert train.main(flags(gpt2_dir, cache, run, "--resume")) == 0            # resumed, not "already finished"
     assert "already finished" not in capsys.readouterr().out
     assert json.loads((run / "summary.json").read_text())["complete"] is True
+
+
+# ----------------------------------------------------------------------------------------
+# 9. A finished run of no use is saved marked failed (exit 1), and every JSON file is JSON
+# ----------------------------------------------------------------------------------------
+
+
+def strict_json(path):
+    """json.loads refusing NaN / Infinity, which Python's json writes but JSON does not have."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def all_json_valid(folder):
+    files = [p for p in Path(folder).rglob("*") if p.suffix in (".json", ".jsonl")]
+    for p in files:
+        for line in (p.read_text().splitlines() if p.suffix == ".jsonl" else [None]):
+            strict_json(p) if line is None else json.loads(line, parse_constant=lambda c: 1 / 0)
+    return len(files)
+
+
+def failed_line(capsys, code):
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_diverged_run_is_saved_marked_failed_and_refused_by_the_evaluators(gpt2_dir, cache, tmp_path, capsys):
+    import re
+
+    out = tmp_path / "run"
+    line = failed_line(capsys, train.main(flags(gpt2_dir, cache, out, "--lr", "10", "--eval-every", "6")))
+    why = (r"the held-out FVU of the dictionary is [\d.e+]+, above 1: it reconstructs the held-out tokens worse than "
+           r"their mean does, the training diverged; train it again with a lower --lr")
+    assert re.fullmatch(f"error: the run in {re.escape(repr(str(out)))} failed: {why} \\(it is saved, marked "
+                        f"incomplete\\)", line), line
+    summary = strict_json(out / "summary.json")
+    assert summary["complete"] is False and re.fullmatch(why, summary["failed"]) and summary["steps"] == 12
+    assert all_json_valid(out) == 3                                       # config, summary, curve
+    line = error_of(capsys, metrics.main([str(out), *QUICK_METRICS]))
+    assert re.fullmatch(f"error: {re.escape(repr(str(out)))} holds a run that failed: {why}; or pass "
+                        f"--allow-incomplete to use it as it is", line), line
+    assert metrics.main([str(out), *QUICK_METRICS, "--allow-incomplete"]) == 0       # nothing lost: it is there
+    assert all_json_valid(out) == 4
+
+
+def test_a_run_that_trained_no_step_is_saved_marked_failed_and_resumes(gpt2_dir, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = failed_line(capsys, train.main(flags(gpt2_dir, cache, out, "--time-limit", "1e-9")))
+    assert line == (f"error: the run in {str(out)!r} failed: it trained no step (--time-limit was reached first), so "
+                    f"its dictionaries are their initialisation; continue it with the same flags and --resume once it "
+                    f"can train (a longer --time-limit, more data) (it is saved, marked incomplete)")
+    assert strict_json(out / "summary.json")["complete"] is False
+    assert train.main(flags(gpt2_dir, cache, out, "--resume")) == 0         # no time limit now
+    summary = strict_json(out / "summary.json")
+    assert summary["complete"] is True and summary["steps"] == 12 and "failed" not in summary
+
+
+def test_constant_activations_give_valid_json_and_a_failed_run(gpt2_dir, cache, tmp_path, capsys):
+    import numpy as np
+
+    flat = Path(shutil.copytree(cache, tmp_path / "flat"))
+    meta = json.loads((flat / "meta.json").read_text())
+    for name, n in meta["shards"]:
+        np.memmap(flat / name, dtype=np.float16, mode="r+", shape=(n, len(meta["layers"]), meta["d"]))[:] = 0.5
+    out = tmp_path / "run"
+    line = failed_line(capsys, train.main(flags(gpt2_dir, flat, out, "--eval-every", "6")))
+    assert line == (f"error: the run in {str(out)!r} failed: the held-out FVU of the dictionary is inf (the held-out "
+                    f"activations do not vary, or the reconstruction overflowed); check the activations (it is saved, "
+                    f"marked incomplete)")
+    assert all_json_valid(out) == 3
+    assert strict_json(out / "summary.json")["eval"]["all"]["fvu"] is None
+    assert strict_json(out / "config.json")["metrics"]["eval"]["fvu"] is None
