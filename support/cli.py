@@ -105,7 +105,7 @@ def add_flags(p: argparse.ArgumentParser, cls, defaults: bool = True, group: str
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{f.metadata['help']} (default: {default})"
+        help_ = f"{f.metadata['help']} (default: {default})".replace("%", "%%")     # argparse %-formats help
         if hints[f.name] is bool:
             target.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default if defaults else None, help=help_)

@@ -369,3 +369,46 @@ def test_constant_activations_give_valid_json_and_a_failed_run(gpt2_dir, cache, 
     assert all_json_valid(out) == 3
     assert strict_json(out / "summary.json")["eval"]["all"]["fvu"] is None
     assert strict_json(out / "config.json")["metrics"]["eval"]["fvu"] is None
+
+
+# ----------------------------------------------------------------------------------------
+# 10. --help of every entry point prints its help and nothing else happens
+# ----------------------------------------------------------------------------------------
+
+ENTRY_POINTS = ([["train.py"], ["metrics.py"], ["probe.py"]]
+                + [["-m", m] for m in ("latents.features", "latents.judge", "latents.page", "support.saelens")]
+                + [[str(p.relative_to(ROOT))] for d in ("bench", "experiments") for p in sorted((ROOT / d).glob("*.py"))])
+
+
+@pytest.mark.parametrize("module", ["train", "metrics", "probe", "latents.features", "latents.judge", "latents.page",
+                                    "support.saelens"])
+def test_help_of_the_command_lines_in_process(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage:")
+
+
+@pytest.mark.slow                    # ~60 CPU-seconds: a process (torch imported) per script
+def test_help_of_every_entry_point(tmp_path):
+    """Each one in its own process from an empty folder, all at once: exit 0, a usage line, no traceback, and
+    nothing written (experiments/corpus.py used to write its corpus to a file named --help, figure.py its
+    tables over the committed ones; probe.py crashed on the '%' of '95%')."""
+    import time
+
+    started = time.time()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [(argv, subprocess.Popen([sys.executable, *[a if a == "-m" or i else str(ROOT / a) if a.endswith(".py")
+                                                        else a for i, a in enumerate(argv)], "--help"],
+                                     cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             for argv in ENTRY_POINTS]
+    for argv, p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "Traceback" not in err, (argv, err[-2000:])
+        assert out.startswith("usage:"), (argv, out[:300])
+    assert list(tmp_path.iterdir()) == []
+    changed = [p for p in ROOT.rglob("*") if p.is_file() and p.stat().st_mtime > started
+               and not {".git", "__pycache__", ".pytest_cache", ".venv"} & set(p.relative_to(ROOT).parts)]
+    assert changed == []
+    assert len(ENTRY_POINTS) >= 7 + 5 + 10
