@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -80,6 +81,15 @@ class JudgeSettings:
     detect_tokens: int = opt(40, "max tokens of the detection answer")
     detect: str = opt("batch", "batch: one call lists the numbers (SAEBench) | each: a Yes/No call per excerpt")
     seed: int = opt(0, "seed of the latents and snippets chosen")
+
+    def check(self, name=str) -> None:
+        cli.check_min((name("latents"), self.latents, 1), (name("n_explain"), self.n_explain, 1),
+                      (name("n_detect_top"), self.n_detect_top, 0), (name("min_positives"), self.min_positives, 1),
+                      (name("explain_tokens"), self.explain_tokens, 1), (name("detect_tokens"), self.detect_tokens, 1))
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"{name('threshold')} is a detection accuracy, between 0 and 1, got {self.threshold}")
+        if self.detect not in ("batch", "each"):
+            raise ValueError(f"{name('detect')} must be batch or each, got {self.detect!r}")
 
 
 class JudgeError(RuntimeError):
@@ -192,6 +202,12 @@ class HTTPJudge:
                                  f"{e.read().decode(errors='replace')[:200].strip()}") from None
             except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                 raise JudgeError(f"cannot reach the judge at {self.url}: {getattr(e, 'reason', e)}") from None
+            except http.client.HTTPException as e:     # IncompleteRead: the server closed mid-answer
+                if attempt < self.retries:
+                    time.sleep(2 ** attempt)
+                    continue
+                raise JudgeError(f"the judge at {self.url} closed the connection in the middle of its answer "
+                                 f"({type(e).__name__}), {self.retries + 1} times: check the server") from None
             except json.JSONDecodeError:
                 return "", {}                          # not JSON: an unparseable answer, counted
         try:
@@ -407,9 +423,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     try:
         a = p.parse_args(argv)
-        s = JudgeSettings(**cli.values(a, JudgeSettings))
-        if s.detect not in ("batch", "each"):
-            raise ValueError(f"--detect must be batch or each, got {s.detect!r}")
+        s = cli.build(JudgeSettings, **cli.values(a, JudgeSettings))
         if a.judge.startswith("local:"):
             a.device = cli.resolve_device(a.device)
         missing = [r for r in a.runs if not Path(r, "features.json").exists()]

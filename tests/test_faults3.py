@@ -412,3 +412,52 @@ def test_help_of_every_entry_point(tmp_path):
                and not {".git", "__pycache__", ".pytest_cache", ".venv"} & set(p.relative_to(ROOT).parts)]
     assert changed == []
     assert len(ENTRY_POINTS) >= 7 + 5 + 10
+
+
+# ----------------------------------------------------------------------------------------
+# 11. Tracebacks that are one line now
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_judge_that_closes_mid_answer_is_one_line(tmp_path, capsys, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from latents import judge
+    from test_autointerp import synthetic_features
+
+    class HalfAnswer(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"choices": [{"mess')        # ... and the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HalfAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    monkeypatch.setattr(judge.time, "sleep", lambda s: None)          # (the retries' back-off)
+    try:
+        code = judge.main([str(synthetic_features(tmp_path / "a")), "--judge", url, "--judge-model", "m", "--quiet"])
+    finally:
+        server.shutdown()
+    assert error_of(capsys, code) == (f"error: the judge at {url}/chat/completions closed the connection in the middle "
+                                      f"of its answer (IncompleteRead), 4 times: check the server")
+
+
+@pytest.mark.parametrize("argv,want", [(["--threshold", "7"], "--threshold is a detection accuracy, between 0 and 1, "
+                                                              "got 7.0"),
+                                       (["--threshold", "nan"], "--threshold is a detection accuracy, between 0 and 1, "
+                                                                "got nan"),
+                                       (["--latents", "0"], "--latents must be at least 1, got 0")])
+def test_judge_settings_are_checked_before_the_judge_loads(tmp_path, capsys, argv, want):
+    from latents import judge
+    from test_autointerp import synthetic_features
+
+    run = synthetic_features(tmp_path / "a")
+    assert error_of(capsys, judge.main([str(run), "--judge", "local:nobody/absent", *argv])) == "error: " + want
