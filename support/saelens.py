@@ -230,7 +230,9 @@ def describe(folder) -> dict:
     except ValueError as e:
         raise ValueError(f"{str(file)!r} does not fit sae.SAE ({e})") from None
     context = md.get("context_size")
-    run = {"model": hf_model_name(model), "layers": [layer], "context": context if isinstance(context, int) else 128,
+    if context is not None and not (isinstance(context, int) and not isinstance(context, bool) and context >= 2):
+        raise ValueError(f"{str(file)!r}: metadata.context_size must be an integer >= 2, got {context!r:.40}")
+    run = {"model": hf_model_name(model), "layers": [layer], "context": context or 128,
            "dataset": md.get("dataset_path") or None, "lm_dtype": "float32", "cache": None, "dict": "sae",
            "name": folder.resolve().name, "hooks": [md["hf_hook_name"]] if md.get("hf_hook_name") else None}
     saelens = {"folder": str(folder), "architecture": arch, "dtype": dtype, "d_in": d_in, "d_sae": d_sae,

@@ -195,6 +195,7 @@ def check_saved(folder: Path) -> dict:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit a {kind} ({e}): the run was written by "
                          f"another version of this code") from e
+    check_run_entry(meta, cfg_file)
     if not weights.is_file():
         raise ValueError(f"{str(weights)!r} is missing: {RERUN}")
     try:
@@ -209,6 +210,50 @@ def marked_complete(record: dict) -> bool:
     """Did train.py mark this summary.json (or config.json "metrics") complete? Only JSON true counts: "false",
     0 or null do not. A record without the field (written before it existed) counts as complete."""
     return record.get("complete", True) is True
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+RUN_FIELDS = {      # what train.py writes into config.json's "run" entry (and support.saelens.describe's meta)
+    "model": (lambda v: isinstance(v, str) and bool(v), "a model name"),
+    "layers": (lambda v: isinstance(v, list) and bool(v) and all(_count(l) for l in v), "a list of block numbers"),
+    "context": (lambda v: _count(v) and v >= 2, "an integer >= 2"),
+    "dataset": (lambda v: v is None or isinstance(v, str), "a dataset name or null"),
+    "cache": (lambda v: v is None or isinstance(v, str), "a folder or null"),
+    "train_tokens": (_count, "an integer >= 0"),
+    "eval_tokens": (_count, "an integer >= 0"),
+    "drop_outliers": (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and (
+        v == 0 or 1 < v < math.inf), "0, null or a multiple of the median norm > 1"),
+    "lm_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    "hooks": (lambda v: v is None or isinstance(v, list), "a list of module paths or null")}
+
+
+def check_run_entry(meta: dict, file) -> None:
+    """ValueError naming the file and the field when config.json's "run" entry (what the evaluators read:
+    the LM, its layers, the held-out text and tokens) has a field of the wrong type or value."""
+    run = meta.get("run")
+    if run is None:                        # a dictionary saved without a run (save() from a script)
+        return
+    if not isinstance(run, dict):
+        raise ValueError(f"{str(file)!r}: its \"run\" entry is {type(run).__name__}, not an object: {RERUN}")
+    for key, (ok, want) in RUN_FIELDS.items():
+        if key in run and not (run[key] is None and key in ("train_tokens", "eval_tokens")) and not ok(run[key]):
+            raise ValueError(f"{str(file)!r}: run.{key} must be {want}, got {run[key]!r:.60}: {RERUN}")
+
+
+def check_context(folder: Path, meta: dict) -> None:
+    """ValueError when the run's context is longer than its LM's positions, when the LM's config is known
+    without a download (a SAELens metadata.context_size of 10^6 would otherwise allocate terabytes)."""
+    run = meta.get("run") or {}
+    config = saelens().local_lm_config(run["model"]) if run.get("model") else None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and isinstance(run.get("context"), int) and run["context"] > limit:
+        where, key = (folder / "cfg.json", "metadata.context_size") if "saelens" in meta else \
+            (folder / "config.json", "run.context")
+        raise ValueError(f"{str(where)!r}: {key} {run['context']:,} exceeds the {limit:,} positions of model "
+                         f"{run['model']!r}")
 
 
 def check_complete(run_dir: Path, metas: list[dict]) -> None:
@@ -247,6 +292,7 @@ def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
     for d, meta in zip(dirs, metas):
         if "saelens" in meta:            # its LM, when known without a download, must fit its d_in and layer
             saelens().check_lm(d, meta)
+        check_context(d, meta)
     if not allow_incomplete:
         check_complete(run_dir, metas)
     return metas

@@ -461,3 +461,34 @@ def test_judge_settings_are_checked_before_the_judge_loads(tmp_path, capsys, arg
 
     run = synthetic_features(tmp_path / "a")
     assert error_of(capsys, judge.main([str(run), "--judge", "local:nobody/absent", *argv])) == "error: " + want
+
+
+@pytest.mark.parametrize("change,want", [
+    (lambda m: m["run"].update(layers=[0, "1", 2, 3]), "run.layers must be a list of block numbers, got [0, '1', 2, 3]"),
+    (lambda m: m["run"].update(cache=5), "run.cache must be a folder or null, got 5"),
+    (lambda m: m.update(run="x"), 'its "run" entry is str, not an object'),
+    (lambda m: m["run"].update(eval_tokens="x"), "run.eval_tokens must be an integer >= 0, got 'x'"),
+    (lambda m: m["run"].update(context="64"), "run.context must be an integer >= 2, got '64'")])
+def test_wrong_types_in_the_run_entry_are_one_line(good_run, tmp_path, capsys, change, want):
+    run = Path(shutil.copytree(good_run, tmp_path / "run"))
+    edit_config(run / "config.json", change)
+    assert error_of(capsys, metrics.main([str(run), *QUICK_METRICS])) == \
+        f"error: {str(run / 'config.json')!r}: {want}: {saved.RERUN}"
+
+
+def test_a_context_longer_than_the_lm_is_refused_before_any_allocation(gpt2_dir, cache, tmp_path, capsys):
+    from support import saelens
+
+    run = tmp_path / "sae"
+    argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none") if a not in ("--dict", "crosscoder")]
+    assert train.main(argv + ["--dict", "sae"]) == 0
+    [folder] = saelens.export(run, tmp_path / "saelens")                   # saelens/layer_1/
+    for context, want in ((10**6, f"metadata.context_size 1,000,000 exceeds the 1,024 positions of model {gpt2_dir!r}"),
+                          ("128", "metadata.context_size must be an integer >= 2, got '128'")):
+        edit_config(folder / "cfg.json", lambda c: c["metadata"].update(context_size=context))
+        assert error_of(capsys, metrics.main([str(folder), *QUICK_METRICS])) == \
+            f"error: {str(folder / 'cfg.json')!r}: {want}"
+    edit_config(run / "layer_1" / "config.json", lambda m: m["run"].update(context=4096))      # ours too
+    assert error_of(capsys, metrics.main([str(run), *QUICK_METRICS])) == (
+        f"error: {str(run / 'layer_1' / 'config.json')!r}: run.context 4,096 exceeds the 1,024 positions of model "
+        f"{gpt2_dir!r}")
