@@ -148,6 +148,7 @@ def open_stream(*, model: str, layers: list[int], dataset, context: int, tokens:
     the first eval_tokens tokens are held out, the next SAMPLE_TOKENS set the scale and b_dec (and are
     trained on), everything after goes through a shuffle buffer on `device`, `passes` times over a
     finite corpus."""
+    corpora.check_dataset(dataset, activations.load_tokenizer(model))    # before the LM's weights
     lm, tok = activations.load_lm(model, device=device, dtype=lm_dtype)
     n_eval = eval_tokens
 

@@ -492,3 +492,96 @@ def test_a_context_longer_than_the_lm_is_refused_before_any_allocation(gpt2_dir,
     assert error_of(capsys, metrics.main([str(run), *QUICK_METRICS])) == (
         f"error: {str(run / 'layer_1' / 'config.json')!r}: run.context 4,096 exceeds the 1,024 positions of model "
         f"{gpt2_dir!r}")
+
+
+@pytest.fixture(scope="module")
+def token_corpus(gpt2_dir, tmp_path_factory):
+    """A small pre-tokenised corpus (BBC articles) for the tiny GPT-2, as experiments/corpus_large.py writes one."""
+    from transformers import AutoTokenizer
+
+    from support import corpora
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import corpus_large
+
+    texts, _ = corpora.bbc_news()
+    out = tmp_path_factory.mktemp("corpus") / "bbc.gpt2.u16"
+    corpus_large.write_tokens([("bbc", t) for t in texts[:40]], AutoTokenizer.from_pretrained(gpt2_dir), "gpt2", out)
+    return out
+
+
+def damaged_corpus(token_corpus, folder, record_sha: bool) -> Path:
+    """A copy whose token 100 is 60,000 (GPT-2 has 50,257), with the sha256 in its .json updated or not."""
+    import hashlib
+
+    import numpy as np
+
+    u16 = folder / token_corpus.name
+    shutil.copy(token_corpus, u16)
+    shutil.copy(token_corpus.with_suffix(".json"), u16.with_suffix(".json"))
+    ids = np.fromfile(u16, dtype=np.uint16)
+    ids[100] = 60_000
+    ids.tofile(u16)
+    if record_sha:
+        edit_config(u16.with_suffix(".json"), lambda m: m.update(sha256=hashlib.sha256(ids.tobytes()).hexdigest()))
+    return u16
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_token_file_outside_its_vocabulary_is_refused_before_the_lm_loads(gpt2_dir, token_corpus, tmp_path, capsys,
+                                                                           monkeypatch, stream):
+    import activations
+
+    def never(*a, **k):
+        raise AssertionError("the LM's weights were loaded")
+
+    monkeypatch.setattr(activations, "load_lm", never)
+    cache = "none" if stream else str(tmp_path / "c")
+    for record_sha, want in ((True, "holds token id 60,000, outside its vocabulary of 50,257 ids: rebuild it with "
+                                    "`python experiments/corpus_large.py`"),
+                             (False, "is damaged: sha256 ")):
+        u16 = damaged_corpus(token_corpus, Path(tmp_path), record_sha)
+        line = error_of(capsys, train.main(flags(gpt2_dir, cache, tmp_path / "run", "--dataset", str(u16))))
+        assert line.startswith(f"error: token file {str(u16)!r} ") and want in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_missing_dataset_and_a_full_disk_are_refused_before_the_lm_loads(gpt2_dir, tmp_path, capsys, monkeypatch):
+    import activations
+    from support import files
+
+    def never(*a, **k):
+        raise AssertionError("the LM's weights were loaded")
+
+    monkeypatch.setattr(activations, "load_lm", never)
+    for cache in ("none", str(tmp_path / "c")):
+        line = error_of(capsys, train.main(flags(gpt2_dir, cache, tmp_path / "run", "--dataset",
+                                                 str(tmp_path / "no-such-folder/"))))
+        assert line == f"error: dataset file or folder {str(tmp_path / 'no-such-folder')!r} does not exist"
+    real = shutil.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000) if Path(p) == tmp_path
+                        else real(p))
+    line = error_of(capsys, train.main(flags(gpt2_dir, tmp_path / "c", tmp_path / "run")))
+    assert line.startswith("error: the activation cache (2,048 tokens × 4 layers × 64 × 2 bytes) needs 1,048,576 bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_killed_harvest_leaves_no_temporary_once_any_cache_is_opened(gpt2_dir, cache, tmp_path, monkeypatch):
+    from test_faults import dead_pid
+
+    monkeypatch.setenv("FMX_CACHE", str(tmp_path / "fmx"))
+    acts = tmp_path / "fmx" / "acts"
+    acts.mkdir(parents=True)
+    pid = dead_pid()
+    stale = [acts / f".smollm2-135m-0123456789ab.tmp-{pid}", cache.parent / f".{cache.name}.tmp-{pid}"]
+    for s in stale:                                          # preallocated shards of killed rebuilds
+        s.mkdir()
+        (s / "acts_00000.bin").write_bytes(bytes(1 << 20))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / f".run.export-{pid}").mkdir()                   # not a cache's: never touched by the caches
+    assert train.main(flags(gpt2_dir, cache, tmp_path / "run")) == 0          # reuses `cache`: no rebuild
+    src = Path(activation_cache.default_cache_path(gpt2_dir, "0-3", True, None, "train", 64, "float16", 10.0))
+    shutil.copytree(cache, src)                                               # a default cache, reused as well
+    assert train.main([a for a in flags(gpt2_dir, cache, tmp_path / "run2") if a not in ("--cache", str(cache))]) == 0
+    assert not any(s.exists() for s in stale)
+    assert (other / f".run.export-{pid}").exists()
