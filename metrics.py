@@ -505,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                  for r in a.runs]
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
+    except KeyboardInterrupt:
+        return cli.interrupted("each run's eval.json")
     print(evaluate.format_table(evals))
     return 0
 

@@ -507,6 +507,8 @@ def main(argv=None) -> int:
                            c.batch_size, c.context, c.full, c.raw, c.C, c.out, c.allow_incomplete, c.bootstrap)
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
+    except KeyboardInterrupt:
+        return cli.interrupted("probe.json")
     print(table(report))
     return 0
 

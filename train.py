@@ -59,6 +59,7 @@ import activations
 import core
 import metrics
 from core import opt
+from support import cache as activation_cache
 from support import cli, runs, saved
 from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
 from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
@@ -144,6 +145,8 @@ class TrainConfig:
         cli.resolve_device(self.device)
         runs.check_out(self.out)
         cli.check_writable(Path(self.out), "the run folder")
+        if self.cache not in (None, "none"):
+            activation_cache.check_folder(Path(self.cache))
 
 
 # ----------------------------------------------------------------------------------------

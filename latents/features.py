@@ -446,6 +446,8 @@ def main(argv=None) -> int:
             page.write_page(feats, Path(a.run, "features.html"))
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
+    except KeyboardInterrupt:
+        return cli.interrupted("features.json")
     for d in feats["dictionaries"]:
         print(f"{d['name']}: {d['alive']:,} of {d['n_latents']:,} latents fire on {feats['tokens']:,} held-out tokens")
     print(f"wrote {Path(a.run, 'features.json')} and {Path(a.run, 'features.html')}")

@@ -195,6 +195,15 @@ def default_cache_path(model_name, layers, multi, dataset, split, context, dtype
     return activations.cache_root() / "acts" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
+def check_folder(path: Path) -> None:
+    """ValueError unless `path` can be a cache folder: not a file, and creatable or writable."""
+    from support.cli import check_writable
+
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--cache {str(path)!r} is a file: pass a folder for the activation cache (or none to stream)")
+    check_writable(path, "the activation cache")
+
+
 def build_cache(path, model_name: str = activations.DEFAULT_MODEL, layers=None, dataset: str | None = None,
                 n_tokens: int = 1_000_000, context: int = 128, batch_size: int = 16, device="cpu",
                 dtype: str = "float16", drop_outliers: float | None = None, multi: bool = True,
@@ -215,6 +224,7 @@ def build_cache(path, model_name: str = activations.DEFAULT_MODEL, layers=None, 
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     path = Path(path) if path is not None else default_cache_path(
         model_name, layers, multi, dataset, split, context, dtype, drop_outliers, lm_dtype)
+    check_folder(path)
     remove_stale(path.parent, path.name)     # what a killed harvest left (.<name>.tmp-<pid>), reused or not
     if path.parent == activations.cache_root() / "acts":
         remove_stale(path.parent)            # and any other cache's there (that folder holds caches only)

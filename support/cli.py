@@ -39,6 +39,12 @@ def cli_error(e: BaseException, code: int = 2) -> int:
     return code
 
 
+def interrupted(written: str) -> int:
+    """Ctrl-C in an evaluator: one line on stderr saying that nothing was left half-written; exit code 130."""
+    print(f"\ninterrupted: nothing was left half-written ({written} is written whole, at the end)", file=sys.stderr)
+    return 130
+
+
 def parse_int(text: str) -> int:
     """An integer, also written as 3e8 or 1_000 (a float that is not whole is refused)."""
     try:

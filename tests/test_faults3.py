@@ -585,3 +585,38 @@ def test_a_killed_harvest_leaves_no_temporary_once_any_cache_is_opened(gpt2_dir,
     assert train.main([a for a in flags(gpt2_dir, cache, tmp_path / "run2") if a not in ("--cache", str(cache))]) == 0
     assert not any(s.exists() for s in stale)
     assert (other / f".run.export-{pid}").exists()
+
+
+@pytest.mark.parametrize("command", ["metrics", "probe", "features"])
+def test_ctrl_c_in_an_evaluator_is_one_line_and_writes_nothing(good_run, tmp_path, capsys, monkeypatch, command):
+    import probe
+    from latents import features
+    from support import evaluate
+
+    run = Path(shutil.copytree(good_run, tmp_path / "run"))
+    before = snapshot(run)
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    target, main, argv, written = {
+        "metrics": ((evaluate, "reconstruction"), metrics.main, QUICK_METRICS, "each run's eval.json"),
+        "probe": ((probe, "pool"), probe.main, ["--task", "bbc_topic", "--n-train", "8", "--n-test", "8", "--device",
+                                                "cpu"], "probe.json"),
+        "features": ((features, "stream"), features.main, ["--device", "cpu", "--quiet"], "features.json")}[command]
+    monkeypatch.setattr(*target, ctrl_c)
+    assert main([str(run), *argv]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == \
+        f"interrupted: nothing was left half-written ({written} is written whole, at the end)"
+    assert snapshot(run) == before
+
+
+def test_a_cache_that_is_a_file_is_one_line(gpt2_dir, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    assert error_of(capsys, train.main(flags(gpt2_dir, f, tmp_path / "run"))) == \
+        f"error: --cache {str(f)!r} is a file: pass a folder for the activation cache (or none to stream)"
+    assert error_of(capsys, train.main(flags(gpt2_dir, f / "sub", tmp_path / "run"))) == \
+        f"error: cannot create the activation cache {str(f / 'sub')!r}: cannot write into {str(f)!r} (a file, not a folder)"
+    assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
