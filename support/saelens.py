@@ -479,11 +479,10 @@ def export(run_dir, out_dir, overwrite: bool = False, allow_incomplete: bool = F
     folders; the folders written. One-line ValueErrors: crosscoders and fmxcoders, a folder of several
     dictionaries, an unusable run (saved.check_run)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if run_dir.is_dir() and not saved.dictionary_dirs(run_dir):
-        names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and saved.dictionary_dirs(p))
-        if names:
-            raise ValueError(f"{str(run_dir)!r} holds several dictionaries ({', '.join(names)}): export one of them, "
-                             f"e.g. {str(run_dir / names[0])!r}")
+    members = saved.set_members(run_dir)
+    if members:
+        raise ValueError(f"{str(run_dir)!r} holds several dictionaries ({', '.join(m.name for m in members)}): export "
+                         f"one of them, e.g. {str(members[0])!r}")
     metas = saved.check_run(run_dir, allow_incomplete)
     kinds = {saved.meta_kind(m) for m in metas}
     if kinds - {"sae", "polysae"}:

@@ -149,6 +149,21 @@ def dictionary_dirs(run_dir) -> list[Path]:
     return sorted(layer_dirs, key=lambda p: int(p.name[6:]))
 
 
+def set_members(run_dir) -> list[Path]:
+    """The folders of a set of dictionaries trained together (train.py with several --dict: run_dir/<name>/
+    each, in the order summary.json lists them); [] for a run folder of one dictionary or a per-layer set."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or dictionary_dirs(run_dir):
+        return []
+    try:
+        names = json.loads((run_dir / "summary.json").read_bytes()).get("dictionaries")
+    except (OSError, ValueError, AttributeError):
+        names = None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [run_dir / n for n in names if (run_dir / n).is_dir() and dictionary_dirs(run_dir / n)]
+
+
 def load_run(path, device="cpu") -> list[tuple[list[int], torch.nn.Module, dict]]:
     """What `train.py --out path` wrote: [(layers, dictionary, config.json)], one per dictionary (per-layer
     sets: one per layer). No checks beyond load's: command lines use `open_run`."""
@@ -285,6 +300,12 @@ def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
         raise ValueError(f"run folder {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist")
                          + ": pass a folder written by train.py --out")
     dirs = dictionary_dirs(run_dir)
+    members = [] if dirs else set_members(run_dir)
+    if members:
+        names = ", ".join(m.name for m in members)
+        raise ValueError(f"{str(run_dir)!r} holds {len(members)} dictionaries trained together ({names}): pass one "
+                         f"of their folders, e.g. {str(members[0])!r} (metrics.py evaluates them all: python "
+                         f"metrics.py {run_dir})")
     if not dirs:
         raise ValueError(f"{str(run_dir)!r} holds no run (no config.json nor layer_*/config.json): pass a folder "
                          f"written by train.py --out")

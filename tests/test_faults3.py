@@ -620,3 +620,26 @@ def test_a_cache_that_is_a_file_is_one_line(gpt2_dir, tmp_path, capsys):
     assert error_of(capsys, train.main(flags(gpt2_dir, f / "sub", tmp_path / "run"))) == \
         f"error: cannot create the activation cache {str(f / 'sub')!r}: cannot write into {str(f)!r} (a file, not a folder)"
     assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+# ----------------------------------------------------------------------------------------
+# 12. A set folder: metrics.py evaluates every dictionary, probe.py and latents.features name them
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_set_folder_is_evaluated_member_by_member_or_its_members_are_named(gpt2_dir, cache, tmp_path, capsys):
+    import probe
+    from latents import features
+
+    out = tmp_path / "set"
+    assert train.main(flags(gpt2_dir, cache, out, "--dict", "sae", "--name", "per-layer")) == 0
+    capsys.readouterr()
+    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    table = capsys.readouterr().out
+    for name in ("crosscoder", "per-layer"):
+        assert runs.read_result(out / name, "eval.json")["run"] == str(out / name)
+        assert f"\n{name} " in "\n" + "\n".join(line.strip() for line in table.splitlines())
+    want = (f"error: {str(out)!r} holds 2 dictionaries trained together (crosscoder, per-layer): pass one of their "
+            f"folders, e.g. {str(out / 'crosscoder')!r} (metrics.py evaluates them all: python metrics.py {out})")
+    assert error_of(capsys, probe.main([str(out), "--task", "bbc_topic", "--device", "cpu"])) == want
+    assert error_of(capsys, features.main([str(out), "--device", "cpu", "--quiet"])) == want
