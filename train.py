@@ -564,14 +564,17 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     assert_ranks_agree({names(k): m for k, m in models.items()}, ranks)
     if not ranks.main:
         return result
-    folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg, names, data.identity))
-    summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
-               "parameters": sizes, "eval": evaluate(models, data, layers, device)}
-    summary["time"]["setup_s"] = setup_s
-    failed = None if result["interrupted"] else runs.failure(summary)
-    if failed:                                # saved (nothing is lost) but marked: the evaluators refuse it
-        summary.update(complete=False, failed=failed)
-    export(folder, models, cfg, run, summary)
+    try:                                      # a (second) Ctrl-C while saving: say what is saved
+        folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg, names, data.identity))
+        summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
+                   "parameters": sizes, "eval": evaluate(models, data, layers, device)}
+        summary["time"]["setup_s"] = setup_s
+        failed = None if result["interrupted"] else runs.failure(summary)
+        if failed:                            # saved (nothing is lost) but marked: the evaluators refuse it
+            summary.update(complete=False, failed=failed)
+        export(folder, models, cfg, run, summary)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted while saving: {folder.saved_note(result['steps_planned'])}") from None
     if result["interrupted"]:
         print(f"\ninterrupted at step {result['steps']} of {result['steps_planned']}: saved {cfg.out} (incomplete; "
               f"continue with the same flags and --resume)")
@@ -595,8 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg)
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
-    except KeyboardInterrupt:           # Ctrl-C before the loop (which saves instead): the harvest, the setup
-        print("\ninterrupted before training started: nothing was saved (a partial cache is removed)", file=sys.stderr)
+    except KeyboardInterrupt as e:      # Ctrl-C before the loop (which saves instead), or while saving
+        print("\n" + (str(e) or "interrupted before training started: nothing was saved (a partial cache is removed)"),
+              file=sys.stderr)
         return 130
     if summary.get("failed"):           # saved, marked incomplete: a run of no use never looks like a result
         return cli.cli_error(ValueError(f"the run in {cfg.out!r} failed: {summary['failed']} (it is saved, "

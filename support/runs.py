@@ -376,6 +376,13 @@ class RunFolder:
             raise
         self.saved_step = state.get("step")
 
+    def saved_note(self, planned: int) -> str:
+        """What a run stopped while saving leaves: the step checkpoint.pt holds and how to finish, or nothing."""
+        if self.saved_step is None:
+            return "nothing was saved"
+        return (f"{str(self.checkpoint)!r} holds step {self.saved_step} of {planned}: continue with the same flags "
+                f"and --resume, which exports it")
+
     @property
     def curve(self) -> Path:
         return self.path / "curve.jsonl"

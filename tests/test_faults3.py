@@ -643,3 +643,33 @@ def test_a_set_folder_is_evaluated_member_by_member_or_its_members_are_named(gpt
             f"folders, e.g. {str(out / 'crosscoder')!r} (metrics.py evaluates them all: python metrics.py {out})")
     assert error_of(capsys, probe.main([str(out), "--task", "bbc_topic", "--device", "cpu"])) == want
     assert error_of(capsys, features.main([str(out), "--device", "cpu", "--quiet"])) == want
+
+
+# ----------------------------------------------------------------------------------------
+# 13. A Ctrl-C while saving says what was saved
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where,step", [("export", 12), ("final checkpoint", 8)])
+def test_ctrl_c_while_saving_says_what_was_saved(gpt2_dir, cache, tmp_path, capsys, monkeypatch, where, step):
+    out = tmp_path / "run"
+    if where == "export":
+        monkeypatch.setattr(train, "export", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    else:
+        real = runs.RunFolder.save_checkpoint
+
+        def ctrl_c_at_the_end(self, state):
+            if state["step"] == 12:
+                raise KeyboardInterrupt
+            real(self, state)
+
+        monkeypatch.setattr(runs.RunFolder, "save_checkpoint", ctrl_c_at_the_end)
+    assert train.main(flags(gpt2_dir, cache, out)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"interrupted while saving: {str(out / 'checkpoint.pt')!r} holds step {step} of 12: continue with the same "
+        f"flags and --resume, which exports it")
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == step
+    monkeypatch.undo()
+    assert train.main(flags(gpt2_dir, cache, out, "--resume")) == 0
+    assert strict_json(out / "summary.json")["complete"] is True and saved.load(out)
