@@ -28,13 +28,14 @@ when matplotlib is there. Every step prints its command; a failed step is record
 The runs go to --runs (default runs/paper_gpu; runs/paper_gpu_smoke with --smoke), which must be new or
 empty unless --overwrite: a rehearsal never replaces the real run.
 
---smoke runs every step at tiny sizes (F 64, k 4, batch 256, CP rank 64, 6 s, layers 0-3 of --model) on the
+--smoke runs every step at tiny sizes (F 64, k 4, batch 256, CP rank d (F ≥ d/4), 6 s, layers 0-3 of --model) on the
 CPU, so that a typo cannot waste the GPU try (tests/test_paper_gpu.py runs it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import sys
@@ -48,12 +49,22 @@ sys.path.insert(0, str(ROOT))
 LAYERS = "4,7,10,13,16,19,22,25"
 DICTS = [("crosscoder", ["--dict", "crosscoder"]),
          ("masked", ["--dict", "crosscoder", "--name", "masked", "--mask-prob", "0.05"]),
-         ("tr", ["--dict", "fmxcoder", "--name", "tr", "--factorization", "tr", "--rank", "32"]),
+         ("tr", ["--dict", "fmxcoder", "--name", "tr", "--factorization", "tr", "--rank", "{tr_rank}"]),
          ("cp", ["--dict", "fmxcoder", "--name", "cp", "--factorization", "cp", "--rank", "{cp_rank}"])]
 PAPER = {"cp_rank": 768, "n_latents": 16384, "k": 64, "batch": 4096, "seconds": 480, "eval_every": 500, "panel": 8192,
          "eval_tokens": 65536, "probe_train": 600, "probe_test": 300, "lm_batch": 256}
 SMOKE = {"cp_rank": 64, "n_latents": 64, "k": 4, "batch": 256, "seconds": 6, "eval_every": 4, "panel": 512,
          "eval_tokens": 1024, "probe_train": 16, "probe_test": 8, "lm_batch": 8}
+
+
+def fit_to_width(size: dict, d: int, n_layers: int) -> dict:
+    """The fmxcoders' ranks (and the width) for an LM of width d read at n_layers layers: CP rank R >= d and TR
+    ranks with R1·R2 >= d (below, train.py refuses them: they cannot reconstruct), and F·L >= R (a CP rank is at
+    most FL); else the paper's (768; 32x32x32; F 16,384). The smoke's CP rank 64 is raised to d (576 for SmolLM2),
+    and its F 64 to d / L (144)."""
+    cp = max(size["cp_rank"], d)
+    return {"cp_rank": cp, "tr_rank": max(32, math.isqrt(d - 1) + 1), "n_latents": max(size["n_latents"],
+                                                                                     -(-cp // n_layers))}
 
 
 def environment() -> dict:
@@ -109,17 +120,21 @@ def main(argv=None) -> int:
         a = p.parse_args(argv)
         out, runs_dir = Path(a.out), Path(a.runs or ("runs/paper_gpu_smoke" if a.smoke else "runs/paper_gpu"))
         check_folders(out, runs_dir, a.overwrite)
+        import activations
+        lm = activations.lm_config(a.model)                        # the config only, no weights
+        layers = a.layers or ("0-3" if a.smoke else LAYERS)
+        size = {**(SMOKE if a.smoke else PAPER)}
+        size.update(fit_to_width(size, lm.hidden_size, len(activations.parse_layers(layers, lm.num_hidden_layers, True))))
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
     import metrics
     import probe
     import train
 
-    size = SMOKE if a.smoke else PAPER
     device = a.device or ("cpu" if a.smoke else "cuda")
     out.mkdir(parents=True, exist_ok=True)
     seconds = a.seconds if a.seconds is not None else size["seconds"]
-    common = ["--model", a.model, "--dataset", a.dataset, "--layers", a.layers or ("0-3" if a.smoke else LAYERS),
+    common = ["--model", a.model, "--dataset", a.dataset, "--layers", layers,
               "--n-latents", str(size["n_latents"]), "--k", str(size["k"]), "--sparsity", "batchtopk",
               "--batch-size", str(size["batch"]), "--lr", "3e-4", "--grad-clip", "1", "--context", "128",
               "--dead-tokens", "10000000" if not a.smoke else "1000", "--cache", "none", "--passes", "50",
@@ -130,7 +145,7 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):
         common += ["--lm-dtype", "bfloat16", "--dtype", "bfloat16"]
     log: list = []
-    dicts = [x.format(cp_rank=size["cp_rank"]) for _, d in DICTS for x in d]
+    dicts = [x.format(**size) for _, flags in DICTS for x in flags]
     train_ok = step("train", common + dicts + ["--out", str(runs_dir)] + ["--overwrite"] * a.overwrite, train.main, log)
     results = {"settings": {"size": size, "seconds": seconds, "layers": common[common.index("--layers") + 1],
                             "model": a.model, "dataset": a.dataset, "device": device, "smoke": a.smoke,
