@@ -102,7 +102,7 @@ class TrainConfig:
     overwrite: bool = opt(False, "delete the run already in --out and start a new one")
     fold_scale: bool = opt(False, "fold the input scale into the weights on export")
     time_limit: float = opt(0.0, "seconds of training after which the run ends, complete, at the step it reached "
-                                 "(0: none; a budget for a lent GPU)")
+                                 "(0: none; a budget for a lent GPU; at least one step is trained)")
     # [{"kind", "name", "options"}], one per --dict (its flags); not a flag itself
     dictionaries: list[dict] = field(default_factory=lambda: [{"kind": DEFAULT_DICT, "name": DEFAULT_DICT, "options": {}}])
 
@@ -384,7 +384,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
         try:
             for step in range(start, data.steps):
                 x_raw = feed.next()
-                late = cfg.time_limit > 0 and time.perf_counter() - t0 > cfg.time_limit
+                late = cfg.time_limit > 0 and step > start and time.perf_counter() - t0 > cfg.time_limit
                 exhausted, interrupted, out_of_time = ranks.any(x_raw is None, sigint.requested, late)
                 if exhausted or interrupted or out_of_time:
                     break

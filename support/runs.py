@@ -106,6 +106,16 @@ def part_of_run(p: Path) -> bool:
     return isinstance(members, list) and p.name in members
 
 
+def enclosing_run(path) -> Path | None:
+    """The run folder that `path` is, or lies inside (the nearest existing one holding summary.json,
+    checkpoint.pt or one of our config.json), else None."""
+    for p in [Path(path).absolute(), *Path(path).absolute().parents]:
+        if p.is_dir() and ((p / "summary.json").is_file() or (p / "checkpoint.pt").is_file()
+                           or (p / "config.json").is_file() and ours(p / "config.json")):
+            return run_root(p)
+    return None
+
+
 def check_out(path) -> None:
     """RunFolderError unless `path` can be a run folder of its own: an export replaces the folder as a whole
     (two renames) and --overwrite empties it, so it is never "", ".", the current folder or a folder above
@@ -242,10 +252,9 @@ def failure(summary: dict) -> str | None:
     held-out FVU is not finite (the held-out activations do not vary, or the reconstruction overflowed) or
     above DIVERGED_FVU (the training diverged)."""
     if summary["steps"] == 0:
-        why = (" (--time-limit was reached first)" if summary.get("time_limit_reached") else
-               " (the data ran out first)" if summary.get("data_exhausted") else "")
-        return (f"it trained no step{why}, so its dictionaries are their initialisation; continue it with the same "
-                f"flags and --resume once it can train (a longer --time-limit, more data)")
+        why = " (the data ran out first)" if summary.get("data_exhausted") else ""
+        return (f"it trained no step{why}, so its dictionaries are their initialisation; train it on more data "
+                f"(or a smaller --batch-size)")
     for key, e in (summary.get("eval") or {}).items():     # "all", "<layer>", "<name>/all", "<name>/<layer>"
         name, _, sub = key.rpartition("/")
         key = " ".join(([name] if name else []) + ([] if sub == "all" else [f"layer {sub}"])) or "the dictionary"

@@ -476,9 +476,22 @@ def write_folder(out: Path, cfg: dict, tensors: dict[str, Tensor], overwrite: bo
 
 def export(run_dir, out_dir, overwrite: bool = False, allow_incomplete: bool = False) -> list[Path]:
     """A run folder of one SAE / PolySAE (→ out_dir) or a per-layer set (→ out_dir/layer_<l>/) as SAELens
-    folders; the folders written. One-line ValueErrors: crosscoders and fmxcoders, a folder of several
-    dictionaries, an unusable run (saved.check_run)."""
+    folders; the folders written, the run read under its shared lock (runs.reading). One-line ValueErrors:
+    crosscoders and fmxcoders, a folder of several dictionaries, an unusable run (saved.check_run), an out_dir
+    that is (inside) one of our run folders."""
+    from support import runs
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    inside = runs.enclosing_run(out_dir)
+    if inside is not None:
+        where = "" if inside == out_dir.absolute() else "inside "
+        raise ValueError(f"{str(out_dir)!r} is {where}the run folder {str(inside)!r}: a run folder holds one run, "
+                         f"which train.py replaces as a whole; export to a folder of its own")
+    with runs.reading(run_dir):             # train.py cannot replace the run meanwhile
+        return _export(run_dir, out_dir, overwrite, allow_incomplete)
+
+
+def _export(run_dir: Path, out_dir: Path, overwrite: bool, allow_incomplete: bool) -> list[Path]:
     members = saved.set_members(run_dir)
     if members:
         raise ValueError(f"{str(run_dir)!r} holds several dictionaries ({', '.join(m.name for m in members)}): export "

@@ -342,16 +342,28 @@ def test_a_diverged_run_is_saved_marked_failed_and_refused_by_the_evaluators(gpt
     assert all_json_valid(out) == 4
 
 
-def test_a_run_that_trained_no_step_is_saved_marked_failed_and_resumes(gpt2_dir, cache, tmp_path, capsys):
+def test_a_time_limit_reached_before_the_first_step_still_trains_one(gpt2_dir, cache, tmp_path, capsys):
     out = tmp_path / "run"
-    line = failed_line(capsys, train.main(flags(gpt2_dir, cache, out, "--time-limit", "1e-9")))
-    assert line == (f"error: the run in {str(out)!r} failed: it trained no step (--time-limit was reached first), so "
-                    f"its dictionaries are their initialisation; continue it with the same flags and --resume once it "
-                    f"can train (a longer --time-limit, more data) (it is saved, marked incomplete)")
-    assert strict_json(out / "summary.json")["complete"] is False
-    assert train.main(flags(gpt2_dir, cache, out, "--resume")) == 0         # no time limit now
+    assert train.main(flags(gpt2_dir, cache, out, "--time-limit", "1e-9")) == 0
     summary = strict_json(out / "summary.json")
-    assert summary["complete"] is True and summary["steps"] == 12 and "failed" not in summary
+    assert summary["complete"] is True and summary["steps"] == 1 and summary["time_limit_reached"]
+    assert "--time-limit 1e-09 s reached after 1 of 12 steps" in capsys.readouterr().out
+
+
+def test_a_run_that_trained_no_step_is_saved_marked_failed(gpt2_dir, tmp_path, capsys):
+    from support import corpora
+
+    texts, _ = corpora.bbc_news()                             # ~6,000 tokens: the held-out 512, the 4,096 that set
+    (tmp_path / "small").mkdir()                              # the scale, and less than one batch of 8,192 left
+    (tmp_path / "small" / "docs.txt").write_text(" ".join(texts)[:27_000])
+    out = tmp_path / "run"
+    line = failed_line(capsys, train.main(flags(gpt2_dir, "none", out, "--dataset", str(tmp_path / "small"),
+                                                "--batch-size", "8192", "--tokens", "16384")))
+    assert line == (f"error: the run in {str(out)!r} failed: it trained no step (the data ran out first), so its "
+                    f"dictionaries are their initialisation; train it on more data (or a smaller --batch-size) (it is "
+                    f"saved, marked incomplete)")
+    summary = strict_json(out / "summary.json")
+    assert summary["complete"] is False and summary["steps"] == 0 and saved.load(out)
 
 
 def test_constant_activations_give_valid_json_and_a_failed_run(gpt2_dir, cache, tmp_path, capsys):
@@ -673,3 +685,26 @@ def test_ctrl_c_while_saving_says_what_was_saved(gpt2_dir, cache, tmp_path, caps
     monkeypatch.undo()
     assert train.main(flags(gpt2_dir, cache, out, "--resume")) == 0
     assert strict_json(out / "summary.json")["complete"] is True and saved.load(out)
+
+
+# ----------------------------------------------------------------------------------------
+# 15. The SAELens export never writes into a run folder, and reads its run under the lock
+# ----------------------------------------------------------------------------------------
+
+
+def test_the_saelens_export_never_writes_into_a_run_folder_and_takes_the_lock(gpt2_dir, cache, tmp_path, capsys):
+    from support import saelens
+
+    run = tmp_path / "sae"
+    argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none") if a not in ("--dict", "crosscoder")]
+    assert train.main(argv + ["--dict", "sae"]) == 0
+    before = snapshot(run)
+    for out, where in ((run, ""), (run / "saelens", "inside "), (run / "layer_1", "inside ")):
+        line = error_of(capsys, saelens.main(["export", str(run), str(out)]))
+        assert line == (f"error: {str(out)!r} is {where}the run folder {str(run)!r}: a run folder holds one run, which "
+                        f"train.py replaces as a whole; export to a folder of its own")
+    with runs.RunFolder(run, resume=True):                       # train.py --resume writes it
+        line = error_of(capsys, saelens.main(["export", str(run), str(tmp_path / "out")]))
+    assert line == f"error: {str(run)!r} is being written by a train.py run: evaluate it once that run has finished"
+    assert snapshot(run) == before and not (tmp_path / "out").exists()
+    assert saelens.main(["export", str(run), str(tmp_path / "out")]) == 0
