@@ -242,7 +242,9 @@ RUN_FIELDS = {      # what train.py writes into config.json's "run" entry (and s
     "drop_outliers": (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and (
         v == 0 or 1 < v < math.inf), "0, null or a multiple of the median norm > 1"),
     "lm_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
-    "hooks": (lambda v: v is None or isinstance(v, list), "a list of module paths or null")}
+    "hooks": (lambda v: v is None or isinstance(v, list), "a list of module paths or null"),
+    "cache_tokens": (_count, "an integer >= 0"),
+    "cache_fingerprint": (lambda v: isinstance(v, str), "a hex digest")}
 
 
 def check_run_entry(meta: dict, file) -> None:

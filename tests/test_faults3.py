@@ -708,3 +708,40 @@ def test_the_saelens_export_never_writes_into_a_run_folder_and_takes_the_lock(gp
     assert line == f"error: {str(run)!r} is being written by a train.py run: evaluate it once that run has finished"
     assert snapshot(run) == before and not (tmp_path / "out").exists()
     assert saelens.main(["export", str(run), str(tmp_path / "out")]) == 0
+
+
+# ----------------------------------------------------------------------------------------
+# 16. A cache rebuilt under a finished run is named, and its held-out tokens harvested again
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rebuild", ["fewer tokens", "other tokens"])
+def test_a_cache_rebuilt_under_a_finished_run_is_named_and_its_held_out_tokens_harvested(gpt2_dir, tmp_path, capsys,
+                                                                                        rebuild):
+    import numpy as np
+
+    c, out = tmp_path / "c", tmp_path / "run"
+    assert train.main(flags(gpt2_dir, c, out)) == 0
+    if rebuild == "fewer tokens":                               # another run's harvest into the same folder
+        shutil.rmtree(c)
+        activation_cache.build_cache(c, gpt2_dir, [0, 1, 2, 3], n_tokens=1024, context=64, multi=True,
+                                     drop_outliers=10.0)
+        how = "it holds 1,024 tokens, the run used 2,048"
+    else:                                                       # the same size and settings, other text
+        meta = json.loads((c / "meta.json").read_text())
+        shard = c / meta["shards"][0][0]
+        np.fromfile(shard, dtype=np.float16).reshape(meta["shards"][0][1], -1)[::-1].tofile(shard)
+        how = "its first 2,048 tokens are not those the run used"
+    capsys.readouterr()
+    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    note = (f"note: the activation cache {str(c)!r} was rebuilt since this run was trained ({how}): its held-out "
+            f"tokens are harvested again from the text, as for a streamed run")
+    assert note in capsys.readouterr().err.splitlines()
+    rebuilt = runs.read_result(out, "eval.json")
+    assert rebuilt["data"].startswith("harvested 512 tokens of bbc split train (after the first 1,536 tokens; the cache")
+    shutil.rmtree(c)                                            # the same tokens as with no cache at all
+    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    gone = runs.read_result(out, "eval.json")
+    assert rebuilt["results"][0]["fvu"] == gone["results"][0]["fvu"]
+    run = json.loads((out / "config.json").read_text())["run"]          # what identifies the cache's contents
+    assert run["cache_tokens"] == 2048 and len(run["cache_fingerprint"]) == 40
