@@ -56,6 +56,7 @@ from support.corpora import collate, load_texts, package_dir, windows
 DEFAULT_MODEL = "smollm2-135m"
 SHORT_NAMES = ("smollm2-135m", "gemma3-270m")
 SCALE_TOKENS = 100_000           # tokens used to estimate the per-layer scale
+DROP_OUTLIERS = 10.0             # train.py's default outlier rule: tokens whose norm > 10 × the median are dropped
 LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # LM weights
 
 

@@ -381,6 +381,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
 
         report = {"run": str(run_dir), "dict": kind, "model": meta["model"], "layers": layers,
                   "weights_sha256": digests,
+                  "drop_outliers": None,          # every real token of a text is pooled (SAEBench): no outlier rule
                   "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed, "context": context,
                                "C": C, "full": full},
                   "tasks": results, "skipped": skipped}

@@ -405,7 +405,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
                       "fc_tokens": min(s.fc_tokens, pool["tokens"]) if multi else 0, "latents": lat})
     pool_ids = pool["ids"].tolist()
     return {"version": VERSION, "run": str(run_dir), "weights_sha256": digests,
-            "model": run["model"], "dataset": run.get("dataset"),
+            "model": run["model"], "dataset": run.get("dataset"), "drop_outliers": run.get("drop_outliers"),
             "text": f"{run.get('dataset') or 'bbc'} split {split}, "
                     + (f"after the first {skip:,} tokens (held out)" if skip else "its first tokens (held out)"),
             "tokens": pool["tokens"], "windows": pool["windows"], "settings": asdict(s),

@@ -174,6 +174,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
                 r.result.update({"wasserstein_task": wasserstein_task, "wasserstein_texts": len(texts)})
 
         out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
+               "drop_outliers": run.get("drop_outliers"),      # the outlier rule: two numbers of one model compare
                "weights_sha256": digests,
                "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
         write_atomic(Path(run_dir, "eval.json"), json_text(out, indent=2))
@@ -206,7 +207,9 @@ def format_table(evals: list[dict]) -> str:
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *rows]]
     notes = []
     for e in evals:
-        notes.append(f"{e['run']}: {e['data']}")
+        rule = e.get("drop_outliers")
+        notes.append(f"{e['run']}: {e['data']}; " + (f"tokens with a norm > {rule:g} x the median dropped" if rule
+                                                      else "every token kept (no outlier rule)"))
         for r in e["results"]:
             if len(r.get("mse_raw_per_layer", [])) > 1:
                 per = ", ".join(f"{m:.4g}/{f:.3f}" for m, f in zip(r["mse_raw_per_layer"], r["fvu_per_layer"]))

@@ -49,6 +49,10 @@ Import (SAELens → sae.SAE in eval mode, decoder_norm "free", input_scale 1), `
     metadata.model_name → run.model (TransformerLens aliases such as gpt2-small → their HF names),
         context_size → run.context, dataset_path → run.dataset (None: the offline BBC news; to evaluate on other
         text, e.g. offline, set metadata.dataset_path to "bbc" or a local folder: SAELens never reads it)
+    the outlier rule (run.drop_outliers): metadata.exported_from.drop_outliers when we exported it (the rule
+        the run was trained with), else train.py's default (activations.DROP_OUTLIERS: tokens whose norm is
+        above 10 × the median dropped), so that an SAE evaluated through its SAELens folder and through its run
+        folder is evaluated on the same kind of tokens; every result records the rule
     weights of any dtype are used in float32; a pre-6.0 cfg.json (top-level metadata, hook_point,
         activation_fn_str) is read as SAELens's handle_pre_6_0_config reads it
 
@@ -232,7 +236,11 @@ def describe(folder) -> dict:
     context = md.get("context_size")
     if context is not None and not (isinstance(context, int) and not isinstance(context, bool) and context >= 2):
         raise ValueError(f"{str(file)!r}: metadata.context_size must be an integer >= 2, got {context!r:.40}")
-    run = {"model": hf_model_name(model), "layers": [layer], "context": context or 128,
+    import activations
+
+    exported = md.get("exported_from") if isinstance(md.get("exported_from"), dict) else {}
+    rule = exported["drop_outliers"] if "drop_outliers" in exported else activations.DROP_OUTLIERS  # ours records it
+    run = {"model": hf_model_name(model), "layers": [layer], "context": context or 128, "drop_outliers": rule,
            "dataset": md.get("dataset_path") or None, "lm_dtype": "float32", "cache": None, "dict": "sae",
            "name": folder.resolve().name, "hooks": [md["hf_hook_name"]] if md.get("hf_hook_name") else None}
     saelens = {"folder": str(folder), "architecture": arch, "dtype": dtype, "d_in": d_in, "d_sae": d_sae,
@@ -454,6 +462,8 @@ def export_dictionary(model, meta: dict, out_dir, overwrite: bool = False) -> Pa
     arch, tensors = saelens_tensors(m)
     source = {"project": "fmxcoders", "kind": kind, "sparsity": m.config.sparsity, "input_scale_folded": scale[0],
               "run": run.get("name")}
+    if "drop_outliers" in run:                      # the outlier rule it was trained (and is evaluated) with
+        source["drop_outliers"] = run["drop_outliers"]
     if kind == "polysae":
         source.update(polysae_dropped=POLY_DROPPED, order=m.config.order, ranks=list(m.config.ranks))
         print(f"warning: {POLY_DROPPED}", file=sys.stderr)

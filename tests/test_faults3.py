@@ -745,3 +745,30 @@ def test_a_cache_rebuilt_under_a_finished_run_is_named_and_its_held_out_tokens_h
     assert rebuilt["results"][0]["fvu"] == gone["results"][0]["fvu"]
     run = json.loads((out / "config.json").read_text())["run"]          # what identifies the cache's contents
     assert run["cache_tokens"] == 2048 and len(run["cache_fingerprint"]) == 40
+
+
+# ----------------------------------------------------------------------------------------
+# 17. One model, one number: the SAELens path evaluates with the run's outlier rule, and says it
+# ----------------------------------------------------------------------------------------
+
+
+def test_an_sae_gives_the_same_fvu_from_its_run_folder_and_its_saelens_folder(gpt2_dir, cache, tmp_path):
+    from support import saelens
+
+    run = tmp_path / "sae"                           # streamed: both paths read the stream's first 512 tokens
+    argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none", "--drop-outliers", "1.02")
+            if a not in ("--dict", "crosscoder")]
+    assert train.main(argv + ["--dict", "sae"]) == 0
+    [folder] = saelens.export(run, tmp_path / "saelens")
+    results = {}
+    for where in (run, folder):
+        assert metrics.main([str(where), *QUICK_METRICS, "--eval-tokens", "512"]) == 0
+        results[where] = runs.read_result(where, "eval.json")
+    ours, theirs = (results[w]["results"][0] for w in (run, folder))
+    assert theirs["fvu"] == pytest.approx(ours["fvu"], rel=1e-4)          # (the folded scale: float rounding)
+    assert results[run]["drop_outliers"] == results[folder]["drop_outliers"] == 1.02      # the rule, recorded
+    assert json.loads((folder / "cfg.json").read_text())["metadata"]["exported_from"]["drop_outliers"] == 1.02
+    edit_config(folder / "cfg.json", lambda c: c["metadata"]["exported_from"].update(drop_outliers=None))
+    assert metrics.main([str(folder), *QUICK_METRICS, "--eval-tokens", "512"]) == 0       # every token kept
+    kept_all = runs.read_result(folder, "eval.json")
+    assert kept_all["drop_outliers"] is None and kept_all["results"][0]["fvu"] != pytest.approx(ours["fvu"], rel=1e-3)
