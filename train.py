@@ -93,7 +93,8 @@ class TrainConfig:
     lm_dtype: str = opt("float32", "LM weights when harvesting and evaluating: float32 | bfloat16 | float16")
     harvest_batch: int | None = opt(None, "context windows per LM forward pass when harvesting (default 16 on a "
                                           "CPU, 256 on a GPU)")
-    drop_outliers: float | None = opt(activations.DROP_OUTLIERS, "drop tokens whose norm > this x median (attention sinks; 0 keeps all)")
+    drop_outliers: float | None = opt(activations.DROP_OUTLIERS, "drop tokens whose norm > this x median (attention "
+                                                                 "sinks; 0 keeps all)")
     ckpt_every: int = opt(200, "steps between resumable checkpoints (0: only at the end)")
     log_every: int = opt(25, "steps between progress-bar readings of loss, L0, FVU (host syncs)")
     eval_every: int = opt(0, "steps between held-out evaluations appended to --out/curve.jsonl (0: off)")

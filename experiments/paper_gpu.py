@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         lm = activations.lm_config(a.model)                        # the config only, no weights
         layers = a.layers or ("0-3" if a.smoke else LAYERS)
         size = {**(SMOKE if a.smoke else PAPER)}
-        size.update(fit_to_width(size, lm.hidden_size, len(activations.parse_layers(layers, lm.num_hidden_layers, True))))
+        n_layers = len(activations.parse_layers(layers, lm.num_hidden_layers, True))
+        size.update(fit_to_width(size, lm.hidden_size, n_layers))
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
     import metrics

@@ -45,7 +45,6 @@ positions outside the window; acts are in the dictionary's normalised input unit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass

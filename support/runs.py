@@ -77,8 +77,8 @@ def check_member_names(names: list[str]) -> None:
         if names.count(n) > 1:
             raise ValueError(f"--name {n!r} names two dictionaries: each needs a name of its own")
         if n.lower() in RUN_FILES or LAYER_DIR.match(n.lower()):
-            raise ValueError(f"--name {n!r} is the name of a file or folder the run folder holds ({', '.join(RUN_FILES)}, "
-                             f"layer_<l>): choose another")
+            raise ValueError(f"--name {n!r} is the name of a file or folder the run folder holds "
+                             f"({', '.join(RUN_FILES)}, layer_<l>): choose another")
 
 
 def run_root(path) -> Path:
@@ -354,9 +354,10 @@ class RunFolder:
         (twice while a periodic one replaces the last, unless a resumed run's is already there) and the
         exported weights (the export hard-links the checkpoint)."""
         twice = periodic and not self.resume
+        copies = ", twice while one replaces the other" if twice else ""
         check_free(self.path, (2 if twice else 1) * checkpoint_bytes + weights_bytes + SLACK,
-                   f"the run (checkpoint.pt of {checkpoint_bytes:,} bytes{', twice while one replaces the other' if twice else ''}, "
-                   f"{weights_bytes:,} bytes of exported weights and 1 MiB for the rest)")
+                   f"the run (checkpoint.pt of {checkpoint_bytes:,} bytes{copies}, {weights_bytes:,} bytes of exported "
+                   f"weights and 1 MiB for the rest)")
 
     # -- what is written ----------------------------------------------------------------------
     @property
