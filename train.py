@@ -538,13 +538,15 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     if cfg.resume:   # every rank reads the checkpoint (rank 0 checked that it exists)
         start = runs.restore(state, models, opts, names)
         if ranks.main:
-            folder.saved_step = start
+            folder.saved_step, folder.fvu_start = start, state.get("fvu_start")
             folder.truncate_curve(start)
             print(f"resumed from {cfg.out}/checkpoint.pt at step {start}")
     else:
         x0 = data.sample.to(device).float() * data.scale_L.to(device)[:, None]
         for key, m in models.items():
             m.init_b_dec(model_input(key, x0, layers), cfg.b_dec_init)
+        if ranks.main:                          # where each started: a run that ends worse has diverged
+            folder.fvu_start = {k: s["fvu"] for k, s in evaluate(models, data, layers, device).items()}
     ranks.broadcast(models)     # after init/resume: every rank starts from rank 0's model
     fwd = {k: ddp(m, find_unused_parameters=getattr(m.config, "order", 3) < 3) if ranks.world > 1 else m
            for k, m in models.items()}
@@ -570,6 +572,7 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
         summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
                    "parameters": sizes, "eval": evaluate(models, data, layers, device)}
         summary["time"]["setup_s"] = setup_s
+        summary["fvu_start"] = folder.fvu_start
         failed = None if result["interrupted"] else runs.failure(summary)
         if failed:                            # saved (nothing is lost) but marked: the evaluators refuse it
             summary.update(complete=False, failed=failed)

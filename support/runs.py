@@ -242,29 +242,34 @@ def read_result(run_dir, name: str) -> dict:
 
 
 DIVERGED_FVU = 1.0
-"""A held-out FVU above this (the dictionary reconstructs the held-out tokens worse than their mean does) marks
-a finished run as failed: diverged, whatever its weights."""
+"""A held-out FVU above this (the dictionary reconstructs the held-out tokens worse than their mean does) and
+above the dictionary's own at step 0 marks a finished run as failed: the training diverged, whatever its
+weights. (Above 1 alone is not enough: a short run can still be on its way down from a start above 1.)"""
 
 
 def failure(summary: dict) -> str | None:
     """Why a finished run is of no use ("<what>; <fix>"), or None. It is, and train.py saves it marked
     incomplete ("complete": false, "failed": this), when it trained no step at all, or when a dictionary's
-    held-out FVU is not finite (the held-out activations do not vary, or the reconstruction overflowed) or
-    above DIVERGED_FVU (the training diverged)."""
+    held-out FVU is not finite (the held-out activations do not vary, or the reconstruction overflowed), or
+    is above DIVERGED_FVU and above its FVU at step 0 (summary["fvu_start"], the same held-out tokens before
+    the first step): the training diverged."""
     if summary["steps"] == 0:
         why = " (the data ran out first)" if summary.get("data_exhausted") else ""
         return (f"it trained no step{why}, so its dictionaries are their initialisation; train it on more data "
                 f"(or a smaller --batch-size)")
+    start = summary.get("fvu_start") or {}
     for key, e in (summary.get("eval") or {}).items():     # "all", "<layer>", "<name>/all", "<name>/<layer>"
         name, _, sub = key.rpartition("/")
-        key = " ".join(([name] if name else []) + ([] if sub == "all" else [f"layer {sub}"])) or "the dictionary"
-        fvu = e.get("fvu") if isinstance(e, dict) else None
+        who = " ".join(([name] if name else []) + ([] if sub == "all" else [f"layer {sub}"])) or "the dictionary"
+        fvu, fvu0 = e.get("fvu") if isinstance(e, dict) else None, start.get(key)
         if fvu is not None and not math.isfinite(fvu):
-            return (f"the held-out FVU of {key} is {fvu} (the held-out activations do not vary, or the "
+            return (f"the held-out FVU of {who} is {fvu} (the held-out activations do not vary, or the "
                     f"reconstruction overflowed); check the activations")
-        if fvu is not None and fvu > DIVERGED_FVU:
-            return (f"the held-out FVU of {key} is {fvu:.4g}, above {DIVERGED_FVU:g}: it reconstructs the held-out "
-                    f"tokens worse than their mean does, the training diverged; train it again with a lower --lr")
+        if fvu is not None and fvu > DIVERGED_FVU and (fvu0 is None or fvu > fvu0):
+            since = f" and above its {fvu0:.4g} at step 0" if fvu0 is not None else ""
+            return (f"the held-out FVU of {who} is {fvu:.4g}, above {DIVERGED_FVU:g}{since}: it reconstructs the "
+                    f"held-out tokens worse than their mean does, the training diverged; train it again with a lower "
+                    f"--lr")
     return None
 
 
@@ -293,6 +298,7 @@ class RunFolder:
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self.created, self.fd = False, None
         self.saved_step = None                 # the step of checkpoint.pt (set by save_checkpoint, or a resume)
+        self.fvu_start = None                  # the held-out FVUs at step 0, kept in every checkpoint (failure)
 
     # -- lifetime ------------------------------------------------------------------------
     def __enter__(self) -> "RunFolder":
@@ -377,7 +383,7 @@ class RunFolder:
                                  f"check the activations")
         tmp, needed = temp_path(self.checkpoint), tensor_bytes(state)
         try:
-            torch.save(state, tmp)
+            torch.save({**state, "fvu_start": self.fvu_start}, tmp)
             os.replace(tmp, self.checkpoint)
         except (OSError, RuntimeError) as e:    # (torch.save reports a full disk as an obscure RuntimeError)
             tmp.unlink(missing_ok=True)

@@ -328,8 +328,8 @@ def test_a_diverged_run_is_saved_marked_failed_and_refused_by_the_evaluators(gpt
 
     out = tmp_path / "run"
     line = failed_line(capsys, train.main(flags(gpt2_dir, cache, out, "--lr", "10", "--eval-every", "6")))
-    why = (r"the held-out FVU of the dictionary is [\d.e+]+, above 1: it reconstructs the held-out tokens worse than "
-           r"their mean does, the training diverged; train it again with a lower --lr")
+    why = (r"the held-out FVU of the dictionary is [\d.e+]+, above 1 and above its 0\.\d+ at step 0: it reconstructs "
+           r"the held-out tokens worse than their mean does, the training diverged; train it again with a lower --lr")
     assert re.fullmatch(f"error: the run in {re.escape(repr(str(out)))} failed: {why} \\(it is saved, marked "
                         f"incomplete\\)", line), line
     summary = strict_json(out / "summary.json")
@@ -340,6 +340,20 @@ def test_a_diverged_run_is_saved_marked_failed_and_refused_by_the_evaluators(gpt
                         f"--allow-incomplete to use it as it is", line), line
     assert metrics.main([str(out), *QUICK_METRICS, "--allow-incomplete"]) == 0       # nothing lost: it is there
     assert all_json_valid(out) == 4
+
+
+def test_diverged_means_worse_than_the_mean_and_than_at_step_0():
+    """A short run still on its way down from a start above 1 is not diverged; one that ends above 1 and above its
+    start is (a run resumed from a checkpoint without the start: above 1 is enough)."""
+    def verdict(fvu, start):
+        return runs.failure({"steps": 10, "eval": {"sae/3": {"fvu": fvu}}, "fvu_start": start and {"sae/3": start}})
+
+    assert verdict(1.2, 1.5) is None and verdict(0.97, 0.95) is None and verdict(1.0, 0.5) is None
+    assert verdict(1.2, 0.9) == ("the held-out FVU of sae layer 3 is 1.2, above 1 and above its 0.9 at step 0: it "
+                                 "reconstructs the held-out tokens worse than their mean does, the training diverged; "
+                                 "train it again with a lower --lr")
+    assert verdict(2e10, None).startswith("the held-out FVU of sae layer 3 is 2e+10, above 1: it reconstructs")
+    assert verdict(float("nan"), 0.9).startswith("the held-out FVU of sae layer 3 is nan (the held-out activations")
 
 
 def test_a_time_limit_reached_before_the_first_step_still_trains_one(gpt2_dir, cache, tmp_path, capsys):
