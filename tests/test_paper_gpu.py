@@ -88,6 +88,7 @@ def test_the_smoke_fits_its_fmxcoder_ranks_to_the_model_width(gpt2_dir, tmp_path
     monkeypatch.setattr(train, "main", lambda argv: seen.append(argv) or 0)
     monkeypatch.setattr(metrics, "main", lambda argv: 0)
     monkeypatch.setattr(probe, "main", lambda argv: 0)
+    monkeypatch.setattr(paper_gpu, "figure", lambda curves, path: None)          # (no curves to draw)
     assert paper_gpu.main([str(tmp_path / "out"), "--smoke", "--runs", str(tmp_path / "runs"), "--model",
                            str(tmp_path / "wide")]) == 0
     [argv] = seen
