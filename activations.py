@@ -56,6 +56,7 @@ from support.corpora import collate, load_texts, package_dir, windows
 DEFAULT_MODEL = "smollm2-135m"
 SHORT_NAMES = ("smollm2-135m", "gemma3-270m")
 SCALE_TOKENS = 100_000           # tokens used to estimate the per-layer scale
+DROP_OUTLIERS = 10.0             # train.py's default outlier rule: tokens whose norm > 10 × the median are dropped
 LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # LM weights
 
 
@@ -170,25 +171,33 @@ def load_lm(name: str = DEFAULT_MODEL, device="cpu", dtype="float32"):
     tokenizer with a pad token, right padding). bfloat16 halves the harvest time on GPUs and on CPUs
     with AVX512-BF16 (measured on SmolLM2, layers 11-18: the bf16 activations differ from float32
     by 0.5-0.7% of their variance, and have cosine 0.9999 with them)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         if dtype not in LM_DTYPES:
             raise ValueError(f"LM dtype must be one of {list(LM_DTYPES)}, got {dtype!r}")
         dtype = LM_DTYPES[dtype]
-    where = _model_location(name)
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    if len(tokenizer) < 2:
-        raise ValueError(f"the tokenizer of model {name!r} is empty ({len(tokenizer)} tokens): its tokenizer files "
-                         f"are missing or damaged")
+    tokenizer = load_tokenizer(name)
     attention = {} if sdpa_runs(dtype, device) else {"attn_implementation": "eager"}
     if attention:
         print(f"note: this CPU's torch cannot run {dtype} scaled-dot-product attention here; using eager attention")
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **attention).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(_model_location(name), dtype=dtype, **attention).to(device).eval()
+    return model, tokenizer
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of load_lm, without the model's weights (to check a dataset before loading them): a
+    pad token (EOS, else BOS), right padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_model_location(name))
+    if len(tokenizer) < 2:
+        raise ValueError(f"the tokenizer of model {name!r} is empty ({len(tokenizer)} tokens): its tokenizer files "
+                         f"are missing or damaged")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.bos_token
     tokenizer.padding_side = "right"
-    return model, tokenizer
+    return tokenizer
 
 
 def sdpa_runs(dtype: torch.dtype, device) -> bool:

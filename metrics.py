@@ -498,12 +498,13 @@ def main(argv: list[str] | None = None) -> int:
     from support import evaluate                  # (built on this module's definitions)
 
     p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders written by train.py")
+    p.add_argument("runs", nargs="+", help="run folders written by train.py (a set of dictionaries: each of them)")
     cli.add_flags(p, MetricsConfig)
     try:
         a = p.parse_args(argv)
         c = cli.build(MetricsConfig, **cli.values(a, MetricsConfig))
         device = cli.resolve_device(c.device)
+        a.runs = [m for r in a.runs for m in (saved.set_members(r) or [r])]   # a set: each of its dictionaries
         for r in a.runs:                  # every run (and its cache) checked before the first is evaluated
             runs.recover_export(r)
             cache = (saved.check_run(r, c.allow_incomplete)[0].get("run") or {}).get("cache")
@@ -515,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                  for r in a.runs]
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
+    except KeyboardInterrupt:
+        return cli.interrupted("each run's eval.json")
     print(evaluate.format_table(evals))
     return 0
 

@@ -50,7 +50,7 @@ import core
 from core import opt
 from support import cli, runs, saved
 from support.corpora import tokenize
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 from support.tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
 
 NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (the top-k probes), L-BFGS above
@@ -326,6 +326,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
     run_dir = Path(run_dir)
     with runs.reading(run_dir):
         entries = saved.open_run(run_dir, device, allow_incomplete)
+        digests = runs.model_digests(run_dir)     # of the weights read now
         meta = saved.run_entry(run_dir, entries[0][2], ("model",))
         out = Path(out) if out else run_dir / "probe.json"
         old = {}
@@ -379,7 +380,8 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
             print(f"{name}: {sum(len(s[0]) for s in splits.values())} texts in {time.time() - t0:.0f} s", file=sys.stderr)
 
         report = {"run": str(run_dir), "dict": kind, "model": meta["model"], "layers": layers,
-                  "weights_sha256": runs.model_digests(run_dir),
+                  "weights_sha256": digests,
+                  "drop_outliers": None,          # every real token of a text is pooled (SAEBench): no outlier rule
                   "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed, "context": context,
                                "C": C, "full": full},
                   "tasks": results, "skipped": skipped}
@@ -389,7 +391,7 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
         report["mean"] = summarise(report["tasks"])
         if n_boot and report["tasks"].keys() == preds.keys():     # an interval needs every task's predictions
             report["mean_ci"] = mean_intervals(report["tasks"], preds, n_boot, seed)
-        write_atomic(out, json.dumps(report, indent=2))
+        write_atomic(out, json_text(report, indent=2))
         return report
 
 
@@ -506,6 +508,8 @@ def main(argv=None) -> int:
                            c.batch_size, c.context, c.full, c.raw, c.C, c.out, c.allow_incomplete, c.bootstrap)
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
+    except KeyboardInterrupt:
+        return cli.interrupted("probe.json")
     print(table(report))
     return 0
 

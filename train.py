@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import re
 import signal
 import sys
 import time
@@ -60,6 +59,7 @@ import activations
 import core
 import metrics
 from core import opt
+from support import cache as activation_cache
 from support import cli, runs, saved
 from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
 from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
@@ -93,7 +93,8 @@ class TrainConfig:
     lm_dtype: str = opt("float32", "LM weights when harvesting and evaluating: float32 | bfloat16 | float16")
     harvest_batch: int | None = opt(None, "context windows per LM forward pass when harvesting (default 16 on a "
                                           "CPU, 256 on a GPU)")
-    drop_outliers: float | None = opt(10.0, "drop tokens whose norm > this x median (attention sinks; 0 keeps all)")
+    drop_outliers: float | None = opt(activations.DROP_OUTLIERS, "drop tokens whose norm > this x median (attention "
+                                                                 "sinks; 0 keeps all)")
     ckpt_every: int = opt(200, "steps between resumable checkpoints (0: only at the end)")
     log_every: int = opt(25, "steps between progress-bar readings of loss, L0, FVU (host syncs)")
     eval_every: int = opt(0, "steps between held-out evaluations appended to --out/curve.jsonl (0: off)")
@@ -102,7 +103,7 @@ class TrainConfig:
     overwrite: bool = opt(False, "delete the run already in --out and start a new one")
     fold_scale: bool = opt(False, "fold the input scale into the weights on export")
     time_limit: float = opt(0.0, "seconds of training after which the run ends, complete, at the step it reached "
-                                 "(0: none; a budget for a lent GPU)")
+                                 "(0: none; a budget for a lent GPU; at least one step is trained)")
     # [{"kind", "name", "options"}], one per --dict (its flags); not a flag itself
     dictionaries: list[dict] = field(default_factory=lambda: [{"kind": DEFAULT_DICT, "name": DEFAULT_DICT, "options": {}}])
 
@@ -143,7 +144,10 @@ class TrainConfig:
             raise ValueError(f"{name('resume')} continues the run in {name('out')} and {name('overwrite')} deletes it: "
                              f"pass one of them")
         cli.resolve_device(self.device)
+        runs.check_out(self.out)
         cli.check_writable(Path(self.out), "the run folder")
+        if self.cache not in (None, "none"):
+            activation_cache.check_folder(Path(self.cache))
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,7 +156,6 @@ class TrainConfig:
 
 
 RUN_FLAGS = {f.name for f in cli.flag_fields(TrainConfig)}
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def config_fields(kind: str) -> set[str]:
@@ -226,10 +229,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if s["name"] is None:
             n = sum(t["kind"] == s["kind"] for t in specs[:i]) + 1
             s["name"] = s["kind"] if n == 1 else f"{s['kind']}-{n}"
-    names = [s["name"] for s in specs]
-    for n in names:
-        if not NAME.match(n) or names.count(n) > 1:
-            raise ValueError(f"--name {n!r} must be unique and made of letters, digits, '.', '_' and '-'")
+    runs.check_member_names([s["name"] for s in specs])
     return cli.build(TrainConfig, **run, dictionaries=specs)
 
 
@@ -281,6 +281,19 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
             for l, s in zip(layers, scale):
                 out[(spec["name"], l)] = (cls, cli.build(config_cls, d_in=d, input_scale=[s], **spec["options"]))
     return out
+
+
+def state_bytes(configs: dict) -> tuple[int, int, int]:
+    """(checkpoint.pt, exported weights, training memory) in bytes of dictionary_configs' dictionaries, from
+    models built on the meta device (nothing allocated): a checkpoint holds every state dict and Adam's two
+    moments per parameter; training also holds the gradients."""
+    weights = params = 0
+    for cls, c in configs.values():
+        with torch.device("meta"):
+            m = cls(c)
+        weights += runs.tensor_bytes(m.state_dict())
+        params += sum(p.numel() * p.element_size() for p in m.parameters())
+    return weights + 2 * params, weights, weights + 3 * params
 
 
 def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
@@ -372,7 +385,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
         try:
             for step in range(start, data.steps):
                 x_raw = feed.next()
-                late = cfg.time_limit > 0 and time.perf_counter() - t0 > cfg.time_limit
+                late = cfg.time_limit > 0 and step > start and time.perf_counter() - t0 > cfg.time_limit
                 exhausted, interrupted, out_of_time = ranks.any(x_raw is None, sigint.requested, late)
                 if exhausted or interrupted or out_of_time:
                     break
@@ -472,11 +485,15 @@ def train(cfg: TrainConfig) -> dict:
     device = cli.resolve_device(cfg.device)
     d, n_blocks = model_shape(cfg)
     layers = activations.parse_layers(cfg.layers, n_blocks, multi_layer(cfg))
-    dictionary_configs(cfg, d, layers, [1.0] * len(layers))          # every dictionary flag, before any work
+    ckpt, weights, memory = state_bytes(dictionary_configs(cfg, d, layers, [1.0] * len(layers)))   # every flag
     ranks, device = setup_ranks(cfg.batch_size, device)
+    cli.check_memory(device, memory, "the dictionaries (weights, gradients and Adam's two moments)",
+                     "lower --n-latents, or train fewer dictionaries at once")
     folder = runs.RunFolder(cfg.out, cfg.resume, cfg.overwrite) if ranks.main else None
     try:
         with folder or contextlib.nullcontext():
+            if folder:                           # before the harvest: what the run will write must fit
+                folder.check_space(ckpt, weights, 0 < cfg.ckpt_every < cfg.tokens // cfg.batch_size)
             return _train(cfg, device, layers, d, ranks, folder)
     finally:
         if ranks.owns_group:
@@ -501,7 +518,7 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     if cfg.resume:            # the flags are compared with the checkpoint's, whether the run finished or not
         state = runs.read_checkpoint(Path(cfg.out) / "checkpoint.pt", cfg)
         finished = runs.read_summary(cfg.out)
-        if finished is not None and finished.get("complete"):
+        if finished is not None and saved.marked_complete(finished):
             if ranks.main:
                 print(f"{cfg.out} already finished its {finished['steps']} steps with these flags: nothing to resume")
             return finished
@@ -521,12 +538,15 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     if cfg.resume:   # every rank reads the checkpoint (rank 0 checked that it exists)
         start = runs.restore(state, models, opts, names)
         if ranks.main:
+            folder.saved_step, folder.fvu_start = start, state.get("fvu_start")
             folder.truncate_curve(start)
             print(f"resumed from {cfg.out}/checkpoint.pt at step {start}")
     else:
         x0 = data.sample.to(device).float() * data.scale_L.to(device)[:, None]
         for key, m in models.items():
             m.init_b_dec(model_input(key, x0, layers), cfg.b_dec_init)
+        if ranks.main:                          # where each started: a run that ends worse has diverged
+            folder.fvu_start = {k: s["fvu"] for k, s in evaluate(models, data, layers, device).items()}
     ranks.broadcast(models)     # after init/resume: every rank starts from rank 0's model
     fwd = {k: ddp(m, find_unused_parameters=getattr(m.config, "order", 3) < 3) if ranks.world > 1 else m
            for k, m in models.items()}
@@ -547,11 +567,18 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     assert_ranks_agree({names(k): m for k, m in models.items()}, ranks)
     if not ranks.main:
         return result
-    folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg, names, data.identity))
-    summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
-               "parameters": sizes, "eval": evaluate(models, data, layers, device)}
-    summary["time"]["setup_s"] = setup_s
-    export(folder, models, cfg, run, summary)
+    try:                                      # a (second) Ctrl-C while saving: say what is saved
+        folder.save_checkpoint(runs.checkpoint_state(models, opts, result["steps"], cfg, names, data.identity))
+        summary = {**result, "complete": not result["interrupted"], "tokens": result["steps"] * cfg.batch_size,
+                   "parameters": sizes, "eval": evaluate(models, data, layers, device)}
+        summary["time"]["setup_s"] = setup_s
+        summary["fvu_start"] = folder.fvu_start
+        failed = None if result["interrupted"] else runs.failure(summary)
+        if failed:                            # saved (nothing is lost) but marked: the evaluators refuse it
+            summary.update(complete=False, failed=failed)
+        export(folder, models, cfg, run, summary)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted while saving: {folder.saved_note(result['steps_planned'])}") from None
     if result["interrupted"]:
         print(f"\ninterrupted at step {result['steps']} of {result['steps_planned']}: saved {cfg.out} (incomplete; "
               f"continue with the same flags and --resume)")
@@ -571,12 +598,17 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        summary = train(parse_args(argv))
+        cfg = parse_args(argv)
+        summary = train(cfg)
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
-    except KeyboardInterrupt:           # Ctrl-C before the loop (which saves instead): the harvest, the setup
-        print("\ninterrupted before training started: nothing was saved (a partial cache is removed)", file=sys.stderr)
+    except KeyboardInterrupt as e:      # Ctrl-C before the loop (which saves instead), or while saving
+        print("\n" + (str(e) or "interrupted before training started: nothing was saved (a partial cache is removed)"),
+              file=sys.stderr)
         return 130
+    if summary.get("failed"):           # saved, marked incomplete: a run of no use never looks like a result
+        return cli.cli_error(ValueError(f"the run in {cfg.out!r} failed: {summary['failed']} (it is saved, "
+                                        f"marked incomplete)"), code=1)
     return 130 if summary.get("interrupted") else 0
 
 

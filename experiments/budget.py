@@ -101,7 +101,7 @@ OFFICIAL = {"sae": ["--decoder-norm", "free", "--decoder-init-norm", "0.1", "--b
 def run_train(name: str, flags: list[str]) -> tuple[str, int]:
     out = OUT / name
     summary = runs.read_summary(out)
-    if summary is not None and summary.get("complete", True):
+    if summary is not None and summary.get("complete", True) is True:
         return name, 0
     mode = ["--resume"] if (out / "checkpoint.pt").exists() else ["--overwrite"]
     cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, *flags, "--out", str(out), *mode]

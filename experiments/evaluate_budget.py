@@ -43,7 +43,7 @@ POLY = ["sae_ours", "polysae_ours", "sae_official", "polysae_official"]
 
 def done(name: str) -> bool:
     s = runs.read_summary(budget.OUT / name)
-    return s is not None and s.get("complete", False)
+    return s is not None and s.get("complete") is True
 
 
 @lru_cache(maxsize=None)

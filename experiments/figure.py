@@ -197,4 +197,8 @@ def main(R: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/repro"))
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="?", default="runs/repro", help="the run folders of reproduce.sh (default runs/repro)")
+    main(Path(p.parse_args().runs))

@@ -25,14 +25,17 @@ and from training: curve.jsonl (held-out FVU, dead, FC (all readings) and norm s
 --eval-every steps), summary.json (tokens reached, tokens/s, time split). Written to OUT/: results.json (one
 object: settings, environment, per dictionary the summary, eval and probe), curves.jsonl, and figure.png
 when matplotlib is there. Every step prints its command; a failed step is recorded and the next one runs.
+The runs go to --runs (default runs/paper_gpu; runs/paper_gpu_smoke with --smoke), which must be new or
+empty unless --overwrite: a rehearsal never replaces the real run.
 
---smoke runs every step at tiny sizes (F 64, k 4, batch 256, CP rank 64, 6 s, layers 0-3 of --model) on the
+--smoke runs every step at tiny sizes (F 64, k 4, batch 256, CP rank d (F ≥ d/4), 6 s, layers 0-3 of --model) on the
 CPU, so that a typo cannot waste the GPU try (tests/test_paper_gpu.py runs it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import sys
@@ -46,12 +49,22 @@ sys.path.insert(0, str(ROOT))
 LAYERS = "4,7,10,13,16,19,22,25"
 DICTS = [("crosscoder", ["--dict", "crosscoder"]),
          ("masked", ["--dict", "crosscoder", "--name", "masked", "--mask-prob", "0.05"]),
-         ("tr", ["--dict", "fmxcoder", "--name", "tr", "--factorization", "tr", "--rank", "32"]),
+         ("tr", ["--dict", "fmxcoder", "--name", "tr", "--factorization", "tr", "--rank", "{tr_rank}"]),
          ("cp", ["--dict", "fmxcoder", "--name", "cp", "--factorization", "cp", "--rank", "{cp_rank}"])]
 PAPER = {"cp_rank": 768, "n_latents": 16384, "k": 64, "batch": 4096, "seconds": 480, "eval_every": 500, "panel": 8192,
          "eval_tokens": 65536, "probe_train": 600, "probe_test": 300, "lm_batch": 256}
 SMOKE = {"cp_rank": 64, "n_latents": 64, "k": 4, "batch": 256, "seconds": 6, "eval_every": 4, "panel": 512,
          "eval_tokens": 1024, "probe_train": 16, "probe_test": 8, "lm_batch": 8}
+
+
+def fit_to_width(size: dict, d: int, n_layers: int) -> dict:
+    """The fmxcoders' ranks (and the width) for an LM of width d read at n_layers layers: CP rank R >= d and TR
+    ranks with R1·R2 >= d (below, train.py refuses them: they cannot reconstruct), and F·L >= R (a CP rank is at
+    most FL); else the paper's (768; 32x32x32; F 16,384). The smoke's CP rank 64 is raised to d (576 for SmolLM2),
+    and its F 64 to d / L (144)."""
+    cp = max(size["cp_rank"], d)
+    return {"cp_rank": cp, "tr_rank": max(32, math.isqrt(d - 1) + 1), "n_latents": max(size["n_latents"],
+                                                                                     -(-cp // n_layers))}
 
 
 def environment() -> dict:
@@ -76,28 +89,53 @@ def step(name: str, argv: list[str], main, log: list) -> bool:
     return code == 0
 
 
+def check_folders(out: Path, runs_dir: Path, overwrite: bool) -> None:
+    """Before anything runs: OUT can be written (a folder), and --runs holds no run unless --overwrite (a
+    rehearsal must never replace the real run)."""
+    from support import cli
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {str(out)!r} is a file: pass a folder for the results")
+    cli.check_writable(out, "the results folder")
+    if runs_dir.exists() and (not runs_dir.is_dir() or any(runs_dir.iterdir())) and not overwrite:
+        raise ValueError(f"--runs {str(runs_dir)!r} already holds a run: pass --overwrite to replace it, or choose "
+                         f"another --runs")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from support import cli
+
+    p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder for the small results ($OUT on the GPU machine: what comes back)")
-    p.add_argument("--runs", default="runs/paper_gpu", help="the run folders (GBs at the papers' width: keep them "
-                   "out of OUT)")
+    p.add_argument("--runs", default=None, help="the run folders (GBs at the papers' width: keep them out of OUT; "
+                   "default runs/paper_gpu, runs/paper_gpu_smoke with --smoke)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --runs")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the rehearsal")
     p.add_argument("--model", default="smollm2-135m", help="the LM (a short name or an HF folder)")
     p.add_argument("--dataset", default="offline-large", help="a pre-tokenised corpus (default offline-large)")
     p.add_argument("--layers", default=None, help=f"default {LAYERS} ({'0-3'!r} with --smoke)")
     p.add_argument("--device", default=None, help="default cuda (cpu with --smoke)")
     p.add_argument("--seconds", type=float, default=None, help="training time (default 480; 6 with --smoke)")
-    a = p.parse_args(argv)
+    try:
+        a = p.parse_args(argv)
+        out, runs_dir = Path(a.out), Path(a.runs or ("runs/paper_gpu_smoke" if a.smoke else "runs/paper_gpu"))
+        check_folders(out, runs_dir, a.overwrite)
+        import activations
+        lm = activations.lm_config(a.model)                        # the config only, no weights
+        layers = a.layers or ("0-3" if a.smoke else LAYERS)
+        size = {**(SMOKE if a.smoke else PAPER)}
+        n_layers = len(activations.parse_layers(layers, lm.num_hidden_layers, True))
+        size.update(fit_to_width(size, lm.hidden_size, n_layers))
+    except cli.USER_ERRORS as e:
+        return cli.cli_error(e)
     import metrics
     import probe
     import train
 
-    size = SMOKE if a.smoke else PAPER
-    out, device = Path(a.out), a.device or ("cpu" if a.smoke else "cuda")
-    runs_dir = Path(a.runs)
+    device = a.device or ("cpu" if a.smoke else "cuda")
     out.mkdir(parents=True, exist_ok=True)
     seconds = a.seconds if a.seconds is not None else size["seconds"]
-    common = ["--model", a.model, "--dataset", a.dataset, "--layers", a.layers or ("0-3" if a.smoke else LAYERS),
+    common = ["--model", a.model, "--dataset", a.dataset, "--layers", layers,
               "--n-latents", str(size["n_latents"]), "--k", str(size["k"]), "--sparsity", "batchtopk",
               "--batch-size", str(size["batch"]), "--lr", "3e-4", "--grad-clip", "1", "--context", "128",
               "--dead-tokens", "10000000" if not a.smoke else "1000", "--cache", "none", "--passes", "50",
@@ -108,8 +146,8 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):
         common += ["--lm-dtype", "bfloat16", "--dtype", "bfloat16"]
     log: list = []
-    dicts = [x.format(cp_rank=size["cp_rank"]) for _, d in DICTS for x in d]
-    train_ok = step("train", common + dicts + ["--out", str(runs_dir), "--overwrite"], train.main, log)
+    dicts = [x.format(**size) for _, flags in DICTS for x in flags]
+    train_ok = step("train", common + dicts + ["--out", str(runs_dir)] + ["--overwrite"] * a.overwrite, train.main, log)
     results = {"settings": {"size": size, "seconds": seconds, "layers": common[common.index("--layers") + 1],
                             "model": a.model, "dataset": a.dataset, "device": device, "smoke": a.smoke,
                             "dictionaries": {n: d for n, d in DICTS}},

@@ -34,4 +34,4 @@ if not corpus.exists():
 print("payload ready:", model, corpus)
 EOF
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python experiments/paper_gpu.py "$OUT" --runs runs/paper_gpu "$@"
+python experiments/paper_gpu.py "$OUT" "$@"             # runs in runs/paper_gpu (runs/paper_gpu_smoke with --smoke)

@@ -43,6 +43,11 @@ def slice_cache(src, dst, layer: int) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        raise SystemExit("usage: python experiments/slice_cache.py SRC_CACHE DST_CACHE LAYER")
-    slice_cache(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="the multi-layer activation cache")
+    p.add_argument("dst", help="the single-layer cache to write")
+    p.add_argument("layer", type=int, help="the layer to copy")
+    a = p.parse_args()
+    slice_cache(a.src, a.dst, a.layer)

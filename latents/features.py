@@ -52,7 +52,6 @@ positions outside the window; acts are in the dictionary's normalised input unit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -68,7 +67,7 @@ from core import opt
 from latents import intervene
 from support import cache as activation_cache
 from support import cli, corpora, runs, saved
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 from support.heldout import check_held_out
 
 HIST_LO, HIST_HI = 1e-2, 1e3          # histogram range of activations (normalised units)
@@ -393,6 +392,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
     if n_tokens < 1:
         raise ValueError(f"--tokens must be positive, got {n_tokens}")
     entries = saved.open_run(run_dir, device, allow_incomplete)
+    digests = runs.model_digests(run_dir)                  # of the weights read now
     run = saved.run_entry(run_dir, entries[0][2], ("model",))
     check_held_out(run_dir, run)
     lm, tok = activations.load_lm(run["model"], device=device, dtype=run.get("lm_dtype", "float32"))
@@ -420,8 +420,8 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
                       "n_latents": len(lat), "alive": sum(r["fires"] > 0 for r in lat),
                       "fc_tokens": min(s.fc_tokens, pool["tokens"]) if multi else 0, "latents": lat})
     pool_ids = pool["ids"].tolist()
-    return {"version": VERSION, "run": str(run_dir), "weights_sha256": runs.model_digests(run_dir),
-            "model": run["model"], "dataset": run.get("dataset"),
+    return {"version": VERSION, "run": str(run_dir), "weights_sha256": digests,
+            "model": run["model"], "dataset": run.get("dataset"), "drop_outliers": run.get("drop_outliers"),
             "text": f"{run.get('dataset') or 'bbc'} split {split}, "
                     + (f"after the first {skip:,} tokens (held out)" if skip else "its first tokens (held out)"),
             "tokens": pool["tokens"], "windows": pool["windows"], "settings": asdict(s),
@@ -458,10 +458,12 @@ def main(argv=None) -> int:
         with runs.reading(a.run):       # train.py cannot replace the run meanwhile
             feats = read_run(a.run, a.tokens, s, device, a.lm_batch, progress=not a.quiet,
                              allow_incomplete=a.allow_incomplete)
-            write_atomic(Path(a.run, "features.json"), json.dumps(feats, separators=(",", ":")))
+            write_atomic(Path(a.run, "features.json"), json_text(feats, separators=(",", ":")))
             page.write_page(feats, Path(a.run, "features.html"))
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
+    except KeyboardInterrupt:
+        return cli.interrupted("features.json")
     for d in feats["dictionaries"]:
         print(f"{d['name']}: {d['alive']:,} of {d['n_latents']:,} latents fire on {feats['tokens']:,} held-out tokens")
     print(f"wrote {Path(a.run, 'features.json')} and {Path(a.run, 'features.html')}")

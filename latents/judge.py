@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -50,6 +51,7 @@ from pathlib import Path
 
 from core import opt
 from support import cli
+from support.files import json_text, write_atomic
 
 EXPLAIN_PROMPT = (
     "You are helping to interpret a feature of a language model. The feature fires on certain tokens. "
@@ -79,6 +81,15 @@ class JudgeSettings:
     detect_tokens: int = opt(40, "max tokens of the detection answer")
     detect: str = opt("batch", "batch: one call lists the numbers (SAEBench) | each: a Yes/No call per excerpt")
     seed: int = opt(0, "seed of the latents and snippets chosen")
+
+    def check(self, name=str) -> None:
+        cli.check_min((name("latents"), self.latents, 1), (name("n_explain"), self.n_explain, 1),
+                      (name("n_detect_top"), self.n_detect_top, 0), (name("min_positives"), self.min_positives, 1),
+                      (name("explain_tokens"), self.explain_tokens, 1), (name("detect_tokens"), self.detect_tokens, 1))
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"{name('threshold')} is a detection accuracy, between 0 and 1, got {self.threshold}")
+        if self.detect not in ("batch", "each"):
+            raise ValueError(f"{name('detect')} must be batch or each, got {self.detect!r}")
 
 
 class JudgeError(RuntimeError):
@@ -191,6 +202,12 @@ class HTTPJudge:
                                  f"{e.read().decode(errors='replace')[:200].strip()}") from None
             except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                 raise JudgeError(f"cannot reach the judge at {self.url}: {getattr(e, 'reason', e)}") from None
+            except http.client.HTTPException as e:     # IncompleteRead: the server closed mid-answer
+                if attempt < self.retries:
+                    time.sleep(2 ** attempt)
+                    continue
+                raise JudgeError(f"the judge at {self.url} closed the connection in the middle of its answer "
+                                 f"({type(e).__name__}), {self.retries + 1} times: check the server") from None
             except json.JSONDecodeError:
                 return "", {}                          # not JSON: an unparseable answer, counted
         try:
@@ -362,7 +379,7 @@ def judge_run(run_dir, judge, s: JudgeSettings, progress: bool = True) -> dict:
     report = {"run": str(run_dir), "judge": judge.id, "settings": asdict(s), "dictionaries": dicts,
               "calls": cached.calls, "cached_calls": cached.hits, "usage": cached.usage,
               "tokens_per_latent": (sum(cached.usage.values()) / n_judged) if n_judged else None}
-    Path(run_dir, "autointerp.json").write_text(json.dumps(report, indent=1))
+    write_atomic(Path(run_dir, "autointerp.json"), json_text(report, indent=1))
     judged = {d["name"]: {x["id"]: {"explanation": x["explanation"] or "(unparseable)", "accuracy": x.get("accuracy"),
                                     "f1": x.get("f1")} for x in d["latents"]} for d in dicts}
     page.write_page(feats, Path(run_dir, "features.html"), judged)
@@ -406,9 +423,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     try:
         a = p.parse_args(argv)
-        s = JudgeSettings(**cli.values(a, JudgeSettings))
-        if s.detect not in ("batch", "each"):
-            raise ValueError(f"--detect must be batch or each, got {s.detect!r}")
+        s = cli.build(JudgeSettings, **cli.values(a, JudgeSettings))
         if a.judge.startswith("local:"):
             a.device = cli.resolve_device(a.device)
         missing = [r for r in a.runs if not Path(r, "features.json").exists()]

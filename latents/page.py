@@ -35,6 +35,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from support.files import json_text
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
@@ -54,7 +56,7 @@ max act ≥ <input id="amin" type="number" step="any">
 def write_page(features: dict, path, judged: dict | None = None) -> None:
     """Write the page for features.json's dict; judged: {dictionary name: {latent id: {"explanation",
     "accuracy", "f1"}}} from autointerp.py, or None."""
-    data = json.dumps({"features": features, "judged": judged or {}}, separators=(",", ":")).replace("<", "\\u003c")
+    data = json_text({"features": features, "judged": judged or {}}, separators=(",", ":")).replace("<", "\\u003c")
     html = (f'<!doctype html><html><head><meta charset="utf-8"><title>latents of {Path(features["run"]).name}</title>'
             f'<style>{CSS}</style></head><body>{BODY}\n<script type="application/json" id="data">{data}</script>\n'
             f'<script>{SCRIPT}</script></body></html>\n')

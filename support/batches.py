@@ -121,9 +121,10 @@ def open_cache(path: Path, *, model: str, layers: list[int], multi: bool, datase
             idx = batch_indices(step, B, n_train, seed)[ranks.rank::ranks.world]
             yield cache.take(idx, as_stored=True, pin_memory=pin)   # converted to float32 on the device
 
-    run = {"hooks": cache.meta.get("hooks"), "cache": str(cache.path), "train_tokens": n_train, "eval_tokens": n_eval}
     identity = {"cache": str(cache.path), "n_tokens": cache.n_tokens, "fingerprint": fingerprint(cache),
                 "scale": cache.scale.tolist()}
+    run = {"hooks": cache.meta.get("hooks"), "cache": str(cache.path), "train_tokens": n_train, "eval_tokens": n_eval,
+           "cache_tokens": cache.n_tokens, "cache_fingerprint": identity["fingerprint"]}   # (heldout.cache_changed)
     return Data(batches, steps, cache.scale, cache.read(0, min(n_train, SAMPLE_TOKENS)),
                 lambda lo, hi: cache.read(n_train + lo, n_train + hi), n_eval, run, identity)
 
@@ -148,6 +149,7 @@ def open_stream(*, model: str, layers: list[int], dataset, context: int, tokens:
     the first eval_tokens tokens are held out, the next SAMPLE_TOKENS set the scale and b_dec (and are
     trained on), everything after goes through a shuffle buffer on `device`, `passes` times over a
     finite corpus."""
+    corpora.check_dataset(dataset, activations.load_tokenizer(model))    # before the LM's weights
     lm, tok = activations.load_lm(model, device=device, dtype=lm_dtype)
     n_eval = eval_tokens
 

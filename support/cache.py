@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 import activations
-from support.corpora import dataset_batches, is_token_corpus, token_file
+from support.corpora import check_dataset, dataset_batches, is_token_corpus, token_file
 from support.files import check_free, disk_full, remove_stale, temp_path, write_atomic
 
 
@@ -195,6 +195,15 @@ def default_cache_path(model_name, layers, multi, dataset, split, context, dtype
     return activations.cache_root() / "acts" / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
+def check_folder(path: Path) -> None:
+    """ValueError unless `path` can be a cache folder: not a file, and creatable or writable."""
+    from support.cli import check_writable
+
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--cache {str(path)!r} is a file: pass a folder for the activation cache (or none to stream)")
+    check_writable(path, "the activation cache")
+
+
 def build_cache(path, model_name: str = activations.DEFAULT_MODEL, layers=None, dataset: str | None = None,
                 n_tokens: int = 1_000_000, context: int = 128, batch_size: int = 16, device="cpu",
                 dtype: str = "float16", drop_outliers: float | None = None, multi: bool = True,
@@ -215,6 +224,10 @@ def build_cache(path, model_name: str = activations.DEFAULT_MODEL, layers=None, 
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     path = Path(path) if path is not None else default_cache_path(
         model_name, layers, multi, dataset, split, context, dtype, drop_outliers, lm_dtype)
+    check_folder(path)
+    remove_stale(path.parent, path.name)     # what a killed harvest left (.<name>.tmp-<pid>), reused or not
+    if path.parent == activations.cache_root() / "acts":
+        remove_stale(path.parent)            # and any other cache's there (that folder holds caches only)
     if (path / "meta.json").exists():
         cache = ActivationCache(path)
         m = cache.meta
@@ -235,16 +248,22 @@ def build_cache(path, model_name: str = activations.DEFAULT_MODEL, layers=None, 
     elif path.exists() and any(path.iterdir()):
         raise ValueError(f"cache path {str(path)!r} exists but is not an activation cache (no meta.json)")
 
-    remove_stale(path.parent, path.name)           # what a killed harvest left (.<name>.tmp-<pid>)
-    if model is None:
-        model, tokenizer = activations.load_lm(model_name, device=device, dtype=lm_dtype)
-    paths = activations.block_paths(model)
-    layer_list = activations.parse_layers(layers, len(paths), multi)
+    # before the LM's weights are loaded: the dataset (a token file whole, in its vocabulary), the disk space
+    tokenizer = tokenizer or activations.load_tokenizer(model_name)
+    check_dataset(dataset, tokenizer, split)
+    lm = model.config.get_text_config() if model is not None else activations.lm_config(model_name)
+    layer_list = activations.parse_layers(layers, lm.num_hidden_layers, multi)
     known = len(token_file(dataset, tokenizer)) if is_token_corpus(dataset) else None
     if known is not None and n_tokens > known:        # a pre-tokenised corpus: its size is known up front
         print(f"note: the corpus {dataset!r} holds {known:,} tokens, fewer than the {n_tokens:,} asked for: caching "
               f"all of them")
         n_tokens = known
+    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    check_free(path.parent, n_tokens * len(layer_list) * lm.hidden_size * itemsize, f"the activation cache "
+               f"({n_tokens:,} tokens × {len(layer_list)} layers × {lm.hidden_size} × {itemsize} bytes)")
+    if model is None:
+        model, tokenizer = activations.load_lm(model_name, device=device, dtype=lm_dtype)
+    paths = activations.block_paths(model)
     _write_cache(path, model, layer_list, paths, dataset_batches(tokenizer, dataset, split, context, batch_size),
                  n_tokens, context, device, dtype, drop_outliers,
                  {"model": model_name, "dataset": dataset, "split": split, "lm_dtype": lm_dtype})
@@ -274,8 +293,6 @@ def _write_cache(path: Path, model, layers, paths, batches, n_tokens, context, d
     np_dtype, d = DTYPES[dtype], model.config.get_text_config().hidden_size
     row_bytes = len(layers) * d * np.dtype(np_dtype).itemsize
     shard_tokens = max(1, SHARD_BYTES // row_bytes)
-    check_free(path.parent, n_tokens * row_bytes, f"the activation cache ({n_tokens:,} tokens × {len(layers)} layers "
-               f"× {d} × {np.dtype(np_dtype).itemsize} bytes)")
     tmp = temp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

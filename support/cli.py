@@ -33,10 +33,16 @@ class ArgParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def cli_error(e: BaseException) -> int:
-    """Print a user mistake as one line `error: ...` on stderr; the exit code 2."""
+def cli_error(e: BaseException, code: int = 2) -> int:
+    """Print a user mistake as one line `error: ...` on stderr; the exit code (2)."""
     print("error: " + " ".join(str(e).split()), file=sys.stderr)
-    return 2
+    return code
+
+
+def interrupted(written: str) -> int:
+    """Ctrl-C in an evaluator: one line on stderr saying that nothing was left half-written; exit code 130."""
+    print(f"\ninterrupted: nothing was left half-written ({written} is written whole, at the end)", file=sys.stderr)
+    return 130
 
 
 def parse_int(text: str) -> int:
@@ -105,7 +111,7 @@ def add_flags(p: argparse.ArgumentParser, cls, defaults: bool = True, group: str
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{f.metadata['help']} (default: {default})"
+        help_ = f"{f.metadata['help']} (default: {default})".replace("%", "%%")     # argparse %-formats help
         if hints[f.name] is bool:
             target.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default if defaults else None, help=help_)
@@ -156,6 +162,32 @@ def resolve_device(name: str):
         raise ValueError(f"--device {name!r} requested but " + ("CUDA is not available" if n == 0 else
                          f"torch sees {n} CUDA device{'s' * (n > 1)} (cuda:0 to cuda:{n - 1})"))
     return device
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on `device`: a CUDA device's free memory, or the host's available memory (MemAvailable of
+    /proc/meminfo, else the free pages); None when unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(device, needed: int, what: str, fix: str) -> None:
+    """ValueError before any work when `needed` bytes of `what` cannot fit in the free memory of `device`."""
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise ValueError(f"{what} need {needed:,} bytes on {device} but only {free:,} are free: {fix}")
 
 
 def check_writable(folder, what: str = "") -> None:

@@ -252,6 +252,19 @@ def is_token_corpus(dataset) -> bool:
     return dataset in TOKEN_CORPORA or (isinstance(dataset, str) and dataset.endswith(".u16"))
 
 
+_VERIFIED: set = set()
+
+
+def check_dataset(dataset: str | None, tokenizer, split: str = "train") -> None:
+    """The dataset can be read, checked before the LM's weights are loaded (a ValueError naming it): a token
+    file is there, made for this tokenizer, whole and in its vocabulary; a text dataset's files (or hub
+    dataset) open."""
+    if is_token_corpus(dataset):
+        token_file(dataset, tokenizer, split)
+    elif dataset not in (None, "bbc"):
+        load_texts(dataset, split)
+
+
 def token_file(dataset: str, tokenizer, split: str = "train"):
     """The TokenFile of a pre-tokenised corpus for this tokenizer: ValueError when there is none, when it
     was tokenised by another tokenizer (its vocabulary size or EOS differ), or for a split but "train"."""
@@ -269,6 +282,10 @@ def token_file(dataset: str, tokenizer, split: str = "train"):
     for path in candidates:
         tf = TokenFile(path)
         if (tf.vocab_size, tf.eos_id) == want:
+            key = (str(tf.path.resolve()), tf.path.stat().st_size, tf.path.stat().st_mtime_ns)
+            if key not in _VERIFIED:                   # its sha256 and ids, once per process and file version
+                tf.verify()
+                _VERIFIED.add(key)
             return tf
     if dataset.endswith(".u16"):
         raise ValueError(f"token file {dataset!r} was tokenised with vocab size {tf.vocab_size:,} and EOS {tf.eos_id}, "

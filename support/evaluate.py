@@ -24,7 +24,7 @@ from metrics import (QUICK, ReconStats, ce_recovered_all, class_wasserstein, fun
 from probe import pool
 from support import cli, runs, saved, tasks
 from support.corpora import heldout_text, heldout_windows, take_tokens
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 from support.heldout import Held, check_held_out
 
 
@@ -145,6 +145,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
     locked (shared) meanwhile, so train.py cannot replace it (support.runs.reading)."""
     with runs.reading(run_dir):
         entries = saved.open_run(run_dir, device, allow_incomplete)
+        digests = runs.model_digests(run_dir)         # of the weights read now, not of whatever is there at the end
         cached = isinstance(entries[0][2].get("run"), dict) and entries[0][2]["run"].get("cache")
         run = saved.run_entry(run_dir, entries[0][2], ("model", "train_tokens", "eval_tokens") if cached else ("model",))
         check_held_out(run_dir, run)
@@ -173,9 +174,10 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
                 r.result.update({"wasserstein_task": wasserstein_task, "wasserstein_texts": len(texts)})
 
         out = {"run": str(run_dir), "data": held.source, "model": run.get("model"),
-               "weights_sha256": runs.model_digests(run_dir),
+               "drop_outliers": run.get("drop_outliers"),      # the outlier rule: two numbers of one model compare
+               "weights_sha256": digests,
                "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
-        write_atomic(Path(run_dir, "eval.json"), json.dumps(out, indent=2))
+        write_atomic(Path(run_dir, "eval.json"), json_text(out, indent=2))
         return out
 
 
@@ -205,7 +207,9 @@ def format_table(evals: list[dict]) -> str:
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *rows]]
     notes = []
     for e in evals:
-        notes.append(f"{e['run']}: {e['data']}")
+        rule = e.get("drop_outliers")
+        notes.append(f"{e['run']}: {e['data']}; " + (f"tokens with a norm > {rule:g} x the median dropped" if rule
+                                                      else "every token kept (no outlier rule)"))
         for r in e["results"]:
             if len(r.get("mse_raw_per_layer", [])) > 1:
                 per = ", ".join(f"{m:.4g}/{f:.3f}" for m, f in zip(r["mse_raw_per_layer"], r["fvu_per_layer"]))

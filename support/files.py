@@ -10,6 +10,8 @@ names the path and the bytes needed, after removing what it had written.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
 import shutil
@@ -70,6 +72,23 @@ def check_free(folder, needed: int, what: str) -> None:
     if free < needed:
         raise DiskFull(f"{what} needs {needed:,} bytes at {str(folder)!r} but only {free:,} are free: free some "
                        f"space, write elsewhere or ask for less")
+
+
+def finite_json(obj):
+    """obj with every float that is nan or ±inf replaced by None (JSON null): Python's json writes them as
+    NaN / Infinity, which is not JSON (other readers refuse the file)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj, **kw) -> str:
+    """json.dumps of finite_json(obj): always valid JSON (a non-finite number is null)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kw)
 
 
 def write_atomic(path, data: str | bytes) -> None:

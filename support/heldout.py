@@ -1,13 +1,15 @@
 """The held-out activations of a trained run, as metrics.py (and anything else evaluating a run) reads them.
 
 A cached run holds out the last eval_tokens tokens of its cache, [train_tokens, train_tokens + eval_tokens):
-read from the cache while it exists. Otherwise (a streamed run, or a cache deleted since) the held-out text
+read from the cache while it holds the tokens the run used (its config.json records the cache's size and
+fingerprint: `cache_changed`). Otherwise (a streamed run, a cache deleted or rebuilt since) the held-out text
 windows of the run's stream (support/corpora.py heldout_text: the windows after the training tokens, or a
 hub dataset's "test" split) are harvested again with the LM, exactly as the harvest reads them.
 """
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +29,21 @@ def check_held_out(run_dir, run: dict) -> None:
                          f"of its data was trained on; train it again with --eval-tokens N (N > 0) to evaluate it")
 
 
+def cache_changed(run: dict, cache: activation_cache.ActivationCache) -> str | None:
+    """How the run's activation cache changed since it was trained (another run rebuilt that folder), or None:
+    fewer tokens than the run used, or, for runs that recorded it, other tokens (the fingerprint of the view it
+    trained and held out on, support.batches.fingerprint)."""
+    from support.batches import fingerprint
+
+    used = run.get("cache_tokens") or int(run.get("train_tokens") or 0) + int(run.get("eval_tokens") or 0)
+    if cache.n_tokens < used:
+        return f"it holds {cache.n_tokens:,} tokens, the run used {used:,}"
+    if run.get("cache_fingerprint") and fingerprint(activation_cache.ActivationCache(cache.path, used)) \
+            != run["cache_fingerprint"]:
+        return f"its first {used:,} tokens are not those the run used"
+    return None
+
+
 class Held:
     """The held-out activations of a run: raw (B, L_all, d) batches over `layers`."""
 
@@ -34,6 +51,11 @@ class Held:
         self.batch_size, self.device = batch_size, device
         cache_path = run.get("cache")
         self.cache = activation_cache.ActivationCache(cache_path) if cache_path and Path(cache_path, "meta.json").exists() else None
+        changed = cache_changed(run, self.cache) if self.cache is not None else None
+        if changed:                       # rebuilt by another run: harvest the held-out tokens, as for a stream
+            print(f"note: the activation cache {cache_path!r} was rebuilt since this run was trained ({changed}): its "
+                  f"held-out tokens are harvested again from the text, as for a streamed run", file=sys.stderr)
+            self.cache = None
         if self.cache is not None:
             self.layers = self.cache.layers
             self.start = int(run["train_tokens"])
@@ -64,7 +86,8 @@ class Held:
         ds = run.get("dataset") or "bbc"
         where = f"after the first {skip:,} tokens" if skip else "the first tokens"
         self.source = (f"harvested {len(self.x):,} tokens of {ds} split {split} ({where}; "
-                       + ("a streamed run" if cache_path is None else f"no cache at {cache_path!r}") + ")")
+                       + ("a streamed run" if cache_path is None else f"the cache {cache_path!r} rebuilt since: "
+                          f"{changed}" if changed else f"no cache at {cache_path!r}") + ")")
 
     def batches(self, max_tokens: int | None = None, desc: str | None = None) -> Iterator[Tensor]:
         """Raw (B, L_all, d) batches of the first max_tokens held-out tokens (default all); with `desc`, a

@@ -15,14 +15,21 @@ Writing (`RunFolder`, used by train.py):
     process, so a killed run leaves no stale lock.
   * no mixture: a new run refuses a folder that already holds files unless it is told what to
     do with them: --resume (continue the run whose checkpoint.pt is there) or --overwrite
-    (delete it first). An export writes the new contents into a fresh sibling folder and swaps
+    (delete it first).
+  * never what is not ours: --out must be a folder of its own (never "", ".", the current folder or
+    one above it, "/" or $HOME: `check_out`), and a folder holding anything a run does not write
+    (`foreign_entries`: a .git, notes, photos) is refused whatever the flags, so --overwrite only
+    ever deletes a run. An export writes the new contents into a fresh sibling folder and swaps
     it in with two renames, so a reader sees the old run or the new one, never parts of both
     (e.g. a stale layer_14/ of an earlier per-layer run next to a new crosscoder).
   * nothing half-written: every file is written atomically (support/files.py: temp name, fsync,
     os.replace); the checkpoint too.
-  * nothing faked: summary.json says whether the run completed all its steps. An interrupted run
-    (Ctrl-C) still exports a loadable model, but with "complete": false, and train.py exits 130;
-    metrics.py and probe.py refuse such folders unless told otherwise.
+  * nothing faked: summary.json says whether the run completed all its steps ("complete": JSON true).
+    An interrupted run (Ctrl-C) still exports a loadable model, but with "complete": false, and train.py
+    exits 130; a finished run of no use (`failure`: no step trained, a held-out FVU not finite or above
+    DIVERGED_FVU) is exported with "complete": false and "failed": why, and train.py exits 1. metrics.py
+    and probe.py refuse such folders unless told otherwise. A checkpoint is written only when every tensor
+    is finite (a diverged run keeps its last good one), and every JSON file is valid JSON (nan/inf: null).
   * nothing left behind by a failure: a folder this run created is removed again if the run
     fails before writing anything into it.
 """
@@ -33,18 +40,129 @@ import dataclasses
 import errno
 import fcntl
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from support.cli import check_writable
-from support.files import disk_full, pid_alive, remove_stale, temp_path, write_atomic
+from support.files import check_free, disk_full, json_text, pid_alive, remove_stale, temp_path, write_atomic
 
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (one-line message naming the folder and the fix)."""
+
+
+RUN_FILES = ("config.json", "model.safetensors", "summary.json", "checkpoint.pt", "curve.jsonl", "eval.json",
+             "probe.json", "features.json", "features.html", "autointerp.json", "autointerp_cache.jsonl")
+"""The files train.py and the evaluators write into a run folder (and into each dictionary's folder of a set)."""
+LAYER_DIR = re.compile(r"^layer_\d+$")                    # a per-layer set's layer_<l>/
+TEMPORARY = re.compile(r"^\..+\.[a-z]+-\d+$")             # support/files.py's .<name>.<what>-<pid>
+
+
+MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_member_names(names: list[str]) -> None:
+    """ValueError for a name of a set's dictionary (its folder, --out/<name>/) that is not unique, not a plain
+    file name, or one that the run folder itself uses (RUN_FILES, layer_<l>: the export would collide with
+    it, or the set would read as a per-layer run). Checked before anything expensive."""
+    for n in names:
+        if not MEMBER_NAME.match(n):
+            raise ValueError(f"--name {n!r} must start with a letter or digit and hold only letters, digits, '.', "
+                             f"'_' and '-'")
+        if names.count(n) > 1:
+            raise ValueError(f"--name {n!r} names two dictionaries: each needs a name of its own")
+        if n.lower() in RUN_FILES or LAYER_DIR.match(n.lower()):
+            raise ValueError(f"--name {n!r} is the name of a file or folder the run folder holds "
+                             f"({', '.join(RUN_FILES)}, layer_<l>): choose another")
+
+
+def run_root(path) -> Path:
+    """The folder train.py wrote (and locks) that holds `path`: path itself, or, for the folder of one
+    dictionary inside a run (a set's <name>/, a per-layer set's layer_<l>/, or a layer of a member), the
+    outermost run folder around it."""
+    p = Path(path).absolute()
+    while p.parent != p and part_of_run(p):
+        p = p.parent
+    return p
+
+
+def part_of_run(p: Path) -> bool:
+    """Is `p` a dictionary's folder inside the run folder p.parent (its layer_<l>/, or a member its
+    summary.json lists)?"""
+    summary = p.parent / "summary.json"
+    if not (summary.is_file() or (p.parent / "checkpoint.pt").is_file()):
+        return False
+    if LAYER_DIR.match(p.name):
+        return True
+    try:
+        members = json.loads(summary.read_bytes()).get("dictionaries")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(members, list) and p.name in members
+
+
+def enclosing_run(path) -> Path | None:
+    """The run folder that `path` is, or lies inside (the nearest existing one holding summary.json,
+    checkpoint.pt or one of our config.json), else None."""
+    for p in [Path(path).absolute(), *Path(path).absolute().parents]:
+        if p.is_dir() and ((p / "summary.json").is_file() or (p / "checkpoint.pt").is_file()
+                           or (p / "config.json").is_file() and ours(p / "config.json")):
+            return run_root(p)
+    return None
+
+
+def check_out(path) -> None:
+    """RunFolderError unless `path` can be a run folder of its own: an export replaces the folder as a whole
+    (two renames) and --overwrite empties it, so it is never "", ".", the current folder or a folder above
+    it, the root or the home folder."""
+    if not str(path).strip():
+        raise RunFolderError("--out is empty: name the run folder, e.g. --out runs/latest")
+    full, cwd = Path(os.path.realpath(Path(path).expanduser())), Path.cwd().resolve()
+    what = ("the root folder" if full == Path(full.anchor) else
+            "your home folder" if full == Path.home().resolve() else
+            "the current folder" if full == cwd else
+            "a folder above the current one" if full in cwd.parents else None)
+    if what:
+        raise RunFolderError(f"--out {str(path)!r} is {what}: train.py replaces its run folder as a whole, so the run "
+                             f"needs a folder of its own, e.g. --out runs/latest")
+    root = run_root(path)
+    if root != Path(path).absolute():
+        raise RunFolderError(f"--out {str(path)!r} is one dictionary of the run in {str(root)!r}: that run is "
+                             f"written (and replaced) as a whole, so train into a folder of its own")
+
+
+def ours(config_json: Path) -> bool:
+    """Is this config.json one that support.saved.save wrote (a "kind" or old "class" entry)? A damaged
+    one (not JSON) counts as ours: a truncated run is still a run."""
+    try:
+        meta = json.loads(config_json.read_bytes())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return True
+    return isinstance(meta, dict) and ("kind" in meta or "class" in meta)
+
+
+def foreign_entries(folder, top: bool = True) -> list[str]:
+    """The entries of `folder` that no run writes (a folder's name ends in /): everything but RUN_FILES
+    (a config.json only if it is ours), temporaries, layer_<l>/ folders and, at the top, the folders of
+    a set's dictionaries, each holding nothing foreign either. Symbolic links are foreign."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if TEMPORARY.match(p.name):
+            continue
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            out.append(p.name)
+        elif p.is_file():
+            if p.name not in RUN_FILES or (p.name == "config.json" and not ours(p)):
+                out.append(p.name)
+        elif not ((LAYER_DIR.match(p.name) or top and not p.name.startswith("."))
+                  and any(p.iterdir()) and not foreign_entries(p, top=False)):
+            out.append(p.name + "/")
+    return out
 
 
 def recover_export(path) -> None:
@@ -71,12 +189,16 @@ def reading(run_dir):
     """Hold a shared lock on a run folder while it is evaluated (metrics.py, probe.py, latents): train.py,
     which holds an exclusive one while it writes, can then not replace the folder under the evaluator, and
     an evaluator refuses a folder that train.py is writing. Results computed inside carry the digests of
-    the weights they read (`model_digests`)."""
-    recover_export(run_dir)
+    the weights they read (`model_digests`). One lock per run: the lock is taken on `run_root(run_dir)`, so
+    evaluating one dictionary of a set (or one layer_<l>/) excludes train.py on the whole set, and back."""
+    missing = Path(run_dir).absolute()
+    while not missing.exists() and missing.parent != missing and not missing.parent.exists():
+        missing = missing.parent          # a set whose export was interrupted: the set is what moved
+    recover_export(missing if not Path(run_dir).exists() else run_dir)
     if not Path(run_dir).is_dir():        # nothing to lock: the opening reports what is there instead
         yield
         return
-    fd = os.open(run_dir, os.O_RDONLY)
+    fd = os.open(run_root(run_dir), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -119,10 +241,46 @@ def read_result(run_dir, name: str) -> dict:
     return result
 
 
+DIVERGED_FVU = 1.0
+"""A held-out FVU above this (the dictionary reconstructs the held-out tokens worse than their mean does) and
+above the dictionary's own at step 0 marks a finished run as failed: the training diverged, whatever its
+weights. (Above 1 alone is not enough: a short run can still be on its way down from a start above 1.)"""
+
+
+def failure(summary: dict) -> str | None:
+    """Why a finished run is of no use ("<what>; <fix>"), or None. It is, and train.py saves it marked
+    incomplete ("complete": false, "failed": this), when it trained no step at all, or when a dictionary's
+    held-out FVU is not finite (the held-out activations do not vary, or the reconstruction overflowed), or
+    is above DIVERGED_FVU and above its FVU at step 0 (summary["fvu_start"], the same held-out tokens before
+    the first step): the training diverged."""
+    if summary["steps"] == 0:
+        why = " (the data ran out first)" if summary.get("data_exhausted") else ""
+        return (f"it trained no step{why}, so its dictionaries are their initialisation; train it on more data "
+                f"(or a smaller --batch-size)")
+    start = summary.get("fvu_start") or {}
+    for key, e in (summary.get("eval") or {}).items():     # "all", "<layer>", "<name>/all", "<name>/<layer>"
+        name, _, sub = key.rpartition("/")
+        who = " ".join(([name] if name else []) + ([] if sub == "all" else [f"layer {sub}"])) or "the dictionary"
+        fvu, fvu0 = e.get("fvu") if isinstance(e, dict) else None, start.get(key)
+        if fvu is not None and not math.isfinite(fvu):
+            return (f"the held-out FVU of {who} is {fvu} (the held-out activations do not vary, or the "
+                    f"reconstruction overflowed); check the activations")
+        if fvu is not None and fvu > DIVERGED_FVU and (fvu0 is None or fvu > fvu0):
+            since = f" and above its {fvu0:.4g} at step 0" if fvu0 is not None else ""
+            return (f"the held-out FVU of {who} is {fvu:.4g}, above {DIVERGED_FVU:g}{since}: it reconstructs the "
+                    f"held-out tokens worse than their mean does, the training diverged; train it again with a lower "
+                    f"--lr")
+    return None
+
+
 def read_summary(path: Path) -> dict | None:
     """The folder's summary.json, or None when there is none."""
     f = Path(path) / "summary.json"
     return json.loads(f.read_text()) if f.exists() else None
+
+
+SLACK = 2**20
+"""Bytes a run writes beside its tensors (JSON files, the checkpoint's pickling), reserved by check_space."""
 
 
 class RunFolder:
@@ -139,9 +297,12 @@ class RunFolder:
             raise RunFolderError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self.created, self.fd = False, None
+        self.saved_step = None                 # the step of checkpoint.pt (set by save_checkpoint, or a resume)
+        self.fvu_start = None                  # the held-out FVUs at step 0, kept in every checkpoint (failure)
 
     # -- lifetime ------------------------------------------------------------------------
     def __enter__(self) -> "RunFolder":
+        check_out(self.path)
         recover_export(self.path)
         check_writable(self.path, "the run folder")
         self.created = not self.path.exists()
@@ -166,6 +327,12 @@ class RunFolder:
 
     def _check_contents(self) -> None:
         names = sorted(p.name for p in self.path.iterdir())
+        others = foreign_entries(self.path)
+        if others:
+            shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+            raise RunFolderError(f"--out {str(self.path)!r} holds files that train.py did not write ({shown}): a run "
+                                 f"folder is replaced as a whole (--overwrite deletes only a run), so choose a new or "
+                                 f"empty --out")
         if self.resume:
             if "checkpoint.pt" not in names:
                 raise RunFolderError(f"--resume: {str(self.path)!r} holds no checkpoint.pt, so there is nothing to "
@@ -188,22 +355,49 @@ class RunFolder:
             os.close(self.fd)                          # closing the descriptor releases the flock
             self.fd = None
 
+    def check_space(self, checkpoint_bytes: int, weights_bytes: int, periodic: bool) -> None:
+        """DiskFull before the work when the folder's disk cannot hold what the run will write: checkpoint.pt
+        (twice while a periodic one replaces the last, unless a resumed run's is already there) and the
+        exported weights (the export hard-links the checkpoint)."""
+        twice = periodic and not self.resume
+        copies = ", twice while one replaces the other" if twice else ""
+        check_free(self.path, (2 if twice else 1) * checkpoint_bytes + weights_bytes + SLACK,
+                   f"the run (checkpoint.pt of {checkpoint_bytes:,} bytes{copies}, {weights_bytes:,} bytes of exported "
+                   f"weights and 1 MiB for the rest)")
+
     # -- what is written ----------------------------------------------------------------------
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
 
     def save_checkpoint(self, state: dict) -> None:
-        """torch.save `state` to checkpoint.pt atomically (a crash never leaves half a checkpoint)."""
+        """torch.save `state` to checkpoint.pt atomically (a crash never leaves half a checkpoint), after
+        checking that every weight and optimiser tensor is finite: a diverged run never replaces the last
+        good checkpoint (RunFolderError naming the tensor and the step the checkpoint keeps)."""
+        bad = first_nonfinite(state)
+        if bad is not None:
+            keeps = f"it keeps step {self.saved_step}" if self.saved_step is not None else "no checkpoint was saved"
+            lr = (state.get("config") or {}).get("lr")
+            raise RunFolderError(f"the training diverged: {bad} holds nan or inf at step {state.get('step')}, so "
+                                 f"{str(self.checkpoint)!r} was not replaced ({keeps}); lower --lr (it is {lr:g}) or "
+                                 f"check the activations")
         tmp, needed = temp_path(self.checkpoint), tensor_bytes(state)
         try:
-            torch.save(state, tmp)
+            torch.save({**state, "fvu_start": self.fvu_start}, tmp)
             os.replace(tmp, self.checkpoint)
         except (OSError, RuntimeError) as e:    # (torch.save reports a full disk as an obscure RuntimeError)
             tmp.unlink(missing_ok=True)
             if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.path).free < needed:
                 raise disk_full(self.checkpoint, needed) from None
             raise
+        self.saved_step = state.get("step")
+
+    def saved_note(self, planned: int) -> str:
+        """What a run stopped while saving leaves: the step checkpoint.pt holds and how to finish, or nothing."""
+        if self.saved_step is None:
+            return "nothing was saved"
+        return (f"{str(self.checkpoint)!r} holds step {self.saved_step} of {planned}: continue with the same flags "
+                f"and --resume, which exports it")
 
     @property
     def curve(self) -> Path:
@@ -212,7 +406,7 @@ class RunFolder:
     def append_curve(self, record: dict) -> None:
         """One line of curve.jsonl (flushed to disk: a killed run keeps every line it wrote)."""
         with open(self.curve, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -228,7 +422,7 @@ class RunFolder:
             rows = [json.loads(l) for l in self.curve.read_text().splitlines() if l.strip()]
             for r in rows:
                 r["eval"] = {k.split("/", 1)[1]: v for k, v in r["eval"].items() if k.split("/", 1)[0] == name}
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(path, "".join(json_text(r) + "\n" for r in rows))
 
     def export(self) -> "_Export":
         """Context manager yielding a fresh folder to write the run's files into; on success it
@@ -323,6 +517,28 @@ def checkpoint_state(models: dict, opts: dict, step: int, config, name, data_ide
             "step": step, "config": dataclasses.asdict(config), "data": data_identity}
 
 
+def named_tensors(obj, prefix: str = ""):
+    """(path, tensor) of every tensor in a nested dict/list, the path joined with '.'."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            yield from named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def first_nonfinite(state: dict) -> str | None:
+    """"model 'key', W_enc" (or "optimiser 'key', state.0.exp_avg") of the first floating-point tensor of a
+    checkpoint state that holds nan or inf; None when all are finite (one host sync)."""
+    named = [(f"{what} {key!r}, {name}", t) for part, what in (("models", "model"), ("opts", "optimiser"))
+             for key, sd in (state.get(part) or {}).items() for name, t in named_tensors(sd)
+             if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    flags = [torch.isfinite(t).all() for _, t in named]
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    return next((name for (name, _), good in zip(named, ok) if not good), None)
+
+
 def tensor_bytes(obj) -> int:
     """Bytes of the tensors in a nested dict/list (what torch.save of it needs, near enough)."""
     if isinstance(obj, torch.Tensor):
@@ -335,4 +551,4 @@ def tensor_bytes(obj) -> int:
 
 
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2))
+    write_atomic(path, json_text(obj, indent=2))

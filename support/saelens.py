@@ -49,6 +49,10 @@ Import (SAELens → sae.SAE in eval mode, decoder_norm "free", input_scale 1), `
     metadata.model_name → run.model (TransformerLens aliases such as gpt2-small → their HF names),
         context_size → run.context, dataset_path → run.dataset (None: the offline BBC news; to evaluate on other
         text, e.g. offline, set metadata.dataset_path to "bbc" or a local folder: SAELens never reads it)
+    the outlier rule (run.drop_outliers): metadata.exported_from.drop_outliers when we exported it (the rule
+        the run was trained with), else train.py's default (activations.DROP_OUTLIERS: tokens whose norm is
+        above 10 × the median dropped), so that an SAE evaluated through its SAELens folder and through its run
+        folder is evaluated on the same kind of tokens; every result records the rule
     weights of any dtype are used in float32; a pre-6.0 cfg.json (top-level metadata, hook_point,
         activation_fn_str) is read as SAELens's handle_pre_6_0_config reads it
 
@@ -71,7 +75,7 @@ import torch
 from torch import Tensor
 
 from support import cli, saved
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 
 SAELENS_VERSION = "6.54.12"          # the version whose format this follows (tests/fixtures/saelens/VERSION)
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -230,7 +234,13 @@ def describe(folder) -> dict:
     except ValueError as e:
         raise ValueError(f"{str(file)!r} does not fit sae.SAE ({e})") from None
     context = md.get("context_size")
-    run = {"model": hf_model_name(model), "layers": [layer], "context": context if isinstance(context, int) else 128,
+    if context is not None and not (isinstance(context, int) and not isinstance(context, bool) and context >= 2):
+        raise ValueError(f"{str(file)!r}: metadata.context_size must be an integer >= 2, got {context!r:.40}")
+    import activations
+
+    exported = md.get("exported_from") if isinstance(md.get("exported_from"), dict) else {}
+    rule = exported["drop_outliers"] if "drop_outliers" in exported else activations.DROP_OUTLIERS  # ours records it
+    run = {"model": hf_model_name(model), "layers": [layer], "context": context or 128, "drop_outliers": rule,
            "dataset": md.get("dataset_path") or None, "lm_dtype": "float32", "cache": None, "dict": "sae",
            "name": folder.resolve().name, "hooks": [md["hf_hook_name"]] if md.get("hf_hook_name") else None}
     saelens = {"folder": str(folder), "architecture": arch, "dtype": dtype, "d_in": d_in, "d_sae": d_sae,
@@ -300,6 +310,7 @@ def load(folder, device="cpu"):
     folder = Path(folder)
     meta = check(folder)
     tensors = load_file(str(folder / WEIGHTS))
+    saved.check_finite(tensors, folder / WEIGHTS, "take the SAE from its source again")
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not bool((scaling == 1).all()):
         raise ValueError(f"{str(folder / WEIGHTS)!r} holds a scaling_factor that is not all ones (a pre-6.0 "
@@ -451,6 +462,8 @@ def export_dictionary(model, meta: dict, out_dir, overwrite: bool = False) -> Pa
     arch, tensors = saelens_tensors(m)
     source = {"project": "fmxcoders", "kind": kind, "sparsity": m.config.sparsity, "input_scale_folded": scale[0],
               "run": run.get("name")}
+    if "drop_outliers" in run:                      # the outlier rule it was trained (and is evaluated) with
+        source["drop_outliers"] = run["drop_outliers"]
     if kind == "polysae":
         source.update(polysae_dropped=POLY_DROPPED, order=m.config.order, ranks=list(m.config.ranks))
         print(f"warning: {POLY_DROPPED}", file=sys.stderr)
@@ -468,19 +481,31 @@ def write_folder(out: Path, cfg: dict, tensors: dict[str, Tensor], overwrite: bo
     cli.check_writable(out, "the SAELens folder")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / WEIGHTS, to_bytes(tensors))
-    write_atomic(out / CFG, json.dumps(cfg, indent=2))
+    write_atomic(out / CFG, json_text(cfg, indent=2))
 
 
 def export(run_dir, out_dir, overwrite: bool = False, allow_incomplete: bool = False) -> list[Path]:
     """A run folder of one SAE / PolySAE (→ out_dir) or a per-layer set (→ out_dir/layer_<l>/) as SAELens
-    folders; the folders written. One-line ValueErrors: crosscoders and fmxcoders, a folder of several
-    dictionaries, an unusable run (saved.check_run)."""
+    folders; the folders written, the run read under its shared lock (runs.reading). One-line ValueErrors:
+    crosscoders and fmxcoders, a folder of several dictionaries, an unusable run (saved.check_run), an out_dir
+    that is (inside) one of our run folders."""
+    from support import runs
+
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if run_dir.is_dir() and not saved.dictionary_dirs(run_dir):
-        names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and saved.dictionary_dirs(p))
-        if names:
-            raise ValueError(f"{str(run_dir)!r} holds several dictionaries ({', '.join(names)}): export one of them, "
-                             f"e.g. {str(run_dir / names[0])!r}")
+    inside = runs.enclosing_run(out_dir)
+    if inside is not None:
+        where = "" if inside == out_dir.absolute() else "inside "
+        raise ValueError(f"{str(out_dir)!r} is {where}the run folder {str(inside)!r}: a run folder holds one run, "
+                         f"which train.py replaces as a whole; export to a folder of its own")
+    with runs.reading(run_dir):             # train.py cannot replace the run meanwhile
+        return _export(run_dir, out_dir, overwrite, allow_incomplete)
+
+
+def _export(run_dir: Path, out_dir: Path, overwrite: bool, allow_incomplete: bool) -> list[Path]:
+    members = saved.set_members(run_dir)
+    if members:
+        raise ValueError(f"{str(run_dir)!r} holds several dictionaries ({', '.join(m.name for m in members)}): export "
+                         f"one of them, e.g. {str(members[0])!r}")
     metas = saved.check_run(run_dir, allow_incomplete)
     kinds = {saved.meta_kind(m) for m in metas}
     if kinds - {"sae", "polysae"}:

@@ -12,7 +12,8 @@ Folders written before kinds existed name a class ("sae.SAE", ...): LEGACY maps 
 A run folder (train.py --out) holds one dictionary (config.json at its root) or a per-layer set
 (layer_<l>/config.json for each layer); `open_run` checks that every file is usable (JSON, the kind,
 the config, the safetensors header, "complete" in summary.json), so a missing, truncated, foreign or
-interrupted run is one ValueError naming the file and the fix, never a traceback.
+interrupted run is one ValueError naming the file and the fix, never a traceback. Loading refuses weights
+holding nan or inf (`check_finite`, naming the tensor) and an input scale that is not finite and > 0.
 
 A SAELens folder (cfg.json + sae_weights.safetensors, support/saelens.py) is accepted wherever a run folder
 or a saved dictionary is (as run_dir itself, or as its layer_<l>/): it loads as a sae.SAE with a meta shaped
@@ -24,11 +25,12 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from support.files import write_atomic
+from support.files import json_text, write_atomic
 
 KINDS = {"sae": ("sae", "SAE", "SAEConfig"), "crosscoder": ("crosscoder", "CrossCoder", "CrossCoderConfig"),
          "fmxcoder": ("fmxcoder", "FMXCoder", "FMXCoderConfig"), "polysae": ("polysae", "PolySAE", "PolySAEConfig")}
@@ -70,6 +72,25 @@ def weights_digest(path) -> str:
     return h.hexdigest()
 
 
+def check_finite(tensors: dict, file, fix: str = RERUN) -> None:
+    """ValueError naming the first floating-point tensor that holds nan or inf (a damaged file, or weights
+    saved from a diverged training): such a dictionary is never evaluated as a normal one."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{str(file)!r}: {name} holds nan or inf ({bad:,} of {t.numel():,} values): these weights "
+                             f"cannot be evaluated; {fix}")
+
+
+def check_scale(config: dict, file) -> None:
+    """ValueError unless config.input_scale (if given) is a list of finite numbers > 0 (x_model = s · x_raw)."""
+    scale = config.get("input_scale")
+    if scale is not None and not (isinstance(scale, list) and scale and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scale)):
+        raise ValueError(f"{str(file)!r}: config.input_scale must be finite numbers > 0, one per layer, got "
+                         f"{scale!r:.80}: {RERUN}")
+
+
 def save(model, path, extra: dict | None = None) -> None:
     """Write path/model.safetensors, then path/config.json (kind, config, the digest of the weights and
     `extra`), each whole: a folder with a config.json always has the weights that go with it."""
@@ -81,7 +102,7 @@ def save(model, path, extra: dict | None = None) -> None:
     write_atomic(path / "model.safetensors", data)
     meta = {"kind": kind_of(model), "config": dataclasses.asdict(model.config),
             "weights_sha256": hashlib.sha256(data).hexdigest(), **(extra or {})}
-    write_atomic(path / "config.json", json.dumps(meta, indent=2))
+    write_atomic(path / "config.json", json_text(meta, indent=2))
 
 
 def load(path, device="cpu"):
@@ -95,8 +116,11 @@ def load(path, device="cpu"):
         raise FileNotFoundError(f"no config.json in {str(path)!r}: not a saved dictionary")
     meta = json.loads((path / "config.json").read_text())
     cls, config_cls = kind_classes(meta_kind(meta))
+    check_scale(meta["config"], path / "config.json")
     model = cls(config_cls(**meta["config"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    tensors = load_file(str(path / "model.safetensors"))
+    check_finite(tensors, path / "model.safetensors")
+    model.load_state_dict(tensors)
     return model.to(device).eval()
 
 
@@ -123,6 +147,21 @@ def dictionary_dirs(run_dir) -> list[Path]:
     layer_dirs = [p for p in run_dir.glob("layer_*") if p.name[6:].isdigit()
                   and ((p / "config.json").is_file() or is_saelens(p))]
     return sorted(layer_dirs, key=lambda p: int(p.name[6:]))
+
+
+def set_members(run_dir) -> list[Path]:
+    """The folders of a set of dictionaries trained together (train.py with several --dict: run_dir/<name>/
+    each, in the order summary.json lists them); [] for a run folder of one dictionary or a per-layer set."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or dictionary_dirs(run_dir):
+        return []
+    try:
+        names = json.loads((run_dir / "summary.json").read_bytes()).get("dictionaries")
+    except (OSError, ValueError, AttributeError):
+        names = None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        names = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [run_dir / n for n in names if (run_dir / n).is_dir() and dictionary_dirs(run_dir / n)]
 
 
 def load_run(path, device="cpu") -> list[tuple[list[int], torch.nn.Module, dict]]:
@@ -165,11 +204,13 @@ def check_saved(folder: Path) -> dict:
     if kind not in KINDS:
         raise ValueError(f"{str(cfg_file)!r} names the kind {kind!r}, which this version of the code does not know "
                          f"(one of {', '.join(KINDS)})")
+    check_scale(meta["config"], cfg_file)
     try:
         kind_classes(kind)[1](**meta["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit a {kind} ({e}): the run was written by "
                          f"another version of this code") from e
+    check_run_entry(meta, cfg_file)
     if not weights.is_file():
         raise ValueError(f"{str(weights)!r} is missing: {RERUN}")
     try:
@@ -178,6 +219,58 @@ def check_saved(folder: Path) -> dict:
     except SafetensorError as e:
         raise ValueError(f"{str(weights)!r} is truncated or damaged ({e}): {RERUN}") from e
     return meta
+
+
+def marked_complete(record: dict) -> bool:
+    """Did train.py mark this summary.json (or config.json "metrics") complete? Only JSON true counts: "false",
+    0 or null do not. A record without the field (written before it existed) counts as complete."""
+    return record.get("complete", True) is True
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+RUN_FIELDS = {      # what train.py writes into config.json's "run" entry (and support.saelens.describe's meta)
+    "model": (lambda v: isinstance(v, str) and bool(v), "a model name"),
+    "layers": (lambda v: isinstance(v, list) and bool(v) and all(_count(l) for l in v), "a list of block numbers"),
+    "context": (lambda v: _count(v) and v >= 2, "an integer >= 2"),
+    "dataset": (lambda v: v is None or isinstance(v, str), "a dataset name or null"),
+    "cache": (lambda v: v is None or isinstance(v, str), "a folder or null"),
+    "train_tokens": (_count, "an integer >= 0"),
+    "eval_tokens": (_count, "an integer >= 0"),
+    "drop_outliers": (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and (
+        v == 0 or 1 < v < math.inf), "0, null or a multiple of the median norm > 1"),
+    "lm_dtype": (lambda v: v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    "hooks": (lambda v: v is None or isinstance(v, list), "a list of module paths or null"),
+    "cache_tokens": (_count, "an integer >= 0"),
+    "cache_fingerprint": (lambda v: isinstance(v, str), "a hex digest")}
+
+
+def check_run_entry(meta: dict, file) -> None:
+    """ValueError naming the file and the field when config.json's "run" entry (what the evaluators read:
+    the LM, its layers, the held-out text and tokens) has a field of the wrong type or value."""
+    run = meta.get("run")
+    if run is None:                        # a dictionary saved without a run (save() from a script)
+        return
+    if not isinstance(run, dict):
+        raise ValueError(f"{str(file)!r}: its \"run\" entry is {type(run).__name__}, not an object: {RERUN}")
+    for key, (ok, want) in RUN_FIELDS.items():
+        if key in run and not (run[key] is None and key in ("train_tokens", "eval_tokens")) and not ok(run[key]):
+            raise ValueError(f"{str(file)!r}: run.{key} must be {want}, got {run[key]!r:.60}: {RERUN}")
+
+
+def check_context(folder: Path, meta: dict) -> None:
+    """ValueError when the run's context is longer than its LM's positions, when the LM's config is known
+    without a download (a SAELens metadata.context_size of 10^6 would otherwise allocate terabytes)."""
+    run = meta.get("run") or {}
+    config = saelens().local_lm_config(run["model"]) if run.get("model") else None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and isinstance(run.get("context"), int) and run["context"] > limit:
+        where, key = (folder / "cfg.json", "metadata.context_size") if "saelens" in meta else \
+            (folder / "config.json", "run.context")
+        raise ValueError(f"{str(where)!r}: {key} {run['context']:,} exceeds the {limit:,} positions of model "
+                         f"{run['model']!r}")
 
 
 def check_complete(run_dir: Path, metas: list[dict]) -> None:
@@ -189,7 +282,11 @@ def check_complete(run_dir: Path, metas: list[dict]) -> None:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         pass                              # none, or damaged: the dictionaries' own config.json decide
     records = [r for r in records if isinstance(r, dict)]
-    if any(r.get("complete") is False for r in records):
+    failed = next((r["failed"] for r in records if isinstance(r.get("failed"), str)), None)
+    if failed:                            # finished, but of no use (support.runs.failure)
+        raise ValueError(f"{str(run_dir)!r} holds a run that failed: {failed}; or pass --allow-incomplete to use it as "
+                         f"it is")
+    if not all(marked_complete(r) for r in records):
         steps, planned = records[0].get("steps"), records[0].get("steps_planned")
         where = (f" after {steps:,}" + (f" of {planned:,}" if isinstance(planned, int) else "") + " steps"
                  if isinstance(steps, int) else "")
@@ -205,6 +302,12 @@ def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
         raise ValueError(f"run folder {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist")
                          + ": pass a folder written by train.py --out")
     dirs = dictionary_dirs(run_dir)
+    members = [] if dirs else set_members(run_dir)
+    if members:
+        names = ", ".join(m.name for m in members)
+        raise ValueError(f"{str(run_dir)!r} holds {len(members)} dictionaries trained together ({names}): pass one "
+                         f"of their folders, e.g. {str(members[0])!r} (metrics.py evaluates them all: python "
+                         f"metrics.py {run_dir})")
     if not dirs:
         raise ValueError(f"{str(run_dir)!r} holds no run (no config.json nor layer_*/config.json): pass a folder "
                          f"written by train.py --out")
@@ -212,6 +315,7 @@ def check_run(run_dir, allow_incomplete: bool = False) -> list[dict]:
     for d, meta in zip(dirs, metas):
         if "saelens" in meta:            # its LM, when known without a download, must fit its d_in and layer
             saelens().check_lm(d, meta)
+        check_context(d, meta)
     if not allow_incomplete:
         check_complete(run_dir, metas)
     return metas

@@ -79,11 +79,17 @@ class TokenFile:
         return self.n_tokens
 
     def verify(self) -> "TokenFile":
-        """Check the token file's sha256 against its .json (reads the whole file; ~0.1 s per 50 MB)."""
+        """Check the token file's sha256 against its .json and every id against its vocabulary (reads the
+        whole file; ~0.1 s per 50 MB): an id the LM's embedding does not have is refused here, not an
+        IndexError inside the LM."""
         digest = sha256_of(self.path)
         if digest != self.meta["sha256"]:
             raise ValueError(f"token file {str(self.path)!r} is damaged: sha256 {digest[:12]}… differs from "
                              f"{str(self.meta['sha256'])[:12]}… in its .json: rebuild it with `{BUILD}`")
+        top = int(self.tokens.max()) if self.n_tokens else -1
+        if top >= self.vocab_size:
+            raise ValueError(f"token file {str(self.path)!r} holds token id {top:,}, outside its vocabulary of "
+                             f"{self.vocab_size:,} ids: rebuild it with `{BUILD}`")
         return self
 
     def _span(self, start_token: int, n_tokens: int | None) -> tuple[int, int]:

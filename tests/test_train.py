@@ -296,11 +296,11 @@ def test_a_set_of_dictionaries_resumes_exactly(gpt2_dir, cache_dir, tmp_path, ct
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--dict", "sae", "--name", "a", "--dict", "crosscoder", "--name", "a"], "--name 'a' must be unique"),
+    (["--dict", "sae", "--name", "a", "--dict", "crosscoder", "--name", "a"], "--name 'a' names two dictionaries: each needs a name of its own"),
     (["--dict", "sae", "--rank", "8"], "--rank is not an option of --dict sae"),
     (["--rank", "8", "--dict", "sae", "--dict", "polysae"], "--rank is not an option of --dict sae, polysae"),
     (["--name", "x", "--dict", "sae", "--dict", "crosscoder"], "--name names the --dict before it"),
-    (["--dict", "sae", "--name", "a/b"], "--name 'a/b' must be unique and made of letters"),
+    (["--dict", "sae", "--name", "a/b"], "--name 'a/b' must start with a letter or digit and hold only letters"),
     (["--dict", "crosscoder,transcoder"], "--dict must be one of sae, crosscoder, fmxcoder, polysae, got 'transcoder'"),
 ])
 def test_incompatible_sets_are_refused_in_one_line(gpt2_dir, cache_dir, tmp_path, capsys, argv, message):
@@ -311,10 +311,17 @@ def test_incompatible_sets_are_refused_in_one_line(gpt2_dir, cache_dir, tmp_path
     assert not out.exists()
 
 
-def test_a_time_limit_ends_the_run_complete_at_the_step_it_reached(gpt2_dir, cache_dir, tmp_path, capsys):
+def test_a_time_limit_ends_the_run_complete_at_the_step_it_reached(gpt2_dir, cache_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    import time
+
+    real = train.get_lr
+    monkeypatch.setattr(train, "get_lr", lambda s, cfg, total: (time.sleep(3.1) if s == 3 else None) or
+                        real(s, cfg, total))                     # step 3 outlasts the limit: the run ends after it
     out = tmp_path / "run"
     summary = train.train(train.parse_args(flags(gpt2_dir, cache_dir, out, "--dict", "crosscoder",
-                                                 "--time-limit", "1e-9")))
-    assert summary["time_limit_reached"] and summary["complete"] and summary["steps"] < summary["steps_planned"]
-    assert "--time-limit 1e-09 s reached after 0 of 24 steps" in capsys.readouterr().out
+                                                 "--time-limit", "3")))
+    assert summary["time_limit_reached"] and summary["complete"] and 1 <= summary["steps"] <= 4
+    assert f"--time-limit 3 s reached after {summary['steps']} of 24 steps" in capsys.readouterr().out
     assert saved.load(out)                                       # exported as a finished run
+    # (a limit reached before the first step saves a failed run: tests/test_faults3.py)
