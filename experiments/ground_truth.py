@@ -21,8 +21,9 @@ ends, so an interrupted run loses at most the cells in flight and a rerun skips 
                       regime of the study's TR 8 / CP 64 at d 32 and of TR 32 on SmolLM2 (L·d/4.5)
   tr_low_nomask       the same TR without masking (the factorisation alone)
   tr_full, cp_full    TR / CP, masked p 0.05, per-latent capacity L·d (no cap on a latent's d × L weights)
-  tr_dec, tr_enc      ablation, no masking: TR decoder with the crosscoder's dense encoder, and TR encoder with
-                      a dense decoder (which side's restriction moves FC)
+  tr_dec              ablation, no masking: TR decoder with the crosscoder's dense encoder (does the encoder's
+                      restriction or the decoder's sharing move FC?); tr_enc, the converse (TR encoder, dense
+                      decoder), only with --models (not in the default run: CPU time)
   oracle              the best linear readout of every atom (not trained)
 
 Per cell: FVU and L0 at the model's own BatchTopK threshold θ and at a θ calibrated on clean held-out
@@ -64,6 +65,7 @@ SEEDS = (0, 1, 2)
 GENERATORS = ("a", "b", "c", "d")
 MODELS = ("crosscoder", "cc_mask05", "cc_mask20", "tr_low", "cp_low", "tr_low_nomask", "tr_full", "cp_full",
           "tr_dec", "tr_enc", "oracle")
+RUN_MODELS = tuple(m for m in MODELS if m != "tr_enc")        # what a plain run trains (tr_enc: --models)
 RECOVERED = 0.9
 
 
@@ -292,12 +294,12 @@ def append(out: Path, row: dict) -> None:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cells(models=MODELS, gens=GENERATORS, seeds=SEEDS) -> list[tuple[str, str, int]]:
+def cells(models=RUN_MODELS, gens=GENERATORS, seeds=SEEDS) -> list[tuple[str, str, int]]:
     """Seed-major, so that a partial run already has every model of the first seeds."""
     return [(g, m, s) for s in seeds for g in gens for m in models]
 
 
-def run(out: Path, worker: int = 0, workers: int = 1, models=MODELS, gens=GENERATORS, seeds=SEEDS) -> None:
+def run(out: Path, worker: int = 0, workers: int = 1, models=RUN_MODELS, gens=GENERATORS, seeds=SEEDS) -> None:
     out.mkdir(parents=True, exist_ok=True)
     todo = [c for i, c in enumerate(cells(models, gens, seeds)) if i % workers == worker]
     for c in todo:
@@ -340,9 +342,11 @@ def atom_stat(r: dict, key: str, multi: bool = True, span=None) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
-def pearson(r: dict, key: str = "fc/pre/fired/ratio_mean") -> float:
+def pearson(r: dict, key: str = "fc/pre/fired/ratio_mean", local: bool = False) -> float:
+    """Pearson r over the recovered multi-layer atoms (with `local`, the layer-local ones too) between the
+    FC of the atom's latent and the oracle's FC of the atom."""
     a = r["atoms"]
-    pairs = [(x, y) for x, y, s in zip(a[key], a.get("oracle_fc", []), a["span"]) if s > 1 and x == x and y == y]
+    pairs = [(x, y) for x, y, s in zip(a[key], a.get("oracle_fc", []), a["span"]) if (local or s > 1) and x == x and y == y]
     if len(pairs) < 3:
         return math.nan
     x, y = np.array(pairs).T
@@ -358,35 +362,181 @@ def profile_by_offset(r: dict, key: str = "readout_cos", offsets=range(-2, 4)) -
     return out
 
 
-def report(out: Path) -> str:
+def seeds_of(by: dict, gen: str, model: str, f) -> list[float]:
+    return [f(r) for r in by.get((gen, model), [])]
+
+
+def live_fc(r: dict, key: str = "fc") -> float:
+    v = [x for x in r["signature"][key] if x == x]
+    return float(np.mean(v)) if v else math.nan
+
+
+def ratio_over(by, gen, model, base, f) -> list[float]:
+    """f(model) / f(base) per seed (the seeds both have)."""
+    a = {r["seed"]: f(r) for r in by.get((gen, model), [])}
+    b = {r["seed"]: f(r) for r in by.get((gen, base), [])}
+    return [a[s] / b[s] for s in sorted(a) if s in b]
+
+
+def report(out: Path, figure: Path | None = None) -> str:
     rows = load(out)
     by = {}
     for r in rows:
         by.setdefault((r["generator"], r["model"]), []).append(r)
-    lines = []
-    sizes = rows[0]["sizes"]
+    models = [m for m in MODELS if any((g, m) in by for g in GENERATORS)]
+    gens = [g for g in GENERATORS if any((g, m) in by for m in MODELS)]
+    sizes = next(r["sizes"] for r in rows if "sizes" in r)
     seeds = sorted({r["seed"] for r in rows})
-    lines.append(f"sizes {sizes}; seeds {seeds}; mean ± sd over seeds; FC of the latents matched (cos > {RECOVERED}) to "
-                 "multi-layer atoms (reading pre/fired/ratio_mean, layer zeroed), oracle = best linear readout")
-    head = ("| gen | model | FVU | L0 | FVU at L0 = k | rec. multi | rec. local | FC multi | FC (mean abl.) | "
-            "oracle FC | r(FC, oracle) | dec. spread | true spread | readout cos at onset −1 / onset |")
-    lines += [head, "|---|---|" + "---:|" * 13]
-    for gen in GENERATORS:
-        for m in MODELS:
+    fc = "fc/pre/fired/ratio_mean"
+    L_ = sizes["L"]
+    out_lines = [f"sizes {sizes}; seeds {seeds}; mean ± sd over seeds (n per cell in brackets where < {len(seeds)})", ""]
+
+    out_lines += ["### 1. Reconstruction, recovery and FC of the latents matched to multi-layer atoms", "",
+                  "| gen | model | FVU | L0 | FVU at L0 = k | rec. multi | rec. local | FC all live | FC multi | "
+                  "FC multi, mean abl. | oracle FC | r(FC, oracle) multi / all | dec. spread | true spread |",
+                  "|---|---|" + "---:|" * 12]
+    for gen in gens:
+        for m in models:
             rs = by.get((gen, m))
             if not rs:
                 continue
-            prof = [profile_by_offset(r) for r in rs]
-            oracle = [atom_stat(r, "oracle_fc") for r in rs] if m != "oracle" else [atom_stat(r, "fc/pre/fired/ratio_mean") for r in rs]
-            lines.append("| " + " | ".join([
-                gen, m, mean_sd([r.get("fvu") for r in rs]), mean_sd([r.get("l0") for r in rs]),
+            n = f" ({len(rs)})" if len(rs) < len(seeds) else ""
+            orc = ([atom_stat(r, "oracle_fc") for r in rs] if m != "oracle" else [atom_stat(r, fc) for r in rs])
+            out_lines.append("| " + " | ".join([
+                gen, m + n, mean_sd([r.get("fvu") for r in rs]), mean_sd([r.get("l0") for r in rs]),
                 mean_sd([r.get("fvu_eq") for r in rs]), mean_sd([r["recovered_multi"] for r in rs]),
-                mean_sd([r["recovered_local"] for r in rs]), mean_sd([atom_stat(r, "fc/pre/fired/ratio_mean") for r in rs]),
-                mean_sd([atom_stat(r, "fc_mean_ablation") for r in rs]), mean_sd(oracle),
-                mean_sd([pearson(r) for r in rs]) if m != "oracle" else "1",
-                mean_sd([atom_stat(r, "norm_spread") for r in rs]), mean_sd([atom_stat(r, "true_spread") for r in rs]),
-                f"{mean_sd([p[-1] for p in prof])} / {mean_sd([p[0] for p in prof])}"]) + " |")
-    return "\n".join(lines)
+                mean_sd([r["recovered_local"] for r in rs]),
+                mean_sd([live_fc(r) for r in rs]) if m != "oracle" else "–",
+                mean_sd([atom_stat(r, fc) for r in rs]), mean_sd([atom_stat(r, "fc_mean_ablation") for r in rs]),
+                mean_sd(orc), f"{mean_sd([pearson(r) for r in rs])} / {mean_sd([pearson(r, local=True) for r in rs])}"
+                if m != "oracle" else "1",
+                mean_sd([atom_stat(r, "norm_spread") for r in rs]) if m != "oracle" else "–",
+                mean_sd([atom_stat(r, "true_spread") for r in rs])]) + " |")
+
+    out_lines += ["", "### 2. FC ratios to the crosscoder (the fmxcoders claim), per seed then mean ± sd", "",
+                  "| gen | model | FC all live / crosscoder | FC multi / crosscoder | FVU / crosscoder |",
+                  "|---|---|---:|---:|---:|"]
+    for gen in gens:
+        for m in models:
+            if m in ("crosscoder", "oracle") or (gen, m) not in by:
+                continue
+            out_lines.append(f"| {gen} | {m} | {mean_sd(ratio_over(by, gen, m, 'crosscoder', live_fc))} | "
+                             f"{mean_sd(ratio_over(by, gen, m, 'crosscoder', lambda r: atom_stat(r, fc)))} | "
+                             f"{mean_sd(ratio_over(by, gen, m, 'crosscoder', lambda r: r['fvu']))} |")
+
+    out_lines += ["", "### 3. By span (multi-layer atoms recovered by each model; mean over seeds)", "",
+                  "| gen | quantity | " + " | ".join(f"span {s}" for s in range(2, L_ + 1)) + " |",
+                  "|---|---|" + "---:|" * (L_ - 1)]
+    for gen in gens:
+        for label, m, key in (("true spread", "oracle", "true_spread"), ("oracle FC", "oracle", fc),
+                              ("crosscoder FC", "crosscoder", fc), ("crosscoder FC, mean abl.", "crosscoder", "fc_mean_ablation"),
+                              ("crosscoder dec. spread", "crosscoder", "norm_spread"), ("cc_mask05 FC", "cc_mask05", fc),
+                              ("tr_low FC", "tr_low", fc), ("tr_full FC", "tr_full", fc)):
+            if (gen, m) not in by:
+                continue
+            cells = [np.nanmean(seeds_of(by, gen, m, lambda r: atom_stat(r, key, span=s_)) or [math.nan])
+                     for s_ in range(2, L_ + 1)]
+            out_lines.append(f"| {gen} | {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+    out_lines += ["", "### 4. Encoder readout of the atom's onset direction, by offset from the onset (cos; multi-layer atoms)",
+                  "", "| gen | model | " + " | ".join(f"{o:+d}" for o in range(-2, 4)) + " |", "|---|---|" + "---:|" * 6]
+    for gen in gens:
+        for m in ("crosscoder", "cc_mask05", "tr_low", "tr_full", "oracle"):
+            if (gen, m) not in by:
+                continue
+            prof = [profile_by_offset(r) for r in by[(gen, m)]]
+            out_lines.append(f"| {gen} | {m} | " + " | ".join(mean_sd([p[o] for p in prof]) for o in range(-2, 4)) + " |")
+
+    out_lines += ["", "### 5. The readings (crosscoder, matched multi-layer atoms): FC, r with the oracle, off-token share", "",
+                  "| gen | " + " | ".join("/".join(r) for r in metrics.ALL_READINGS) + " |",
+                  "|---|" + "---:|" * len(metrics.ALL_READINGS)]
+    for gen in gens:
+        rs = by.get((gen, "crosscoder"), [])
+        cells = []
+        for rd in metrics.ALL_READINGS:
+            key = "fc/" + "/".join(rd)
+            txt = f"{mean_sd([atom_stat(r, key) for r in rs])}, r {mean_sd([pearson(r, key) for r in rs])}"
+            if rd[1] == "all":
+                txt += f", off {mean_sd([100 * atom_stat(r, 'off_share/' + rd[0] + '/all/' + rd[2]) for r in rs])} %"
+            cells.append(txt)
+        out_lines.append(f"| {gen} | " + " | ".join(cells) + " |")
+
+    out_lines += ["", "### 6. BatchTopK θ under masking: the model's θ, θ measured on clean and on masked held-out batches, "
+                  "and L0 at each", "", "| gen | model | θ | θ clean | θ masked | L0 | L0 at θ masked | FVU | FVU at θ masked |",
+                  "|---|---|" + "---:|" * 7]
+    for gen in gens:
+        for m in models:
+            rs = by.get((gen, m))
+            if not rs or m == "oracle":
+                continue
+            out_lines.append(f"| {gen} | {m} | " + " | ".join(mean_sd([r[k] for r in rs]) for k in (
+                "theta", "theta_clean", "theta_masked", "l0", "l0_at_theta_masked", "fvu", "fvu_at_theta_masked")) + " |")
+
+    out_lines += ["", "### 7. Differencing signature of every live latent (metrics.differencing_signature), what a real "
+                  "model allows", "", "| gen | model | share ratio < −0.5 | median ratio | FC, spread ≥ 4 | FC, spread < 2 |",
+                  "|---|---|---:|---:|---:|---:|"]
+    for gen in gens:
+        for m in ("crosscoder", "cc_mask05", "tr_low", "tr_full"):
+            rs = by.get((gen, m))
+            if not rs:
+                continue
+            rat = [np.array([x for x in r["signature"]["ratio"] if x == x]) for r in rs]
+            hi = [np.nanmean([f for f, s_ in zip(r["signature"]["fc"], r["signature"]["spread"]) if s_ >= 4] or [math.nan])
+                  for r in rs]
+            lo = [np.nanmean([f for f, s_ in zip(r["signature"]["fc"], r["signature"]["spread"]) if s_ < 2] or [math.nan])
+                  for r in rs]
+            out_lines.append(f"| {gen} | {m} | {mean_sd([(v < -0.5).mean() for v in rat])} | "
+                             f"{mean_sd([np.median(v) for v in rat])} | {mean_sd(hi)} | {mean_sd(lo)} |")
+    if figure is not None:
+        plot(by, gens, L_, figure)
+    return "\n".join(out_lines)
+
+
+def plot(by: dict, gens: list[str], L_: int, path: Path) -> None:
+    """Three panels: FC by span (crosscoder, oracle, true) for each generator; FC ratio to the crosscoder
+    against FVU for the models; the readout profile by offset from the onset."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fc = "fc/pre/fired/ratio_mean"
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8), dpi=80)
+    spans = list(range(2, L_ + 1))
+    colours = dict(zip(GENERATORS, ("tab:grey", "tab:blue", "tab:green", "tab:orange")))
+    for gen in gens:
+        for m, style in (("crosscoder", "-o"), ("oracle", "--x")):
+            ys = [[atom_stat(r, fc, span=s_) for r in by.get((gen, m), [])] for s_ in spans]
+            ax[0].errorbar(spans, [np.nanmean(y) for y in ys], yerr=[np.nanstd(y) for y in ys], fmt=style,
+                           color=colours[gen], ms=4, label=f"({gen}) {m}")
+    ax[0].plot(spans, spans, ":", color="k", lw=1, label="true (= span)")
+    ax[0].set(xlabel="atom span (layers)", ylabel="FC of the matched latent", title="FC by span")
+    ax[0].legend(fontsize=6, ncol=2)
+    markers = dict(zip(("cc_mask05", "cc_mask20", "tr_low", "cp_low", "tr_low_nomask", "tr_full", "cp_full", "tr_dec"),
+                       "os^vD<>P"))
+    for gen in gens:
+        for m, mk in markers.items():
+            x = ratio_over(by, gen, m, "crosscoder", lambda r: r["fvu"])
+            y = ratio_over(by, gen, m, "crosscoder", live_fc)
+            if x:
+                ax[1].scatter(np.mean(x), np.mean(y), marker=mk, color=colours[gen], s=25,
+                              label=m if gen == gens[0] else None)
+    ax[1].axhline(1, color="k", lw=0.5)
+    ax[1].axvline(1, color="k", lw=0.5)
+    ax[1].set(xscale="log", xlabel="FVU / crosscoder's", ylabel="mean FC (live latents) / crosscoder's",
+              title="what raises FC, at what cost")
+    ax[1].legend(fontsize=6)
+    offs = list(range(-2, 4))
+    for gen in gens:
+        for m, style in (("crosscoder", "-o"), ("oracle", "--x")):
+            ps = [profile_by_offset(r) for r in by.get((gen, m), [])]
+            if ps:
+                ax[2].plot(offs, [np.nanmean([p[o] for p in ps]) for o in offs], style, color=colours[gen], ms=4,
+                           label=f"({gen}) {m}")
+    ax[2].axhline(0, color="k", lw=0.5)
+    ax[2].set(xlabel="layer − onset", ylabel="cos(encoder weights, atom direction)", title="encoder readout")
+    ax[2].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def main(argv=None) -> int:
@@ -394,13 +544,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "ground_truth"))
     p.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(RUN_MODELS))
     p.add_argument("--generators", default=",".join(GENERATORS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--report", default=None, help="print the tables of this folder's cells and stop")
+    p.add_argument("--figure", default=None, help="with --report: write the figure (PNG) here")
     a = p.parse_args(argv)
     if a.report:
-        print(report(Path(a.report)))
+        print(report(Path(a.report), Path(a.figure) if a.figure else None))
         return 0
     models, gens = a.models.split(","), a.generators.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
