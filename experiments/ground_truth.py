@@ -438,14 +438,17 @@ def report(out: Path, figure: Path | None = None) -> str:
                      for s_ in range(2, L_ + 1)]
             out_lines.append(f"| {gen} | {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
-    out_lines += ["", "### 4. Encoder readout of the atom's onset direction, by offset from the onset (cos; multi-layer atoms)",
+    out_lines += ["", "### 4. Encoder readout of the atom's onset direction u, by offset from the onset (multi-layer "
+                  "atoms): cos(W_enc[l][:, f], u) / projection W_enc[l][:, f]·u over its largest |value| across layers",
                   "", "| gen | model | " + " | ".join(f"{o:+d}" for o in range(-2, 4)) + " |", "|---|---|" + "---:|" * 6]
     for gen in gens:
         for m in ("crosscoder", "cc_mask05", "tr_low", "tr_full", "oracle"):
             if (gen, m) not in by:
                 continue
             prof = [profile_by_offset(r) for r in by[(gen, m)]]
-            out_lines.append(f"| {gen} | {m} | " + " | ".join(mean_sd([p[o] for p in prof]) for o in range(-2, 4)) + " |")
+            proj = [profile_by_offset(r, "readout_proj") for r in by[(gen, m)]]
+            out_lines.append(f"| {gen} | {m} | " + " | ".join(
+                f"{np.nanmean([p[o] for p in prof]):.2f} / {np.nanmean([p[o] for p in proj]):.2f}" for o in range(-2, 4)) + " |")
 
     out_lines += ["", "### 5. The readings (crosscoder, matched multi-layer atoms): FC, r with the oracle, off-token share", "",
                   "| gen | " + " | ".join("/".join(r) for r in metrics.ALL_READINGS) + " |",
@@ -523,17 +526,17 @@ def plot(by: dict, gens: list[str], L_: int, path: Path) -> None:
     ax[1].axhline(1, color="k", lw=0.5)
     ax[1].axvline(1, color="k", lw=0.5)
     ax[1].set(xscale="log", xlabel="FVU / crosscoder's", ylabel="mean FC (live latents) / crosscoder's",
-              title="what raises FC, at what cost")
+              title="what raises FC, at what cost (colour: generator)")
     ax[1].legend(fontsize=6)
     offs = list(range(-2, 4))
     for gen in gens:
         for m, style in (("crosscoder", "-o"), ("oracle", "--x")):
-            ps = [profile_by_offset(r) for r in by.get((gen, m), [])]
+            ps = [profile_by_offset(r, "readout_proj") for r in by.get((gen, m), [])]
             if ps:
                 ax[2].plot(offs, [np.nanmean([p[o] for p in ps]) for o in offs], style, color=colours[gen], ms=4,
                            label=f"({gen}) {m}")
     ax[2].axhline(0, color="k", lw=0.5)
-    ax[2].set(xlabel="layer − onset", ylabel="cos(encoder weights, atom direction)", title="encoder readout")
+    ax[2].set(xlabel="layer − onset", ylabel="encoder weights · atom direction (/ max)", title="encoder readout")
     ax[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 RUN = ["--layers", "11-18", "--n-latents", "512", "--k", "32", "--sparsity", "batchtopk", "--batch-size", "256",
-       "--lr", "1e-3", "--tokens", "512000", "--cache-tokens", "200000", "--eval-tokens", "16384",
+       "--lr", "1e-3", "--tokens", "256000", "--cache-tokens", "200000", "--eval-tokens", "16384",
        "--lm-dtype", "float32", "--dead-tokens", "20000", "--log-every", "100"]
 DICTS = ["--dict", "crosscoder", "--dict", "crosscoder", "--name", "masked", "--mask-prob", "0.05",
          "--dict", "fmxcoder", "--name", "tr", "--rank", "32"]
