@@ -11,7 +11,9 @@ S is one of (`sparsify`, one path for training and inference):
   topk       ReLU, then the k largest entries of each row (Gao et al. 2024, arXiv 2406.04093).
   batchtopk  ReLU, then the B·k largest of the whole batch (Bussmann et al. 2024, arXiv 2412.06410);
              at inference z = pre · 1[pre > θ], θ an EMA of the smallest kept score in training
-             (per-row TopK while θ is uncalibrated, θ < 0).
+             (per-row TopK while θ is uncalibrated, θ < 0). When the input is corrupted (crosscoder layer
+             masking: x_in ≠ target), θ is the smallest score the selection would keep on the batch's
+             clean rows alone, so that inference on clean inputs fires k latents per token on average.
   relu       ReLU, with the L1 penalty λ Σ_f z_f ‖d_f‖ in the loss (the classic SAE).
   jumprelu   inference only (SAEs imported from SAELens, support/saelens.py): z = ReLU(pre) · 1[pre > θ_f]
              with a per-latent threshold θ (F,), strict >, as SAELens's JumpReLUSAE. Never trained here.
@@ -243,9 +245,27 @@ def update_threshold(threshold: Tensor, z: Selection | Tensor, scale_F: Tensor |
     cols, vals = (z.idx % z.shape[1], z.vals) if isinstance(z, Selection) else (
         torch.arange(z.shape[1], device=z.device).expand_as(z), z)
     score = vals if scale_F is None else vals * scale_F[cols]
-    smallest = all_reduce(torch.where(vals > 0, score, torch.inf).amin().to(threshold.dtype), "min")
+    ema_threshold_(threshold, torch.where(vals > 0, score, torch.inf).amin(), momentum)
+
+
+@torch.no_grad()
+def ema_threshold_(threshold: Tensor, smallest: Tensor, momentum: float = 0.01) -> None:
+    """θ ← EMA of `smallest` (min over ranks; the first finite value sets θ, an infinite one leaves it)."""
+    smallest = all_reduce(smallest.to(threshold.dtype), "min")
     new = torch.where(threshold < 0, smallest, torch.lerp(threshold, smallest, momentum))
     threshold.copy_(torch.where(torch.isfinite(smallest), new, threshold))
+
+
+@torch.no_grad()
+def clean_rows_threshold(score_BF: Tensor, clean_B: Tensor, k: int) -> Tensor:
+    """The smallest positive score BatchTopK would keep on the clean rows of a batch alone: among the rows
+    where clean_B (B,) holds, the (n_clean·k)-th largest score (or the smallest positive one above it); inf
+    when no row is clean. Fixed sizes (a top-B·k over all rows, the masked ones at −inf), no host reads."""
+    B = score_BF.shape[0]
+    top = torch.where(clean_B[:, None], score_BF, -torch.inf).flatten().topk(min(k * B, score_BF.numel())).values
+    n = clean_B.sum() * k
+    kept = (torch.arange(len(top), device=top.device) < n) & (top > 0)
+    return torch.where(kept, top, torch.inf).amin()
 
 
 # ----------------------------------------------------------------------------------------
@@ -486,7 +506,11 @@ def forward_with_losses(model, x_in: Tensor, target: Tensor) -> Output:
         update_dead_counter(counter_F, z)
         model.dead.bound.set(counter_F, bound + z_BF.shape[0] * world_size())
         if c.sparsity == "batchtopk":
-            update_threshold(model.threshold, z, scale_F)
+            if x_in is target:
+                update_threshold(model.threshold, z, scale_F)
+            else:      # masked inputs: θ serves clean inputs, so it is measured on the rows that are clean
+                clean_B = (x_in == target).flatten(1).all(-1)
+                ema_threshold_(model.threshold, clean_rows_threshold(scores(pre_BF.detach(), scale_F), clean_B, c.k))
     loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
     return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
 

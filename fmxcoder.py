@@ -40,6 +40,7 @@ Copy this file with crosscoder.py and core.py; `python fmxcoder.py` trains one o
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +147,17 @@ def ranks(c, name=str) -> tuple[int, ...]:
     return tuple(r)
 
 
+def per_latent_capacity(factorization: str, rs: tuple[int, ...]) -> int:
+    """How many numbers shape one latent's d × L weights: TR R2·R3 (its slice G2[:, f, :]), CP R (its row of
+    B). Every latent's d × L weight matrix lies in one subspace of that dimension, shared by all latents;
+    below L·d it cannot take every d × L matrix."""
+    return rs[1] * rs[2] if factorization == "tr" else rs[0]
+
+
 def check_ranks(factorization: str, rs: tuple[int, ...], d: int, F: int, L: int) -> None:
+    """ValueError for ranks that cannot reconstruct (see the module docstring); a warning, with the numbers,
+    when the per-latent capacity is below L·d: on planted features (experiments/ground_truth.py) that cap,
+    not the shared basis as such, is what lowers reconstruction and raises functional coherence."""
     if any(not isinstance(r, int) or r < 1 for r in rs):
         raise ValueError(f"ranks must be positive integers, got {list(rs)}")
     if factorization == "cp":
@@ -166,6 +177,13 @@ def check_ranks(factorization: str, rs: tuple[int, ...], d: int, F: int, L: int)
         if max(rs) > bound:
             raise ValueError(f"tensor-ring ranks {list(rs)} exceed {bound}, the rank at which a ring already "
                              f"represents every {d}x{F}x{L} tensor exactly")
+    cap = per_latent_capacity(factorization, rs)
+    if cap < L * d:
+        what = "R2*R3" if factorization == "tr" else "R"
+        warnings.warn(f"fmxcoder {factorization.upper()} ranks {list(rs)}: per-latent capacity {what}={cap} < L*d="
+                      f"{L * d} ({cap / (L * d):.2f} of it): every latent's {d}x{L} weights lie in one shared "
+                      f"{cap}-dimensional subspace, which caps reconstruction and raises functional coherence by "
+                      f"itself; {what} >= {L * d} removes the cap", stacklevel=2)
 
 
 def factor_names(c: FMXCoderConfig) -> list[str]:

@@ -46,9 +46,17 @@ training's stochastic layer masking):
     FC_i = Σ_l Δ_il / max_l Δ_il ∈ [1, L]       1: driven by one layer, L: by all layers equally
 Reported: mean FC over latents that fired ≥ min_fires times, a histogram over [1, L], the fraction
 with FC ≥ 2, and the same spread ratio of the per-layer decoder norms Σ_l ‖d_il‖ / max_l ‖d_il‖,
-which standard crosscoders keep high while their FC is low (the paper's point). The description leaves
-three choices open; `--fc-variants` reports FC under all eight readings on the same tokens (FC_READINGS:
-a = ReLU(pre) or z; over firing or all tokens; mean of ratios or ratio of means).
+which standard crosscoders keep high while their FC is low (the paper's point), and FC binned by that
+spread (`fc_by_spread`: a mean FC mixes layer-local latents, spread ≈ 1, with multi-layer ones). Given
+the data's mean (`mean_LD`), also FC under mean ablation (layer l replaced by its mean E x_l instead of 0:
+a zeroed layer is far out of distribution where the residual mean is large), `fc_mean_ablation`.
+The description leaves three choices open; `--fc-variants` reports FC under six readings on the same
+tokens (FC_READINGS: a = ReLU(pre) or z; over firing or all tokens; mean of ratios or ratio of means).
+The two left out (ARTEFACT_READINGS, `--fc-artefacts`) average the per-token ratio |a − a_l| / (a + ε)
+over all tokens: where the latent is off (a = 0) it divides by ε, so on trained dictionaries essentially
+all of their sum comes from tokens where the latent is off (`fc_artefacts[...]["off_token_share"]`); they
+count how often zeroing a layer switches a latent on, not what drives it when it fires. Artefacts, not
+readings (on planted features they miss the best linear encoder's FC; experiments/ground_truth.py).
 
 Class-conditional Wasserstein distance (PolySAE arXiv 2602.01322, Table 1, computed as its SAEBench fork's
 compute_mean_wasserstein_distance does):
@@ -170,9 +178,10 @@ def spread(v_FL: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def layer_deltas(model, x_BLD: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
-    """One batch: (Σ over firing tokens of |a − a_(l zeroed)| / (a + eps)) as (F, L), fires (F,)."""
-    sums, fires = layer_delta_sums(model, x_BLD, eps)
+def layer_deltas(model, x_BLD: Tensor, eps: float = EPS, fill_LD: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One batch: (Σ over firing tokens of |a − a_(l zeroed)| / (a + eps)) as (F, L), fires (F,); with
+    fill_LD (L, d) layer l is replaced by fill_LD[l] instead of 0 (mean ablation: the data's mean)."""
+    sums, fires = layer_delta_sums(model, x_BLD, eps, fill_LD=fill_LD)
     return sums[MAIN], fires
 
 
@@ -180,16 +189,20 @@ def layer_deltas(model, x_BLD: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor
 #   act      pre: a = ReLU(pre), before the sparsifier (ours) | post: z, after it
 #   over     fired: the tokens where the latent fires (z > 0, ours) | all: every token
 #   form     ratio_mean: mean_t |a − a_l| / (a + ε) (ours) | mean_ratio: mean_t |a − a_l| / (mean_t a + ε)
-# ("all" with ratio_mean divides by ε wherever a = 0: the reading the description allows, however extreme.)
-FC_READINGS = [(act, over, form) for act in ("pre", "post") for over in ("fired", "all")
-               for form in ("ratio_mean", "mean_ratio")]
+# "all" with ratio_mean divides by ε wherever a = 0: ARTEFACT_READINGS, reported only when asked for.
+ALL_READINGS = [(act, over, form) for act in ("pre", "post") for over in ("fired", "all")
+                for form in ("ratio_mean", "mean_ratio")]
+ARTEFACT_READINGS = [("pre", "all", "ratio_mean"), ("post", "all", "ratio_mean")]
+FC_READINGS = [r for r in ALL_READINGS if r not in ARTEFACT_READINGS]
 MAIN = ("pre", "fired", "ratio_mean")
 
 
 @torch.no_grad()
-def layer_delta_sums(model, x_BLD: Tensor, eps: float = EPS, readings=(MAIN,)) -> tuple[dict, Tensor]:
+def layer_delta_sums(model, x_BLD: Tensor, eps: float = EPS, readings=(MAIN,),
+                     fill_LD: Tensor | None = None) -> tuple[dict, Tensor]:
     """One batch: {reading: what Δ averages, summed over the batch, (F, L)} (ratio_mean: Σ of the ratios;
-    mean_ratio: Σ|a − a_l| and, under ("den", act, over), Σa) and the fires (F,); Δ = sums / counts."""
+    mean_ratio: Σ|a − a_l| and, under ("den", act, over), Σa) and the fires (F,); Δ = sums / counts.
+    Layer l is zeroed, or replaced by fill_LD[l] (L, d) when given (mean ablation)."""
     pre_BF = model.pre_acts(x_BLD)
     z_BF = core.latents_of(model, pre_BF)
     acts = {"pre": pre_BF.relu(), "post": z_BF}
@@ -198,7 +211,7 @@ def layer_delta_sums(model, x_BLD: Tensor, eps: float = EPS, readings=(MAIN,)) -
     sums = {r: [] for r in readings}
     for l in range(x_BLD.shape[1]):
         x_l = x_BLD.clone()
-        x_l[:, l] = 0
+        x_l[:, l] = 0 if fill_LD is None else fill_LD[l].to(x_BLD.dtype)
         pre_l = model.pre_acts(x_l)
         acts_l = {"pre": pre_l.relu(), "post": core.latents_of(model, pre_l) if any(r[0] == "post" for r in readings)
                   else None}
@@ -225,21 +238,89 @@ def coherence(sums: dict, fires_F: Tensor, n_tokens: int, reading, eps: float = 
     return spread(delta_FL)
 
 
+def off_token_share(sums: dict, act: str, form: str) -> Tensor:
+    """(F,) the share of an all-token reading's sum (over tokens and layers) that comes from tokens where
+    the latent is off: 1 − Σ_l fired / Σ_l all (the per-token terms of ("act", "fired", form) and
+    ("act", "all", form) are the same; only the tokens differ). Needs both readings in `sums`."""
+    total = sums[(act, "all", form)].sum(-1)
+    return 1 - sums[(act, "fired", form)].sum(-1) / total
+
+
 @torch.no_grad()
-def functional_coherence(model, batches: Iterable[Tensor], min_fires: int = 10, bins: int = 10,
-                         eps: float = EPS, variants: bool = False) -> dict:
-    """FC over batches of normalised inputs (B, L, d); see the module docstring. variants: also FC under
-    every reading of FC_READINGS, on the same tokens and latents ("fc_readings")."""
-    readings = FC_READINGS if variants else [MAIN]
+def fc_per_latent(model, batches: Iterable[Tensor], readings=(MAIN,), eps: float = EPS,
+                  fill_LD: Tensor | None = None) -> tuple[dict, Tensor, dict]:
+    """({reading: FC (F,)}, fires (F,), the summed layer_delta_sums) over batches (B, L, d), layer l zeroed
+    or replaced by fill_LD[l]. FC is nan for a latent that never fires."""
     sums, fires_F, n = None, None, 0
     for x in batches:
-        s, f = layer_delta_sums(model, x, eps, readings)
+        s, f = layer_delta_sums(model, x, eps, readings, fill_LD)
         sums = s if sums is None else {k: sums[k] + v for k, v in s.items()}
         fires_F, n = (f if fires_F is None else fires_F + f), n + x.shape[0]
     if sums is None:
         raise ValueError("functional_coherence got no batches")
+    return {r: coherence(sums, fires_F, n, r, eps) for r in readings}, fires_F, sums
+
+
+def by_spread(fc_F: Tensor, spread_F: Tensor, n_layers: int) -> dict:
+    """Mean FC of the latents in each decoder-norm-spread bin [1, 2), [2, 3), ..., [L − 1, L]: how FC goes
+    with how many layers a latent writes, which a mean over all latents mixes up."""
+    edges = list(range(1, n_layers + 1))
+    b = (spread_F.double().floor().clamp(1, n_layers - 1) - 1).long()
+    fc, count = [], []
+    for i in range(n_layers - 1):
+        v = fc_F[(b == i) & torch.isfinite(fc_F)]
+        fc.append(v.mean().item() if len(v) else math.nan)
+        count.append(len(v))
+    return {"edges": edges, "fc_mean": fc, "latents": count}
+
+
+@torch.no_grad()
+def readout_profile(W_enc_LDF: Tensor, u_FD: Tensor) -> tuple[Tensor, Tensor]:
+    """How each latent's encoder reads a direction u_f at every layer: (cos, projection), both (F, L), with
+    cos[f, l] = cos(W_enc[l][:, f], u_f) and projection[f, l] = W_enc[l][:, f] · u_f / ‖u_f‖."""
+    W_FLD = W_enc_LDF.detach().permute(2, 0, 1).double()
+    u = u_FD.detach().double().to(W_FLD.device)
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    proj = torch.einsum("fld,fd->fl", W_FLD, u)
+    return proj / W_FLD.norm(dim=-1).clamp_min(1e-12), proj
+
+
+@torch.no_grad()
+def differencing_signature(W_enc_LDF: Tensor, W_dec_FLD: Tensor) -> dict:
+    """Per latent (F,): u_f = its decoder direction at the layer it writes most (max_l ‖W_dec[f, l]‖), r_l the
+    projection of its encoder weights at layer l on u_f (readout_profile), the peak p = argmax_l r_l, and
+    `ratio` = r_(p−1) / r_p (nan where p = 0), `cos_before`, `cos_peak` the cosines there. A latent that reads
+    a persistent residual-stream feature by differencing (x_p − x_(p−1), cancelling what the stream already
+    held) has ratio ≈ −1; one that reads only the layers it writes has ratio ≥ 0."""
+    F_ = W_dec_FLD.shape[0]
+    top_F = W_dec_FLD.detach().norm(dim=-1).argmax(-1)
+    u_FD = W_dec_FLD.detach()[torch.arange(F_), top_F]
+    cos_FL, proj_FL = readout_profile(W_enc_LDF, u_FD)
+    p_F = proj_FL.argmax(-1)
+    before = (p_F - 1).clamp_min(0)
+    ar = torch.arange(F_, device=p_F.device)
+    nan = torch.full((F_,), math.nan, dtype=torch.float64, device=p_F.device)
+    ratio = torch.where(p_F > 0, proj_FL[ar, before] / proj_FL[ar, p_F], nan)
+    return {"peak": p_F.cpu(), "ratio": ratio.cpu(), "cos_before": torch.where(p_F > 0, cos_FL[ar, before], nan).cpu(),
+            "cos_peak": cos_FL[ar, p_F].cpu()}
+
+
+@torch.no_grad()
+def functional_coherence(model, batches: Iterable[Tensor], min_fires: int = 10, bins: int = 10,
+                         eps: float = EPS, variants: bool = False, mean_LD: Tensor | None = None,
+                         artefacts: bool = False) -> dict:
+    """FC over batches of normalised inputs (B, L, d); see the module docstring. variants: also FC under
+    the readings of FC_READINGS, on the same tokens and latents ("fc_readings"); artefacts: also the
+    ARTEFACT_READINGS with their off-token share ("fc_artefacts"); mean_LD (L, d), the data's mean in the
+    model's input units: also FC under mean ablation ("fc_mean_ablation", "fc_mean_ablation_by_spread")."""
+    readings = [MAIN] + [r for r in (FC_READINGS if variants else []) + (ALL_READINGS if artefacts else [])
+                         if r != MAIN]
+    readings = list(dict.fromkeys(readings))
+    if mean_LD is not None:
+        batches = list(batches)                                      # read twice: zeroed, then mean-ablated
+    fcs, fires_F, sums = fc_per_latent(model, batches, readings, eps)
     L = sums[MAIN].shape[1]
-    fc_F = coherence(sums, fires_F, n, MAIN, eps)
+    fc_F = fcs[MAIN]
     ok = (fires_F >= min_fires) & torch.isfinite(fc_F)
     fc = fc_F[ok].cpu()
     norm_spread_F = spread(model.decoder_norms().detach()).cpu()
@@ -250,16 +331,27 @@ def functional_coherence(model, batches: Iterable[Tensor], min_fires: int = 10, 
            "fc_latents": int(ok.sum()), "min_fires": min_fires,
            "fc_hist": hist.long().tolist(), "fc_hist_edges": torch.linspace(1, L, bins + 1).tolist(),
            "norm_spread_mean": norm_spread_F[ok.cpu()].nanmean().item() if ok.any() else math.nan,
-           "norm_spread_mean_all": norm_spread_F.nanmean().item()}
+           "norm_spread_mean_all": norm_spread_F.nanmean().item(),
+           "fc_by_spread": by_spread(fc, norm_spread_F[ok.cpu()], L)}
+    if mean_LD is not None:
+        fcm_F = fc_per_latent(model, batches, (MAIN,), eps, mean_LD)[0][MAIN].cpu()
+        okm = ok.cpu() & torch.isfinite(fcm_F)
+        out["fc_mean_ablation"] = fcm_F[okm].mean().item() if okm.any() else math.nan
+        out["fc_mean_ablation_by_spread"] = by_spread(fcm_F[okm], norm_spread_F[okm], L)
+
+    def summary(r):
+        v = fcs[r][ok].cpu()
+        v = v[torch.isfinite(v)]
+        return {"mean": v.mean().item() if len(v) else math.nan,
+                "median": v.median().item() if len(v) else math.nan,
+                "frac_ge2": (v >= 2).double().mean().item() if len(v) else math.nan, "latents": len(v)}
+
     if variants:
-        out["fc_readings"] = {}
-        for r in FC_READINGS:
-            v = coherence(sums, fires_F, n, r, eps)[ok].cpu()
-            v = v[torch.isfinite(v)]
-            out["fc_readings"]["/".join(r)] = {"mean": v.mean().item() if len(v) else math.nan,
-                                               "median": v.median().item() if len(v) else math.nan,
-                                               "frac_ge2": (v >= 2).double().mean().item() if len(v) else math.nan,
-                                               "latents": len(v)}
+        out["fc_readings"] = {"/".join(r): summary(r) for r in FC_READINGS}
+    if artefacts:
+        out["fc_artefacts"] = {"/".join(r): {**summary(r), "off_token_share": off_token_share(sums, r[0], r[2])[
+            ok].nanmean().item() if ok.any() else math.nan, "note": "artefact: divides by eps where the latent is off"}
+            for r in ARTEFACT_READINGS}
     return out
 
 
@@ -473,6 +565,8 @@ class MetricsConfig:
     pairs: int = opt(512, "most frequent latents for interaction vs co-occurrence")
     min_fires: int = opt(10, "latents firing fewer times get no FC")
     fc_variants: bool = opt(False, "FC also under the other readings of the paper's description (FC_READINGS)")
+    fc_artefacts: bool = opt(False, "also the two all-token mean-of-ratio readings (ARTEFACT_READINGS: they divide "
+                                    "by eps where the latent is off; artefacts, not readings) with their off-token share")
     wasserstein: str = opt("bbc_topic", "probe.py task for the class-conditional Wasserstein distance ('' skips)")
     wasserstein_texts: int | None = opt(None, "n_train of tasks.load_task: its train split, n/2 texts per class at "
                                               f"most (default {QUICK['wasserstein_texts']}; SAEBench: 4000)")
@@ -512,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
                 activation_cache.read_meta(Path(cache))
         evals = [evaluate.evaluate_run(r, device, c.eval_tokens, c.ce_tokens, c.fc_tokens, c.cooc_tokens, c.pairs, c.min_fires,
                               c.wasserstein or None, c.wasserstein_texts, c.batch_size,
-                              allow_incomplete=c.allow_incomplete, progress=not c.quiet, fc_variants=c.fc_variants)
+                              allow_incomplete=c.allow_incomplete, progress=not c.quiet, fc_variants=c.fc_variants,
+                              fc_artefacts=c.fc_artefacts)
                  for r in a.runs]
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)

@@ -7,9 +7,12 @@ The paper (arXiv 2605.09438, pp. 6, 14) zeroes each layer in turn and measures "
 latent, which leaves three choices open (metrics.FC_READINGS): the activation (ReLU(pre) before the sparsifier,
 or z after it), the tokens averaged over (where the latent fires, or all), and the form (the mean of per-token
 ratios, or the ratio of the means). A crosscoder, the crosscoder with layer masking and the masked TR fmxcoder
-are trained together on one stream (train.py, several --dict); train.py --eval-every logs FC under all eight
-readings on the same held-out panel at step 0 and along training (curve.jsonl). The table asks whether any
-reading makes the standard crosscoder's latents look driven by one or two layers (FC near 1-2 of L = 8).
+are trained together on one stream (train.py, several --dict); train.py --eval-every logs FC under the six
+readings of metrics.FC_READINGS on the same held-out panel at step 0 and along training (curve.jsonl; runs made
+before the two all-token mean-of-ratio readings became metrics.ARTEFACT_READINGS have all eight). The table asks
+whether any reading makes the standard crosscoder's latents look driven by one or two layers (FC near 1-2 of
+L = 8). Those two readings divide by ε where the latent is off, and on planted features almost all of their sum
+comes from such tokens (experiments/ground_truth.py): artefacts, reported only by `metrics.py --fc-artefacts`.
 """
 from __future__ import annotations
 

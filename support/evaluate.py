@@ -104,12 +104,16 @@ def lm_loss_of(records: list[Record], lm, tok, run: dict, held: Held, ce_tokens:
 
 
 def functional_coherence_of(r: Record, held: Held, fc_tokens: int, min_fires: int, progress: bool = False,
-                            variants: bool = False) -> dict:
-    """FC and decoder-norm spread of a multi-layer dictionary on the first fc_tokens held-out tokens."""
-    batches = held.batches(fc_tokens, desc=f"functional coherence ({r.model.config.n_layers + 1} passes)"
+                            variants: bool = False, artefacts: bool = False) -> dict:
+    """FC and decoder-norm spread of a multi-layer dictionary on the first fc_tokens held-out tokens, each
+    layer zeroed and (with the held-out mean from `reconstruction`, in the model's input units) replaced by
+    its mean."""
+    batches = held.batches(fc_tokens, desc=f"functional coherence ({2 * r.model.config.n_layers + 1} passes)"
                            if progress else None)
+    mean_LD = r.result["_mean_raw_LD"].float() * r.s_model[:, None] if "_mean_raw_LD" in r.result else None
     return functional_coherence(r.model, (r.inputs(x) for x in batches), min_fires=min_fires, bins=10,
-                                variants=variants)
+                                variants=variants, artefacts=artefacts,
+                                mean_LD=None if mean_LD is None else mean_LD.to(held.device))
 
 
 def interaction_of(r: Record, held: Held, cooc_tokens: int | None, n_pairs: int, progress: bool = False) -> dict:
@@ -137,7 +141,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
                  min_fires: int = 10, wasserstein_task: str | None = "bbc_topic",
                  wasserstein_texts: int = QUICK["wasserstein_texts"], batch_size: int = 1024,
                  lm_batch: int = 8, allow_incomplete: bool = False, progress: bool = False,
-                 fc_variants: bool = False) -> dict:
+                 fc_variants: bool = False, fc_artefacts: bool = False) -> dict:
     """All metrics of one run folder (see the module docstring); also writes run_dir/eval.json.
     ValueError (one line, naming the file and the fix) for a folder that holds no usable run, an
     interrupted one (unless allow_incomplete) or a damaged activation cache. `progress`: a tqdm bar
@@ -164,7 +168,7 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
             lm_loss_of(single, *lm_tok(), run, held, ce_tokens, lm_batch, progress)
         for r in records:
             if fc_tokens and r.multi:
-                r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires, progress, fc_variants))
+                r.result.update(functional_coherence_of(r, held, fc_tokens, min_fires, progress, fc_variants, fc_artefacts))
             if hasattr(r.model, "interaction_matrix") and r.model.config.order >= 2:
                 r.result.update(interaction_of(r, held, cooc_tokens, n_pairs, progress))
         if wasserstein_task:
@@ -188,7 +192,8 @@ def evaluate_run(run_dir, device="cpu", eval_tokens: int | None = None, ce_token
 COLUMNS = [("FVU", "fvu", ".4f"), ("MSE raw", "mse_raw", ".4g"), ("MSE norm", "mse_norm", ".4g"),
            ("L0", "l0", ".1f"), ("dead", "dead_eval", ".3f"), ("dead ctr", "dead_counter", ".3f"),
            ("ΔCE", "ce_increase", ".4f"), ("rec0", "frac_recovered_zero", ".3f"),
-           ("recμ", "frac_recovered_mean", ".3f"), ("FC", "fc_mean", ".2f"), ("FC≥2", "fc_frac_ge2", ".3f"),
+           ("recμ", "frac_recovered_mean", ".3f"), ("FC", "fc_mean", ".2f"), ("FCμ", "fc_mean_ablation", ".2f"),
+           ("FC≥2", "fc_frac_ge2", ".3f"),
            ("normspr", "norm_spread_mean", ".2f"), ("W1", "wasserstein_mean", ".4g"),
            ("r(Θ,co)", "r_interaction_cooc", ".3f"), ("r(cov,co)", "r_covariance_cooc", ".3f")]
 
@@ -217,6 +222,15 @@ def format_table(evals: list[dict]) -> str:
             if "fc_hist" in r:
                 notes.append(f"  {r['name']} FC histogram over [1, {len(r['layers'])}] ({r['fc_latents']} latents "
                              f"fired >= {r['min_fires']}x): {r['fc_hist']}")
+            for key, what in (("fc_by_spread", "FC"), ("fc_mean_ablation_by_spread", "FC (mean ablation)")):
+                if key in r:
+                    b = r[key]
+                    cells = ", ".join(f"[{lo},{lo + 1}) {fc:.2f} (n {n})" for lo, fc, n in
+                                      zip(b["edges"], b["fc_mean"], b["latents"]) if n)
+                    notes.append(f"  {r['name']} {what} by decoder-norm spread: {cells}")
+            for name, a in r.get("fc_artefacts", {}).items():
+                notes.append(f"  {r['name']} artefact reading {name}: FC {a['mean']:.2f}, "
+                             f"{a['off_token_share']:.1%} of its sum from tokens where the latent is off")
     return "\n".join(lines + [""] + notes)
 
 

@@ -203,3 +203,33 @@ def test_learns_toy_atoms():
     assert frac > 0.9
     assert best[shared].gt(0.9).float().mean() > 0.9   # (1.0 at this seed; fmxcoder TR reaches 1.0 too)
     assert core.dead_fraction(model) < 0.5
+
+
+def test_batchtopk_threshold_under_masking_is_measured_on_the_clean_rows():
+    """Layer masking zeroes inputs in training, but θ serves clean inputs at inference: a masked step sets θ
+    (uncalibrated: the first batch sets it) to the smallest score BatchTopK would keep on the batch's clean
+    rows alone, the (n_clean·k)-th largest, computed here from the clean rows' own pre-activations. Before,
+    θ was the B·k-th largest score of the masked batch, which the masked rows push up or down."""
+    torch.manual_seed(0)
+    model = cc.CrossCoder(cc.CrossCoderConfig(d_in=4, n_latents=16, k=2, n_layers=2, sparsity="batchtopk",
+                                              mask_prob=0.5)).train()
+    with torch.no_grad():
+        model.W_enc[1] = -model.W_enc[1]                  # zeroing layer 1 moves the scores a lot
+    x = torch.randn(32, 2, 4)
+    x_in = x.clone()
+    x_in[:12, 1] = 0                                      # 12 masked rows, 20 clean
+    with torch.no_grad():
+        core.forward_with_losses(model, x_in, x)
+        score = model.pre_acts(x[12:]).relu() * model.decoder_scale()
+        want = score.flatten().topk(20 * 2).values.min()
+        masked_batch = (model.pre_acts(x_in).relu() * model.decoder_scale()).flatten().topk(32 * 2).values.min()
+    assert not torch.isclose(want, masked_batch)         # the old rule gives another θ here
+    torch.testing.assert_close(model.threshold, want)
+    model.threshold.fill_(-1.0)
+    with torch.no_grad():                                 # every row masked: nothing to measure, θ stays
+        core.forward_with_losses(model, torch.zeros_like(x), x)
+    assert model.threshold.item() == -1.0
+    with torch.no_grad():                                 # unmasked input (x_in is target): the batch's B·k-th
+        core.forward_with_losses(model, x, x)
+        full = (model.pre_acts(x).relu() * model.decoder_scale()).flatten().topk(32 * 2).values.min()
+    torch.testing.assert_close(model.threshold, full)

@@ -515,10 +515,12 @@ def test_every_reading_of_fc_matches_a_token_by_token_computation():
         cc.b_enc.normal_(0, 0.3)
         cc.b_dec.normal_(0, 0.3)
     x = torch.randn(24, 3, 4)
-    fc = metrics.functional_coherence(cc, [x[:10], x[10:]], min_fires=1, variants=True)
+    fc = metrics.functional_coherence(cc, [x[:10], x[10:]], min_fires=1, variants=True, artefacts=True)
     want = naive_fc_readings(cc, x)
-    got = {k: v["mean"] for k, v in fc["fc_readings"].items()}
+    got = {k: v["mean"] for part in ("fc_readings", "fc_artefacts") for k, v in fc[part].items()}
     assert got.keys() == want.keys() and len(got) == 8
+    assert set(fc["fc_artefacts"]) == {"pre/all/ratio_mean", "post/all/ratio_mean"}      # only behind the flag
+    assert "fc_artefacts" not in metrics.functional_coherence(cc, [x], min_fires=1, variants=True)
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-4), k
     assert got["pre/fired/ratio_mean"] == pytest.approx(fc["fc_mean"], rel=1e-12)        # the main reading
