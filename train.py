@@ -60,7 +60,7 @@ import core
 import metrics
 from core import opt
 from support import cache as activation_cache
-from support import cli, runs, saved
+from support import cli, progress, runs, saved
 from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
 from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
 
@@ -328,30 +328,6 @@ def get_lr(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr
 
 
-class Logs:
-    """Loss, L0 and FVU summed on the device every step; read (one sync) every --log-every steps."""
-
-    def __init__(self, horizon_tokens: int):
-        self.sums, self.n, self.horizon = None, 0, horizon_tokens
-
-    def add(self, out: core.Output, x: torch.Tensor) -> None:
-        """One model's step (no sync: the sums stay on the device)."""
-        v = torch.stack([out.loss.detach().float(), (out.latents > 0).float().sum(-1).mean(),
-                         core.fvu(x.float(), out.recon.detach().float())])
-        self.sums = v if self.sums is None else self.sums + v
-        self.n += 1
-
-    def read(self, models: dict, step: int) -> dict:
-        loss, l0, fvu = (self.sums / self.n).tolist()          # means over steps and models
-        if not math.isfinite(loss):
-            raise ValueError(f"the loss became {loss} by step {step}: lower --lr or check the activations")
-        self.sums, self.n = None, 0
-        dead = sum(core.dead_fraction(m) for m in models.values()) / len(models)
-        for m in models.values():       # while the host waits anyway: how many latents AuxK may need
-            m.dead.refresh(m.tokens_since_fired, m.config.dead_tokens, self.horizon)
-        return {"loss": f"{loss:.3g}", "L0": f"{l0:.1f}", "FVU": f"{fvu:.3f}", "dead": f"{dead:.2f}"}
-
-
 class StopOnSigint:
     """Ctrl-C sets `requested`; the loop ends after the current step and saves."""
 
@@ -374,7 +350,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
     feed = Prefetch(data.batches(start), device=device)
     names = ",".join(s["name"] for s in cfg.dictionaries)
     bar = tqdm(total=data.steps, initial=start, desc=names, dynamic_ncols=True, disable=not ranks.main)
-    logs, done, t0 = Logs(cfg.log_every * cfg.batch_size), start, time.perf_counter()
+    logs, done, t0 = progress.Logs(cfg.log_every * cfg.batch_size), start, time.perf_counter()
     if start % cfg.log_every == 0:      # as at every log reading: a resumed run refreshes where the first run did
         for m in models.values():
             m.dead.refresh(m.tokens_since_fired, m.config.dead_tokens, cfg.log_every * cfg.batch_size)
@@ -396,12 +372,13 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
                     for g in opts[key].param_groups:
                         g["lr"] = lr
                     xi = model_input(key, x, layers)
-                    logs.add(core.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast), xi)
+                    logs.add(key, core.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast), xi)
                 done = step + 1
                 bar.update(1)
                 if done % cfg.log_every == 0 or done == data.steps:
                     tok_s = (done - start) * cfg.batch_size / (time.perf_counter() - t0)
-                    bar.set_postfix(**logs.read(models, done), tok_s=f"{tok_s:,.0f}")
+                    figures = logs.read(models, done)          # per dictionary name
+                    bar.set_postfix(progress.postfix(figures, tok_s))
                 if cfg.eval_every and done % cfg.eval_every == 0 and ranks.main:
                     folder.append_curve({"step": done, "tokens": done * cfg.batch_size,
                                          "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
