@@ -60,7 +60,7 @@ import core
 import metrics
 from core import opt
 from support import cache as activation_cache
-from support import cli, progress, runs, saved
+from support import cli, progress, runs, saved, tracking
 from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
 from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
 
@@ -104,6 +104,8 @@ class TrainConfig:
     fold_scale: bool = opt(False, "fold the input scale into the weights on export")
     time_limit: float = opt(0.0, "seconds of training after which the run ends, complete, at the step it reached "
                                  "(0: none; a budget for a lent GPU; at least one step is trained)")
+    wandb: str | None = opt(None, "W&B project: log the config, the bar's figures per dictionary, the --eval-every "
+                                  "curve and the summary (support/tracking.py; needs pip install wandb)")
     # [{"kind", "name", "options"}], one per --dict (its flags); not a flag itself
     dictionaries: list[dict] = field(default_factory=lambda: [{"kind": DEFAULT_DICT, "name": DEFAULT_DICT, "options": {}}])
 
@@ -148,6 +150,8 @@ class TrainConfig:
         cli.check_writable(Path(self.out), "the run folder")
         if self.cache not in (None, "none"):
             activation_cache.check_folder(Path(self.cache))
+        if self.wandb:
+            tracking.require(name("wandb"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -379,6 +383,8 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
                     tok_s = (done - start) * cfg.batch_size / (time.perf_counter() - t0)
                     figures = logs.read(models, done)          # per dictionary name
                     bar.set_postfix(progress.postfix(figures, tok_s))
+                    if folder is not None and folder.tracker:
+                        folder.tracker.log(done, figures, tok_s)
                 if cfg.eval_every and done % cfg.eval_every == 0 and ranks.main:
                     folder.append_curve({"step": done, "tokens": done * cfg.batch_size,
                                          "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
@@ -537,6 +543,9 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
         for m in models.values():
             if hasattr(m, "cost_report"):
                 print(m.cost_report())
+    if ranks.main and cfg.wandb:            # the W&B run (--resume: the same one), closed with the folder
+        folder.tracker = tracking.Tracker(cfg.wandb, folder.path, {"train": dataclasses.asdict(cfg), "dictionaries": {
+            names(k): dataclasses.asdict(m.config) for k, m in models.items()}}, cfg.resume)
     setup_s = time.perf_counter() - t_setup
 
     result = fit(cfg, models, opts, fwd, data, start, layers, device, ranks, folder)
@@ -554,6 +563,8 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
         if failed:                            # saved (nothing is lost) but marked: the evaluators refuse it
             summary.update(complete=False, failed=failed)
         export(folder, models, cfg, run, summary)
+        if folder.tracker:
+            folder.tracker.summary(summary)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted while saving: {folder.saved_note(result['steps_planned'])}") from None
     if result["interrupted"]:
