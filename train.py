@@ -60,7 +60,7 @@ import core
 import metrics
 from core import opt
 from support import cache as activation_cache
-from support import cli, progress, runs, saved, tracking
+from support import cli, notes, progress, runs, saved, tracking
 from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
 from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
 
@@ -578,6 +578,12 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
         where = "all layers" if key.endswith("all") else f"layer {key.rsplit('/', 1)[-1]}"
         who = "" if len(cfg.dictionaries) == 1 else f"{key.rsplit('/', 1)[0]} "
         print(f"held-out {who}{where}: FVU {s['fvu']:.4f}  MSE {s['mse']:.4g}  L0 {s['l0']:.1f}  dead {s['dead_eval']:.3f}")
+    l0s = {k[0]: [] for k in models}
+    for k in models:
+        l0s[k[0]].append((summary["eval"].get(names(k)) or {}).get("l0"))
+    for line in [] if result["interrupted"] else notes.run_notes(summary["tokens"], summary["steps"],
+                                                                 {k[0]: m.config for k, m in models.items()}, l0s):
+        print(line)
     t = summary["time"]
     print(f"wrote {cfg.out} ({summary['tokens_per_s']:,.0f} tokens/s; {t['loop_s']:.0f} s training, of which "
           f"{t['waited_for_data_s']:.0f} s waiting for data; data produced in {t['data_s']:.0f} s beside it)")

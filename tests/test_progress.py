@@ -52,3 +52,18 @@ def test_a_per_layer_set_is_averaged_over_its_layers_and_a_bad_loss_is_named():
     logs.add(("sae", 3), _out(x, x, 2, float("nan")), x)
     with pytest.raises(ValueError, match="the loss became nan by step 7"):
         logs.read(models, 7)
+
+
+def test_run_notes_name_an_auxk_that_never_switched_on_and_an_unsettled_batchtopk_threshold():
+    from support import notes
+
+    c = sae.SAEConfig(d_in=8, n_latents=64, k=32, sparsity="batchtopk", dead_tokens=100_000)
+    lines = notes.run_notes(99_840, 195, {"fmxcoder": c}, {"fmxcoder": [16.5]})
+    assert len(lines) == 2
+    assert "--dead-tokens 100,000 >= the 99,840 tokens trained" in lines[0] and "AuxK never switched on" in lines[0]
+    assert "held-out L0 16.5 for k 32" in lines[1] and "195 steps" in lines[1]
+    assert notes.run_notes(200_000, 390, {"fmxcoder": c}, {"fmxcoder": [30.0]}) == []     # 30 is within 25 % of 32
+    assert notes.run_notes(99_840, 195, {"s": sae.SAEConfig(d_in=8, n_latents=64, k=32, sparsity="topk",
+                                                           aux_coeff=0.0)}, {"s": [3.0]}) == []
+    # a per-layer set: the mean of its layers' L0
+    assert notes.run_notes(200_000, 390, {"sae": c}, {"sae": [10.0, 50.0]}) == []
