@@ -55,6 +55,13 @@ from support.tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
 
 NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (the top-k probes), L-BFGS above
 
+QUICK = {"n_train": 500, "n_test": 250, "full": False, "raw": False, "bootstrap": 200}
+"""The defaults of probe.py: about the training time of the default run on a laptop CPU (see the README).
+--thorough uses THOROUGH; a flag given explicitly wins over either."""
+THOROUGH = {"n_train": 4000, "n_test": 1000, "full": True, "raw": True, "bootstrap": 1000}
+"""SAEBench's sizes (4,000 + 1,000 texts per task, the full-width probes, the raw references, 1,000 resamples):
+the settings of experiments/README.md's probe numbers (with the flags it names)."""
+
 
 
 # Sentence frames of us_places: every frame fits every class, so only the entity tells them apart.
@@ -71,7 +78,8 @@ NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (th
 
 @torch.no_grad()
 def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context: int = 128,
-         batch_size: int = 32, device="cpu", raw: bool = True, progress: bool = False) -> tuple[list[Tensor], Tensor | None]:
+         batch_size: int = 32, device="cpu", raw: bool = True, progress: bool = False,
+         desc: str = "pooled latents") -> tuple[list[Tensor], Tensor | None]:
     """One LM pass over `texts` (one row per text, [BOS] + first context−1 tokens), mean-pooled
     over each text's real tokens. `readers`: (dictionary, its layers ⊆ `layers`, input scale (L_m,)
     or None for its config's) triples. Returns ([(N, F_i) per reader], (N, L, d) raw or None),
@@ -87,7 +95,7 @@ def pool(lm, tokenizer, texts: list[str], layers: list[int], readers=(), context
     order = torch.argsort(n_tok, descending=True, stable=True)      # similar lengths per batch
     lat = [None] * len(readers)
     acts = None
-    bar = tqdm(total=len(texts), desc="pooled latents", unit="text", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=len(texts), desc=desc, unit="text", dynamic_ncols=True, disable=not progress)
     for start in range(0, len(texts), batch_size):
         rows = order[start:start + batch_size]
         t = int(n_tok[rows].max())                                   # drop all-pad columns
@@ -314,16 +322,21 @@ def mean(values) -> float | None:
 # ----------------------------------------------------------------------------------------
 
 
-def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000, n_test: int = 1000,
-              seed: int = 42, device="cpu", batch_size: int = 32, context: int | None = None,
-              full: bool = True, raw: bool = True, C: float = 1.0, out: str | None = None,
-              allow_incomplete: bool = False, n_boot: int = 1000) -> dict:
+def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = QUICK["n_train"],
+              n_test: int = QUICK["n_test"], seed: int = 42, device="cpu", batch_size: int = 32,
+              context: int | None = None, full: bool = QUICK["full"], raw: bool = QUICK["raw"], C: float = 1.0,
+              out: str | None = None, allow_incomplete: bool = False, n_boot: int = QUICK["bootstrap"],
+              progress: bool = False, preset: str | None = None) -> dict:
     """Probe every dictionary of a run folder (saved.open_run) on the named tasks; writes probe.json
     (atomically; the tasks of an earlier probe.json with the same settings are kept). ValueError
     naming the file and the fix for an unusable or interrupted run (see saved.open_run) and an
     earlier probe.json that is not JSON, before any work. The folder is locked (shared) meanwhile
-    (support.runs.reading); probe.json records the digests of the weights it probed."""
+    (support.runs.reading); probe.json records the digests of the weights it probed and the preset
+    (`preset`, else the one whose values these are: "quick", "thorough" or "custom"). `progress`: a tqdm
+    bar per phase (each LM pass, the probes and the bootstrap of each task, the bootstrap of the means)."""
     run_dir = Path(run_dir)
+    values = {"n_train": n_train, "n_test": n_test, "full": full, "raw": raw, "bootstrap": n_boot}
+    preset = preset or next((n for n, v in (("quick", QUICK), ("thorough", THOROUGH)) if v == values), "custom")
     with runs.reading(run_dir):
         entries = saved.open_run(run_dir, device, allow_incomplete)
         digests = runs.model_digests(run_dir)     # of the weights read now
@@ -343,7 +356,8 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
         context = context or meta.get("context") or 128
 
         data, skipped, hub_down = {}, {}, None
-        for name in task_names:                   # data first: fail (or skip) before loading the LM
+        for name in task_names:                   # data first: fail (or skip) before loading the LM (no bar: an
+            # offline task's texts load in seconds, a hub task's download shows its own; an error stays one line)
             if hub_down and not TASKS[name].offline:
                 skipped[name] = hub_down
                 continue
@@ -367,13 +381,14 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
             feats, ys = {}, {}
             for split, (texts, labels) in splits.items():
                 lat, acts = pool(lm, tokenizer, texts, layers, list(readers.values()), context, batch_size,
-                                 device, raw)
+                                 device, raw, progress=progress, desc=f"LM pass {name} {split}")
                 feats[split] = dict(zip(readers, lat))
                 if raw:
                     feats[split].update({f"raw@{l}": acts[:, i] for i, l in enumerate(layers)})
                 ys[split] = torch.tensor([classes.index(l) for l in labels])
             per_set, preds[name] = probe_task(name, feats, ys, seed, ks, full, C, device, n_boot,
-                                              (["raw"] if raw else []) + ([kind] if len(entries) > 1 else []))
+                                              (["raw"] if raw else []) + ([kind] if len(entries) > 1 else []),
+                                              progress)
             results[name] = {"dataset": TASKS[name].source, "group": TASKS[name].group, "classes": classes,
                              "n_texts": {s: len(splits[s][0]) for s in splits}, "features": per_set,
                              "seconds": round(time.time() - t0, 1)}
@@ -382,36 +397,41 @@ def probe_run(run_dir, task_names: list[str], ks=(1, 2, 5), n_train: int = 4000,
         report = {"run": str(run_dir), "dict": kind, "model": meta["model"], "layers": layers,
                   "weights_sha256": digests,
                   "drop_outliers": None,          # every real token of a text is pooled (SAEBench): no outlier rule
+                  "preset": preset,
                   "settings": {"k": list(ks), "n_train": n_train, "n_test": n_test, "seed": seed, "context": context,
-                               "C": C, "full": full},
+                               "C": C, "full": full, "raw": raw, "bootstrap": n_boot},
                   "tasks": results, "skipped": skipped}
         if isinstance(old, dict) and old.get("settings") == report["settings"] \
                 and old.get("weights_sha256") == report["weights_sha256"]:      # not the tasks of a replaced model
             report["tasks"] = {**old.get("tasks", {}), **results}
         report["mean"] = summarise(report["tasks"])
         if n_boot and report["tasks"].keys() == preds.keys():     # an interval needs every task's predictions
-            report["mean_ci"] = mean_intervals(report["tasks"], preds, n_boot, seed)
+            report["mean_ci"] = mean_intervals(report["tasks"], preds, n_boot, seed, progress)
         write_atomic(out, json_text(report, indent=2))
         return report
 
 
 def probe_task(name: str, feats: dict, ys: dict, seed: int, ks, full: bool, C: float, device, n_boot: int,
-               prefixes=()) -> tuple[dict, dict]:
+               prefixes=(), progress: bool = False) -> tuple[dict, dict]:
     """Probe every feature set of one task: (per_set, preds). per_set[fs][col] holds the mean F1
     and accuracy over classes, per-class F1 and, with n_boot, "f1_ci" (bootstrap_f1 over this task's
     test texts); "<prefix>@mean" adds the mean over the layers of a per-layer set. feats[split][fs]:
-    (N, D) features, ys[split]: (N,) class indices."""
+    (N, D) features, ys[split]: (N,) class indices. `progress`: a bar for the probes, one for the bootstrap."""
+    from tqdm import tqdm
+
     classes = list(TASKS[name].classes)
     tasks = binary_tasks(ys["train"], ys["test"], len(classes), seed)
-    per_set, preds = {}, {}
-    for fs in feats["train"]:
-        r = probe(feats["train"][fs], feats["test"][fs], tasks, ks, full, C, device)
+    per_set, preds, fits = {}, {}, {}
+    for fs in tqdm(feats["train"], desc=f"probes {name}", unit="feature set", dynamic_ncols=True,
+                   disable=not progress):
+        fits[fs] = r = probe(feats["train"][fs], feats["test"][fs], tasks, ks, full, C, device)
         preds[fs] = {col: v["pred"] for col, v in r.items()}
         per_set[fs] = {col: {"f1": mean(v["f1"]), "accuracy": mean(v["accuracy"]),
                              "per_class_f1": dict(zip(classes, v["f1"]))} for col, v in r.items()}
-        if n_boot:
-            for col, v in r.items():
-                per_set[fs][col]["f1_ci"] = bootstrap_f1({name: ("", len(ys["test"]), v["pred"])}, n_boot, seed)
+    if n_boot:
+        for fs, col in tqdm([(fs, col) for fs, r in fits.items() for col in r], desc=f"bootstrap {name}",
+                            unit="probe", dynamic_ncols=True, disable=not progress):
+            per_set[fs][col]["f1_ci"] = bootstrap_f1({name: ("", len(ys["test"]), fits[fs][col]["pred"])}, n_boot, seed)
     for prefix in prefixes:
         layer_sets = [fs for fs in per_set if fs.startswith(prefix + "@")]
         if len(layer_sets) > 1:
@@ -420,14 +440,17 @@ def probe_task(name: str, feats: dict, ys: dict, seed: int, ks, full: bool, C: f
     return per_set, preds
 
 
-def mean_intervals(tasks: dict, preds: dict, n_boot: int, seed: int) -> dict:
+def mean_intervals(tasks: dict, preds: dict, n_boot: int, seed: int, progress: bool = False) -> dict:
     """{feature set: {col: [lo, hi]}}: bootstrap_f1 of `summarise`'s mean over every task."""
+    from tqdm import tqdm
+
     out: dict = {}
-    for fs in dict.fromkeys(fs for p in preds.values() for fs in p):
-        for col in dict.fromkeys(c for p in preds.values() if fs in p for c in p[fs]):
-            per_task = {t: (tasks[t]["group"], tasks[t]["n_texts"]["test"], p[fs][col])
-                        for t, p in preds.items() if fs in p and col in p[fs]}
-            out.setdefault(fs, {})[col] = bootstrap_f1(per_task, n_boot, seed)
+    pairs = [(fs, col) for fs in dict.fromkeys(fs for p in preds.values() for fs in p)
+             for col in dict.fromkeys(c for p in preds.values() if fs in p for c in p[fs])]
+    for fs, col in tqdm(pairs, desc="bootstrap of the means", unit="probe", dynamic_ncols=True, disable=not progress):
+        per_task = {t: (tasks[t]["group"], tasks[t]["n_texts"]["test"], p[fs][col])
+                    for t, p in preds.items() if fs in p and col in p[fs]}
+        out.setdefault(fs, {})[col] = bootstrap_f1(per_task, n_boot, seed)
     return out
 
 
@@ -464,21 +487,28 @@ def table(report: dict) -> str:
 
 @dataclass
 class ProbeConfig:
-    """The flags of probe.py."""
+    """The flags of probe.py (QUICK fills the unset ones, THOROUGH with --thorough)."""
     task: str = opt("all", "all | offline | saebench | comma-separated names: " + ", ".join(TASKS))
+    thorough: bool = opt(False, "SAEBench's sizes, as experiments/README.md's numbers use them: --n-train 4000 "
+                                "--n-test 1000 --full --raw --bootstrap 1000 (flags given explicitly still win)")
     k: list[int] = opt((1, 2, 5), "top-k latents per probe, comma-separated")
-    n_train: int = opt(4000, "train texts per one-vs-rest task (n/2 per class)")
-    n_test: int = opt(1000, "test texts per one-vs-rest task")
+    n_train: int | None = opt(None, f"train texts per one-vs-rest task (n/2 per class; default {QUICK['n_train']}, "
+                                    f"SAEBench {THOROUGH['n_train']})")
+    n_test: int | None = opt(None, f"test texts per one-vs-rest task (default {QUICK['n_test']}, SAEBench "
+                                   f"{THOROUGH['n_test']})")
     seed: int = opt(42, "sampling seed (SAEBench's)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     batch_size: int = opt(32, "texts per LM forward pass")
     context: int | None = opt(None, "tokens per text (default: the run's context)")
     C: float = opt(1.0, "inverse L2 strength of the logistic regression")
-    full: bool = opt(True, "also the probe on all latents / all dims")
-    raw: bool = opt(True, "also the raw-activation reference probes")
+    full: bool | None = opt(None, "also the probe on all latents / all dims (default off; on with --thorough)")
+    raw: bool | None = opt(None, "also the raw-activation reference probes, one per layer (default off; on with "
+                                 "--thorough)")
     out: str | None = opt(None, "output json (default RUN/probe.json)")
     allow_incomplete: bool = opt(False, "probe a run whose training was interrupted (summary.json: complete false)")
-    bootstrap: int = opt(1000, "resamples of the test texts for the 95% intervals of the F1s (0: none)")
+    bootstrap: int | None = opt(None, "resamples of the test texts for the 95% intervals of the F1s (0: none; "
+                                      f"default {QUICK['bootstrap']}, with --thorough {THOROUGH['bootstrap']})")
+    quiet: bool = opt(False, "no progress bars")
 
     def check(self, name=str) -> None:
         if any(not isinstance(k, int) or k < 1 for k in self.k):
@@ -488,6 +518,15 @@ class ProbeConfig:
                       (name("bootstrap"), self.bootstrap, 0))
         if not self.C > 0:
             raise ValueError(f"{name('C')} must be positive, got {self.C}")
+
+    def __post_init__(self):
+        for key, value in (THOROUGH if self.thorough else QUICK).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    @property
+    def preset(self) -> str:
+        return "thorough" if self.thorough else "quick"
 
 
 def parse_args(argv=None) -> tuple[str, ProbeConfig]:
@@ -505,7 +544,8 @@ def main(argv=None) -> int:
     try:
         run, c = parse_args(argv)
         report = probe_run(run, resolve_tasks(c.task), c.k, c.n_train, c.n_test, c.seed, cli.resolve_device(c.device),
-                           c.batch_size, c.context, c.full, c.raw, c.C, c.out, c.allow_incomplete, c.bootstrap)
+                           c.batch_size, c.context, c.full, c.raw, c.C, c.out, c.allow_incomplete, c.bootstrap,
+                           progress=not c.quiet, preset=c.preset)
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
     except KeyboardInterrupt:

@@ -60,7 +60,7 @@ import core
 import metrics
 from core import opt
 from support import cache as activation_cache
-from support import cli, runs, saved
+from support import cli, notes, progress, runs, saved, tracking
 from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
 from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
 
@@ -104,6 +104,8 @@ class TrainConfig:
     fold_scale: bool = opt(False, "fold the input scale into the weights on export")
     time_limit: float = opt(0.0, "seconds of training after which the run ends, complete, at the step it reached "
                                  "(0: none; a budget for a lent GPU; at least one step is trained)")
+    wandb: str | None = opt(None, "W&B project: log the config, the bar's figures per dictionary, the --eval-every "
+                                  "curve and the summary (support/tracking.py; needs pip install wandb)")
     # [{"kind", "name", "options"}], one per --dict (its flags); not a flag itself
     dictionaries: list[dict] = field(default_factory=lambda: [{"kind": DEFAULT_DICT, "name": DEFAULT_DICT, "options": {}}])
 
@@ -148,6 +150,8 @@ class TrainConfig:
         cli.check_writable(Path(self.out), "the run folder")
         if self.cache not in (None, "none"):
             activation_cache.check_folder(Path(self.cache))
+        if self.wandb:
+            tracking.require(name("wandb"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -328,30 +332,6 @@ def get_lr(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr
 
 
-class Logs:
-    """Loss, L0 and FVU summed on the device every step; read (one sync) every --log-every steps."""
-
-    def __init__(self, horizon_tokens: int):
-        self.sums, self.n, self.horizon = None, 0, horizon_tokens
-
-    def add(self, out: core.Output, x: torch.Tensor) -> None:
-        """One model's step (no sync: the sums stay on the device)."""
-        v = torch.stack([out.loss.detach().float(), (out.latents > 0).float().sum(-1).mean(),
-                         core.fvu(x.float(), out.recon.detach().float())])
-        self.sums = v if self.sums is None else self.sums + v
-        self.n += 1
-
-    def read(self, models: dict, step: int) -> dict:
-        loss, l0, fvu = (self.sums / self.n).tolist()          # means over steps and models
-        if not math.isfinite(loss):
-            raise ValueError(f"the loss became {loss} by step {step}: lower --lr or check the activations")
-        self.sums, self.n = None, 0
-        dead = sum(core.dead_fraction(m) for m in models.values()) / len(models)
-        for m in models.values():       # while the host waits anyway: how many latents AuxK may need
-            m.dead.refresh(m.tokens_since_fired, m.config.dead_tokens, self.horizon)
-        return {"loss": f"{loss:.3g}", "L0": f"{l0:.1f}", "FVU": f"{fvu:.3f}", "dead": f"{dead:.2f}"}
-
-
 class StopOnSigint:
     """Ctrl-C sets `requested`; the loop ends after the current step and saves."""
 
@@ -374,7 +354,7 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
     feed = Prefetch(data.batches(start), device=device)
     names = ",".join(s["name"] for s in cfg.dictionaries)
     bar = tqdm(total=data.steps, initial=start, desc=names, dynamic_ncols=True, disable=not ranks.main)
-    logs, done, t0 = Logs(cfg.log_every * cfg.batch_size), start, time.perf_counter()
+    logs, done, t0 = progress.Logs(cfg.log_every * cfg.batch_size), start, time.perf_counter()
     if start % cfg.log_every == 0:      # as at every log reading: a resumed run refreshes where the first run did
         for m in models.values():
             m.dead.refresh(m.tokens_since_fired, m.config.dead_tokens, cfg.log_every * cfg.batch_size)
@@ -396,12 +376,15 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
                     for g in opts[key].param_groups:
                         g["lr"] = lr
                     xi = model_input(key, x, layers)
-                    logs.add(core.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast), xi)
+                    logs.add(key, core.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast), xi)
                 done = step + 1
                 bar.update(1)
                 if done % cfg.log_every == 0 or done == data.steps:
                     tok_s = (done - start) * cfg.batch_size / (time.perf_counter() - t0)
-                    bar.set_postfix(**logs.read(models, done), tok_s=f"{tok_s:,.0f}")
+                    figures = logs.read(models, done)          # per dictionary name
+                    bar.set_postfix(progress.postfix(figures, tok_s))
+                    if folder is not None and folder.tracker:
+                        folder.tracker.log(done, figures, tok_s)
                 if cfg.eval_every and done % cfg.eval_every == 0 and ranks.main:
                     folder.append_curve({"step": done, "tokens": done * cfg.batch_size,
                                          "eval": evaluate(models, data, layers, device, cfg.eval_panel)})
@@ -560,6 +543,9 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
         for m in models.values():
             if hasattr(m, "cost_report"):
                 print(m.cost_report())
+    if ranks.main and cfg.wandb:            # the W&B run (--resume: the same one), closed with the folder
+        folder.tracker = tracking.Tracker(cfg.wandb, folder.path, {"train": dataclasses.asdict(cfg), "dictionaries": {
+            names(k): dataclasses.asdict(m.config) for k, m in models.items()}}, cfg.resume)
     setup_s = time.perf_counter() - t_setup
 
     result = fit(cfg, models, opts, fwd, data, start, layers, device, ranks, folder)
@@ -577,6 +563,8 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
         if failed:                            # saved (nothing is lost) but marked: the evaluators refuse it
             summary.update(complete=False, failed=failed)
         export(folder, models, cfg, run, summary)
+        if folder.tracker:
+            folder.tracker.summary(summary)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted while saving: {folder.saved_note(result['steps_planned'])}") from None
     if result["interrupted"]:
@@ -590,6 +578,12 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
         where = "all layers" if key.endswith("all") else f"layer {key.rsplit('/', 1)[-1]}"
         who = "" if len(cfg.dictionaries) == 1 else f"{key.rsplit('/', 1)[0]} "
         print(f"held-out {who}{where}: FVU {s['fvu']:.4f}  MSE {s['mse']:.4g}  L0 {s['l0']:.1f}  dead {s['dead_eval']:.3f}")
+    l0s = {k[0]: [] for k in models}
+    for k in models:
+        l0s[k[0]].append((summary["eval"].get(names(k)) or {}).get("l0"))
+    for line in [] if result["interrupted"] else notes.run_notes(summary["tokens"], summary["steps"],
+                                                                 {k[0]: m.config for k, m in models.items()}, l0s):
+        print(line)
     t = summary["time"]
     print(f"wrote {cfg.out} ({summary['tokens_per_s']:,.0f} tokens/s; {t['loop_s']:.0f} s training, of which "
           f"{t['waited_for_data_s']:.0f} s waiting for data; data produced in {t['data_s']:.0f} s beside it)")

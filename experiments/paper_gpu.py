@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         if train_ok:
             step(f"metrics {name}", [str(run), "--device", device, "--fc-variants", "--quiet",
                                      "--eval-tokens", str(size["eval_tokens"])], metrics.main, log)
-            step(f"probe {name}", [str(run), "--task", "offline", "--device", device, "--n-train",
+            step(f"probe {name}", [str(run), "--task", "offline", "--thorough", "--device", device, "--n-train",
                                    str(size["probe_train"]), "--n-test", str(size["probe_test"]), "--no-full",
                                    "--batch-size", str(size["lm_batch"])], probe.main, log)
         for key, file in (("summary", "summary.json"), ("eval", "eval.json"), ("probe", "probe.json")):

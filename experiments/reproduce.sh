@@ -90,7 +90,7 @@ if [[ $STAGE == all || $STAGE == eval ]]; then
   # single layer: also the spliced LM loss and interaction vs co-occurrence
   python metrics.py $(have $SINGLE) --ce-tokens 2048 --fc-tokens 0 --wasserstein ''
   # sparse probing on the offline tasks (bbc_topic, us_places, chatterbot_language), probe.py's protocol:
-  # the same as `python probe.py RUN --task offline --n-train $PROBE_TRAIN --n-test $PROBE_TEST --no-full`
+  # the same as `python probe.py RUN --task offline --thorough --n-train $PROBE_TRAIN --n-test $PROBE_TEST --no-full`
   # for every RUN, with one LM pass shared by all runs (+ the class-conditional Wasserstein on bbc_topic)
   python experiments/probe_all.py $(have $MULTI $SINGLE) --task offline --n-train $PROBE_TRAIN --n-test $PROBE_TEST --no-full
   python experiments/figure.py $R

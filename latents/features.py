@@ -1,6 +1,6 @@
 """What each latent means: its top activating contexts on held-out text, and the numbers around them.
 
-    python -m latents.features RUN_DIR [--tokens 100000] [--top 16] [--device cuda] [--intervene]
+    python -m latents.features RUN_DIR [--thorough] [--tokens 30000] [--top 16] [--device cuda] [--intervene]
 
 streams held-out text of the run through the LM and every dictionary of the run (the four kinds, per-layer
 sets included), in batches of context windows with bounded memory, and writes RUN_DIR/features.json and the
@@ -73,6 +73,12 @@ from support.heldout import check_held_out
 HIST_LO, HIST_HI = 1e-2, 1e3          # histogram range of activations (normalised units)
 VERSION = 1
 
+QUICK = {"tokens": 30_000, "fc_tokens": 10_000}
+"""The defaults of features.py: well under the training time of the default run on a laptop CPU (see the
+README). --thorough uses THOROUGH; a flag given explicitly wins over either."""
+THOROUGH = {"tokens": 100_000, "fc_tokens": 20_000}
+"""The earlier defaults: the settings of latents/README.md's pages and examples."""
+
 
 @dataclass
 class Settings:
@@ -85,7 +91,8 @@ class Settings:
     right: int = opt(8, "tokens after it")
     pool: int = opt(256, "random snippets (the judge's non-activating examples)")
     bins: int = opt(50, "histogram bins")
-    fc_tokens: int = opt(20_000, "tokens for the per-layer profile (crosscoders)")
+    fc_tokens: int = opt(QUICK["fc_tokens"], "tokens for the per-layer profile (crosscoders; --thorough: "
+                                             f"{THOROUGH['fc_tokens']:,})")
     min_fires: int = opt(10, "latents firing fewer times on them get no FC")
     logits: int = opt(10, "promoted and suppressed tokens per latent")
     partners: int = opt(5, "PolySAE interaction partners per latent")
@@ -383,12 +390,15 @@ def vocabulary(tok, dicts: list[dict], pool_ids: list[list[int]]) -> dict:
 
 
 @torch.no_grad()
-def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device="cpu", lm_batch: int = 8,
-             progress: bool = True, allow_incomplete: bool = False) -> dict:
+def read_run(run_dir, n_tokens: int = QUICK["tokens"], s: Settings | None = None, device="cpu", lm_batch: int = 8,
+             progress: bool = True, allow_incomplete: bool = False, preset: str | None = None) -> dict:
     """The features of every dictionary of a run folder, as the JSON-ready dict features.json holds. The
     folder is opened as metrics.py and probe.py open it (saved.open_run): one-line errors for a damaged or
-    foreign folder, and an interrupted run refused unless allow_incomplete."""
+    foreign folder, and an interrupted run refused unless allow_incomplete. `preset` ("quick" | "thorough",
+    default: the one whose values these are, else "custom") is recorded."""
     s = s or Settings()
+    values = {"tokens": n_tokens, "fc_tokens": s.fc_tokens}
+    preset = preset or next((n for n, v in (("quick", QUICK), ("thorough", THOROUGH)) if v == values), "custom")
     if n_tokens < 1:
         raise ValueError(f"--tokens must be positive, got {n_tokens}")
     entries = saved.open_run(run_dir, device, allow_incomplete)
@@ -424,7 +434,7 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
             "model": run["model"], "dataset": run.get("dataset"), "drop_outliers": run.get("drop_outliers"),
             "text": f"{run.get('dataset') or 'bbc'} split {split}, "
                     + (f"after the first {skip:,} tokens (held out)" if skip else "its first tokens (held out)"),
-            "tokens": pool["tokens"], "windows": pool["windows"], "settings": asdict(s),
+            "tokens": pool["tokens"], "windows": pool["windows"], "preset": preset, "settings": asdict(s),
             "hist_edges": [num(e) for e in torch.logspace(math.log10(HIST_LO), math.log10(HIST_HI), s.bins + 1)],
             "vocab": vocabulary(tok, dicts, pool_ids), "special_ids": sorted(set(tok.all_special_ids)),
             "pool": {"tokens": pool_ids, "window": pool["window"].tolist(), "center": pool["center"].tolist()},
@@ -439,13 +449,23 @@ def read_run(run_dir, n_tokens: int = 100_000, s: Settings | None = None, device
 def parse_args(argv=None):
     p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder written by train.py")
-    p.add_argument("--tokens", type=cli.parse_int, default=100_000, help="held-out tokens to read (default 100,000)")
+    p.add_argument("--tokens", type=cli.parse_int, default=None,
+                   help=f"held-out tokens to read (default {QUICK['tokens']:,}; --thorough {THOROUGH['tokens']:,})")
+    p.add_argument("--thorough", action="store_true",
+                   help=f"the earlier, longer settings: --tokens {THOROUGH['tokens']:,} --fc-tokens "
+                        f"{THOROUGH['fc_tokens']:,} (flags given explicitly still win)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--lm-batch", type=cli.parse_int, default=8, help="context windows per LM forward pass")
     p.add_argument("--allow-incomplete", action="store_true", help="read a run whose training was interrupted")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_flags(p, Settings, group="what is kept per latent")
-    return p.parse_args(argv)
+    p.set_defaults(fc_tokens=None)          # unset: the preset's
+    a = p.parse_args(argv)
+    preset = THOROUGH if a.thorough else QUICK
+    a.tokens = preset["tokens"] if a.tokens is None else a.tokens
+    a.fc_tokens = preset["fc_tokens"] if a.fc_tokens is None else a.fc_tokens
+    a.preset = "thorough" if a.thorough else "quick"
+    return a
 
 
 def main(argv=None) -> int:
@@ -457,7 +477,7 @@ def main(argv=None) -> int:
         s = Settings(**cli.values(a, Settings))
         with runs.reading(a.run):       # train.py cannot replace the run meanwhile
             feats = read_run(a.run, a.tokens, s, device, a.lm_batch, progress=not a.quiet,
-                             allow_incomplete=a.allow_incomplete)
+                             allow_incomplete=a.allow_incomplete, preset=a.preset)
             write_atomic(Path(a.run, "features.json"), json_text(feats, separators=(",", ":")))
             page.write_page(feats, Path(a.run, "features.html"))
     except cli.USER_ERRORS as e:

@@ -64,7 +64,8 @@ function renderList() {
     return tr;
   }));
   $('latents').replaceChildren(el('thead', {}, head), body);
-  $('count').textContent = `${shown.length} shown of ${all.length} matching (${d.alive} of ${d.n_latents} latents fire)`;
+  $('count').textContent = `${shown.length} shown of ${all.length} matching (${d.alive} of ${d.n_latents} latents fire)` +
+    (shown.length < all.length ? ': sort, filter or search to list others' : '');
 }
 function bars(values, labels, w, h, color) {
   const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');

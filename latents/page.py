@@ -41,6 +41,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
 HERE = Path(__file__).resolve().parent
+LIST_ROWS = 400                                           # rows of the latent list (page.js); every latent has a card
 CSS = (HERE / "page.css").read_text(encoding="utf-8")     # the page's style
 SCRIPT = (HERE / "page.js").read_text(encoding="utf-8")   # renders the list and the cards from the JSON
 
@@ -149,13 +150,21 @@ class Browser:
 
 
 def screenshot(page, png, latent: int | None = None, size=(1400, 900)) -> None:
-    """Open the page in headless Chromium, click latent `latent` (default: the first row), save a PNG."""
+    """Open the page in headless Chromium, open latent `latent`'s card (default: the first row's), save a PNG.
+    The list shows the first LIST_ROWS latents of its order; any other latent of the first dictionary (dead
+    ones included) is opened through the page's own `show`. ValueError for an id the page does not hold."""
     with Browser(size=size) as b:
         b.get(Path(page).resolve().as_uri())
         rows = b.find(f'#latents tbody tr[data-id="{latent}"]' if latent is not None else "#latents tbody tr")
-        if not rows:
-            raise ValueError(f"no latent {latent} in the list of {page}" if latent is not None else f"{page} lists no latent")
-        b.click(rows[0])
+        if rows:
+            b.click(rows[0])
+        elif latent is None:
+            raise ValueError(f"{page} lists no latent")
+        else:
+            name, n = b.run("const d = F.dictionaries[0]; return [d.name, d.latents.length];")
+            if not 0 <= latent < n:
+                raise ValueError(f"no latent {latent} in {page}: its dictionary ({name}) has latents 0 to {n - 1}")
+            b.run("show(arguments[0]);", latent)      # in features.json, beyond the rows the list shows
         Path(png).write_bytes(b.screenshot())
 
 

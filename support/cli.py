@@ -112,7 +112,7 @@ def add_flags(p: argparse.ArgumentParser, cls, defaults: bool = True, group: str
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"{f.metadata['help']} (default: {default})".replace("%", "%%")     # argparse %-formats help
-        if hints[f.name] is bool:
+        if hints[f.name] is bool or set(typing.get_args(hints[f.name])) == {bool, type(None)}:   # bool | None: unset
             target.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default if defaults else None, help=help_)
         else:

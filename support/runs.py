@@ -57,7 +57,7 @@ class RunFolderError(ValueError):
 
 
 RUN_FILES = ("config.json", "model.safetensors", "summary.json", "checkpoint.pt", "curve.jsonl", "eval.json",
-             "probe.json", "features.json", "features.html", "autointerp.json", "autointerp_cache.jsonl")
+             "probe.json", "features.json", "features.html", "autointerp.json", "autointerp_cache.jsonl", "wandb.json")
 """The files train.py and the evaluators write into a run folder (and into each dictionary's folder of a set)."""
 LAYER_DIR = re.compile(r"^layer_\d+$")                    # a per-layer set's layer_<l>/
 TEMPORARY = re.compile(r"^\..+\.[a-z]+-\d+$")             # support/files.py's .<name>.<what>-<pid>
@@ -299,6 +299,7 @@ class RunFolder:
         self.created, self.fd = False, None
         self.saved_step = None                 # the step of checkpoint.pt (set by save_checkpoint, or a resume)
         self.fvu_start = None                  # the held-out FVUs at step 0, kept in every checkpoint (failure)
+        self.tracker = None                    # support.tracking.Tracker of --wandb: the curve goes there too
 
     # -- lifetime ------------------------------------------------------------------------
     def __enter__(self) -> "RunFolder":
@@ -351,6 +352,9 @@ class RunFolder:
         self._release()
 
     def _release(self) -> None:
+        if self.tracker is not None:                   # the W&B run ends with the run, however it ends
+            self.tracker.finish()
+            self.tracker = None
         if self.fd is not None:
             os.close(self.fd)                          # closing the descriptor releases the flock
             self.fd = None
@@ -409,6 +413,8 @@ class RunFolder:
             f.write(json_text(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.tracker is not None:
+            self.tracker.curve(record)
 
     def truncate_curve(self, step: int) -> None:
         """Drop the curve lines after `step` (written after the checkpoint a resumed run restarts from)."""
@@ -445,7 +451,7 @@ class _Export:
             shutil.rmtree(self.new, ignore_errors=True)
             return
         path = self.folder.path
-        for f in (self.folder.checkpoint, self.folder.curve):
+        for f in (self.folder.checkpoint, self.folder.curve, path / "wandb.json"):
             if f.exists():
                 os.link(f, self.new / f.name)
         old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -454,7 +460,8 @@ class _Export:
         shutil.rmtree(old, ignore_errors=True)
 
 
-IGNORED = ("resume", "overwrite", "device", "ckpt_every", "log_every", "eval_every", "eval_panel", "out", "time_limit")
+IGNORED = ("resume", "overwrite", "device", "ckpt_every", "log_every", "eval_every", "eval_panel", "out", "time_limit",
+           "wandb")
 """Flags a resumed run may change: they do not change the result (--out: a copied or moved run resumes)."""
 
 

@@ -262,3 +262,31 @@ def test_intervene_adds_each_latents_ablation_in_its_top_contexts(runs, tmp_path
         b.click(b.find("#latents tbody tr")[0])
         assert b.text(b.find("#card h2")[0]) == f"latent {live['id']}"
         assert "ablated in 2 top contexts" in b.text(b.find("#card h3.iv")[0])
+
+
+def test_screenshot_opens_a_latent_beyond_the_list_and_names_the_range(feats, runs, tmp_path):
+    """--latent N for a latent the list does not show (a dead one: hidden unless "dead latents" is ticked, as
+    the 401st of a long list is) opens its card from features.json; an id the page does not hold is refused
+    with the ids it does hold."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("no browser: apt-get install chromium chromium-driver (Debian) to run this test")
+    page, d0 = runs["sae"] / "features.html", feats["sae"]["dictionaries"][0]
+    dead = next(r["id"] for r in d0["latents"] if not r["fires"])
+    dashboard.screenshot(page, tmp_path / "dead.png", latent=dead)
+    assert (tmp_path / "dead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    n = d0["n_latents"]
+    with pytest.raises(ValueError, match=f"no latent {n} in .*has latents 0 to {n - 1}"):
+        dashboard.screenshot(page, tmp_path / "none.png", latent=n)
+
+
+def test_quick_defaults_and_thorough_restores_the_old_settings():
+    """features.py's quick defaults, and --thorough = the earlier defaults (--tokens 100,000, --fc-tokens 20,000,
+    the rest unchanged); an explicit flag wins over either."""
+    quick, thorough = features.parse_args(["run"]), features.parse_args(["run", "--thorough"])
+    assert (quick.tokens, quick.fc_tokens, quick.preset) == (30_000, 10_000, "quick")
+    assert (thorough.tokens, thorough.fc_tokens, thorough.preset) == (100_000, 20_000, "thorough")
+    old = dict(top=16, samples=32, bands=4, per_band=2, left=16, right=8, pool=256, bins=50, fc_tokens=20_000,
+               min_fires=10, logits=10, partners=5, inter_latents=1024, intervene=False, intervene_contexts=4, seed=0)
+    assert {k: getattr(thorough, k) for k in old} == old and thorough.lm_batch == 8
+    a = features.parse_args(["run", "--thorough", "--tokens", "5000"])
+    assert (a.tokens, a.fc_tokens) == (5000, 20_000)

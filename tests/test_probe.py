@@ -245,7 +245,7 @@ def test_command_line_end_to_end(gpt2, tmp_path, device):
     _save_run(cc, tmp_path / "cc", [1, 2], path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "probe.py"), str(tmp_path / "cc"), "--task", "bbc_topic",
-                           "--n-train", "64", "--n-test", "32", "--device", str(device)],
+                           "--thorough", "--n-train", "64", "--n-test", "32", "--device", str(device)],
                           capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "bbc_topic" in proc.stdout and "crosscoder" in proc.stdout and "raw@2" in proc.stdout
@@ -256,8 +256,9 @@ def test_command_line_end_to_end(gpt2, tmp_path, device):
         for col in ("top_1", "top_2", "top_5", "full"):
             assert 0.0 <= feats[fs][col]["f1"] <= 1.0
             assert len(feats[fs][col]["per_class_f1"]) == 5
-    assert report["tasks"]["bbc_topic"]["n_texts"] == {"train": 160, "test": 80}
+    assert report["tasks"]["bbc_topic"]["n_texts"] == {"train": 160, "test": 80}    # explicit flags win
     assert report["mean"]["crosscoder"]["top_1"] == feats["crosscoder"]["top_1"]["f1"]
+    assert report["preset"] == "thorough" and report["settings"]["bootstrap"] == 1000
 
     # a hub task offline: one clear line on stderr, no traceback
     proc = subprocess.run([sys.executable, str(ROOT / "probe.py"), str(tmp_path / "cc"), "--task", "ag_news"],
@@ -273,7 +274,7 @@ def test_per_layer_sae_set(gpt2, tmp_path):
         _save_run(sae.SAE(sae.SAEConfig(d_in=64, n_latents=128, k=8, input_scale=[1.5])),
                   tmp_path / "saes" / f"layer_{l}", [l], path)
     report = probe.probe_run(tmp_path / "saes", ["us_places"], ks=(1, 2), n_train=48, n_test=24, seed=0,
-                             full=False)
+                             full=False, raw=True)
     feats = report["tasks"]["us_places"]["features"]
     assert set(feats) == {"sae@0", "sae@3", "sae@mean", "raw@0", "raw@3", "raw@mean"}
     assert feats["sae@mean"]["top_2"]["f1"] == pytest.approx(
@@ -374,3 +375,55 @@ def test_percentile_interval_of_a_mean_matches_the_normal_approximation():
     half = 1.96 * x.std().item() / 20
     assert lo == pytest.approx(x.mean().item() - half, abs=0.15 * half)
     assert hi == pytest.approx(x.mean().item() + half, abs=0.15 * half)
+
+
+# ----------------------------------------------------------------------------------------
+# Presets: quick defaults, --thorough = the earlier defaults (SAEBench's sizes), bars from the start
+# ----------------------------------------------------------------------------------------
+
+OLD_DEFAULTS = {"task": "all", "k": [1, 2, 5], "n_train": 4000, "n_test": 1000, "seed": 42, "device": "auto",
+                "batch_size": 32, "context": None, "C": 1.0, "full": True, "raw": True, "out": None,
+                "allow_incomplete": False, "bootstrap": 1000}
+"""probe.py's flags before the quick defaults (the settings behind experiments/README.md's numbers)."""
+
+
+def test_quick_defaults_and_thorough_restores_the_old_settings_exactly():
+    quick = vars(probe.parse_args(["run"])[1])
+    assert {k: quick[k] for k in ("n_train", "n_test", "full", "raw", "bootstrap")} == \
+        {"n_train": 500, "n_test": 250, "full": False, "raw": False, "bootstrap": 200}
+    thorough = vars(probe.parse_args(["run", "--thorough"])[1])
+    assert {k: v for k, v in thorough.items() if k not in ("thorough", "quiet")} == OLD_DEFAULTS
+    assert probe.parse_args(["run", "--thorough"])[1].preset == "thorough"
+    assert probe.parse_args(["run"])[1].preset == "quick"
+    # an explicit flag wins over either preset
+    c = probe.parse_args(["run", "--thorough", "--no-full", "--n-test", "300"])[1]
+    assert (c.full, c.n_test, c.raw, c.n_train) == (False, 300, True, 4000)
+    c = probe.parse_args(["run", "--raw", "--bootstrap", "0"])[1]
+    assert (c.raw, c.bootstrap, c.full) == (True, 0, False)
+
+
+def test_a_bar_shows_before_the_lm_passes_and_the_preset_is_recorded(gpt2, tmp_path, monkeypatch, capsys):
+    path, _, _ = gpt2
+    torch.manual_seed(0)
+    _save_run(sae.SAE(sae.SAEConfig(d_in=64, n_latents=128, k=8, input_scale=[1.5])), tmp_path / "s", [1], path)
+    seen = []
+    hidden_states = activations.hidden_states
+
+    def first_pass(*args, **kwargs):           # what stderr held when the first LM pass over the texts began
+        if not seen:
+            seen.append(capsys.readouterr().err)
+        return hidden_states(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "hidden_states", first_pass)
+    assert probe.main([str(tmp_path / "s"), "--task", "us_places", "--n-train", "16", "--n-test", "8",
+                       "--device", "cpu"]) == 0
+    assert "LM pass us_places train" in seen[0]
+    err = capsys.readouterr().err
+    assert "probes us_places" in err and "bootstrap us_places" in err
+    report = json.loads((tmp_path / "s" / "probe.json").read_text())
+    assert report["preset"] == "quick" and report["settings"]["bootstrap"] == 200
+    assert set(report["tasks"]["us_places"]["features"]) == {"sae"}           # no raw references, no full probe
+    assert set(report["tasks"]["us_places"]["features"]["sae"]) == {"top_1", "top_2", "top_5"}
+    assert probe.main([str(tmp_path / "s"), "--task", "us_places", "--n-train", "16", "--n-test", "8",
+                       "--device", "cpu", "--quiet"]) == 0
+    assert "LM pass" not in capsys.readouterr().err

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from support import runs
+from support import progress, runs
 from support import cache as activation_cache
 from support import corpora
 import train
@@ -218,7 +218,7 @@ def test_the_loop_reads_the_device_only_every_log_every_steps(gpt2_dir, cache_di
                     torch.cuda.set_sync_debug_mode("error")
         return wrapper
 
-    monkeypatch.setattr(train.Logs, "read", paused(train.Logs.read, reads))
+    monkeypatch.setattr(progress.Logs, "read", paused(progress.Logs.read, reads))
     monkeypatch.setattr(train, "evaluate", paused(train.evaluate))
     monkeypatch.setattr(runs.RunFolder, "save_checkpoint", paused(runs.RunFolder.save_checkpoint))
     real_step, real_fit, counting = core.train_step, train.fit, []
