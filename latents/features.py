@@ -6,7 +6,9 @@ streams held-out text of the run through the LM and every dictionary of the run 
 sets included), in batches of context windows with bounded memory, and writes RUN_DIR/features.json and the
 browsable page RUN_DIR/features.html (latents/page.py). The text is the run's held-out stream (metrics.py:
 the windows that follow its training tokens, support.corpora.heldout_text), read as the harvest reads it: the
-same windows, special tokens excluded, attention-sink outliers dropped when the run dropped them.
+same windows, special tokens excluded, attention-sink outliers dropped when the run dropped them. Each
+window's first real token (`--skip-first`) is counted in every statistic but never peaks a top or sampled
+example: a window starts mid-document after BOS, so that token has no context to explain it.
 
 For every latent i of a dictionary, with z_i(t) its activation at token t (encode, as in inference):
   top        the `top` windows w with the largest m_i(w) = max_{t∈w} z_i(t); for each one the snippet of
@@ -100,6 +102,8 @@ class Settings:
     intervene: bool = opt(False, "also ablate each latent in its top contexts: the tokens it promotes through the "
                                  "rest of the model (latents/intervene.py; LM passes over contexts x latents)")
     intervene_contexts: int = opt(4, "top contexts per latent ablated with --intervene")
+    skip_first: int = opt(1, "each window's first real tokens counted but never shown as a top or sampled example "
+                             "(a window starts mid-document: they have no context)")
     seed: int = opt(0, "sampling seed")
 
     def __post_init__(self):
@@ -107,8 +111,8 @@ class Settings:
 
     def check(self, name=lambda f: "--" + f.replace("_", "-")) -> None:
         for f in ("top", "samples", "bands", "per_band", "left", "right", "pool", "bins", "fc_tokens", "min_fires",
-                  "logits", "partners", "inter_latents", "seed", "intervene_contexts"):
-            v, zero_ok = getattr(self, f), f in ("left", "right", "fc_tokens", "partners", "seed")
+                  "logits", "partners", "inter_latents", "seed", "intervene_contexts", "skip_first"):
+            v, zero_ok = getattr(self, f), f in ("left", "right", "fc_tokens", "partners", "seed", "skip_first")
             if not isinstance(v, int) or v < (0 if zero_ok else 1):
                 raise ValueError(f"{name(f)} must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
 
@@ -167,7 +171,9 @@ class Tracker:
         self.dsum, self.dfires = None, None                                      # per-layer profile sums
 
     @torch.no_grad()
-    def update(self, z_BTF: Tensor, ids_BT: Tensor, window_B: Tensor, gen: torch.Generator) -> None:
+    def update(self, z_BTF: Tensor, ids_BT: Tensor, window_B: Tensor, gen: torch.Generator,
+               example_BT: Tensor | None = None) -> None:
+        """Counts every firing; a window's top/sampled example peaks only where example_BT is True."""
         s = self.s
         z_NF = z_BTF.view(-1, z_BTF.shape[2])
         tok, f = z_NF.nonzero(as_tuple=True)                         # the firing entries only (z is sparse)
@@ -176,7 +182,7 @@ class Tracker:
         self.total.index_add_(0, f, val.double())
         b = torch.bucketize(val, self.inner_edges, right=True)       # bin 0: below edge 1, last: above
         self.hist.view(-1).index_add_(0, f * s.bins + b, torch.ones_like(b))
-        wmax_BF, peak_BF = z_BTF.max(1)
+        wmax_BF, peak_BF = (z_BTF if example_BT is None else z_BTF * example_BT[..., None]).max(1)
         act_FB, fires_FB = wmax_BF.T, wmax_BF.T > 0
         acts, ids = snippets(z_BTF, ids_BT, peak_BF.T, s.left, s.right)
         data = {"act": act_FB, "window": window_B.expand_as(act_FB), "acts": acts, "ids": ids}
@@ -199,6 +205,12 @@ def outlier_mask(h_BTLD: Tensor, keep_BT: Tensor, multiple: float) -> Tensor:
     norms_BTL = h_BTLD.float().norm(dim=-1)
     med_L = norms_BTL[keep_BT].median(dim=0).values
     return (norms_BTL > multiple * med_L).any(-1) & keep_BT
+
+
+def first_tokens(keep_BT: Tensor, n: int) -> Tensor:
+    """(B, T) True at each window's first n kept tokens. A window starts mid-document after BOS, so these
+    tokens have no context to explain them; in a SmolLM2 run they were the top example of 74-104 latents each."""
+    return keep_BT & (keep_BT.long().cumsum(1) <= n)
 
 
 def dictionary_input(x_NLD: Tensor, cols: list[int], model) -> Tensor:
@@ -229,8 +241,10 @@ def stream(entries, lm, tok, windows, n_tokens: int, s: Settings, drop_outliers:
     for batch in corpora.take_tokens(windows, n_tokens):
         h_BTLD = activations.hidden_states(lm, batch["input_ids"], batch["attention_mask"], layers).to(device)
         valid_BT = batch["keep"].to(device)
+        example_BT = valid_BT & ~first_tokens(valid_BT, s.skip_first)
         if drop_outliers:
             valid_BT = valid_BT & ~outlier_mask(h_BTLD, valid_BT, drop_outliers)
+            example_BT = example_BT & valid_BT
         ids_BT = batch["input_ids"].to(device).masked_fill(batch["attention_mask"].to(device) == 0, -1)
         x_NLD = h_BTLD[valid_BT].float()
         B, T = valid_BT.shape
@@ -242,7 +256,7 @@ def stream(entries, lm, tok, windows, n_tokens: int, s: Settings, drop_outliers:
             z_NF = model.encode(dictionary_input(x_NLD, c, model)).float()
             z_BTF = z_NF.new_zeros(B, T, z_NF.shape[1])
             z_BTF[valid_BT] = z_NF
-            tr.update(z_BTF, ids_BT, window_B, gen)
+            tr.update(z_BTF, ids_BT, window_B, gen, example_BT)
             acts_FBW, ids_FBW = snippets(z_BTF, ids_BT, center_B[None].expand(z_NF.shape[1], -1), s.left, s.right)
             cand |= {f"max{i}": acts_FBW.amax(2).T[None], "ids": ids_FBW[:1]}
             if core.is_multilayer(model) and n_seen < s.fc_tokens:
