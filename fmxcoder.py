@@ -27,7 +27,9 @@ Forward without ever materialising d × F × L (x is x − b_dec; MACs per token
 The dense crosscoder costs L·d·F per token each way. The last encoder contraction (pre = N G2ᵀ, pre = v Bᵀ)
 is `encoder_linear`'s (h, W): its backward reads only the selected latents (core.SparseEncoderGrad). The
 selection score needs the per-latent, per-layer decoder norms: F·L·(R1R2R3 + d·R1R2) (TR) or F·L·d·R (CP)
-MACs per batch, one (F, d) layer slice at a time, hence `norm_every` = 10 by default (crosscoder.py).
+MACs per batch, one (F, d) layer slice at a time, hence `norm_every` = 10 by default: training selects with
+the norms of the last refresh (after steps 1, n + 1, 2n + 1, ...), stale by < n steps (our speed option,
+not the paper's; norm_every 1 is the exact score, and evaluation is always exact).
 `costs(config)` and `cost_report` give these numbers against the dense crosscoder.
 
 Init: the materialised decoder has the dense crosscoder's per-entry variance 1/(L·d): the latent factor a
@@ -67,6 +69,8 @@ class FMXCoderConfig(CrossCoderConfig):
 
     def check(self, name=str) -> None:
         CrossCoderConfig.check(self, name)
+        if not isinstance(self.norm_every, int) or self.norm_every < 1:
+            raise ValueError(f"{name('norm_every')} must be a positive integer, got {self.norm_every!r}")
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"{name('factorization')} must be one of {', '.join(FACTORIZATIONS)}, "
                              f"got {self.factorization!r}")
@@ -75,10 +79,15 @@ class FMXCoderConfig(CrossCoderConfig):
 
 class FMXCoder(CrossCoder):
     """The crosscoder with W_enc and W_dec built from TR cores G1, G2, G3 or CP factors A, B, C (each as
-    <name>_enc and <name>_dec); the forward pass, masking and upkeep are CrossCoder's. A core.Dictionary."""
+    <name>_enc and <name>_dec); the forward pass, masking and b_dec are CrossCoder's. A core.Dictionary."""
 
     def __init__(self, config: FMXCoderConfig):
         super().__init__(config, weights=init_factors(config))
+        # norm_every > 1: training selects with the score of the last refresh, saved with the model (a resumed
+        # run selects the same); the step count is mirrored on the host (core.HostMirror: no device read)
+        self.register_buffer("steps_done", torch.tensor(0))
+        self.steps_host = core.HostMirror(int, self.steps_done, 0)
+        self.register_buffer("score_scale", self.exact_decoder_scale().detach())   # (F,)
 
     def factors(self, which: str) -> list[Tensor]:
         """The factors of "enc" or "dec": TR [G1, G2, G3], CP [A, B, C]."""
@@ -116,6 +125,34 @@ class FMXCoder(CrossCoder):
         else:
             self.C_enc *= enc_L[:, None]
             self.C_dec *= dec_L[:, None]
+
+    # -- the selection score, refreshed every norm_every steps in training
+    def exact_decoder_scale(self) -> Tensor:
+        """(F,) Σ_l ‖W_dec[f, l]‖ · norm_scale[l] from the factors now (CrossCoder's decoder_scale)."""
+        return CrossCoder.decoder_scale(self)
+
+    def decoder_scale(self) -> Tensor:
+        """Exact, except in training with norm_every > 1 (not for ReLU + L1, whose penalty needs the
+        gradient) after the first step: the last refresh's, stale by < n steps."""
+        c = self.config
+        if self.training and c.norm_every > 1 and c.sparsity != "relu" and self.steps_host.get(self.steps_done) > 0:
+            return self.score_scale
+        return self.exact_decoder_scale()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Count the step (on the host too) and, every norm_every steps, refresh the selection scale."""
+        steps = self.steps_host.get(self.steps_done) + 1
+        self.steps_done += 1
+        self.steps_host.set(self.steps_done, steps)
+        if self.config.norm_every > 1 and (steps - 1) % self.config.norm_every == 0:
+            self.score_scale.copy_(self.exact_decoder_scale())      # after steps 1, n + 1, 2n + 1, ...
+
+    @torch.no_grad()
+    def fold_input_scale(self) -> None:
+        """CrossCoder's (the layer factor and b_dec), then the selection scale from the folded weights."""
+        super().fold_input_scale()
+        self.score_scale.copy_(self.exact_decoder_scale())
 
     def cost_report(self) -> str:
         c, r = self.config, costs(self.config)

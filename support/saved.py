@@ -91,6 +91,21 @@ def check_scale(config: dict, file) -> None:
                          f"{scale!r:.80}: {RERUN}")
 
 
+def config_of(kind: str, config: dict):
+    """The config object of a config.json's "config". A crosscoder saved before `norm_every` moved into
+    fmxcoder.py (issue 29) records it: it is dropped, whatever its value, because it only ever changed which
+    stale decoder norms *training* selected with (evaluation selects with exact norms either way), so the
+    saved weights mean the same; training such a crosscoder further is refused by train.py's flags."""
+    if kind == "crosscoder" and "norm_every" in config:
+        config = {k: v for k, v in config.items() if k != "norm_every"}
+    return kind_classes(kind)[1](**config)
+
+
+def upgrade_tensors(kind: str, tensors: dict) -> dict:
+    """A crosscoder's state before issue 29 held norm_every's buffers (now the fmxcoder's): drop them."""
+    return {k: v for k, v in tensors.items() if not (kind == "crosscoder" and k in ("steps_done", "score_scale"))}
+
+
 def save(model, path, extra: dict | None = None) -> None:
     """Write path/model.safetensors, then path/config.json (kind, config, the digest of the weights and
     `extra`), each whole: a folder with a config.json always has the weights that go with it."""
@@ -115,12 +130,12 @@ def load(path, device="cpu"):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {str(path)!r}: not a saved dictionary")
     meta = json.loads((path / "config.json").read_text())
-    cls, config_cls = kind_classes(meta_kind(meta))
+    kind = meta_kind(meta)
     check_scale(meta["config"], path / "config.json")
-    model = cls(config_cls(**meta["config"]))
+    model = kind_classes(kind)[0](config_of(kind, meta["config"]))
     tensors = load_file(str(path / "model.safetensors"))
     check_finite(tensors, path / "model.safetensors")
-    model.load_state_dict(tensors)
+    model.load_state_dict(upgrade_tensors(kind, tensors))
     return model.to(device).eval()
 
 
@@ -206,7 +221,7 @@ def check_saved(folder: Path) -> dict:
                          f"(one of {', '.join(KINDS)})")
     check_scale(meta["config"], cfg_file)
     try:
-        kind_classes(kind)[1](**meta["config"])
+        config_of(kind, meta["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit a {kind} ({e}): the run was written by "
                          f"another version of this code") from e

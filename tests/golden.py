@@ -34,6 +34,8 @@ EVAL_RUN = "crosscoder"
 EVAL_FLAGS = ["--ce-tokens", "256", "--fc-tokens", "512", "--wasserstein", "", "--batch-size", "256",
               "--device", "cpu", "--quiet"]
 SUMMARY_KEYS = ("steps", "tokens", "complete", "eval")   # what does not depend on timing
+# norm_every's buffers, the crosscoder's until issue 29 moved them to the fmxcoder (the crosscoder never used them)
+MOVED = {"crosscoder/model.safetensors:steps_done", "crosscoder/model.safetensors:score_scale"}
 
 
 def write(out: Path, gpt2_dir: Path | None = None) -> None:
@@ -62,7 +64,7 @@ def results(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(every run's weights, {name: summary's stable keys} + {"eval": eval.json's metrics})."""
     tensors, numbers = {}, {}
     for name in RUNS:
-        tensors.update({f"{name}/{k}": v for k, v in weights(out / name).items()})
+        tensors.update({f"{name}/{k}": v for k, v in weights(out / name).items() if f"{name}/{k}" not in MOVED})
         summary = json.loads((out / name / "summary.json").read_text())
         numbers[name] = {k: summary.get(k) for k in SUMMARY_KEYS}
     ev = json.loads((out / EVAL_RUN / "eval.json").read_text())

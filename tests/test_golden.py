@@ -24,7 +24,7 @@ def rerun(gpt2_dir, tmp_path_factory):
 
 
 def test_training_gives_the_recorded_weights(rerun):
-    expected = load_file(golden.FIXTURE / "expected.safetensors")
+    expected = {k: v for k, v in load_file(golden.FIXTURE / "expected.safetensors").items() if k not in golden.MOVED}
     got, _ = rerun
     assert got.keys() == expected.keys()
     for key, want in expected.items():
