@@ -440,6 +440,63 @@ def test_help_of_every_entry_point(tmp_path):
     assert len(ENTRY_POINTS) >= 7 + 5 + 10
 
 
+def test_every_import_of_the_bench_and_experiment_scripts_resolves():
+    """--help never reaches an import inside a function: bench_vs_saelens.py and experiments/budget.py kept
+    `import activation_cache` for a year after that module moved (support/cache.py). Every import statement of
+    every script under bench/ and experiments/, wherever it sits, must name a module that exists (a project
+    module, one installed, or a sibling script), and `from M import N` a name M has; only the packages the
+    comparisons install themselves in a separate venv (SAELens, dictionary_learning) may be missing."""
+    import ast
+    import importlib
+    import importlib.util
+
+    optional = {"sae_lens", "dictionary_learning"}
+    missing = []
+    for d in ("bench", "experiments"):
+        sys.path.insert(0, str(ROOT / d))              # a script imports its siblings, as `python d/x.py` does
+        try:
+            for script in sorted((ROOT / d).glob("*.py")):
+                for node in ast.walk(ast.parse(script.read_text())):
+                    if isinstance(node, ast.Import):
+                        wanted = [(a.name, None) for a in node.names]
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                        wanted = [(node.module, a.name) for a in node.names]
+                    else:
+                        continue
+                    for module, name in wanted:
+                        if module.split(".")[0] in optional:
+                            continue
+                        if importlib.util.find_spec(module) is None:
+                            missing.append(f"{script.name}: {module}")
+                        elif name is not None and name != "*" and not hasattr(importlib.import_module(module), name) \
+                                and importlib.util.find_spec(f"{module}.{name}") is None:
+                            missing.append(f"{script.name}: {module}.{name}")
+        finally:
+            sys.path.remove(str(ROOT / d))
+    assert missing == []
+
+
+def test_bench_vs_saelens_runs_its_smallest_setting_topk_against_topk():
+    """Its smallest CPU setting (our two rows; SAELens is not installed here), and "ours" is a TopK SAE as
+    the SAELens and dictionary_learning rows are (SAEConfig's default is BatchTopK)."""
+    import argparse
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_vs_saelens.py"), "--tokens", "2048",
+                          "--eval-tokens", "512", "--n-latents", "64", "--k", "4", "--batch", "128", "--steps", "2",
+                          "--warmup", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| ours (sae.py, TopK) |" in res.stdout
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_vs_saelens
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    args = argparse.Namespace(n_latents=64, k=4, dead_steps=10, batch=8, device="cpu", lr=1e-3)
+    _, _, eval_mode = bench_vs_saelens.ours(args, torch.randn(8, 16))
+    assert eval_mode.__self__.config.sparsity == "topk"          # eval_mode is the model's bound .eval
+
+
 # ----------------------------------------------------------------------------------------
 # 11. Tracebacks that are one line now
 # ----------------------------------------------------------------------------------------
