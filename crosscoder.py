@@ -2,7 +2,8 @@
 
 One dictionary reads the residual stream at L layers at once and writes all of them (Lindsey et al. 2024,
 transformer-circuits.pub/2024/crosscoders, "Crosscoder basics"; the baseline of the fmxcoders paper,
-Demou et al. 2026, arXiv 2605.09438, pp. 4-5):
+Demou et al. 2026, arXiv 2605.09438, pp. 4-5 as a third-party reading of the paper gives them, not checked
+against the PDF):
 
     pre  = Σ_l (x_l − b_dec[l]) W_enc[l] + b_enc       x: (B, L, d)   W_enc: (L, d, F)   pre: (B, F)
     z    = S(pre)                                      core.sparsify, selected by score z_f Σ_l ‖W_dec[f, l]‖
@@ -15,7 +16,8 @@ score weights each latent by what it writes (Minder et al. 2025; the crosscoder 
 unscaled z_f is decoded. Loss (core.py): mse = mean_b Σ_l Σ_d (x_l − x̂_l)², plus AuxK. With L = 1 the
 crosscoder is sae.SAE with free decoder rows (tests/test_crosscoder.py checks it).
 
-Stochastic layer masking (arXiv 2605.09438, p. 5): in training each token's input at each layer is zeroed
+Stochastic layer masking (arXiv 2605.09438, p. 5 as read by a third-party reading, not checked against the
+PDF; the no-rescaling and clean-target details are our reading): in training each token's input at each layer is zeroed
 with probability `mask_prob` and the loss still reconstructs the clean activations of all L layers (a
 denoising autoencoder along the layer axis); no 1/(1−p) rescaling, off in eval mode. mask_prob 0 is the
 plain crosscoder, 0.05 the paper's value and the "crosscoder + masking" ablation.
@@ -23,6 +25,9 @@ plain crosscoder, 0.05 the paper's value and the "crosscoder + masking" ablation
 No decoder-norm constraint (the paper uses none). Init: W_dec[f, l] random of norm 1/√L (norm 1 over the
 concatenated layers), W_enc = W_decᵀ, b_dec[l] from data.
 fmxcoder.FMXCoder is this class with the weights given by tensor factors (`weights` in __init__).
+
+Defaults. CrossCoder(CrossCoderConfig(d_in=d)): L 2, mask_prob 0 (the plain crosscoder), and core.DictConfig's
+BatchTopK, F 2048, k 32, AuxK (pinned by tests/test_defaults.py).
 """
 from __future__ import annotations
 
@@ -57,7 +62,8 @@ def dense_weights(c: CrossCoderConfig) -> dict[str, Tensor]:
 
 
 def mask_layers(x_BLD: Tensor, p: float) -> Tensor:
-    """Zero each (token, layer) input independently with probability p (no rescaling)."""
+    """Zero each (token, layer) input independently with probability p (no rescaling): the masking of
+    arXiv 2605.09438 (p. 5 as a third-party reading gives it, not checked against the PDF)."""
     if p == 0:
         return x_BLD
     B, L, _ = x_BLD.shape

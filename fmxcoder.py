@@ -1,16 +1,19 @@
 """fmxcoder: a crosscoder whose encoder and decoder tensors are low-rank tensor factorisations, trained
-with stochastic layer masking (Demou et al. 2026, arXiv 2605.09438, v1; pointers below are pages of its PDF:
-the section and equation numbers were not available to us). What each rank allows and costs, our
-derivations: docs/fmxcoder-ranks.md.
+with stochastic layer masking (Demou et al. 2026, arXiv 2605.09438, v1). The page numbers below come from a
+third-party reading of the paper and were not checked against its PDF (nor were section or equation numbers
+available to us); the Tensor Ring's core order (which rank sits between which modes, G1 (R1, d, R2),
+G2 (R2, F, R3), G3 (R3, L, R1)) is our choice, not taken from the paper. What each rank allows and costs,
+our derivations: docs/fmxcoder-ranks.md.
 
 A crosscoder (crosscoder.py) has two weight tensors W ∈ R^{d × F × L}. The fmxcoder factorises each over
 all three modes, encoder and decoder independently, so every latent draws its per-layer weights from a
 shared cross-layer basis:
 
-  Tensor Ring, ranks (R1, R2, R3) (the paper's main model, arXiv 2605.09438 p. 5; `rank` R or [R1, R2, R3]):
+  Tensor Ring, ranks (R1, R2, R3) (the paper's main model, p. 5 as read by the third party; the core order
+  ours; `rank` R or [R1, R2, R3]):
       W[d, f, l] = Tr(G1[:, d, :] G2[:, f, :] G3[:, l, :])     G1 (R1, d, R2)  G2 (R2, F, R3)  G3 (R3, L, R1)
       G3 is the layer core shared by all latents.
-  CP, rank R (arXiv 2605.09438, appendix, p. 15):
+  CP, rank R (the paper's appendix, p. 15 as read by the third party):
       W[d, f, l] = Σ_r A[d, r] B[f, r] C[l, r]                 A (d, R)  B (F, R)  C (L, R)
       latent f writes x̂_l ∋ A (B[f] ⊙ C[l]): the rows of C are layer patterns shared by all latents.
 
@@ -36,8 +39,11 @@ Init: the materialised decoder has the dense crosscoder's per-entry variance 1/(
 unit-scale code per latent (G2 ~ N(0, 1/(R2·R3)), B ~ N(0, 1/R)), the two others the rest (G1, G3 ~
 N(0, (R1·L·d)^-1/2); A, C ~ N(0, (L·d)^-1/2)); then each latent's slice of G2 / B is rescaled so its
 concatenated decoder norm is 1, like the crosscoder's, and the encoder factors start as copies (W_enc =
-W_decᵀ). Masking (arXiv 2605.09438 p. 5, default p = 0.05), b_dec, the losses and the upkeep are
-crosscoder.CrossCoder's.
+W_decᵀ): our choice, matching the dense crosscoder's init. Masking (p. 5 as read by the third party, default
+p = 0.05), b_dec and the losses are crosscoder.CrossCoder's.
+
+Defaults. FMXCoder(FMXCoderConfig(d_in=d)): Tensor Ring, rank 32 (R1 = R2 = R3 = 32), mask_prob 0.05,
+norm_every 10, L 2, and core.DictConfig's BatchTopK, F 2048, k 32, AuxK (pinned by tests/test_defaults.py).
 Copy this file with crosscoder.py and core.py; `python fmxcoder.py` trains one on toy data.
 """
 from __future__ import annotations
@@ -253,7 +259,8 @@ def init_factors(c: FMXCoderConfig) -> dict[str, Tensor]:
 
 
 def tr_encode(x_BLD: Tensor, G1: Tensor, G2: Tensor, G3: Tensor) -> tuple[Tensor, Tensor]:
-    """(N (B, R2·R3), W (F, R2·R3)) with pre = N Wᵀ, W[f] = G2[:, f, :] flattened (the latent core)."""
+    """(N (B, R2·R3), W (F, R2·R3)) with pre = N Wᵀ, W[f] = G2[:, f, :] flattened (the latent core). The
+    Tensor Ring of arXiv 2605.09438 (p. 5 as a third-party reading gives it, unchecked); core order ours."""
     (R1, d, R2), (_, F, R3), (B, L) = G1.shape, G2.shape, x_BLD.shape[:2]
     M = x_BLD.reshape(B * L, d) @ G1.permute(1, 0, 2).reshape(d, R1 * R2)      # M[n, l, a, b] = Σ_d x G1[a, d, b]
     M = M.view(B, L * R1, R2).transpose(1, 2).reshape(B * R2, L * R1)
@@ -271,7 +278,8 @@ def tr_decode(z_BF, G1: Tensor, G2: Tensor, G3: Tensor) -> Tensor:
 
 
 def cp_encode(x_BLD: Tensor, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> tuple[Tensor, Tensor]:
-    """(v (B, R), B (F, R)) with pre = v Bᵀ."""
+    """(v (B, R), B (F, R)) with pre = v Bᵀ. The CP form of arXiv 2605.09438 (appendix, p. 15 as a
+    third-party reading gives it, unchecked)."""
     u_BLR = torch.einsum("bld,dr->blr", x_BLD, A_DR)
     return (u_BLR * C_LR).sum(1), B_FR        # v = Σ_l C[l] ⊙ u_l (an einsum here ran as R copies + bmm's)
 
