@@ -40,7 +40,7 @@ MOVED = {"crosscoder/model.safetensors:steps_done", "crosscoder/model.safetensor
 
 def write(out: Path, gpt2_dir: Path | None = None) -> None:
     """Train every RUNS entry on the tiny GPT-2 into out/<name>/, then metrics.py on out/EVAL_RUN."""
-    import metrics
+    from support import evaluate
     import train
     from tiny_gpt2 import tiny_gpt2
 
@@ -49,7 +49,7 @@ def write(out: Path, gpt2_dir: Path | None = None) -> None:
     for name, flags in RUNS.items():
         train.train(train.parse_args(["--model", str(gpt2), "--cache", str(out / "acts"), "--out",
                                       str(out / name), *COMMON, *flags]))
-    assert metrics.main([str(out / EVAL_RUN), *EVAL_FLAGS]) == 0
+    assert evaluate.main([str(out / EVAL_RUN), *EVAL_FLAGS]) == 0
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -266,7 +266,7 @@ def test_d_mismatch_with_the_model_is_one_line(gpt2_dir, tmp_path, capsys):
     want = "d_in 16 does not match the width 64 of model"
     with pytest.raises(ValueError, match=want):
         saved.open_run(folder)
-    assert metrics.main([str(folder), "--device", "cpu", "--quiet"]) == 2
+    assert evaluate.main([str(folder), "--device", "cpu", "--quiet"]) == 2
     assert probe.main([str(folder), "--task", "us_places", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") and want in line for line in err)
@@ -282,7 +282,7 @@ def test_metrics_on_a_saelens_fixture_names_the_smollm2_width(capsys):
     """The fixtures say smollm2-135m (d 576) but have d_in 16: metrics.py stops at once, in one line."""
     import metrics
 
-    assert metrics.main([str(FIXTURES / "topk"), "--device", "cpu", "--quiet"]) == 2
+    assert evaluate.main([str(FIXTURES / "topk"), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "d_in 16 does not match the width 576 of model 'smollm2-135m'" in err
 
