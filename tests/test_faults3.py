@@ -407,7 +407,7 @@ ENTRY_POINTS = ([["train.py"], ["metrics.py"], ["probe.py"]]
 
 
 @pytest.mark.parametrize("module", ["train", "support.evaluate", "probe", "latents.features", "latents.judge", "latents.page",
-                                    "support.saelens"])
+                                    "support.saelens_export"])
 def test_help_of_the_command_lines_in_process(module, capsys):
     import importlib
 
@@ -560,12 +560,12 @@ def test_wrong_types_in_the_run_entry_are_one_line(good_run, tmp_path, capsys, c
 
 
 def test_a_context_longer_than_the_lm_is_refused_before_any_allocation(gpt2_dir, cache, tmp_path, capsys):
-    from support import saelens
+    from support import saelens, saelens_export
 
     run = tmp_path / "sae"
     argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none") if a not in ("--dict", "crosscoder")]
     assert train.main(argv + ["--dict", "sae"]) == 0
-    [folder] = saelens.export(run, tmp_path / "saelens")                   # saelens/layer_1/
+    [folder] = saelens_export.export(run, tmp_path / "saelens")                   # saelens/layer_1/
     for context, want in ((10**6, f"metadata.context_size 1,000,000 exceeds the 1,024 positions of model {gpt2_dir!r}"),
                           ("128", "metadata.context_size must be an integer >= 2, got '128'")):
         edit_config(folder / "cfg.json", lambda c: c["metadata"].update(context_size=context))
@@ -764,21 +764,21 @@ def test_ctrl_c_while_saving_says_what_was_saved(gpt2_dir, cache, tmp_path, caps
 
 
 def test_the_saelens_export_never_writes_into_a_run_folder_and_takes_the_lock(gpt2_dir, cache, tmp_path, capsys):
-    from support import saelens
+    from support import saelens, saelens_export
 
     run = tmp_path / "sae"
     argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none") if a not in ("--dict", "crosscoder")]
     assert train.main(argv + ["--dict", "sae"]) == 0
     before = snapshot(run)
     for out, where in ((run, ""), (run / "saelens", "inside "), (run / "layer_1", "inside ")):
-        line = error_of(capsys, saelens.main(["export", str(run), str(out)]))
+        line = error_of(capsys, saelens_export.main(["export", str(run), str(out)]))
         assert line == (f"error: {str(out)!r} is {where}the run folder {str(run)!r}: a run folder holds one run, which "
                         f"train.py replaces as a whole; export to a folder of its own")
     with runs.RunFolder(run, resume=True):                       # train.py --resume writes it
-        line = error_of(capsys, saelens.main(["export", str(run), str(tmp_path / "out")]))
+        line = error_of(capsys, saelens_export.main(["export", str(run), str(tmp_path / "out")]))
     assert line == f"error: {str(run)!r} is being written by a train.py run: evaluate it once that run has finished"
     assert snapshot(run) == before and not (tmp_path / "out").exists()
-    assert saelens.main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert saelens_export.main(["export", str(run), str(tmp_path / "out")]) == 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -824,13 +824,13 @@ def test_a_cache_rebuilt_under_a_finished_run_is_named_and_its_held_out_tokens_h
 
 
 def test_an_sae_gives_the_same_fvu_from_its_run_folder_and_its_saelens_folder(gpt2_dir, cache, tmp_path):
-    from support import saelens
+    from support import saelens, saelens_export
 
     run = tmp_path / "sae"                           # streamed: both paths read the stream's first 512 tokens
     argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none", "--drop-outliers", "1.02")
             if a not in ("--dict", "crosscoder")]
     assert train.main(argv + ["--dict", "sae"]) == 0
-    [folder] = saelens.export(run, tmp_path / "saelens")
+    [folder] = saelens_export.export(run, tmp_path / "saelens")
     results = {}
     for where in (run, folder):
         assert evaluate.main([str(where), *QUICK_METRICS, "--eval-tokens", "512"]) == 0
