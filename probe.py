@@ -56,13 +56,6 @@ from support.tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
 NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (the top-k probes), L-BFGS above
 
 
-
-# Sentence frames of us_places: every frame fits every class, so only the entity tells them apart.
-
-
-# --- hub datasets, exactly as SAEBench samples them (pandas .sample with random_state=seed) ---
-
-
 # ----------------------------------------------------------------------------------------
 # Features: mean-pooled latents and activations, batched over texts
 # ----------------------------------------------------------------------------------------
