@@ -27,7 +27,7 @@ Per-layer normalisation (the crosscoder post; fmxcoders and PolySAE train on nor
     s_l = sqrt(d / mean_n ‖x_nl‖²)          so that   E‖s_l x_l‖² = d          (estimate_scale)
 
 estimated on the first `SCALE_TOKENS` harvested tokens, stored in the cache metadata and by
-train.py in each dictionary's `config.input_scale`; `ActivationCache.batches(scaled=True)` applies it.
+train.py in each dictionary's `config.input_scale`; train.py's loop (`fit`) multiplies each batch by it.
 
 The disk cache of harvested activations is support/cache.py.
 
@@ -268,11 +268,6 @@ def parse_layers(spec, n_blocks: int, multi: bool) -> list[int]:
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat, got {spec!r}")
     return sorted(layers)
-
-
-# ----------------------------------------------------------------------------------------
-# Text
-# ----------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
-"""What every dictionary shares: the base config, the sparsifiers, the sparse encoder backward, dead
-latents and AuxK, the loss and the training step, and the interface the four dictionaries provide.
+"""What every dictionary shares, in the order a reader needs it: the base config, the interface the four
+dictionaries provide, the loss and the training step, the sparsifiers, dead latents and AuxK, decoding and
+b_dec. Then one labelled section, "Speed and scale", holds what makes it fast or run on several GPUs
+without changing the maths (the sparse encoder backward, host-side mirrors of device counters, torchrun
+reductions), and last the toy-data demo that `python sae.py` runs.
 
 A dictionary encodes x (B, d), or (B, L, d) for the crosscoders, into sparse latents z (B, F):
 
@@ -27,12 +30,6 @@ Loss (AuxK: Gao et al. 2024, arXiv 2406.04093, its dead-latent auxiliary loss), 
            pre-activations among the dead latents (not fired for `dead_tokens` tokens)
     loss = mse + aux_coeff · auxk  (+ l1_coeff · L1 for relu)
 
-Sparse backward. The loss reads pre only at the N selected entries, so G = ∂L/∂pre has N non-zeros g_n
-at (b_n, f_n), and  ∂L/∂h[b] = Σ_{n: b_n=b} g_n W[f_n],  ∂L/∂W[f] = Σ_{n: f_n=f} g_n h[b_n],
-∂L/∂b[f] = Σ_{n: f_n=f} g_n:  N·D multiply-adds instead of B·F·D (`SparseEncoderGrad`; the selection is
-piecewise constant, so its own derivative is 0). `SPARSE_BACKWARD` says per device which path runs;
-the dense autograd path is the reference and tests/test_sparse_backward.py checks they agree.
-
 The interface (`Dictionary`, below) is what forward_with_losses, train_step and the entry points use of
 a model; sae.SAE, crosscoder.CrossCoder, fmxcoder.FMXCoder and polysae.PolySAE provide it. This file
 imports only torch, so a model file works copied with it alone; `python sae.py` runs `demo`.
@@ -51,10 +48,6 @@ from torch import Tensor
 
 SPARSITIES = ("topk", "batchtopk", "relu")
 INFERENCE_ONLY = ("jumprelu",)        # loaded (support/saelens.py), evaluated, saved; refused in training
-# Does a TopK/BatchTopK step use SparseEncoderGrad ("<type>+autocast" under torch.autocast)? The faster
-# path measured by bench/bench_train.py: CPU sparse (1.3-2x), H200 float32 sparse (1.24-1.55x), H200 under
-# bfloat16 autocast dense (the sparse path 0.74-0.97x). Set e.g. core.SPARSE_BACKWARD["cuda"] = False.
-SPARSE_BACKWARD = {"cpu": True, "cuda": True, "cuda+autocast": False}
 
 
 def opt(default, help: str):
@@ -108,6 +101,126 @@ def inference_only(sparsity: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# The interface and the loss: what train_step runs, for every dictionary
+# ----------------------------------------------------------------------------------------
+
+
+class Output(NamedTuple):
+    """What every dictionary's forward returns."""
+    recon: Tensor      # x̂, same shape as x
+    latents: Tensor    # z (B, F), sparse
+    pre_acts: Tensor   # (B, F), before ReLU and the sparsifier
+    loss: Tensor       # mse + aux_coeff·auxk (+ l1_coeff·l1)
+    mse: Tensor        # mean over tokens of Σ (x − x̂)² over d (and layers)
+    auxk: Tensor       # AuxK loss (0 when off, in eval mode, or when nothing is dead)
+    l1: Tensor         # Σ_f z_f, decoder-norm-weighted for sparsity="relu", per token, mean
+
+
+@runtime_checkable
+class Dictionary(Protocol):
+    """What a dictionary provides (x (B, d), or (B, L, d) for crosscoders; z and pre (B, F))."""
+    config: Any                 # a DictConfig (+ n_layers for crosscoders)
+    training: bool              # nn.Module's: AuxK, the dead counter and θ update only in training
+    b_dec: Tensor               # (d,) or (L, d)
+    tokens_since_fired: Tensor  # buffer (F,), threshold: buffer () or (F,) (jumprelu), dead (init_state)
+    threshold: Tensor
+    dead: DeadLatents
+
+    def encoder_linear(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]: """(h, W, b), pre = h Wᵀ + b."""
+    def decoder_scale(self) -> Tensor | None: """(F,) selection score scale, None for 1."""
+    def decode_nobias(self, z: Selection | Tensor) -> Tensor: """x̂ − b_dec."""
+    def decoder_vectors(self) -> Tensor: """(F, d) or (F, L, d): what each latent writes."""
+    def decoder_norms(self) -> Tensor: """(F,) or (F, L): its norm at unit activation."""
+    def init_b_dec(self, x: Tensor, method: str = "median") -> None: """b_dec from data."""
+    def before_step(self) -> None: """After backward, before the optimiser step."""
+    def after_step(self) -> None: """After the optimiser step (renormalise, re-orthonormalise)."""
+    def fold_input_scale(self) -> None: """Fold config.input_scale into the weights (raw inputs)."""
+
+
+def forward_with_losses(model, x_in: Tensor, target: Tensor) -> Output:
+    """Encode x_in, decode, score against `target` (crosscoders: the clean layers while x_in may be
+    masked); in training also AuxK, the dead counter and θ. The two speed decisions are named where they
+    are taken, each with its plain equivalent ("Speed and scale" below)."""
+    c = model.config
+    if model.training and c.sparsity in INFERENCE_ONLY:
+        raise ValueError(inference_only(c.sparsity) + " (call model.eval() to use it)")
+    enc = model.encoder_linear(x_in)                      # (h, W, b): pre = h Wᵀ + b
+    with torch.no_grad():
+        scale_F = model.decoder_scale()                   # selection only: no gradient through it
+    fixed = c.sparsity == "topk" or (c.sparsity == "batchtopk" and model.training)    # z is a Selection
+    # speed: the backward reaches (h, W, b) through SparseEncoderGrad (N·D multiply-adds, not B·F·D);
+    # plain equivalent: pre_BF = F.linear(*enc) under autograd, what runs wherever sparse_bw is False
+    sparse_bw = fixed and use_sparse_backward(enc[0].device)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse_bw):
+        pre_BF = F.linear(*enc)
+    z = sparsify(pre_BF, c.sparsity, c.k, model.training, model.threshold, scale_F, enc, sparse_bw)
+    z_BF = dense(z)
+    if fixed:
+        l1 = z.vals.sum() / z_BF.shape[0]
+    elif c.sparsity == "relu":
+        w_F = model.decoder_scale()
+        l1 = (z_BF * (model.decoder_norms() if w_F is None else w_F)).sum(-1).mean()
+    else:
+        l1 = z_BF.sum(-1).mean()
+    recon = model.decode_nobias(z) + model.b_dec
+    mse = F.mse_loss(recon, target, reduction="sum") / recon.shape[0]
+    auxk = mse.new_zeros(())
+    if model.training:
+        counter_F = model.tokens_since_fired
+        # speed: a host-side bound on max(counter_F) (DeadLatents), so no step reads the device; plain
+        # equivalent: bound, n_aux = int(counter_F.max()), c.aux_k (one host read per step)
+        bound, n_aux = model.dead.aux_size(counter_F, c.aux_k)
+        if c.aux_coeff > 0 and c.sparsity != "relu" and bound >= c.dead_tokens and n_aux > 0:
+            dead_F = counter_F >= c.dead_tokens
+            idx_A, keep_A = auxk_indices(pre_BF.detach(), dead_F, n_aux)
+            z_aux = Selection(idx_A, selected_values(enc, pre_BF, idx_A, keep_A, sparse_bw), tuple(pre_BF.shape))
+            auxk = auxk_loss(z_aux, dead_F, target - recon, model.decode_nobias, c.aux_k)
+        update_dead_counter(counter_F, z)
+        model.dead.advance(counter_F, bound, z_BF.shape[0])
+        if c.sparsity == "batchtopk":
+            if x_in is target:
+                update_threshold(model.threshold, z, scale_F)
+            else:      # masked inputs: θ serves clean inputs, so it is measured on the rows that are clean
+                clean_B = (x_in == target).flatten(1).all(-1)
+                ema_threshold_(model.threshold, clean_rows_threshold(scores(pre_BF.detach(), scale_F), clean_B, c.k))
+    loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
+    return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
+
+
+def train_step(model, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 1.0, forward=None,
+               autocast=None) -> Output:
+    """Forward with the losses (through `forward`, e.g. a DDP wrapper, under `autocast`), backward,
+    model.before_step, clipping, the optimiser step, model.after_step. Reads nothing from the device."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        out = (forward or model)(x)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    model.before_step()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    model.after_step()
+    return out
+
+
+def pre_acts(model, x: Tensor) -> Tensor:
+    return F.linear(*model.encoder_linear(x))
+
+
+def encode(model, x: Tensor) -> Tensor:
+    """Dense z (B, F) as inference computes it."""
+    return latents_of(model, pre_acts(model, x))
+
+
+def latents_of(model, pre_BF: Tensor) -> Tensor:
+    """Dense z (B, F) = S(pre) for given pre-activations (B, F)."""
+    c = model.config
+    with torch.no_grad():
+        scale_F = model.decoder_scale()
+    return dense(sparsify(pre_BF, c.sparsity, c.k, model.training, model.threshold, scale_F))
+
+
+# ----------------------------------------------------------------------------------------
 # Sparsifiers: Selection (fixed size, no host reads) and the dense forms
 # ----------------------------------------------------------------------------------------
 
@@ -128,16 +241,8 @@ class Selection(NamedTuple):
         return torch.searchsorted(self.idx, torch.arange(B, device=self.idx.device) * F_)
 
 
-def world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce(t: Tensor, op: str) -> Tensor:
-    """In place across data-parallel ranks ("min" | "max" | "sum"); a no-op in one process."""
-    if world_size() > 1:
-        torch.distributed.all_reduce(t, getattr(torch.distributed.ReduceOp, op.upper()))
-    return t
+def dense(z: Selection | Tensor) -> Tensor:
+    return z.dense() if isinstance(z, Selection) else z
 
 
 def scores(pre_BF: Tensor, scale_F: Tensor | None = None) -> Tensor:
@@ -176,38 +281,6 @@ def select(pre_BF: Tensor, sparsity: str, k: int, scale_F: Tensor | None = None)
     return (topk_indices(score_BF, k), None) if sparsity == "topk" else batch_topk_indices(score_BF, k)
 
 
-class SparseEncoderGrad(torch.autograd.Function):
-    """v = pre.flatten()[idx] for pre = h Wᵀ + b computed without autograd, with the sparse backward of the
-    module docstring. h (B, D), W (F, D), b (F,), idx (N,) sorted (repeats add up). Gradients are computed
-    in W's dtype (float32 under bfloat16 autocast) and returned in each input's dtype."""
-
-    @staticmethod
-    def forward(ctx, h_BD: Tensor, W_FD: Tensor, b_F: Tensor, pre_BF: Tensor, idx_N: Tensor) -> Tensor:
-        ctx.save_for_backward(h_BD, W_FD, idx_N)
-        ctx.shape, ctx.b_dtype = tuple(pre_BF.shape), b_F.dtype
-        return pre_BF.reshape(-1).gather(0, idx_N)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_N: Tensor):
-        h_BD, W_FD, idx_N = ctx.saved_tensors
-        (B, F_), dev = ctx.shape, idx_N.device
-        W_rows, h_rows = W_FD.contiguous(), h_BD.to(W_FD.dtype).contiguous()  # row gathers need contiguous rows
-        g_N = g_N.to(W_FD.dtype)
-        rows_N, cols_N = idx_N // F_, idx_N % F_
-        grad_h = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:        # ∂L/∂h[b] = Σ_{n: b_n=b} g_n W[f_n] (each token's entries contiguous)
-            starts_B = torch.searchsorted(idx_N, torch.arange(B, device=dev) * F_)
-            grad_h = F.embedding_bag(cols_N, W_rows, starts_B, mode="sum", per_sample_weights=g_N).to(h_BD.dtype)
-        if ctx.needs_input_grad[1]:        # ∂L/∂W[f] = Σ_{n: f_n=f} g_n h[b_n] (entries grouped by latent)
-            by_latent_N, order_N = cols_N.sort()
-            starts_F = torch.searchsorted(by_latent_N, torch.arange(F_, device=dev))
-            grad_W = F.embedding_bag(rows_N[order_N], h_rows, starts_F, mode="sum", per_sample_weights=g_N[order_N])
-        if ctx.needs_input_grad[2]:        # ∂L/∂b[f] = Σ_{n: f_n=f} g_n
-            grad_b = torch.zeros(F_, dtype=ctx.b_dtype, device=dev).index_add_(0, cols_N, g_N.to(ctx.b_dtype))
-        return grad_h, grad_W, grad_b, None, None
-
-
 def selected_values(enc, pre_BF: Tensor, idx_N: Tensor, keep_N: Tensor | None, sparse_backward: bool = False) -> Tensor:
     """ReLU(pre) at the selected entries (× keep); the gradient reaches enc = (h, W, b) through
     SparseEncoderGrad if `sparse_backward` (pre then carries no graph), else through pre's own graph."""
@@ -231,10 +304,6 @@ def sparsify(pre_BF: Tensor, sparsity: str, k: int, training: bool, threshold: T
         jump_BF = acts_BF * (scores(acts_BF, scale_F) > threshold)
         return torch.where(threshold < 0, sparsify(pre_BF, "topk", k, False, threshold, scale_F).dense(), jump_BF)
     return F.relu(pre_BF)
-
-
-def dense(z: Selection | Tensor) -> Tensor:
-    return z.dense() if isinstance(z, Selection) else z
 
 
 @torch.no_grad()
@@ -273,44 +342,6 @@ def clean_rows_threshold(score_BF: Tensor, clean_B: Tensor, k: int) -> Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-class HostMirror:
-    """An integer the host keeps about a buffer, so that a step can branch on it without reading the
-    device: trusted while the buffer is the tensor it was recorded with (same storage and version, which
-    every in-place write such as load_state_dict bumps), else recomputed once with `read`."""
-
-    def __init__(self, read, buf: Tensor, value: int):
-        self.read = read
-        self.set(buf, value)
-
-    def set(self, buf: Tensor, value: int) -> None:
-        self.key, self.value = (buf.data_ptr(), buf._version), value
-
-    def get(self, buf: Tensor) -> int:
-        if self.key != (buf.data_ptr(), buf._version):
-            self.set(buf, self.read(buf))
-        return self.value
-
-
-class DeadLatents:
-    """What the host knows of a dictionary's dead counter `tokens_since_fired` (F,): `bound` ≥ its max
-    (advanced by every step without a read), and `aux_limit` = (n, until): after a `refresh`, at most n
-    latents can be dead while the bound stays below `until`, so AuxK selects min(aux_k, n) entries per
-    token instead of aux_k (the others would be masked out). Checkpoints keep aux_limit (`state`)."""
-
-    def __init__(self, counter_F: Tensor):
-        self.bound, self.aux_limit = HostMirror(lambda t: int(t.max()), counter_F, 0), None
-
-    def refresh(self, counter_F: Tensor, dead_tokens: int, horizon_tokens: int) -> None:
-        """One host read, where the host waits anyway (train.py's --log-every readings)."""
-        top = int(counter_F.max())
-        self.bound.set(counter_F, top)
-        self.aux_limit = (int((counter_F >= dead_tokens - horizon_tokens).sum()), top + horizon_tokens)
-
-    def n_aux(self, aux_k: int, bound: int) -> int:
-        n, until = self.aux_limit if self.aux_limit is not None else (aux_k, math.inf)
-        return min(aux_k, n) if bound < until else aux_k
-
-
 def init_state(model, n_latents: int) -> None:
     """The state every dictionary keeps besides its weights: the dead counter (with its host side) and
     BatchTopK's inference threshold θ (< 0: not calibrated), or for "jumprelu" the per-latent θ (F,)."""
@@ -347,7 +378,7 @@ def auxk_loss(z_aux: Selection, dead_F: Tensor, residual: Tensor, decode_fn, aux
 
 
 # ----------------------------------------------------------------------------------------
-# Small shared functions
+# Decoding, b_dec and small shared functions
 # ----------------------------------------------------------------------------------------
 
 
@@ -413,122 +444,129 @@ def check_input(model, x: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The interface, the forward pass with the losses, the training step
+# Speed and scale: none of this changes what is computed; each piece has a plain equivalent,
+# named where forward_with_losses uses it, and a test that compares the two
+# (tests/test_sparse_backward.py, tests/test_distributed.py)
 # ----------------------------------------------------------------------------------------
 
 
-class Output(NamedTuple):
-    """What every dictionary's forward returns."""
-    recon: Tensor      # x̂, same shape as x
-    latents: Tensor    # z (B, F), sparse
-    pre_acts: Tensor   # (B, F), before ReLU and the sparsifier
-    loss: Tensor       # mse + aux_coeff·auxk (+ l1_coeff·l1)
-    mse: Tensor        # mean over tokens of Σ (x − x̂)² over d (and layers)
-    auxk: Tensor       # AuxK loss (0 when off, in eval mode, or when nothing is dead)
-    l1: Tensor         # Σ_f z_f, decoder-norm-weighted for sparsity="relu", per token, mean
+# Sparse backward. The loss reads pre only at the N selected entries, so G = ∂L/∂pre has N non-zeros g_n
+# at (b_n, f_n), and  ∂L/∂h[b] = Σ_{n: b_n=b} g_n W[f_n],  ∂L/∂W[f] = Σ_{n: f_n=f} g_n h[b_n],
+# ∂L/∂b[f] = Σ_{n: f_n=f} g_n:  N·D multiply-adds instead of B·F·D (`SparseEncoderGrad`; the selection is
+# piecewise constant, so its own derivative is 0). The (h, W, b) triple of `encoder_linear` exists so that
+# this one backward covers every encoder: the SAE's, the crosscoder's layers side by side, and the last
+# contraction of a factorised one. The dense autograd path is the reference.
+#
+# Does a TopK/BatchTopK step use SparseEncoderGrad ("<type>+autocast" under torch.autocast)? The faster
+# path measured by bench/bench_train.py: CPU sparse (1.3-2x), H200 float32 sparse (1.24-1.55x), H200 under
+# bfloat16 autocast dense (the sparse path 0.74-0.97x). Set e.g. core.SPARSE_BACKWARD["cuda"] = False.
+SPARSE_BACKWARD = {"cpu": True, "cuda": True, "cuda+autocast": False}
 
 
-@runtime_checkable
-class Dictionary(Protocol):
-    """What a dictionary provides (x (B, d), or (B, L, d) for crosscoders; z and pre (B, F))."""
-    config: Any                 # a DictConfig (+ n_layers for crosscoders)
-    training: bool              # nn.Module's: AuxK, the dead counter and θ update only in training
-    b_dec: Tensor               # (d,) or (L, d)
-    tokens_since_fired: Tensor  # buffer (F,), threshold: buffer () or (F,) (jumprelu), dead (init_state)
-    threshold: Tensor
-    dead: DeadLatents
-
-    def encoder_linear(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]: """(h, W, b), pre = h Wᵀ + b."""
-    def decoder_scale(self) -> Tensor | None: """(F,) selection score scale, None for 1."""
-    def decode_nobias(self, z: Selection | Tensor) -> Tensor: """x̂ − b_dec."""
-    def decoder_vectors(self) -> Tensor: """(F, d) or (F, L, d): what each latent writes."""
-    def decoder_norms(self) -> Tensor: """(F,) or (F, L): its norm at unit activation."""
-    def init_b_dec(self, x: Tensor, method: str = "median") -> None: """b_dec from data."""
-    def before_step(self) -> None: """After backward, before the optimiser step."""
-    def after_step(self) -> None: """After the optimiser step (renormalise, re-orthonormalise)."""
-    def fold_input_scale(self) -> None: """Fold config.input_scale into the weights (raw inputs)."""
+def use_sparse_backward(device: torch.device) -> bool:
+    """Whether a fixed-size selection's backward goes through SparseEncoderGrad here (SPARSE_BACKWARD)."""
+    key = device.type + ("+autocast" if torch.is_autocast_enabled(device.type) else "")
+    return torch.is_grad_enabled() and SPARSE_BACKWARD.get(key, SPARSE_BACKWARD.get(device.type, False))
 
 
-def pre_acts(model, x: Tensor) -> Tensor:
-    return F.linear(*model.encoder_linear(x))
+class SparseEncoderGrad(torch.autograd.Function):
+    """v = pre.flatten()[idx] for pre = h Wᵀ + b computed without autograd, with the sparse backward of the
+    module docstring. h (B, D), W (F, D), b (F,), idx (N,) sorted (repeats add up). Gradients are computed
+    in W's dtype (float32 under bfloat16 autocast) and returned in each input's dtype."""
+
+    @staticmethod
+    def forward(ctx, h_BD: Tensor, W_FD: Tensor, b_F: Tensor, pre_BF: Tensor, idx_N: Tensor) -> Tensor:
+        ctx.save_for_backward(h_BD, W_FD, idx_N)
+        ctx.shape, ctx.b_dtype = tuple(pre_BF.shape), b_F.dtype
+        return pre_BF.reshape(-1).gather(0, idx_N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_N: Tensor):
+        h_BD, W_FD, idx_N = ctx.saved_tensors
+        (B, F_), dev = ctx.shape, idx_N.device
+        W_rows, h_rows = W_FD.contiguous(), h_BD.to(W_FD.dtype).contiguous()  # row gathers need contiguous rows
+        g_N = g_N.to(W_FD.dtype)
+        rows_N, cols_N = idx_N // F_, idx_N % F_
+        grad_h = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:        # ∂L/∂h[b] = Σ_{n: b_n=b} g_n W[f_n] (each token's entries contiguous)
+            starts_B = torch.searchsorted(idx_N, torch.arange(B, device=dev) * F_)
+            grad_h = F.embedding_bag(cols_N, W_rows, starts_B, mode="sum", per_sample_weights=g_N).to(h_BD.dtype)
+        if ctx.needs_input_grad[1]:        # ∂L/∂W[f] = Σ_{n: f_n=f} g_n h[b_n] (entries grouped by latent)
+            by_latent_N, order_N = cols_N.sort()
+            starts_F = torch.searchsorted(by_latent_N, torch.arange(F_, device=dev))
+            grad_W = F.embedding_bag(rows_N[order_N], h_rows, starts_F, mode="sum", per_sample_weights=g_N[order_N])
+        if ctx.needs_input_grad[2]:        # ∂L/∂b[f] = Σ_{n: f_n=f} g_n
+            grad_b = torch.zeros(F_, dtype=ctx.b_dtype, device=dev).index_add_(0, cols_N, g_N.to(ctx.b_dtype))
+        return grad_h, grad_W, grad_b, None, None
 
 
-def encode(model, x: Tensor) -> Tensor:
-    """Dense z (B, F) as inference computes it."""
-    return latents_of(model, pre_acts(model, x))
+class HostMirror:
+    """An integer the host keeps about a buffer, so that a step can branch on it without reading the
+    device: trusted while the buffer is the tensor it was recorded with (same storage and version, which
+    every in-place write such as load_state_dict bumps), else recomputed once with `read`."""
+
+    def __init__(self, read, buf: Tensor, value: int):
+        self.read = read
+        self.set(buf, value)
+
+    def set(self, buf: Tensor, value: int) -> None:
+        self.key, self.value = (buf.data_ptr(), buf._version), value
+
+    def get(self, buf: Tensor) -> int:
+        if self.key != (buf.data_ptr(), buf._version):
+            self.set(buf, self.read(buf))
+        return self.value
 
 
-def latents_of(model, pre_BF: Tensor) -> Tensor:
-    """Dense z (B, F) = S(pre) for given pre-activations (B, F)."""
-    c = model.config
-    with torch.no_grad():
-        scale_F = model.decoder_scale()
-    return dense(sparsify(pre_BF, c.sparsity, c.k, model.training, model.threshold, scale_F))
+class DeadLatents:
+    """What the host knows of a dictionary's dead counter `tokens_since_fired` (F,): `bound` ≥ its max
+    (advanced by every step without a read), and `aux_limit` = (n, until): after a `refresh`, at most n
+    latents can be dead while the bound stays below `until`, so AuxK selects min(aux_k, n) entries per
+    token instead of aux_k (the others would be masked out). train.py's checkpoints keep aux_limit
+    (support/runs.py, checkpoint_state). The plain equivalent: read int(counter_F.max()) every step."""
+
+    def __init__(self, counter_F: Tensor):
+        self.bound, self.aux_limit = HostMirror(lambda t: int(t.max()), counter_F, 0), None
+
+    def refresh(self, counter_F: Tensor, dead_tokens: int, horizon_tokens: int) -> None:
+        """One host read, where the host waits anyway (train.py's --log-every readings)."""
+        top = int(counter_F.max())
+        self.bound.set(counter_F, top)
+        self.aux_limit = (int((counter_F >= dead_tokens - horizon_tokens).sum()), top + horizon_tokens)
+
+    def aux_size(self, counter_F: Tensor, aux_k: int) -> tuple[int, int]:
+        """(bound ≥ max(counter_F), the entries per token AuxK needs select), without a device read."""
+        bound = self.bound.get(counter_F)
+        return bound, self.n_aux(aux_k, bound)
+
+    def advance(self, counter_F: Tensor, bound: int, tokens: int) -> None:
+        """After update_dead_counter added this step's tokens (on every rank) to counter_F."""
+        self.bound.set(counter_F, bound + tokens * world_size())
+
+    def n_aux(self, aux_k: int, bound: int) -> int:
+        n, until = self.aux_limit if self.aux_limit is not None else (aux_k, math.inf)
+        return min(aux_k, n) if bound < until else aux_k
 
 
-def forward_with_losses(model, x_in: Tensor, target: Tensor) -> Output:
-    """Encode x_in, decode, score against `target` (crosscoders: the clean layers while x_in may be
-    masked); in training also AuxK (while a latent may be dead: a host-side bound, no reads), the dead
-    counter and θ. The sparse backward runs where SPARSE_BACKWARD says so."""
-    c = model.config
-    if model.training and c.sparsity in INFERENCE_ONLY:
-        raise ValueError(inference_only(c.sparsity) + " (call model.eval() to use it)")
-    enc = model.encoder_linear(x_in)
-    with torch.no_grad():
-        scale_F = model.decoder_scale()                   # selection only: no gradient through it
-    fixed = c.sparsity == "topk" or (c.sparsity == "batchtopk" and model.training)
-    dev = enc[0].device
-    key = dev.type + ("+autocast" if torch.is_autocast_enabled(dev.type) else "")
-    sparse_bw = fixed and torch.is_grad_enabled() and SPARSE_BACKWARD.get(key, SPARSE_BACKWARD.get(dev.type, False))
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse_bw):
-        pre_BF = F.linear(*enc)
-    z = sparsify(pre_BF, c.sparsity, c.k, model.training, model.threshold, scale_F, enc, sparse_bw)
-    z_BF = dense(z)
-    if fixed:
-        l1 = z.vals.sum() / z_BF.shape[0]
-    elif c.sparsity == "relu":
-        w_F = model.decoder_scale()
-        l1 = (z_BF * (model.decoder_norms() if w_F is None else w_F)).sum(-1).mean()
-    else:
-        l1 = z_BF.sum(-1).mean()
-    recon = model.decode_nobias(z) + model.b_dec
-    mse = F.mse_loss(recon, target, reduction="sum") / recon.shape[0]
-    auxk = mse.new_zeros(())
-    if model.training:
-        counter_F = model.tokens_since_fired
-        bound = model.dead.bound.get(counter_F)           # ≥ max(counter_F), known on the host
-        n_aux = model.dead.n_aux(c.aux_k, bound)
-        if c.aux_coeff > 0 and c.sparsity != "relu" and bound >= c.dead_tokens and n_aux > 0:
-            dead_F = counter_F >= c.dead_tokens
-            idx_A, keep_A = auxk_indices(pre_BF.detach(), dead_F, n_aux)
-            z_aux = Selection(idx_A, selected_values(enc, pre_BF, idx_A, keep_A, sparse_bw), tuple(pre_BF.shape))
-            auxk = auxk_loss(z_aux, dead_F, target - recon, model.decode_nobias, c.aux_k)
-        update_dead_counter(counter_F, z)
-        model.dead.bound.set(counter_F, bound + z_BF.shape[0] * world_size())
-        if c.sparsity == "batchtopk":
-            if x_in is target:
-                update_threshold(model.threshold, z, scale_F)
-            else:      # masked inputs: θ serves clean inputs, so it is measured on the rows that are clean
-                clean_B = (x_in == target).flatten(1).all(-1)
-                ema_threshold_(model.threshold, clean_rows_threshold(scores(pre_BF.detach(), scale_F), clean_B, c.k))
-    loss = mse + c.aux_coeff * auxk + (c.l1_coeff * l1 if c.sparsity == "relu" else 0.0)
-    return Output(recon, z_BF, pre_BF, loss, mse, auxk, l1)
+# torchrun: BatchTopK's batch, the dead counter and θ are the global batch's; in one process these are no-ops.
 
 
-def train_step(model, opt: torch.optim.Optimizer, x: Tensor, grad_clip: float = 1.0, forward=None,
-               autocast=None) -> Output:
-    """Forward with the losses (through `forward`, e.g. a DDP wrapper, under `autocast`), backward,
-    model.before_step, clipping, the optimiser step, model.after_step. Reads nothing from the device."""
-    with autocast if autocast is not None else contextlib.nullcontext():
-        out = (forward or model)(x)
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    model.before_step()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    model.after_step()
-    return out
+def world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce(t: Tensor, op: str) -> Tensor:
+    """In place across data-parallel ranks ("min" | "max" | "sum"); a no-op in one process."""
+    if world_size() > 1:
+        torch.distributed.all_reduce(t, getattr(torch.distributed.ReduceOp, op.upper()))
+    return t
+
+
+# ----------------------------------------------------------------------------------------
+# The demo: `python <model file>.py`
+# ----------------------------------------------------------------------------------------
 
 
 def demo(model, steps: int = 400, batch: int = 512, lr: float = 3e-3, seed: int = 0) -> dict:

@@ -2,7 +2,8 @@
 
 One dictionary reads the residual stream at L layers at once and writes all of them (Lindsey et al. 2024,
 transformer-circuits.pub/2024/crosscoders, "Crosscoder basics"; the baseline of the fmxcoders paper,
-Demou et al. 2026, arXiv 2605.09438, pp. 4-5):
+Demou et al. 2026, arXiv 2605.09438, pp. 4-5 as a third-party reading of the paper gives them, not checked
+against the PDF):
 
     pre  = Σ_l (x_l − b_dec[l]) W_enc[l] + b_enc       x: (B, L, d)   W_enc: (L, d, F)   pre: (B, F)
     z    = S(pre)                                      core.sparsify, selected by score z_f Σ_l ‖W_dec[f, l]‖
@@ -15,15 +16,18 @@ score weights each latent by what it writes (Minder et al. 2025; the crosscoder 
 unscaled z_f is decoded. Loss (core.py): mse = mean_b Σ_l Σ_d (x_l − x̂_l)², plus AuxK. With L = 1 the
 crosscoder is sae.SAE with free decoder rows (tests/test_crosscoder.py checks it).
 
-Stochastic layer masking (arXiv 2605.09438, p. 5): in training each token's input at each layer is zeroed
+Stochastic layer masking (arXiv 2605.09438, p. 5 as read by a third-party reading, not checked against the
+PDF; the no-rescaling and clean-target details are our reading): in training each token's input at each layer is zeroed
 with probability `mask_prob` and the loss still reconstructs the clean activations of all L layers (a
 denoising autoencoder along the layer axis); no 1/(1−p) rescaling, off in eval mode. mask_prob 0 is the
 plain crosscoder, 0.05 the paper's value and the "crosscoder + masking" ablation.
 
 No decoder-norm constraint (the paper uses none). Init: W_dec[f, l] random of norm 1/√L (norm 1 over the
-concatenated layers), W_enc = W_decᵀ, b_dec[l] from data. `norm_every` > 1 refreshes the score's decoder
-norms every n steps instead of every step (the fmxcoder's default: its norms are the costly part).
+concatenated layers), W_enc = W_decᵀ, b_dec[l] from data.
 fmxcoder.FMXCoder is this class with the weights given by tensor factors (`weights` in __init__).
+
+Defaults. CrossCoder(CrossCoderConfig(d_in=d)): L 2, mask_prob 0 (the plain crosscoder), and core.DictConfig's
+BatchTopK, F 2048, k 32, AuxK (pinned by tests/test_defaults.py).
 """
 from __future__ import annotations
 
@@ -41,7 +45,6 @@ from core import DictConfig, opt
 class CrossCoderConfig(DictConfig):
     n_layers: int = 2                                                # L (from --layers, not a flag)
     mask_prob: float = opt(0.0, "stochastic layer masking probability p in training (paper: 0.05)")
-    norm_every: int = opt(1, "training: refresh the selection score's decoder norms every N steps")
 
     def check(self, name=str) -> None:
         DictConfig.check(self, name)
@@ -49,8 +52,6 @@ class CrossCoderConfig(DictConfig):
             raise ValueError(f"{name('n_layers')} must be a positive integer, got {self.n_layers!r}")
         if not (isinstance(self.mask_prob, (int, float)) and 0.0 <= self.mask_prob < 1.0):
             raise ValueError(f"{name('mask_prob')} must be in [0, 1), got {self.mask_prob!r}")
-        if not isinstance(self.norm_every, int) or self.norm_every < 1:
-            raise ValueError(f"{name('norm_every')} must be a positive integer, got {self.norm_every!r}")
 
 
 def dense_weights(c: CrossCoderConfig) -> dict[str, Tensor]:
@@ -61,7 +62,8 @@ def dense_weights(c: CrossCoderConfig) -> dict[str, Tensor]:
 
 
 def mask_layers(x_BLD: Tensor, p: float) -> Tensor:
-    """Zero each (token, layer) input independently with probability p (no rescaling)."""
+    """Zero each (token, layer) input independently with probability p (no rescaling): the masking of
+    arXiv 2605.09438 (p. 5 as a third-party reading gives it, not checked against the PDF)."""
     if p == 0:
         return x_BLD
     B, L, _ = x_BLD.shape
@@ -84,11 +86,6 @@ class CrossCoder(nn.Module):
         core.init_state(self, n)                                     # dead counter, BatchTopK threshold
         # the decoder norms' factor per layer in the score: 1, or s_l after fold_input_scale (same selection)
         self.register_buffer("norm_scale", torch.ones(L))
-        # norm_every > 1: training selects with the score of the last refresh (after steps 1, n + 1, ...),
-        # saved with the model, so a resumed run selects the same; the step count is mirrored on the host
-        self.register_buffer("steps_done", torch.tensor(0))
-        self.steps_host = core.HostMirror(int, self.steps_done, 0)
-        self.register_buffer("score_scale", self.exact_decoder_scale().detach())   # (F,)
 
     def encoder_linear(self, x_BLD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(h, W, b), pre = h Wᵀ + b: h (B, L·d) the layers side by side, W (F, L·d) a view of W_enc."""
@@ -115,18 +112,9 @@ class CrossCoder(nn.Module):
         self.W_enc *= enc_L[:, None, None]
         self.W_dec *= dec_L[None, :, None]
 
-    # -- the selection score
-    def exact_decoder_scale(self) -> Tensor:
-        """(F,) Σ_l ‖W_dec[f, l]‖ · norm_scale[l], from the weights now."""
-        return (self.decoder_norms() * self.norm_scale).sum(-1)
-
     def decoder_scale(self) -> Tensor:
-        """Exact, except in training with norm_every > 1 (not for ReLU + L1, whose penalty needs the
-        gradient) after the first step: the last refresh's, stale by < n steps."""
-        c = self.config
-        if self.training and c.norm_every > 1 and c.sparsity != "relu" and self.steps_host.get(self.steps_done) > 0:
-            return self.score_scale
-        return self.exact_decoder_scale()
+        """(F,) the selection score's scale Σ_l ‖W_dec[f, l]‖ · norm_scale[l]."""
+        return (self.decoder_norms() * self.norm_scale).sum(-1)
 
     # -- what every dictionary computes the same way (core.py)
     def pre_acts(self, x_BLD: Tensor) -> Tensor:
@@ -158,14 +146,8 @@ class CrossCoder(nn.Module):
     def before_step(self) -> None:
         """No decoder-norm constraint: nothing to do."""
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        """Count the step (on the host too) and, every norm_every steps, refresh the selection scale."""
-        steps = self.steps_host.get(self.steps_done) + 1
-        self.steps_done += 1
-        self.steps_host.set(self.steps_done, steps)
-        if self.config.norm_every > 1 and (steps - 1) % self.config.norm_every == 0:
-            self.score_scale.copy_(self.exact_decoder_scale())      # after steps 1, n + 1, 2n + 1, ...
+        """No decoder-norm constraint: nothing to do."""
 
     @torch.no_grad()
     def fold_input_scale(self) -> None:
@@ -176,7 +158,6 @@ class CrossCoder(nn.Module):
         self.b_dec /= s_L[:, None]
         self.norm_scale *= s_L
         self.config.input_scale = [1.0] * self.config.n_layers
-        self.score_scale.copy_(self.exact_decoder_scale())
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
 """fmxcoder: a crosscoder whose encoder and decoder tensors are low-rank tensor factorisations, trained
-with stochastic layer masking (Demou et al. 2026, arXiv 2605.09438, v1; pointers below are pages of its PDF:
-the section and equation numbers were not available to us). What each rank allows and costs, our
-derivations: docs/fmxcoder-ranks.md.
+with stochastic layer masking (Demou et al. 2026, arXiv 2605.09438, v1). The page numbers below come from a
+third-party reading of the paper and were not checked against its PDF (nor were section or equation numbers
+available to us); the Tensor Ring's core order (which rank sits between which modes, G1 (R1, d, R2),
+G2 (R2, F, R3), G3 (R3, L, R1)) is our choice, not taken from the paper. What each rank allows and costs,
+our derivations: docs/fmxcoder-ranks.md.
 
 A crosscoder (crosscoder.py) has two weight tensors W ∈ R^{d × F × L}. The fmxcoder factorises each over
 all three modes, encoder and decoder independently, so every latent draws its per-layer weights from a
 shared cross-layer basis:
 
-  Tensor Ring, ranks (R1, R2, R3) (the paper's main model, arXiv 2605.09438 p. 5; `rank` R or [R1, R2, R3]):
+  Tensor Ring, ranks (R1, R2, R3) (the paper's main model, p. 5 as read by the third party; the core order
+  ours; `rank` R or [R1, R2, R3]):
       W[d, f, l] = Tr(G1[:, d, :] G2[:, f, :] G3[:, l, :])     G1 (R1, d, R2)  G2 (R2, F, R3)  G3 (R3, L, R1)
       G3 is the layer core shared by all latents.
-  CP, rank R (arXiv 2605.09438, appendix, p. 15):
+  CP, rank R (the paper's appendix, p. 15 as read by the third party):
       W[d, f, l] = Σ_r A[d, r] B[f, r] C[l, r]                 A (d, R)  B (F, R)  C (L, R)
       latent f writes x̂_l ∋ A (B[f] ⊙ C[l]): the rows of C are layer patterns shared by all latents.
 
@@ -27,15 +30,20 @@ Forward without ever materialising d × F × L (x is x − b_dec; MACs per token
 The dense crosscoder costs L·d·F per token each way. The last encoder contraction (pre = N G2ᵀ, pre = v Bᵀ)
 is `encoder_linear`'s (h, W): its backward reads only the selected latents (core.SparseEncoderGrad). The
 selection score needs the per-latent, per-layer decoder norms: F·L·(R1R2R3 + d·R1R2) (TR) or F·L·d·R (CP)
-MACs per batch, one (F, d) layer slice at a time, hence `norm_every` = 10 by default (crosscoder.py).
+MACs per batch, one (F, d) layer slice at a time, hence `norm_every` = 10 by default: training selects with
+the norms of the last refresh (after steps 1, n + 1, 2n + 1, ...), stale by < n steps (our speed option,
+not the paper's; norm_every 1 is the exact score, and evaluation is always exact).
 `costs(config)` and `cost_report` give these numbers against the dense crosscoder.
 
 Init: the materialised decoder has the dense crosscoder's per-entry variance 1/(L·d): the latent factor a
 unit-scale code per latent (G2 ~ N(0, 1/(R2·R3)), B ~ N(0, 1/R)), the two others the rest (G1, G3 ~
 N(0, (R1·L·d)^-1/2); A, C ~ N(0, (L·d)^-1/2)); then each latent's slice of G2 / B is rescaled so its
 concatenated decoder norm is 1, like the crosscoder's, and the encoder factors start as copies (W_enc =
-W_decᵀ). Masking (arXiv 2605.09438 p. 5, default p = 0.05), b_dec, the losses and the upkeep are
-crosscoder.CrossCoder's.
+W_decᵀ): our choice, matching the dense crosscoder's init. Masking (p. 5 as read by the third party, default
+p = 0.05), b_dec and the losses are crosscoder.CrossCoder's.
+
+Defaults. FMXCoder(FMXCoderConfig(d_in=d)): Tensor Ring, rank 32 (R1 = R2 = R3 = 32), mask_prob 0.05,
+norm_every 10, L 2, and core.DictConfig's BatchTopK, F 2048, k 32, AuxK (pinned by tests/test_defaults.py).
 Copy this file with crosscoder.py and core.py; `python fmxcoder.py` trains one on toy data.
 """
 from __future__ import annotations
@@ -67,6 +75,8 @@ class FMXCoderConfig(CrossCoderConfig):
 
     def check(self, name=str) -> None:
         CrossCoderConfig.check(self, name)
+        if not isinstance(self.norm_every, int) or self.norm_every < 1:
+            raise ValueError(f"{name('norm_every')} must be a positive integer, got {self.norm_every!r}")
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"{name('factorization')} must be one of {', '.join(FACTORIZATIONS)}, "
                              f"got {self.factorization!r}")
@@ -75,10 +85,15 @@ class FMXCoderConfig(CrossCoderConfig):
 
 class FMXCoder(CrossCoder):
     """The crosscoder with W_enc and W_dec built from TR cores G1, G2, G3 or CP factors A, B, C (each as
-    <name>_enc and <name>_dec); the forward pass, masking and upkeep are CrossCoder's. A core.Dictionary."""
+    <name>_enc and <name>_dec); the forward pass, masking and b_dec are CrossCoder's. A core.Dictionary."""
 
     def __init__(self, config: FMXCoderConfig):
         super().__init__(config, weights=init_factors(config))
+        # norm_every > 1: training selects with the score of the last refresh, saved with the model (a resumed
+        # run selects the same); the step count is mirrored on the host (core.HostMirror: no device read)
+        self.register_buffer("steps_done", torch.tensor(0))
+        self.steps_host = core.HostMirror(int, self.steps_done, 0)
+        self.register_buffer("score_scale", self.exact_decoder_scale().detach())   # (F,)
 
     def factors(self, which: str) -> list[Tensor]:
         """The factors of "enc" or "dec": TR [G1, G2, G3], CP [A, B, C]."""
@@ -116,6 +131,34 @@ class FMXCoder(CrossCoder):
         else:
             self.C_enc *= enc_L[:, None]
             self.C_dec *= dec_L[:, None]
+
+    # -- the selection score, refreshed every norm_every steps in training
+    def exact_decoder_scale(self) -> Tensor:
+        """(F,) Σ_l ‖W_dec[f, l]‖ · norm_scale[l] from the factors now (CrossCoder's decoder_scale)."""
+        return CrossCoder.decoder_scale(self)
+
+    def decoder_scale(self) -> Tensor:
+        """Exact, except in training with norm_every > 1 (not for ReLU + L1, whose penalty needs the
+        gradient) after the first step: the last refresh's, stale by < n steps."""
+        c = self.config
+        if self.training and c.norm_every > 1 and c.sparsity != "relu" and self.steps_host.get(self.steps_done) > 0:
+            return self.score_scale
+        return self.exact_decoder_scale()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Count the step (on the host too) and, every norm_every steps, refresh the selection scale."""
+        steps = self.steps_host.get(self.steps_done) + 1
+        self.steps_done += 1
+        self.steps_host.set(self.steps_done, steps)
+        if self.config.norm_every > 1 and (steps - 1) % self.config.norm_every == 0:
+            self.score_scale.copy_(self.exact_decoder_scale())      # after steps 1, n + 1, 2n + 1, ...
+
+    @torch.no_grad()
+    def fold_input_scale(self) -> None:
+        """CrossCoder's (the layer factor and b_dec), then the selection scale from the folded weights."""
+        super().fold_input_scale()
+        self.score_scale.copy_(self.exact_decoder_scale())
 
     def cost_report(self) -> str:
         c, r = self.config, costs(self.config)
@@ -216,7 +259,8 @@ def init_factors(c: FMXCoderConfig) -> dict[str, Tensor]:
 
 
 def tr_encode(x_BLD: Tensor, G1: Tensor, G2: Tensor, G3: Tensor) -> tuple[Tensor, Tensor]:
-    """(N (B, R2·R3), W (F, R2·R3)) with pre = N Wᵀ, W[f] = G2[:, f, :] flattened (the latent core)."""
+    """(N (B, R2·R3), W (F, R2·R3)) with pre = N Wᵀ, W[f] = G2[:, f, :] flattened (the latent core). The
+    Tensor Ring of arXiv 2605.09438 (p. 5 as a third-party reading gives it, unchecked); core order ours."""
     (R1, d, R2), (_, F, R3), (B, L) = G1.shape, G2.shape, x_BLD.shape[:2]
     M = x_BLD.reshape(B * L, d) @ G1.permute(1, 0, 2).reshape(d, R1 * R2)      # M[n, l, a, b] = Σ_d x G1[a, d, b]
     M = M.view(B, L * R1, R2).transpose(1, 2).reshape(B * R2, L * R1)
@@ -234,7 +278,8 @@ def tr_decode(z_BF, G1: Tensor, G2: Tensor, G3: Tensor) -> Tensor:
 
 
 def cp_encode(x_BLD: Tensor, A_DR: Tensor, B_FR: Tensor, C_LR: Tensor) -> tuple[Tensor, Tensor]:
-    """(v (B, R), B (F, R)) with pre = v Bᵀ."""
+    """(v (B, R), B (F, R)) with pre = v Bᵀ. The CP form of arXiv 2605.09438 (appendix, p. 15 as a
+    third-party reading gives it, unchecked)."""
     u_BLR = torch.einsum("bld,dr->blr", x_BLD, A_DR)
     return (u_BLR * C_LR).sum(1), B_FR        # v = Σ_l C[l] ⊙ u_l (an einsum here ran as R copies + bmm's)
 

@@ -30,6 +30,8 @@ Choices, each as the official code makes them:
   * `decoder_norms()` = ‖decode_nobias(e_i)‖, what latent i writes alone (`compute_poly_decoder_norms`).
 Parameters beyond a TopK SAE of the same width: C1 + C2 + C3 + λ2 + λ3 − W_dec + U = d(R1 + R2 + R3) + 2
 (U replaces W_dec): 688,130 (2.7 %) for GPT-2 small, d 768, F 16384, ranks 768/64/64 (`param_count`).
+Defaults. PolySAE(PolySAEConfig(d_in=d)): ranks (d, 64, 64), order 3, λ2 −0.5, λ3 0.5, tied init, and
+core.DictConfig's BatchTopK, F 2048, k 32, AuxK (pinned by tests/test_defaults.py).
 Copy this file with core.py; `python polysae.py` trains one on toy data.
 """
 from __future__ import annotations

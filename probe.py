@@ -63,13 +63,6 @@ THOROUGH = {"n_train": 4000, "n_test": 1000, "full": True, "raw": True, "bootstr
 the settings of experiments/README.md's probe numbers (with the flags it names)."""
 
 
-
-# Sentence frames of us_places: every frame fits every class, so only the entity tells them apart.
-
-
-# --- hub datasets, exactly as SAEBench samples them (pandas .sample with random_state=seed) ---
-
-
 # ----------------------------------------------------------------------------------------
 # Features: mean-pooled latents and activations, batched over texts
 # ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The TopK sparse autoencoder: the per-layer baseline of both papers.
+"""The TopK / BatchTopK sparse autoencoder: the per-layer baseline of both papers.
 
 An SAE writes an activation x ∈ R^d as a sparse, non-negative combination of F learned directions
 (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093: its ReLU and TopK
@@ -16,6 +16,11 @@ The loss is core.py's (MSE summed over d + AuxK). Decoder norms (`decoder_norm`)
 Init: W_enc = W_decᵀ (tied), b_dec from data (geometric median, mean, or zero). Inputs are normalised
 per layer (E‖x‖² = d, activations.py); config.input_scale records the factor and `fold_input_scale`
 folds it in, so the model reads raw activations.
+
+Defaults. SAE(SAEConfig(d_in=d)) is a BatchTopK SAE (core.DictConfig: sparsity "batchtopk", F 2048, k 32,
+AuxK with aux_k d/2 at 1/32, dead after 100,000 tokens) with unit-norm decoder rows: the sparsity train.py
+trains by default. Gao et al.'s per-token TopK is sparsity="topk" (the demo and bench/bench_vs_saelens.py set
+it). tests/test_defaults.py pins these values: train.py's runs depend on them.
 
 Copy this file with core.py and `python sae.py` trains it on toy data.
 """

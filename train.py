@@ -376,7 +376,9 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
                     for g in opts[key].param_groups:
                         g["lr"] = lr
                     xi = model_input(key, x, layers)
-                    logs.add(key, core.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast), xi)
+                    # forward with the losses, backward, the model's upkeep, clipping, the optimiser step
+                    out = core.train_step(m, opts[key], xi, cfg.grad_clip, forward=fwd[key], autocast=autocast)
+                    logs.add(key, out, xi)             # device-side sums, read on the host every --log-every steps
                 done = step + 1
                 bar.update(1)
                 if done % cfg.log_every == 0 or done == data.steps:

@@ -1,7 +1,8 @@
-"""Our TopK SAE (sae.py) against the public implementations, side by side in one run: SAELens's
-TopKTrainingSAE trained by its own SAETrainer step, and dictionary_learning's AutoEncoderTopK with
-its TopKTrainer when it is installed. Same activations, width, k, batch, learning rate, steps and
-batch order; prints training tokens/s and the held-out FVU after training.
+"""Our TopK SAE (sae.py with sparsity="topk": per-token TopK, not the library's BatchTopK default) against
+the public TopK implementations, side by side in one run: SAELens's TopKTrainingSAE trained by its own
+SAETrainer step, and dictionary_learning's AutoEncoderTopK with its TopKTrainer when it is installed.
+Same activations, width, k, batch, learning rate, steps and batch order, the same method (TopK against
+TopK); prints training tokens/s and the held-out FVU after training.
 
 SAELens is not a dependency of this project: install it into a separate venv, which also runs
 this script (our sae.py needs only torch). Created from the project's venv, with a .pth file
@@ -13,18 +14,21 @@ installed) instead of downloading another:
     /tmp/bench-venv/bin/pip install sae-lens
     /tmp/bench-venv/bin/pip install --no-deps dictionary-learning nnsight==0.3.7   # optional last row
     /tmp/bench-venv/bin/pip install "python-socketio[client]"                       # (nnsight imports it)
-    python -c "import activation_cache; activation_cache.build_cache('/tmp/acts_l15', 'smollm2-135m', layers=[15],
+    python -c "from support import cache; cache.build_cache('/tmp/acts_l15', 'smollm2-135m', layers=[15],
                n_tokens=40_000, multi=False, drop_outliers=10.0)"   # with the project's venv
     /tmp/bench-venv/bin/python bench/bench_vs_saelens.py --cache /tmp/acts_l15
 
 (dictionary-learning's own dependencies would pull another torch with CUDA; --no-deps avoids it.)
 
-Without --cache the data are synthetic.py toy activations (d = 576, 8192 atoms).
+Without --cache the data are support/synthetic.py toy activations (d = 576, 8192 atoms). The smallest
+setting, which tests/test_errors.py runs on the CPU (only our rows without SAELens installed):
+    python bench/bench_vs_saelens.py --tokens 2048 --eval-tokens 512 --n-latents 64 --k 4 --batch 128 \
+        --steps 2 --warmup 1
 
 Fairness. The implementations are stepped *interleaved* (one step of each in turn, each timed
 on its own), so a noisy or shared machine slows all of them alike. Each side keeps its own
 defaults where they are part of the method:
-  ours          unit-norm decoder rows (gradient projection + renormalisation), W_enc = W_decᵀ,
+  ours          TopK (sparsity="topk", set here: SAEConfig's default is BatchTopK); unit-norm decoder rows (gradient projection + renormalisation), W_enc = W_decᵀ,
                 b_dec = geometric median of the first batch, AuxK coefficient 1/32; one step =
                 core.train_step with train.py's Adam (CPU: the sparse encoder backward, the
                 default there); a second row steps the same model with Adam(fused=True)
@@ -61,11 +65,11 @@ import core  # noqa: E402
 def load_data(a) -> tuple[torch.Tensor, torch.Tensor]:
     """(train (N, d), held-out (M, d)) float32, scaled so that E‖x‖² ≈ d."""
     if a.cache:
-        import activation_cache
+        from support import cache as activation_cache
         cache = activation_cache.ActivationCache(a.cache)
         x = cache.read(0, len(cache))[:, a.layer_index] * cache.scale[a.layer_index]
     else:
-        import synthetic
+        from support import synthetic
         g = torch.Generator().manual_seed(0)
         data = synthetic.make_toy_data(d=576, n_layers=1, n_atoms=8192, density=32 / 8192, noise=0.05)
         x = data.sample(a.tokens, g)[:, 0]
@@ -99,8 +103,9 @@ def fvu(recon_fn, x_ND: torch.Tensor, device, chunk: int = 4096) -> float:
 
 
 def ours(a, first_batch, fused_adam=False):
-    """sae.SAE stepped by train.py's step, with train.py's Adam, or with Adam(fused=True)."""
-    m = sae.SAE(sae.SAEConfig(d_in=first_batch.shape[1], n_latents=a.n_latents, k=a.k,
+    """sae.SAE with TopK (as SAELens's TopKTrainingSAE; the library's default is BatchTopK) stepped by
+    train.py's step, with train.py's Adam, or with Adam(fused=True)."""
+    m = sae.SAE(sae.SAEConfig(d_in=first_batch.shape[1], n_latents=a.n_latents, k=a.k, sparsity="topk",
                               dead_tokens=a.dead_steps * a.batch)).to(a.device)
     m.init_b_dec(first_batch.to(a.device), "median")
     opt = torch.optim.Adam(m.parameters(), lr=a.lr, betas=(0.9, 0.999), fused=fused_adam)
@@ -151,9 +156,9 @@ def dictionary_learning(a, first_batch):
 
 
 IMPLS = {
-    "ours (sae.py)": ours,
-    "ours (sae.py), Adam(fused=True)": partial(ours, fused_adam=True),
-    "SAELens": saelens,
+    "ours (sae.py, TopK)": ours,
+    "ours (sae.py, TopK), Adam(fused=True)": partial(ours, fused_adam=True),
+    "SAELens (TopKTrainingSAE)": saelens,
     "SAELens, rescale_acts_by_decoder_norm=False": partial(saelens, rescale_acts_by_decoder_norm=False),
     "SAELens, rescale_acts_by_decoder_norm=False, use_sparse_activations=True": partial(
         saelens, rescale_acts_by_decoder_norm=False, use_sparse_activations=True),

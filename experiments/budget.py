@@ -118,7 +118,7 @@ def prepare(stage: str) -> None:
     """The caches an experiment reads (each built once; the corpus first)."""
     if not CORPUS.exists():
         subprocess.check_call([sys.executable, str(ROOT / "experiments" / "corpus.py"), str(CORPUS)], cwd=ROOT)
-    import activation_cache
+    from support import cache as activation_cache
     common = dict(dataset=str(CORPUS), n_tokens=2_000_000, context=128, batch_size=16, dtype="float16",
                   drop_outliers=10.0, multi=True, lm_dtype="bfloat16")
     activation_cache.build_cache(CACHE, "smollm2-135m", layers="11-18", **common)

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         size.update(fit_to_width(size, lm.hidden_size, n_layers))
     except cli.USER_ERRORS as e:
         return cli.cli_error(e)
-    import metrics
+    from support import evaluate
     import probe
     import train
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         entry = results["dictionaries"][name] = {}
         if train_ok:
             step(f"metrics {name}", [str(run), "--device", device, "--fc-variants", "--quiet",
-                                     "--eval-tokens", str(size["eval_tokens"])], metrics.main, log)
+                                     "--eval-tokens", str(size["eval_tokens"])], evaluate.main, log)
             step(f"probe {name}", [str(run), "--task", "offline", "--thorough", "--device", device, "--n-train",
                                    str(size["probe_train"]), "--n-test", str(size["probe_test"]), "--no-full",
                                    "--batch-size", str(size["lm_batch"])], probe.main, log)

@@ -1,4 +1,3 @@
-"""Support code for the entry points (train.py, metrics.py, probe.py, latents/): run folders and saving by
-a registered name (runs), files written whole (files), the command-line plumbing (cli), the activation
-cache (cache), training batches (batches), text corpora (corpora), probing tasks (tasks), torchrun
-(distributed) and toy data with known atoms (synthetic). Nothing here imports a model file."""
+"""Support code for the entry points (train.py, metrics.py, probe.py, latents/): the plumbing below the concept
+files and the run-level code above some of them; README.md ("Files") lists each module and what imports what.
+Nothing here imports a model file (support/kinds.py names them; they are imported by name when loaded)."""

@@ -1,6 +1,6 @@
 """Evaluating a run folder: every metric of metrics.py on the run's held-out tokens, into eval.json.
 
-`evaluate_run(RUN_DIR)` (what `python metrics.py RUN_DIR` runs) opens the run (support.saved.open_run,
+`evaluate_run(RUN_DIR)` (what `python metrics.py RUN_DIR` runs: `main` below, with its flags MetricsConfig) opens the run (support.saved.open_run,
 under a shared lock: support.runs.reading), makes a `Record` per dictionary, runs one function per metric
 over the held-out tokens (support.heldout.Held: the cache's held-out end, or harvested again), each with a
 progress bar, and writes eval.json with the digests of the weights it read. The metrics themselves, their
@@ -8,10 +8,12 @@ definitions and the papers' sections, are in metrics.py.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 
 import torch
@@ -19,13 +21,21 @@ from torch import Tensor
 
 import activations
 import core
-from metrics import (QUICK, ReconStats, ce_recovered_all, class_wasserstein, functional_coherence,
+import metrics
+from core import opt
+from metrics import (ReconStats, ce_recovered_all, class_wasserstein, functional_coherence,
                      interaction_vs_cooccurrence)
 from probe import pool
+from support import cache as activation_cache
 from support import cli, runs, saved, tasks
 from support.corpora import heldout_text, heldout_windows, take_tokens
 from support.files import json_text, write_atomic
 from support.heldout import Held, check_held_out
+
+QUICK = {"ce_tokens": 4096, "fc_tokens": 10_000, "wasserstein_texts": 200}
+"""The defaults of metrics.py: a few minutes on a laptop CPU for the default run. --thorough uses THOROUGH."""
+THOROUGH = {"ce_tokens": 10_000, "fc_tokens": 10_000, "wasserstein_texts": 4000}
+"""The settings of the papers' protocols (SAEBench's 4000 probe texts for W1) and of the README's results."""
 
 
 @dataclass
@@ -234,3 +244,70 @@ def format_table(evals: list[dict]) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+# ----------------------------------------------------------------------------------------
+# The command line of metrics.py (`python metrics.py RUN ...` runs this main)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsConfig:
+    """The flags of metrics.py (QUICK fills the unset ones, THOROUGH with --thorough)."""
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    thorough: bool = opt(False, "the papers' settings, as the README's results use them: --ce-tokens 10000 "
+                                "--fc-tokens 10000 --wasserstein-texts 4000 (flags given explicitly still win)")
+    eval_tokens: int | None = opt(None, "held-out tokens for reconstruction (default: all the run's held-out "
+                                        "tokens; 20,000 when harvesting)")
+    ce_tokens: int | None = opt(None, f"tokens for the spliced LM loss, 0 skips (default {QUICK['ce_tokens']})")
+    fc_tokens: int | None = opt(None, f"tokens for functional coherence, 0 skips (default {QUICK['fc_tokens']})")
+    cooc_tokens: int | None = opt(None, "tokens for co-occurrence (default: all)")
+    pairs: int = opt(512, "most frequent latents for interaction vs co-occurrence")
+    min_fires: int = opt(10, "latents firing fewer times get no FC")
+    fc_variants: bool = opt(False, "FC also under the other readings of the paper's description (FC_READINGS)")
+    fc_artefacts: bool = opt(False, "also the two all-token mean-of-ratio readings (ARTEFACT_READINGS: they divide "
+                                    "by eps where the latent is off; artefacts, not readings) with their off-token share")
+    wasserstein: str = opt("bbc_topic", "probe.py task for the class-conditional Wasserstein distance ('' skips)")
+    wasserstein_texts: int | None = opt(None, "n_train of tasks.load_task: its train split, n/2 texts per class at "
+                                              f"most (default {QUICK['wasserstein_texts']}; SAEBench: 4000)")
+    batch_size: int = opt(1024, "held-out tokens per batch")
+    allow_incomplete: bool = opt(False, "evaluate a run whose training was interrupted (summary.json: complete false)")
+    quiet: bool = opt(False, "no progress bars")
+
+    def check(self, name=str) -> None:
+        cli.check_min((name("eval_tokens"), self.eval_tokens, 1), (name("ce_tokens"), self.ce_tokens, 0),
+                      (name("fc_tokens"), self.fc_tokens, 0), (name("cooc_tokens"), self.cooc_tokens, 1),
+                      (name("pairs"), self.pairs, 3), (name("min_fires"), self.min_fires, 1),
+                      (name("wasserstein_texts"), self.wasserstein_texts, 2), (name("batch_size"), self.batch_size, 1))
+        if self.wasserstein:
+            tasks.get_task(self.wasserstein)
+
+    def __post_init__(self):
+        for key, value in (THOROUGH if self.thorough else QUICK).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.ArgParser(prog="metrics.py", description=metrics.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders written by train.py (a set of dictionaries: each of them)")
+    cli.add_flags(p, MetricsConfig)
+    try:
+        a = p.parse_args(argv)
+        c = cli.build(MetricsConfig, **cli.values(a, MetricsConfig))
+        device = cli.resolve_device(c.device)
+        a.runs = [m for r in a.runs for m in (saved.set_members(r) or [r])]   # a set: each of its dictionaries
+        for r in a.runs:                  # every run (and its cache) checked before the first is evaluated
+            runs.recover_export(r)
+            cache = (saved.check_run(r, c.allow_incomplete)[0].get("run") or {}).get("cache")
+            if cache and Path(cache, "meta.json").exists():
+                activation_cache.read_meta(Path(cache))
+        evals = [evaluate_run(r, device, c.eval_tokens, c.ce_tokens, c.fc_tokens, c.cooc_tokens, c.pairs, c.min_fires,
+                              c.wasserstein or None, c.wasserstein_texts, c.batch_size,
+                              allow_incomplete=c.allow_incomplete, progress=not c.quiet, fc_variants=c.fc_variants,
+                              fc_artefacts=c.fc_artefacts)
+                 for r in a.runs]
+    except cli.USER_ERRORS as e:
+        return cli.cli_error(e)
+    except KeyboardInterrupt:
+        return cli.interrupted("each run's eval.json")
+    print(format_table(evals))
+    return 0

@@ -506,7 +506,10 @@ def check_data(state: dict, data, path: Path) -> None:
 def restore(state: dict, models: dict, opts: dict, name) -> int:
     """Load read_checkpoint's state into the models and optimisers (keys named by `name(key)`); the step."""
     for k, m in models.items():
-        m.load_state_dict(state["models"][name(k)])
+        sd = state["models"][name(k)]
+        if not hasattr(m, "steps_done"):    # a crosscoder's checkpoint before issue 29 held the fmxcoder's norm_every buffers
+            sd = {n: t for n, t in sd.items() if n not in ("steps_done", "score_scale")}
+        m.load_state_dict(sd)
         limit = state["aux_limits"].get(name(k))           # host-side AuxK size (core.DeadLatents)
         m.dead.aux_limit = tuple(limit) if limit is not None else None
     for k, o in opts.items():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
 from pathlib import Path
@@ -31,37 +30,7 @@ from pathlib import Path
 import torch
 
 from support.files import json_text, write_atomic
-
-KINDS = {"sae": ("sae", "SAE", "SAEConfig"), "crosscoder": ("crosscoder", "CrossCoder", "CrossCoderConfig"),
-         "fmxcoder": ("fmxcoder", "FMXCoder", "FMXCoderConfig"), "polysae": ("polysae", "PolySAE", "PolySAEConfig")}
-LEGACY = {"sae.SAE": "sae", "crosscoder.CrossCoder": "crosscoder", "fmxcoder.FMXCoder": "fmxcoder",
-          "polysae.PolySAE": "polysae"}
-RERUN = "rerun training or delete the folder"
-
-
-def kind_classes(kind: str) -> tuple[type, type]:
-    """(model class, config class) of a registered kind."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown dictionary kind {kind!r}: one of {', '.join(KINDS)}")
-    module, cls, config = KINDS[kind]
-    mod = importlib.import_module(module)
-    return getattr(mod, cls), getattr(mod, config)
-
-
-def kind_of(model) -> str:
-    name = type(model).__name__
-    for kind, (_, cls, _) in KINDS.items():
-        if cls == name:
-            return kind
-    raise ValueError(f"{name} is not a registered dictionary kind (support/saved.py KINDS)")
-
-
-def meta_kind(meta: dict) -> str | None:
-    """The kind a config.json records (its "kind", or an old "class" entry), None if neither."""
-    if isinstance(meta.get("kind"), str):
-        return meta["kind"]
-    return LEGACY.get(meta.get("class")) if isinstance(meta.get("class"), str) else None
-
+from support.kinds import KINDS, LEGACY, RERUN, check_finite, kind_classes, kind_of, meta_kind  # noqa: F401
 
 def weights_digest(path) -> str:
     """sha256 of a weights file (results record it: a result of another model is detected when read)."""
@@ -72,16 +41,6 @@ def weights_digest(path) -> str:
     return h.hexdigest()
 
 
-def check_finite(tensors: dict, file, fix: str = RERUN) -> None:
-    """ValueError naming the first floating-point tensor that holds nan or inf (a damaged file, or weights
-    saved from a diverged training): such a dictionary is never evaluated as a normal one."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{str(file)!r}: {name} holds nan or inf ({bad:,} of {t.numel():,} values): these weights "
-                             f"cannot be evaluated; {fix}")
-
-
 def check_scale(config: dict, file) -> None:
     """ValueError unless config.input_scale (if given) is a list of finite numbers > 0 (x_model = s · x_raw)."""
     scale = config.get("input_scale")
@@ -89,6 +48,21 @@ def check_scale(config: dict, file) -> None:
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scale)):
         raise ValueError(f"{str(file)!r}: config.input_scale must be finite numbers > 0, one per layer, got "
                          f"{scale!r:.80}: {RERUN}")
+
+
+def config_of(kind: str, config: dict):
+    """The config object of a config.json's "config". A crosscoder saved before `norm_every` moved into
+    fmxcoder.py (issue 29) records it: it is dropped, whatever its value, because it only ever changed which
+    stale decoder norms *training* selected with (evaluation selects with exact norms either way), so the
+    saved weights mean the same; training such a crosscoder further is refused by train.py's flags."""
+    if kind == "crosscoder" and "norm_every" in config:
+        config = {k: v for k, v in config.items() if k != "norm_every"}
+    return kind_classes(kind)[1](**config)
+
+
+def upgrade_tensors(kind: str, tensors: dict) -> dict:
+    """A crosscoder's state before issue 29 held norm_every's buffers (now the fmxcoder's): drop them."""
+    return {k: v for k, v in tensors.items() if not (kind == "crosscoder" and k in ("steps_done", "score_scale"))}
 
 
 def save(model, path, extra: dict | None = None) -> None:
@@ -115,12 +89,12 @@ def load(path, device="cpu"):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {str(path)!r}: not a saved dictionary")
     meta = json.loads((path / "config.json").read_text())
-    cls, config_cls = kind_classes(meta_kind(meta))
+    kind = meta_kind(meta)
     check_scale(meta["config"], path / "config.json")
-    model = cls(config_cls(**meta["config"]))
+    model = kind_classes(kind)[0](config_of(kind, meta["config"]))
     tensors = load_file(str(path / "model.safetensors"))
     check_finite(tensors, path / "model.safetensors")
-    model.load_state_dict(tensors)
+    model.load_state_dict(upgrade_tensors(kind, tensors))
     return model.to(device).eval()
 
 
@@ -206,7 +180,7 @@ def check_saved(folder: Path) -> dict:
                          f"(one of {', '.join(KINDS)})")
     check_scale(meta["config"], cfg_file)
     try:
-        kind_classes(kind)[1](**meta["config"])
+        config_of(kind, meta["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(cfg_file)!r}: its \"config\" does not fit a {kind} ({e}): the run was written by "
                          f"another version of this code") from e

@@ -9,7 +9,7 @@ import pytest
 import activations as A
 from support import cache as activation_cache
 from support import corpora
-import metrics
+from support import evaluate
 import probe
 from support import tasks
 from support import saved
@@ -102,7 +102,7 @@ def test_a_damaged_run_is_one_line_naming_the_file(run, capsys, cli, damage):
     change(run)
     before = snapshot(run)
     argv = [str(run), "--device", "cpu"] + (["--task", "us_places"] if cli == "probe" else [])
-    line = cli_error(metrics.main if cli == "metrics" else probe.main, argv, capsys)
+    line = cli_error(evaluate.main if cli == "metrics" else probe.main, argv, capsys)
     assert all(w in line for w in words), line
     assert str(run / names) in line if names != "run" else repr(str(run)) in line
     assert snapshot(run) == before                          # no eval.json / probe.json, nothing changed
@@ -111,7 +111,7 @@ def test_a_damaged_run_is_one_line_naming_the_file(run, capsys, cli, damage):
 def test_a_run_without_the_complete_field_is_accepted_and_allow_incomplete_evaluates(run):
     assert saved.check_run(run)                          # written before "complete" existed
     edit_json(run / "summary.json", lambda m: m.update(complete=False))
-    assert metrics.main([str(run), "--device", "cpu", "--ce-tokens", "0", "--fc-tokens", "0",
+    assert evaluate.main([str(run), "--device", "cpu", "--ce-tokens", "0", "--fc-tokens", "0",
                          "--wasserstein", "", "--allow-incomplete"]) == 0
     ev = json.loads((run / "eval.json").read_text())
     trained = json.loads((run / "layer_1/config.json").read_text())["metrics"]["eval"]
@@ -124,10 +124,10 @@ def test_a_run_without_the_complete_field_is_accepted_and_allow_incomplete_evalu
 
 def test_missing_folder_file_and_bad_flags(run, tmp_path, capsys):
     missing = tmp_path / "nope"
-    assert f"run folder {str(missing)!r} does not exist" in cli_error(metrics.main, [str(missing)], capsys)
+    assert f"run folder {str(missing)!r} does not exist" in cli_error(evaluate.main, [str(missing)], capsys)
     assert f"run folder {str(missing)!r} does not exist" in cli_error(probe.main, [str(missing)], capsys)
     (tmp_path / "file").write_text("x")
-    assert "is a file" in cli_error(metrics.main, [str(tmp_path / "file")], capsys)
+    assert "is a file" in cli_error(evaluate.main, [str(tmp_path / "file")], capsys)
     before = snapshot(run)
     for argv, words in [
         (["--pairs", "abc"], "argument --pairs: expected an integer like 300000000 or 3e8, got 'abc'"),
@@ -136,7 +136,7 @@ def test_missing_folder_file_and_bad_flags(run, tmp_path, capsys):
         (["--wasserstein", "nope"], "unknown task 'nope'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ]:
-        assert words in cli_error(metrics.main, [str(run), *argv], capsys)
+        assert words in cli_error(evaluate.main, [str(run), *argv], capsys)
     for argv, words in [
         (["--task", "nope"], "unknown task 'nope'"),
         (["--k", "1,x"], "argument --k: expected an integer or comma-separated integers like 1,2,5, got '1,x'"),
@@ -149,7 +149,7 @@ def test_missing_folder_file_and_bad_flags(run, tmp_path, capsys):
 
 
 def test_metrics_checks_every_run_before_evaluating_the_first(run, tmp_path, capsys):
-    line = cli_error(metrics.main, [str(run), str(tmp_path / "gone")], capsys)
+    line = cli_error(evaluate.main, [str(run), str(tmp_path / "gone")], capsys)
     assert str(tmp_path / "gone") in line and not (run / "eval.json").exists()
 
 
@@ -167,7 +167,7 @@ def test_metrics_names_a_damaged_cache_of_the_run(run, tmp_path, capsys):
     edit_json(run / "layer_1/config.json", lambda m: m["run"].update(cache=str(cache)))
     _truncate(cache / "acts_00000.bin")
     before = snapshot(tmp_path)
-    line = cli_error(metrics.main, [str(run), "--device", "cpu", "--wasserstein", ""], capsys)
+    line = cli_error(evaluate.main, [str(run), "--device", "cpu", "--wasserstein", ""], capsys)
     assert f"activation cache {str(cache)!r} is damaged: shard acts_00000.bin holds" in line
     assert "delete the folder to rebuild it" in line
     assert snapshot(tmp_path) == before

@@ -10,7 +10,7 @@ import torch
 
 from support import cache as activation_cache
 from support import saved
-import metrics
+from support import evaluate
 import train
 
 
@@ -94,7 +94,7 @@ def test_metrics_refuses_a_folder_that_train_is_writing_and_train_refuses_one_be
     out = tmp_path / "run"
     assert train.main(flags(gpt2_dir, cache, out)) == 0
     with runs.RunFolder(out, resume=True):                 # a train.py --resume holds it
-        line = error_of(capsys, metrics.main([str(out), *QUICK_METRICS]))
+        line = error_of(capsys, evaluate.main([str(out), *QUICK_METRICS]))
     assert line == f"error: {str(out)!r} is being written by a train.py run: evaluate it once that run has finished"
     assert not (out / "eval.json").exists()
     with runs.reading(out):                                 # metrics.py holds it
@@ -108,7 +108,7 @@ def test_a_result_records_its_weights_and_is_refused_once_the_run_is_replaced(gp
 
     out = tmp_path / "run"
     assert train.main(flags(gpt2_dir, cache, out)) == 0
-    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    assert evaluate.main([str(out), *QUICK_METRICS]) == 0
     digest = json.loads((out / "config.json").read_text())["weights_sha256"]
     assert runs.read_result(out, "eval.json")["weights_sha256"] == {".": digest}
     stale = (out / "eval.json").read_bytes()
@@ -196,7 +196,7 @@ def test_an_export_killed_between_its_renames_is_finished_by_whoever_comes_next(
     (out / "summary.json").write_text('{"old": true}')
     out.rename(out.parent / f".run.old-{pid}")
     if then == "metrics":
-        assert metrics.main([str(out), *QUICK_METRICS]) == 0
+        assert evaluate.main([str(out), *QUICK_METRICS]) == 0
     elif then == "resume":
         assert train.main(flags(gpt2_dir, cache, out, "--resume")) == 0
         assert "already finished" in capsys.readouterr().out
@@ -292,7 +292,7 @@ def test_a_run_that_held_out_nothing_is_named_by_the_evaluators(gpt2_dir, cache,
     assert train.main(flags(gpt2_dir, cache, out, "--eval-tokens", "0", "--cache-tokens", "2048")) == 0
     want = (f"error: {str(out)!r} holds out no tokens: it was trained with --eval-tokens 0, so every token of its "
             f"data was trained on; train it again with --eval-tokens N (N > 0) to evaluate it")
-    assert error_of(capsys, metrics.main([str(out), *QUICK_METRICS])) == want
+    assert error_of(capsys, evaluate.main([str(out), *QUICK_METRICS])) == want
     assert error_of(capsys, features.main([str(out), "--device", "cpu", "--quiet"])) == want
 
 
@@ -334,6 +334,6 @@ def test_a_run_moved_out_with_no_export_to_replace_it_is_moved_back(gpt2_dir, ca
     assert train.main(flags(gpt2_dir, cache, out)) == 0
     digest = json.loads((out / "config.json").read_text())["weights_sha256"]
     out.rename(tmp_path / f".run.old-{dead_pid()}")       # its export vanished: the old run is all there is
-    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    assert evaluate.main([str(out), *QUICK_METRICS]) == 0
     assert json.loads((out / "config.json").read_text())["weights_sha256"] == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -13,7 +13,7 @@ import torch
 
 from support import cache as activation_cache
 from support import runs, saved
-import metrics
+from support import evaluate
 import train
 from test_faults import QUICK_METRICS, error_of, flags
 
@@ -81,7 +81,7 @@ def test_out_must_be_a_folder_of_its_own(gpt2_dir, cache, tmp_path, capsys, monk
 def test_overwrite_replaces_a_set_and_an_interrupted_run_with_its_results(gpt2_dir, cache, tmp_path, ctrl_c_at):
     out = tmp_path / "set"
     assert train.main(flags(gpt2_dir, cache, out, "--dict", "sae")) == 0        # crosscoder/ and sae/layer_<l>/
-    assert metrics.main([str(out / "sae"), *QUICK_METRICS]) == 0
+    assert evaluate.main([str(out / "sae"), *QUICK_METRICS]) == 0
     (out / "sae" / "layer_1" / "features.html").write_text("{}")
     assert runs.foreign_entries(out) == []
     ctrl_c_at(3)
@@ -167,7 +167,8 @@ def test_a_run_whose_checkpoint_cannot_fit_is_refused_before_the_harvest(gpt2_di
 def test_dictionaries_that_cannot_fit_in_memory_are_refused_before_any_work(gpt2_dir, cache, tmp_path, capsys):
     out = tmp_path / "run"
     line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--n-latents", "100000000")))
-    assert line.startswith("error: the dictionaries (weights, gradients and Adam's two moments) need 822,000,004,")
+    # (821.6 GB: a crosscoder's state lost norm_every's F-float score_scale buffer to the fmxcoder in issue 29)
+    assert line.startswith("error: the dictionaries (weights, gradients and Adam's two moments) need 821,600,004,")
     assert line.endswith("are free: lower --n-latents, or train fewer dictionaries at once")
     assert not out.exists()
 
@@ -190,7 +191,7 @@ def test_a_set_and_its_members_are_locked_as_one(gpt2_dir, cache, tmp_path, caps
                         f"for it to finish or choose another --out")
         assert snapshot(out) == before
         with runs.RunFolder(out, resume=True):              # train.py --resume on the set
-            line = error_of(capsys, metrics.main([str(member), *QUICK_METRICS, "--allow-incomplete"]))
+            line = error_of(capsys, evaluate.main([str(member), *QUICK_METRICS, "--allow-incomplete"]))
         assert line == (f"error: {str(member)!r} is being written by a train.py run: evaluate it once that run has "
                         f"finished")
     line = error_of(capsys, train.main(flags(gpt2_dir, cache, out / "crosscoder", "--overwrite")))
@@ -213,7 +214,7 @@ def test_a_result_records_the_weights_it_read_not_those_there_at_the_end(gpt2_di
             shutil.copy(other / f, run / f)
 
     monkeypatch.setattr(evaluate, "reconstruction", swapped_meanwhile)
-    assert metrics.main([str(run), *QUICK_METRICS]) == 0
+    assert evaluate.main([str(run), *QUICK_METRICS]) == 0
     with pytest.raises(ValueError, match="was computed from other weights than the model now in"):
         runs.read_result(run, "eval.json")
 
@@ -260,7 +261,7 @@ def test_non_finite_weights_and_impossible_scales_are_refused(good_run, tmp_path
     run = Path(shutil.copytree(good_run, tmp_path / "run"))
     damage(run)
     want = "error: " + want.format(w=repr(str(run / "model.safetensors")), c=repr(str(run / "config.json")))
-    line = error_of(capsys, metrics.main([str(run), *QUICK_METRICS]))
+    line = error_of(capsys, evaluate.main([str(run), *QUICK_METRICS]))
     assert line.startswith(want), line
     assert not (run / "eval.json").exists()
     with pytest.raises(ValueError, match="holds nan or inf|must be finite numbers > 0"):
@@ -289,7 +290,7 @@ def test_a_saelens_folder_with_non_finite_weights_is_refused(tmp_path, fixture, 
 def test_only_json_true_marks_a_run_complete(good_run, gpt2_dir, cache, tmp_path, capsys, value):
     run = Path(shutil.copytree(good_run, tmp_path / "run"))
     edit_config(run / "summary.json", lambda m: m.update(complete=value))
-    line = error_of(capsys, metrics.main([str(run), *QUICK_METRICS]))
+    line = error_of(capsys, evaluate.main([str(run), *QUICK_METRICS]))
     assert line == (f"error: {str(run)!r} holds an interrupted run (training stopped after 12 of 12 steps): resume it "
                     f"with python train.py <the same flags> --resume, or pass --allow-incomplete to use it as it is")
     assert train.main(flags(gpt2_dir, cache, run, "--resume")) == 0            # resumed, not "already finished"
@@ -335,10 +336,10 @@ def test_a_diverged_run_is_saved_marked_failed_and_refused_by_the_evaluators(gpt
     summary = strict_json(out / "summary.json")
     assert summary["complete"] is False and re.fullmatch(why, summary["failed"]) and summary["steps"] == 12
     assert all_json_valid(out) == 3                                       # config, summary, curve
-    line = error_of(capsys, metrics.main([str(out), *QUICK_METRICS]))
+    line = error_of(capsys, evaluate.main([str(out), *QUICK_METRICS]))
     assert re.fullmatch(f"error: {re.escape(repr(str(out)))} holds a run that failed: {why}; or pass "
                         f"--allow-incomplete to use it as it is", line), line
-    assert metrics.main([str(out), *QUICK_METRICS, "--allow-incomplete"]) == 0       # nothing lost: it is there
+    assert evaluate.main([str(out), *QUICK_METRICS, "--allow-incomplete"]) == 0       # nothing lost: it is there
     assert all_json_valid(out) == 4
 
 
@@ -406,8 +407,8 @@ ENTRY_POINTS = ([["train.py"], ["metrics.py"], ["probe.py"]]
                 + [[str(p.relative_to(ROOT))] for d in ("bench", "experiments") for p in sorted((ROOT / d).glob("*.py"))])
 
 
-@pytest.mark.parametrize("module", ["train", "metrics", "probe", "latents.features", "latents.judge", "latents.page",
-                                    "support.saelens"])
+@pytest.mark.parametrize("module", ["train", "support.evaluate", "probe", "latents.features", "latents.judge", "latents.page",
+                                    "support.saelens_export"])
 def test_help_of_the_command_lines_in_process(module, capsys):
     import importlib
 
@@ -438,6 +439,63 @@ def test_help_of_every_entry_point(tmp_path):
                and not {".git", "__pycache__", ".pytest_cache", ".venv"} & set(p.relative_to(ROOT).parts)]
     assert changed == []
     assert len(ENTRY_POINTS) >= 7 + 5 + 10
+
+
+def test_every_import_of_the_bench_and_experiment_scripts_resolves():
+    """--help never reaches an import inside a function: bench_vs_saelens.py and experiments/budget.py kept
+    `import activation_cache` for a year after that module moved (support/cache.py). Every import statement of
+    every script under bench/ and experiments/, wherever it sits, must name a module that exists (a project
+    module, one installed, or a sibling script), and `from M import N` a name M has; only the packages the
+    comparisons install themselves in a separate venv (SAELens, dictionary_learning) may be missing."""
+    import ast
+    import importlib
+    import importlib.util
+
+    optional = {"sae_lens", "dictionary_learning"}
+    missing = []
+    for d in ("bench", "experiments"):
+        sys.path.insert(0, str(ROOT / d))              # a script imports its siblings, as `python d/x.py` does
+        try:
+            for script in sorted((ROOT / d).glob("*.py")):
+                for node in ast.walk(ast.parse(script.read_text())):
+                    if isinstance(node, ast.Import):
+                        wanted = [(a.name, None) for a in node.names]
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                        wanted = [(node.module, a.name) for a in node.names]
+                    else:
+                        continue
+                    for module, name in wanted:
+                        if module.split(".")[0] in optional:
+                            continue
+                        if importlib.util.find_spec(module) is None:
+                            missing.append(f"{script.name}: {module}")
+                        elif name is not None and name != "*" and not hasattr(importlib.import_module(module), name) \
+                                and importlib.util.find_spec(f"{module}.{name}") is None:
+                            missing.append(f"{script.name}: {module}.{name}")
+        finally:
+            sys.path.remove(str(ROOT / d))
+    assert missing == []
+
+
+def test_bench_vs_saelens_runs_its_smallest_setting_topk_against_topk():
+    """Its smallest CPU setting (our two rows; SAELens is not installed here), and "ours" is a TopK SAE as
+    the SAELens and dictionary_learning rows are (SAEConfig's default is BatchTopK)."""
+    import argparse
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_vs_saelens.py"), "--tokens", "2048",
+                          "--eval-tokens", "512", "--n-latents", "64", "--k", "4", "--batch", "128", "--steps", "2",
+                          "--warmup", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| ours (sae.py, TopK) |" in res.stdout
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_vs_saelens
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    args = argparse.Namespace(n_latents=64, k=4, dead_steps=10, batch=8, device="cpu", lr=1e-3)
+    _, _, eval_mode = bench_vs_saelens.ours(args, torch.randn(8, 16))
+    assert eval_mode.__self__.config.sparsity == "topk"          # eval_mode is the model's bound .eval
 
 
 # ----------------------------------------------------------------------------------------
@@ -498,24 +556,24 @@ def test_judge_settings_are_checked_before_the_judge_loads(tmp_path, capsys, arg
 def test_wrong_types_in_the_run_entry_are_one_line(good_run, tmp_path, capsys, change, want):
     run = Path(shutil.copytree(good_run, tmp_path / "run"))
     edit_config(run / "config.json", change)
-    assert error_of(capsys, metrics.main([str(run), *QUICK_METRICS])) == \
+    assert error_of(capsys, evaluate.main([str(run), *QUICK_METRICS])) == \
         f"error: {str(run / 'config.json')!r}: {want}: {saved.RERUN}"
 
 
 def test_a_context_longer_than_the_lm_is_refused_before_any_allocation(gpt2_dir, cache, tmp_path, capsys):
-    from support import saelens
+    from support import saelens, saelens_export
 
     run = tmp_path / "sae"
     argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none") if a not in ("--dict", "crosscoder")]
     assert train.main(argv + ["--dict", "sae"]) == 0
-    [folder] = saelens.export(run, tmp_path / "saelens")                   # saelens/layer_1/
+    [folder] = saelens_export.export(run, tmp_path / "saelens")                   # saelens/layer_1/
     for context, want in ((10**6, f"metadata.context_size 1,000,000 exceeds the 1,024 positions of model {gpt2_dir!r}"),
                           ("128", "metadata.context_size must be an integer >= 2, got '128'")):
         edit_config(folder / "cfg.json", lambda c: c["metadata"].update(context_size=context))
-        assert error_of(capsys, metrics.main([str(folder), *QUICK_METRICS])) == \
+        assert error_of(capsys, evaluate.main([str(folder), *QUICK_METRICS])) == \
             f"error: {str(folder / 'cfg.json')!r}: {want}"
     edit_config(run / "layer_1" / "config.json", lambda m: m["run"].update(context=4096))      # ours too
-    assert error_of(capsys, metrics.main([str(run), *QUICK_METRICS])) == (
+    assert error_of(capsys, evaluate.main([str(run), *QUICK_METRICS])) == (
         f"error: {str(run / 'layer_1' / 'config.json')!r}: run.context 4,096 exceeds the 1,024 positions of model "
         f"{gpt2_dir!r}")
 
@@ -626,7 +684,7 @@ def test_ctrl_c_in_an_evaluator_is_one_line_and_writes_nothing(good_run, tmp_pat
         raise KeyboardInterrupt
 
     target, main, argv, written = {
-        "metrics": ((evaluate, "reconstruction"), metrics.main, QUICK_METRICS, "each run's eval.json"),
+        "metrics": ((evaluate, "reconstruction"), evaluate.main, QUICK_METRICS, "each run's eval.json"),
         "probe": ((probe, "pool"), probe.main, ["--task", "bbc_topic", "--n-train", "8", "--n-test", "8", "--device",
                                                 "cpu"], "probe.json"),
         "features": ((features, "stream"), features.main, ["--device", "cpu", "--quiet"], "features.json")}[command]
@@ -660,7 +718,7 @@ def test_a_set_folder_is_evaluated_member_by_member_or_its_members_are_named(gpt
     out = tmp_path / "set"
     assert train.main(flags(gpt2_dir, cache, out, "--dict", "sae", "--name", "per-layer")) == 0
     capsys.readouterr()
-    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    assert evaluate.main([str(out), *QUICK_METRICS]) == 0
     table = capsys.readouterr().out
     for name in ("crosscoder", "per-layer"):
         assert runs.read_result(out / name, "eval.json")["run"] == str(out / name)
@@ -707,21 +765,21 @@ def test_ctrl_c_while_saving_says_what_was_saved(gpt2_dir, cache, tmp_path, caps
 
 
 def test_the_saelens_export_never_writes_into_a_run_folder_and_takes_the_lock(gpt2_dir, cache, tmp_path, capsys):
-    from support import saelens
+    from support import saelens, saelens_export
 
     run = tmp_path / "sae"
     argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none") if a not in ("--dict", "crosscoder")]
     assert train.main(argv + ["--dict", "sae"]) == 0
     before = snapshot(run)
     for out, where in ((run, ""), (run / "saelens", "inside "), (run / "layer_1", "inside ")):
-        line = error_of(capsys, saelens.main(["export", str(run), str(out)]))
+        line = error_of(capsys, saelens_export.main(["export", str(run), str(out)]))
         assert line == (f"error: {str(out)!r} is {where}the run folder {str(run)!r}: a run folder holds one run, which "
                         f"train.py replaces as a whole; export to a folder of its own")
     with runs.RunFolder(run, resume=True):                       # train.py --resume writes it
-        line = error_of(capsys, saelens.main(["export", str(run), str(tmp_path / "out")]))
+        line = error_of(capsys, saelens_export.main(["export", str(run), str(tmp_path / "out")]))
     assert line == f"error: {str(run)!r} is being written by a train.py run: evaluate it once that run has finished"
     assert snapshot(run) == before and not (tmp_path / "out").exists()
-    assert saelens.main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert saelens_export.main(["export", str(run), str(tmp_path / "out")]) == 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -747,14 +805,14 @@ def test_a_cache_rebuilt_under_a_finished_run_is_named_and_its_held_out_tokens_h
         np.fromfile(shard, dtype=np.float16).reshape(meta["shards"][0][1], -1)[::-1].tofile(shard)
         how = "its first 2,048 tokens are not those the run used"
     capsys.readouterr()
-    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    assert evaluate.main([str(out), *QUICK_METRICS]) == 0
     note = (f"note: the activation cache {str(c)!r} was rebuilt since this run was trained ({how}): its held-out "
             f"tokens are harvested again from the text, as for a streamed run")
     assert note in capsys.readouterr().err.splitlines()
     rebuilt = runs.read_result(out, "eval.json")
     assert rebuilt["data"].startswith("harvested 512 tokens of bbc split train (after the first 1,536 tokens; the cache")
     shutil.rmtree(c)                                            # the same tokens as with no cache at all
-    assert metrics.main([str(out), *QUICK_METRICS]) == 0
+    assert evaluate.main([str(out), *QUICK_METRICS]) == 0
     gone = runs.read_result(out, "eval.json")
     assert rebuilt["results"][0]["fvu"] == gone["results"][0]["fvu"]
     run = json.loads((out / "config.json").read_text())["run"]          # what identifies the cache's contents
@@ -767,22 +825,22 @@ def test_a_cache_rebuilt_under_a_finished_run_is_named_and_its_held_out_tokens_h
 
 
 def test_an_sae_gives_the_same_fvu_from_its_run_folder_and_its_saelens_folder(gpt2_dir, cache, tmp_path):
-    from support import saelens
+    from support import saelens, saelens_export
 
     run = tmp_path / "sae"                           # streamed: both paths read the stream's first 512 tokens
     argv = [a for a in flags(gpt2_dir, cache, run, "--layers", "1", "--cache", "none", "--drop-outliers", "1.02")
             if a not in ("--dict", "crosscoder")]
     assert train.main(argv + ["--dict", "sae"]) == 0
-    [folder] = saelens.export(run, tmp_path / "saelens")
+    [folder] = saelens_export.export(run, tmp_path / "saelens")
     results = {}
     for where in (run, folder):
-        assert metrics.main([str(where), *QUICK_METRICS, "--eval-tokens", "512"]) == 0
+        assert evaluate.main([str(where), *QUICK_METRICS, "--eval-tokens", "512"]) == 0
         results[where] = runs.read_result(where, "eval.json")
     ours, theirs = (results[w]["results"][0] for w in (run, folder))
     assert theirs["fvu"] == pytest.approx(ours["fvu"], rel=1e-4)          # (the folded scale: float rounding)
     assert results[run]["drop_outliers"] == results[folder]["drop_outliers"] == 1.02      # the rule, recorded
     assert json.loads((folder / "cfg.json").read_text())["metadata"]["exported_from"]["drop_outliers"] == 1.02
     edit_config(folder / "cfg.json", lambda c: c["metadata"]["exported_from"].update(drop_outliers=None))
-    assert metrics.main([str(folder), *QUICK_METRICS, "--eval-tokens", "512"]) == 0       # every token kept
+    assert evaluate.main([str(folder), *QUICK_METRICS, "--eval-tokens", "512"]) == 0       # every token kept
     kept_all = runs.read_result(folder, "eval.json")
     assert kept_all["drop_outliers"] is None and kept_all["results"][0]["fvu"] != pytest.approx(ours["fvu"], rel=1e-3)

@@ -94,3 +94,31 @@ def test_a_run_folder_written_before_the_layout_change_loads_and_gives_its_outpu
 def test_an_old_per_layer_set_opens_as_a_run():
     entries = saved.open_run(OLD_RUNS / "sae_set")
     assert [layers for layers, _, _ in entries] == [[3], [5]]
+
+
+@pytest.mark.parametrize("norm_every", [1, 10])
+def test_a_crosscoder_saved_with_norm_every_loads_with_the_same_outputs(tmp_path, norm_every):
+    """norm_every (stale selection norms in training) moved from crosscoder.py to fmxcoder.py (issue 29).
+    A crosscoder's config.json that records it, with any value, loads (the option never changed what the
+    saved weights compute: evaluation selects with the exact norms), its old buffers steps_done and
+    score_scale are dropped, and the outputs are the recorded ones."""
+    folder = tmp_path / "cc"
+    shutil.copytree(OLD_RUNS / "crosscoder", folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"]["norm_every"] = norm_every
+    (folder / "config.json").write_text(json.dumps(meta))
+    model = saved.load(folder)
+    assert not hasattr(model.config, "norm_every") and "score_scale" not in model.state_dict()
+    expected = load_file(str(folder / "expected.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["x"]).recon, expected["recon"], rtol=1e-5, atol=1e-6)
+    saved.check_saved(folder)                      # the run check accepts it too (no error)
+
+
+def test_norm_every_is_an_fmxcoder_option_and_refused_for_a_crosscoder(capsys):
+    import train
+
+    assert train.main(["--dict", "crosscoder", "--norm-every", "3"]) == 2
+    assert "--norm-every is not an option of --dict crosscoder" in capsys.readouterr().err
+    cfg = train.parse_args(["--dict", "fmxcoder", "--norm-every", "3"])
+    assert cfg.dictionaries[0]["options"] == {"norm_every": 3}

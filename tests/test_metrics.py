@@ -391,7 +391,7 @@ def test_every_metric_is_finite_on_a_trained_run(gpt2_dir, tmp_path_factory, tmp
         "--model", gpt2_dir, "--dict", kind, *extra, "--tokens", "2048", "--eval-tokens", "512",
         "--batch-size", "128", "--n-latents", "64", "--k", "4", "--context", "64", "--cache", str(cache),
         "--out", str(out), "--device", str(device), "--dead-tokens", "1000", "--ckpt-every", "0"]))
-    assert metrics.main([str(out), "--ce-tokens", "300", "--fc-tokens", "512", "--pairs", "16",
+    assert evaluate.main([str(out), "--ce-tokens", "300", "--fc-tokens", "512", "--pairs", "16",
                          "--min-fires", "1", "--device", str(device), "--wasserstein-texts", "20"]) == 0
     printed = capsys.readouterr().out
     assert "FVU" in printed and out.name in printed

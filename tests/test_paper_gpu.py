@@ -74,9 +74,9 @@ def test_the_smoke_fits_its_fmxcoder_ranks_to_the_model_width(gpt2_dir, tmp_path
     """--smoke's CP rank 64 is below SmolLM2's width 576, which train.py refuses: the CP rank follows the LM's width
     (read from its config: here a small GPT-2 of width 320) and F the CP rank (F·L >= R), and every dictionary's
     flags are then accepted."""
-    import metrics
     import probe
     import train
+    from support import evaluate
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_embd=320, n_layer=4, n_head=4, n_inner=16, vocab_size=64, n_positions=128)
@@ -86,7 +86,7 @@ def test_the_smoke_fits_its_fmxcoder_ranks_to_the_model_width(gpt2_dir, tmp_path
             shutil.copy(f, tmp_path / "wide" / f.name)
     seen = []
     monkeypatch.setattr(train, "main", lambda argv: seen.append(argv) or 0)
-    monkeypatch.setattr(metrics, "main", lambda argv: 0)
+    monkeypatch.setattr(evaluate, "main", lambda argv: 0)
     monkeypatch.setattr(probe, "main", lambda argv: 0)
     monkeypatch.setattr(paper_gpu, "figure", lambda curves, path: None)          # (no curves to draw)
     assert paper_gpu.main([str(tmp_path / "out"), "--smoke", "--runs", str(tmp_path / "runs"), "--model",

@@ -22,7 +22,7 @@ import core
 import crosscoder
 import fmxcoder
 import sae
-from support import evaluate, saelens, saved
+from support import evaluate, saelens, saelens_export, saved
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "saelens"
 NAMES = ("standard", "topk", "topk_rescale", "topk_trained", "batchtopk", "jumprelu")
@@ -266,12 +266,12 @@ def test_d_mismatch_with_the_model_is_one_line(gpt2_dir, tmp_path, capsys):
     want = "d_in 16 does not match the width 64 of model"
     with pytest.raises(ValueError, match=want):
         saved.open_run(folder)
-    assert metrics.main([str(folder), "--device", "cpu", "--quiet"]) == 2
+    assert evaluate.main([str(folder), "--device", "cpu", "--quiet"]) == 2
     assert probe.main([str(folder), "--task", "us_places", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") and want in line for line in err)
     deep = tmp_path / "deep"
-    saelens.export_dictionary(trained_sae("topk", 0, d=64), {"run": {"model": gpt2_dir, "layers": [9]}}, deep)
+    saelens_export.export_dictionary(trained_sae("topk", 0, d=64), {"run": {"model": gpt2_dir, "layers": [9]}}, deep)
     assert "hf_hook_name" not in json.loads((deep / "cfg.json").read_text())["metadata"]   # there is no block 9
     with pytest.raises(ValueError, match="is layer 9, but model .* has 4 blocks"):
         saved.check_run(deep)
@@ -282,7 +282,7 @@ def test_metrics_on_a_saelens_fixture_names_the_smollm2_width(capsys):
     """The fixtures say smollm2-135m (d 576) but have d_in 16: metrics.py stops at once, in one line."""
     import metrics
 
-    assert metrics.main([str(FIXTURES / "topk"), "--device", "cpu", "--quiet"]) == 2
+    assert evaluate.main([str(FIXTURES / "topk"), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "d_in 16 does not match the width 576 of model 'smollm2-135m'" in err
 
@@ -316,7 +316,7 @@ def test_export_round_trip_reads_raw_activations(tmp_path, sparsity, steps, arch
     if sparsity == "batchtopk":
         assert (model.threshold >= 0) == (steps > 0)          # calibrated by training, or not yet
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    saelens.export_dictionary(model, run_meta(), tmp_path / "out")
+    saelens_export.export_dictionary(model, run_meta(), tmp_path / "out")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.config.input_scale == [0.37]
     cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
     md = cfg["metadata"]
@@ -343,16 +343,16 @@ def test_export_round_trip_reads_raw_activations(tmp_path, sparsity, steps, arch
 
 def test_export_refuses_to_overwrite_and_names_the_file(tmp_path):
     model = trained_sae("topk", 0)
-    saelens.export_dictionary(model, run_meta(), tmp_path / "out")
+    saelens_export.export_dictionary(model, run_meta(), tmp_path / "out")
     with pytest.raises(ValueError, match="cfg.json' exists: pass --overwrite"):
-        saelens.export_dictionary(model, run_meta(), tmp_path / "out")
-    saelens.export_dictionary(model, run_meta(), tmp_path / "out", overwrite=True)
+        saelens_export.export_dictionary(model, run_meta(), tmp_path / "out")
+    saelens_export.export_dictionary(model, run_meta(), tmp_path / "out", overwrite=True)
 
 
 def test_polysae_exports_its_linear_part_with_a_warning(tmp_path, capsys):
     mod = make_exports()
     model = mod.random_polysae(seed=1)
-    saelens.export_dictionary(model, run_meta(), tmp_path / "poly")
+    saelens_export.export_dictionary(model, run_meta(), tmp_path / "poly")
     assert "quadratic and cubic decoder terms" in capsys.readouterr().err
     md = json.loads((tmp_path / "poly" / "cfg.json").read_text())["metadata"]
     assert "dropped" in md["exported_from"]["polysae_dropped"] and md["exported_from"]["order"] == 3
@@ -373,10 +373,10 @@ def test_multi_layer_dictionaries_are_refused(tmp_path, kind, capsys):
         model = fmxcoder.FMXCoder(fmxcoder.FMXCoderConfig(d_in=8, n_latents=16, k=2, n_layers=3, rank=[4, 2, 3]))
     saved.save(model, tmp_path / "run", {"run": {"model": "smollm2-135m", "layers": [1, 2, 3]}})
     with pytest.raises(ValueError, match=f"holds a {kind}: crosscoders and fmxcoders are exported in our own format"):
-        saelens.export(tmp_path / "run", tmp_path / "out")
+        saelens_export.export(tmp_path / "run", tmp_path / "out")
     with pytest.raises(ValueError, match=f"a {kind} is exported in our own format only"):
-        saelens.export_dictionary(model, run_meta(), tmp_path / "out")
-    assert saelens.main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+        saelens_export.export_dictionary(model, run_meta(), tmp_path / "out")
+    assert saelens_export.main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "our own format only" in err
     assert not (tmp_path / "out").exists()
@@ -387,7 +387,7 @@ def test_export_of_a_per_layer_run_and_the_command_line(tmp_path, capsys):
     models = {l: trained_sae("topk", 3, scale=0.5 + l / 10, seed=l) for l in (3, 5)}
     for l, m in models.items():
         saved.save(m, run / f"layer_{l}", run_meta(l))
-    assert saelens.main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert saelens_export.main(["export", str(run), str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.count("wrote") == 2
     entries = saved.load_run(tmp_path / "out")                  # a folder of layer_<l>/ SAELens folders
     assert [layers for layers, _, _ in entries] == [[3], [5]]
@@ -398,17 +398,17 @@ def test_export_of_a_per_layer_run_and_the_command_line(tmp_path, capsys):
         with torch.no_grad():
             (s,) = m.config.input_scale
             torch.testing.assert_close(back(x).recon, m(x * s).recon / s, **TOL)
-    assert saelens.main(["export", str(run), str(tmp_path / "out")]) == 2          # exists: --overwrite
-    assert saelens.main(["export", str(run), str(tmp_path / "out"), "--overwrite"]) == 0
-    assert saelens.main(["export", str(tmp_path / "nowhere"), str(tmp_path / "o2")]) == 2
-    assert saelens.main(["bogus"]) == 2
+    assert saelens_export.main(["export", str(run), str(tmp_path / "out")]) == 2          # exists: --overwrite
+    assert saelens_export.main(["export", str(run), str(tmp_path / "out"), "--overwrite"]) == 0
+    assert saelens_export.main(["export", str(tmp_path / "nowhere"), str(tmp_path / "o2")]) == 2
+    assert saelens_export.main(["bogus"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     two = tmp_path / "two"
     for name in ("a", "b"):
         saved.save(models[3], two / name, run_meta())
     with pytest.raises(ValueError, match="holds several dictionaries \\(a, b\\): export one of them"):
-        saelens.export(two, tmp_path / "o3")
+        saelens_export.export(two, tmp_path / "o3")
 
 
 def test_the_module_runs_as_a_command(tmp_path):
@@ -427,7 +427,7 @@ def test_metrics_and_probe_run_unchanged_on_an_exported_saelens_folder(gpt2_dir,
     import probe
 
     model = trained_sae("topk", 3, d=64)
-    saelens.export_dictionary(model, {"run": {"model": gpt2_dir, "layers": [1], "context": 32, "dataset": None}},
+    saelens_export.export_dictionary(model, {"run": {"model": gpt2_dir, "layers": [1], "context": 32, "dataset": None}},
                               tmp_path / "sl")
     md = json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]
     assert md["hf_hook_name"] == "transformer.h.1" and "dataset_path" not in md   # from the config, no download
@@ -443,7 +443,7 @@ def test_metrics_and_probe_run_unchanged_on_an_exported_saelens_folder(gpt2_dir,
 def test_a_centred_transformer_lens_residual_stream_is_warned_about(gpt2_dir, tmp_path, capsys):
     """SAELens reads HookedTransformer.from_pretrained_no_processing(**model_from_pretrained_kwargs): with
     center_writing_weights true on a LayerNorm model its residual stream is not the HF block output."""
-    saelens.export_dictionary(trained_sae("topk", 0, d=64), {"run": {"model": gpt2_dir, "layers": [1]}}, tmp_path / "a")
+    saelens_export.export_dictionary(trained_sae("topk", 0, d=64), {"run": {"model": gpt2_dir, "layers": [1]}}, tmp_path / "a")
     md = json.loads((tmp_path / "a" / "cfg.json").read_text())["metadata"]
     assert md["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
     saved.check_run(tmp_path / "a")
@@ -467,7 +467,7 @@ def test_our_exporter_has_not_drifted_from_what_saelens_accepted(tmp_path, name)
     (ours/CHECK.jsonl), and our loader gives the expected outputs on it. Tensors: folding is exact elementwise
     arithmetic; a PolySAE's U C1ᵀ is a float32 product (ulps across BLAS builds)."""
     ours = FIXTURES / "ours" / name
-    saelens.export(ours / "source", tmp_path / name)
+    saelens_export.export(ours / "source", tmp_path / name)
     assert json.loads((tmp_path / name / "cfg.json").read_text()) == json.loads((ours / "cfg.json").read_text())
     new, old = load_file(tmp_path / name / "sae_weights.safetensors"), load_file(ours / "sae_weights.safetensors")
     assert new.keys() == old.keys()
