@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+import metrics
 from support import corpora
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ def test_the_paper_run_rehearsed_at_tiny_width(gpt2_dir, corpus, tmp_path):
     for name, d in res["dictionaries"].items():
         assert d["summary"]["complete"] and d["summary"]["tokens"] > 0, name
         [ev] = d["eval"]["results"]
-        assert 0 < ev["fvu"] < 2 and len(ev["fc_readings"]) == 8 and "norm_spread_mean" in ev
+        assert 0 < ev["fvu"] < 2 and len(ev["fc_readings"]) == len(metrics.FC_READINGS) and "norm_spread_mean" in ev
         assert d["probe"]["mean_ci"] and d["probe"]["weights_sha256"]
     run = json.loads((runs / "summary.json").read_text())
     assert run["time_limit_reached"] or run["data_exhausted"]
