@@ -149,8 +149,9 @@ class Browser:
         self.close()
 
 
-def screenshot(page, png, latent: int | None = None, size=(1400, 900)) -> None:
-    """Open the page in headless Chromium, open latent `latent`'s card (default: the first row's), save a PNG.
+def screenshot(page, png, latent: int | None = None, size=(1400, 900)) -> str:
+    """Open the page in headless Chromium, open latent `latent`'s card (default: the first row's), save a PNG;
+    returns the card's title ("latent N").
     The list shows the first LIST_ROWS latents of its order; any other latent of the first dictionary (dead
     ones included) is opened through the page's own `show`. ValueError for an id the page does not hold."""
     with Browser(size=size) as b:
@@ -166,6 +167,7 @@ def screenshot(page, png, latent: int | None = None, size=(1400, 900)) -> None:
                 raise ValueError(f"no latent {latent} in {page}: its dictionary ({name}) has latents 0 to {n - 1}")
             b.run("show(arguments[0]);", latent)      # in features.json, beyond the rows the list shows
         Path(png).write_bytes(b.screenshot())
+        return b.run("const h = document.querySelector('#card h2'); return h ? h.textContent : '';")
 
 
 def main(argv=None) -> int:

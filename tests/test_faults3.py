@@ -104,7 +104,7 @@ def test_a_name_the_run_folder_uses_is_refused_before_any_work(gpt2_dir, cache, 
         line = error_of(capsys, train.main(flags(gpt2_dir, cache, out, "--name", name, "--dict", "sae", *extra)))
         assert line == (f"error: --name {name!r} is the name of a file or folder the run folder holds (config.json, "
                         f"model.safetensors, summary.json, checkpoint.pt, curve.jsonl, eval.json, probe.json, "
-                        f"features.json, features.html, autointerp.json, autointerp_cache.jsonl, layer_<l>): choose "
+                        f"features.json, features.html, autointerp.json, autointerp_cache.jsonl, wandb.json, layer_<l>): choose "
                         f"another")
     assert sorted(p.name for p in tmp_path.iterdir()) == []              # nothing trained, nothing hidden left
     for name, want in ((".", "must start with a letter or digit"), ("..", "must start with a letter or digit")):

@@ -3,6 +3,7 @@
 The selection is checked against a naive loop over the same held-out windows, the per-layer profile against
 metrics.layer_deltas on the same tokens, the logit lens against LayerNorm written out, PolySAE's partners
 against Θ2 built explicitly, and the page in headless Chromium when it is installed."""
+import copy
 import json
 import math
 import shutil
@@ -271,9 +272,16 @@ def test_screenshot_opens_a_latent_beyond_the_list_and_names_the_range(feats, ru
     with the ids it does hold."""
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("no browser: apt-get install chromium chromium-driver (Debian) to run this test")
-    page, d0 = runs["sae"] / "features.html", feats["sae"]["dictionaries"][0]
-    dead = next(r["id"] for r in d0["latents"] if not r["fires"])
-    dashboard.screenshot(page, tmp_path / "dead.png", latent=dead)
+    f = copy.deepcopy(feats["sae"])
+    d0 = f["dictionaries"][0]
+    hidden = d0["latents"][5]
+    hidden.update(fires=0, density=0.0)                   # dead: not in the list unless "dead latents" is ticked
+    for key in ("top", "quantiles"):
+        hidden.pop(key, None)
+    page = tmp_path / "features.html"
+    dashboard.write_page(f, page)
+    assert dashboard.screenshot(page, tmp_path / "first.png") != "latent 5"      # the list's first row
+    assert dashboard.screenshot(page, tmp_path / "dead.png", latent=5) == "latent 5"
     assert (tmp_path / "dead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     n = d0["n_latents"]
     with pytest.raises(ValueError, match=f"no latent {n} in .*has latents 0 to {n - 1}"):
