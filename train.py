@@ -42,7 +42,6 @@ Paper scale (fmxcoders arXiv 2605.09438 pp. 13-14; PolySAE arXiv 2602.01322, its
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -154,85 +153,12 @@ class TrainConfig:
             tracking.require(name("wandb"))
 
 
-# ----------------------------------------------------------------------------------------
-# The command line: run flags, and per --dict its kind's flags
-# ----------------------------------------------------------------------------------------
-
-
-RUN_FLAGS = {f.name for f in cli.flag_fields(TrainConfig)}
-
-
-def config_fields(kind: str) -> set[str]:
-    return {f.name for f in cli.flag_fields(saved.kind_classes(kind)[1])}
-
-
-def split_dicts(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """The arguments before the first --dict, and (kind, its arguments) for each --dict (a,b: two)."""
-    head, groups, i = [], [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--dict" or a.startswith("--dict="):
-            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            i += 1 if "=" in a else 2
-            for kind in value.split(","):
-                if kind not in saved.KINDS:
-                    raise ValueError(f"--dict must be one of {', '.join(saved.KINDS)}, got {kind!r}")
-                groups.append((kind, []))
-            continue
-        (groups[-1][1] if groups else head).append(a)
-        i += 1
-    return head, groups
-
-
-def flag_parser(kinds, help_: bool = False) -> cli.ArgParser:
-    """The run flags and the dictionary flags of `kinds`: None unless given, or (help_) with their defaults
-    and help, a group per kind."""
-    p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      add_help=False)
-    added = cli.add_flags(p, TrainConfig, defaults=help_, group="run flags" if help_ else None)
-    for kind in dict.fromkeys(kinds):
-        cls = saved.kind_classes(kind)[1]
-        added |= cli.add_flags(p, cls, defaults=help_, group=f"--dict {kind} ({cls.__module__}.{cls.__name__})"
-                               if help_ else None, skip=set() if help_ else added)
-    p.add_argument("--name", default=None, help="the name of the --dict before it (its run folder)")
-    return p
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from the command line (see the module docstring); ValueError for a bad flag."""
+    """TrainConfig from the command line: the run flags, and one dictionary per --dict with its own flags
+    (the grammar: support/cli.py parse_dicts); ValueError for a bad flag."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    head, groups = split_dicts(argv)
-    groups = groups or [(DEFAULT_DICT, [])]
-    kinds = [k for k, _ in groups]
-    if "-h" in argv or "--help" in argv:
-        flag_parser(kinds, help_=True).print_help()
-        raise SystemExit(0)
-    parser, run = flag_parser(saved.KINDS), {}    # every kind's flags: a misplaced one gets a message, below
-
-    def parse(args: list[str]) -> dict:
-        given = {k: v for k, v in vars(parser.parse_args(args)).items() if v is not None}
-        run.update({k: v for k, v in given.items() if k in RUN_FLAGS})
-        return {k: v for k, v in given.items() if k not in RUN_FLAGS}
-
-    common = parse(head)
-    if "name" in common and len(groups) > 1:
-        raise ValueError("--name names the --dict before it: put it after that --dict")
-    specs = []
-    for kind, args in groups:
-        own = {**({"name": common["name"]} if "name" in common else {}), **parse(args)}
-        bad = [k for k in own if k != "name" and k not in config_fields(kind)]
-        if bad:
-            raise ValueError(f"{cli.flag(bad[0])} is not an option of --dict {kind} (python train.py --dict {kind} "
-                             f"--help lists them)")
-        options = {k: v for k, v in common.items() if k in config_fields(kind)}
-        specs.append({"kind": kind, "name": own.pop("name", None), "options": {**options, **own}})
-    unused = [k for k in common if k != "name" and not any(k in config_fields(s["kind"]) for s in specs)]
-    if unused:
-        raise ValueError(f"{cli.flag(unused[0])} is not an option of --dict {', '.join(dict.fromkeys(kinds))}")
-    for i, s in enumerate(specs):            # default names: the kind, then kind-2, kind-3, ...
-        if s["name"] is None:
-            n = sum(t["kind"] == s["kind"] for t in specs[:i]) + 1
-            s["name"] = s["kind"] if n == 1 else f"{s['kind']}-{n}"
+    run, specs = cli.parse_dicts(argv, TrainConfig, saved.KINDS, lambda kind: saved.kind_classes(kind)[1],
+                                 DEFAULT_DICT, __doc__)
     runs.check_member_names([s["name"] for s in specs])
     return cli.build(TrainConfig, **run, dictionaries=specs)
 
