@@ -194,10 +194,11 @@ def model_shape(cfg: TrainConfig) -> tuple[int, int]:
     return config.hidden_size, config.num_hidden_layers
 
 
-def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[float]) -> dict:
+def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int]) -> dict:
     """{(name, "all" | layer): (class, config)}: a multi-layer dictionary reads every layer, a single-layer
     one is trained once per layer. Building the configs checks every dictionary flag (cli.build: the
-    messages name the flags), so train calls this before harvesting anything."""
+    messages name the flags), so train builds them once, before harvesting anything; their input_scale
+    (ones here) comes from the data (`set_input_scale`)."""
     out = {}
     for spec in cfg.dictionaries:
         if spec["options"].get("sparsity") in core.INFERENCE_ONLY:
@@ -205,12 +206,18 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
                              f"{' | '.join(core.SPARSITIES)}")
         cls, config_cls = saved.kind_classes(spec["kind"])
         if "n_layers" in {f.name for f in dataclasses.fields(config_cls)}:
-            out[(spec["name"], "all")] = (cls, cli.build(config_cls, d_in=d, n_layers=len(layers),
-                                                          input_scale=list(scale), **spec["options"]))
+            out[(spec["name"], "all")] = (cls, cli.build(config_cls, d_in=d, n_layers=len(layers), **spec["options"]))
         else:
-            for l, s in zip(layers, scale):
-                out[(spec["name"], l)] = (cls, cli.build(config_cls, d_in=d, input_scale=[s], **spec["options"]))
+            for l in layers:
+                out[(spec["name"], l)] = (cls, cli.build(config_cls, d_in=d, **spec["options"]))
     return out
+
+
+def set_input_scale(configs: dict, layers: list[int], scale: list[float]) -> None:
+    """Each config's input_scale from the data's per-layer scale s_l (x_model = s_l · x_raw): every layer's
+    for a multi-layer dictionary, its own layer's for a per-layer one. Before any model is built."""
+    for (_, layer), (_, c) in configs.items():
+        c.input_scale = [float(s) for s in scale] if layer == "all" else [float(scale[layers.index(layer)])]
 
 
 def state_bytes(configs: dict) -> tuple[int, int, int]:
@@ -396,7 +403,8 @@ def train(cfg: TrainConfig) -> dict:
     device = cli.resolve_device(cfg.device)
     d, n_blocks = model_shape(cfg)
     layers = activations.parse_layers(cfg.layers, n_blocks, multi_layer(cfg))
-    ckpt, weights, memory = state_bytes(dictionary_configs(cfg, d, layers, [1.0] * len(layers)))   # every flag
+    configs = dictionary_configs(cfg, d, layers)     # checks every dictionary flag
+    ckpt, weights, memory = state_bytes(configs)
     ranks, device = setup_ranks(cfg.batch_size, device)
     cli.check_memory(device, memory, "the dictionaries (weights, gradients and Adam's two moments)",
                      "lower --n-latents, or train fewer dictionaries at once")
@@ -405,7 +413,7 @@ def train(cfg: TrainConfig) -> dict:
         with folder or contextlib.nullcontext():
             if folder:                           # before the harvest: what the run will write must fit
                 folder.check_space(ckpt, weights, 0 < cfg.ckpt_every < cfg.tokens // cfg.batch_size)
-            return _train(cfg, device, layers, d, ranks, folder)
+            return _train(cfg, device, layers, d, configs, ranks, folder)
     finally:
         if ranks.owns_group:
             torch.distributed.destroy_process_group()
@@ -423,7 +431,7 @@ def open_data(cfg: TrainConfig, layers, ranks: Ranks, device) -> Data:
                       n_tokens=cfg.cache_tokens or cfg.tokens + cfg.eval_tokens)
 
 
-def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
+def _train(cfg: TrainConfig, device, layers, d, configs: dict, ranks: Ranks, folder) -> dict:
     names = key_names(cfg)
     state = None
     if cfg.resume:            # the flags are compared with the checkpoint's, whether the run finished or not
@@ -438,8 +446,9 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     data = open_data(cfg, layers, ranks, device)
     if state is not None:
         runs.check_data(state, data, Path(cfg.out))
+    set_input_scale(configs, layers, data.scale_L.tolist())
     models = {}
-    for k, (cls, c) in dictionary_configs(cfg, d, layers, data.scale_L.tolist()).items():
+    for k, (cls, c) in configs.items():
         if k[1] in ("all", layers[0]):
             torch.manual_seed(cfg.seed)        # each dictionary (a per-layer set: its first) initialised as if alone
         models[k] = cls(c).to(device)
