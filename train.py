@@ -63,6 +63,12 @@ from support import cli, notes, progress, runs, saved, tracking
 from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
 from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
 
+
+# ----------------------------------------------------------------------------------------
+# Config: the run flags (TrainConfig) and, per --dict, the dictionary's own (its kind's config)
+# ----------------------------------------------------------------------------------------
+
+
 DEFAULT_DICT = "fmxcoder"
 
 
@@ -164,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------
-# The model's shape (without its weights) and the dictionaries
+# Data: the model's shape (without its weights), then the activations, cached or streamed
 # ----------------------------------------------------------------------------------------
 
 
@@ -194,6 +200,25 @@ def model_shape(cfg: TrainConfig) -> tuple[int, int]:
     return config.hidden_size, config.num_hidden_layers
 
 
+def open_data(cfg: TrainConfig, layers, ranks: Ranks, device) -> Data:
+    """The activations of `layers` (support/batches.py): the cache (harvested once) read in seeded
+    permutations, or (--cache none) the LM streaming through a shuffle buffer."""
+    common = dict(model=cfg.model, layers=layers, dataset=cfg.dataset, context=cfg.context, tokens=cfg.tokens,
+                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                  harvest_batch=cfg.harvest_batch or (256 if device.type == "cuda" else 16),
+                  cache_dtype=cfg.cache_dtype, lm_dtype=cfg.lm_dtype, drop_outliers=cfg.drop_outliers, ranks=ranks,
+                  device=device)
+    if cfg.cache == "none":
+        return open_stream(**common, passes=cfg.passes)
+    return open_cache(cache_folder(cfg), **common, multi=multi_layer(cfg),
+                      n_tokens=cfg.cache_tokens or cfg.tokens + cfg.eval_tokens)
+
+
+# ----------------------------------------------------------------------------------------
+# The dictionaries: one config each (checked before anything expensive), the models' keys
+# ----------------------------------------------------------------------------------------
+
+
 def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int]) -> dict:
     """{(name, "all" | layer): (class, config)}: a multi-layer dictionary reads every layer, a single-layer
     one is trained once per layer. Building the configs checks every dictionary flag (cli.build: the
@@ -213,13 +238,6 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int]) -> dict:
     return out
 
 
-def set_input_scale(configs: dict, layers: list[int], scale: list[float]) -> None:
-    """Each config's input_scale from the data's per-layer scale s_l (x_model = s_l · x_raw): every layer's
-    for a multi-layer dictionary, its own layer's for a per-layer one. Before any model is built."""
-    for (_, layer), (_, c) in configs.items():
-        c.input_scale = [float(s) for s in scale] if layer == "all" else [float(scale[layers.index(layer)])]
-
-
 def state_bytes(configs: dict) -> tuple[int, int, int]:
     """(checkpoint.pt, exported weights, training memory) in bytes of dictionary_configs' dictionaries, from
     models built on the meta device (nothing allocated): a checkpoint holds every state dict and Adam's two
@@ -231,6 +249,13 @@ def state_bytes(configs: dict) -> tuple[int, int, int]:
         weights += runs.tensor_bytes(m.state_dict())
         params += sum(p.numel() * p.element_size() for p in m.parameters())
     return weights + 2 * params, weights, weights + 3 * params
+
+
+def set_input_scale(configs: dict, layers: list[int], scale: list[float]) -> None:
+    """Each config's input_scale from the data's per-layer scale s_l (x_model = s_l · x_raw): every layer's
+    for a multi-layer dictionary, its own layer's for a per-layer one. Before any model is built."""
+    for (_, layer), (_, c) in configs.items():
+        c.input_scale = [float(s) for s in scale] if layer == "all" else [float(scale[layers.index(layer)])]
 
 
 def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
@@ -252,6 +277,34 @@ def key_names(cfg: TrainConfig):
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, batch: int = 2048) -> dict:
+    """{key_str: FVU, MSE (normalised units), L0, dead fractions} on the first n_tokens held-out tokens
+    (default all), accumulated with metrics.ReconStats (divided once); with n_tokens (the --eval-every
+    panel) also the functional coherence and decoder-norm spread of multi-layer dictionaries."""
+    stats, scale_L1 = {}, data.scale_L.to(device)[:, None]
+    n = data.n_eval if n_tokens is None else min(n_tokens, data.n_eval)
+    single = len({name for name, _ in models}) == 1
+    panel = lambda key: (model_input(key, data.read_eval(lo, min(lo + batch, n)).to(device).float() * scale_L1,  # noqa: E731
+                                     layers) for lo in range(0, n, batch))
+    for key, model in models.items():
+        model.eval()
+        acc = metrics.ReconStats()
+        for x in panel(key):
+            acc.update(x, model(x))
+        if acc.n:
+            ones = torch.ones(len(layers) if key[1] == "all" else 1)   # normalised units throughout
+            r = acc.result(ones, ones)
+            s = stats[key_str(key, single)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
+                                               "dead_eval": r["dead_eval"], "dead_counter": core.dead_fraction(model)}
+            if n_tokens is not None and key[1] == "all":
+                fc = metrics.functional_coherence(model, panel(key), variants=True)
+                s.update({k: fc[k] for k in ("fc_mean", "fc_median", "fc_frac_ge2", "fc_latents",
+                                             "norm_spread_mean", "norm_spread_mean_all", "fc_readings")})
+        model.train()
+    return stats
 
 
 def get_lr(step: int, cfg: TrainConfig, total: int) -> float:
@@ -337,36 +390,8 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
             "time": {"loop_s": seconds, "data_s": feed.busy, "waited_for_data_s": feed.waited}}
 
 
-@torch.no_grad()
-def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, batch: int = 2048) -> dict:
-    """{key_str: FVU, MSE (normalised units), L0, dead fractions} on the first n_tokens held-out tokens
-    (default all), accumulated with metrics.ReconStats (divided once); with n_tokens (the --eval-every
-    panel) also the functional coherence and decoder-norm spread of multi-layer dictionaries."""
-    stats, scale_L1 = {}, data.scale_L.to(device)[:, None]
-    n = data.n_eval if n_tokens is None else min(n_tokens, data.n_eval)
-    single = len({name for name, _ in models}) == 1
-    panel = lambda key: (model_input(key, data.read_eval(lo, min(lo + batch, n)).to(device).float() * scale_L1,  # noqa: E731
-                                     layers) for lo in range(0, n, batch))
-    for key, model in models.items():
-        model.eval()
-        acc = metrics.ReconStats()
-        for x in panel(key):
-            acc.update(x, model(x))
-        if acc.n:
-            ones = torch.ones(len(layers) if key[1] == "all" else 1)   # normalised units throughout
-            r = acc.result(ones, ones)
-            s = stats[key_str(key, single)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
-                                               "dead_eval": r["dead_eval"], "dead_counter": core.dead_fraction(model)}
-            if n_tokens is not None and key[1] == "all":
-                fc = metrics.functional_coherence(model, panel(key), variants=True)
-                s.update({k: fc[k] for k in ("fc_mean", "fc_median", "fc_frac_ge2", "fc_latents",
-                                             "norm_spread_mean", "norm_spread_mean_all", "fc_readings")})
-        model.train()
-    return stats
-
-
 # ----------------------------------------------------------------------------------------
-# Main
+# Export
 # ----------------------------------------------------------------------------------------
 
 
@@ -397,6 +422,11 @@ def export(folder: runs.RunFolder, models: dict, cfg: TrainConfig, run: dict, su
                                                    **summary})
 
 
+# ----------------------------------------------------------------------------------------
+# The run: check, data, dictionaries, loop, export (train), and the command line
+# ----------------------------------------------------------------------------------------
+
+
 def train(cfg: TrainConfig) -> dict:
     """Check, harvest or stream, train, evaluate, export; returns the summary (see the module docstring)."""
     cfg.check(cli.flag)
@@ -417,18 +447,6 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         if ranks.owns_group:
             torch.distributed.destroy_process_group()
-
-
-def open_data(cfg: TrainConfig, layers, ranks: Ranks, device) -> Data:
-    common = dict(model=cfg.model, layers=layers, dataset=cfg.dataset, context=cfg.context, tokens=cfg.tokens,
-                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                  harvest_batch=cfg.harvest_batch or (256 if device.type == "cuda" else 16),
-                  cache_dtype=cfg.cache_dtype, lm_dtype=cfg.lm_dtype, drop_outliers=cfg.drop_outliers, ranks=ranks,
-                  device=device)
-    if cfg.cache == "none":
-        return open_stream(**common, passes=cfg.passes)
-    return open_cache(cache_folder(cfg), **common, multi=multi_layer(cfg),
-                      n_tokens=cfg.cache_tokens or cfg.tokens + cfg.eval_tokens)
 
 
 def _train(cfg: TrainConfig, device, layers, d, configs: dict, ranks: Ranks, folder) -> dict:
