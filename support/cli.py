@@ -229,8 +229,13 @@ def parse_dicts(argv: list[str], run_cls, kinds, config_class, default: str, des
     head, groups = _split_dicts(argv, kinds)
     groups = groups or [(default, [])]
     named = [k for k, _ in groups]
-    if "-h" in argv or "--help" in argv:
-        _dict_parser(run_cls, named, config_class, description, help_=True).print_help()
+    if "-h" in argv or "--help" in argv:           # the run flags, then each named kind's flags with its defaults
+        first, *others = dict.fromkeys(named)
+        _dict_parser(run_cls, [first], config_class, description, help_=True).print_help()
+        for kind in others:                         # a parser each: kinds share flags (--n-latents, --k, ...)
+            p, cls = ArgParser(add_help=False, usage=argparse.SUPPRESS), config_class(kind)
+            add_flags(p, cls, defaults=True, group=f"--dict {kind} ({cls.__module__}.{cls.__name__})")
+            print(p.format_help())
         raise SystemExit(0)
     parser = _dict_parser(run_cls, kinds, config_class, description)  # every kind's flags: a misplaced one is named
     run_flags, run = {f.name for f in flag_fields(run_cls)}, {}
