@@ -42,7 +42,6 @@ Paper scale (fmxcoders arXiv 2605.09438 pp. 13-14; PolySAE arXiv 2602.01322, its
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -63,6 +62,12 @@ from support import cache as activation_cache
 from support import cli, notes, progress, runs, saved, tracking
 from support.batches import Data, Prefetch, cache_path, open_cache, open_stream
 from support.distributed import Ranks, assert_ranks_agree, ddp, setup_ranks, step_seed
+
+
+# ----------------------------------------------------------------------------------------
+# Config: the run flags (TrainConfig) and, per --dict, the dictionary's own (its kind's config)
+# ----------------------------------------------------------------------------------------
+
 
 DEFAULT_DICT = "fmxcoder"
 
@@ -154,91 +159,18 @@ class TrainConfig:
             tracking.require(name("wandb"))
 
 
-# ----------------------------------------------------------------------------------------
-# The command line: run flags, and per --dict its kind's flags
-# ----------------------------------------------------------------------------------------
-
-
-RUN_FLAGS = {f.name for f in cli.flag_fields(TrainConfig)}
-
-
-def config_fields(kind: str) -> set[str]:
-    return {f.name for f in cli.flag_fields(saved.kind_classes(kind)[1])}
-
-
-def split_dicts(argv: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """The arguments before the first --dict, and (kind, its arguments) for each --dict (a,b: two)."""
-    head, groups, i = [], [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--dict" or a.startswith("--dict="):
-            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            i += 1 if "=" in a else 2
-            for kind in value.split(","):
-                if kind not in saved.KINDS:
-                    raise ValueError(f"--dict must be one of {', '.join(saved.KINDS)}, got {kind!r}")
-                groups.append((kind, []))
-            continue
-        (groups[-1][1] if groups else head).append(a)
-        i += 1
-    return head, groups
-
-
-def flag_parser(kinds, help_: bool = False) -> cli.ArgParser:
-    """The run flags and the dictionary flags of `kinds`: None unless given, or (help_) with their defaults
-    and help, a group per kind."""
-    p = cli.ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      add_help=False)
-    added = cli.add_flags(p, TrainConfig, defaults=help_, group="run flags" if help_ else None)
-    for kind in dict.fromkeys(kinds):
-        cls = saved.kind_classes(kind)[1]
-        added |= cli.add_flags(p, cls, defaults=help_, group=f"--dict {kind} ({cls.__module__}.{cls.__name__})"
-                               if help_ else None, skip=set() if help_ else added)
-    p.add_argument("--name", default=None, help="the name of the --dict before it (its run folder)")
-    return p
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from the command line (see the module docstring); ValueError for a bad flag."""
+    """TrainConfig from the command line: the run flags, and one dictionary per --dict with its own flags
+    (the grammar: support/cli.py parse_dicts); ValueError for a bad flag."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    head, groups = split_dicts(argv)
-    groups = groups or [(DEFAULT_DICT, [])]
-    kinds = [k for k, _ in groups]
-    if "-h" in argv or "--help" in argv:
-        flag_parser(kinds, help_=True).print_help()
-        raise SystemExit(0)
-    parser, run = flag_parser(saved.KINDS), {}    # every kind's flags: a misplaced one gets a message, below
-
-    def parse(args: list[str]) -> dict:
-        given = {k: v for k, v in vars(parser.parse_args(args)).items() if v is not None}
-        run.update({k: v for k, v in given.items() if k in RUN_FLAGS})
-        return {k: v for k, v in given.items() if k not in RUN_FLAGS}
-
-    common = parse(head)
-    if "name" in common and len(groups) > 1:
-        raise ValueError("--name names the --dict before it: put it after that --dict")
-    specs = []
-    for kind, args in groups:
-        own = {**({"name": common["name"]} if "name" in common else {}), **parse(args)}
-        bad = [k for k in own if k != "name" and k not in config_fields(kind)]
-        if bad:
-            raise ValueError(f"{cli.flag(bad[0])} is not an option of --dict {kind} (python train.py --dict {kind} "
-                             f"--help lists them)")
-        options = {k: v for k, v in common.items() if k in config_fields(kind)}
-        specs.append({"kind": kind, "name": own.pop("name", None), "options": {**options, **own}})
-    unused = [k for k in common if k != "name" and not any(k in config_fields(s["kind"]) for s in specs)]
-    if unused:
-        raise ValueError(f"{cli.flag(unused[0])} is not an option of --dict {', '.join(dict.fromkeys(kinds))}")
-    for i, s in enumerate(specs):            # default names: the kind, then kind-2, kind-3, ...
-        if s["name"] is None:
-            n = sum(t["kind"] == s["kind"] for t in specs[:i]) + 1
-            s["name"] = s["kind"] if n == 1 else f"{s['kind']}-{n}"
+    run, specs = cli.parse_dicts(argv, TrainConfig, saved.KINDS, lambda kind: saved.kind_classes(kind)[1],
+                                 DEFAULT_DICT, __doc__)
     runs.check_member_names([s["name"] for s in specs])
     return cli.build(TrainConfig, **run, dictionaries=specs)
 
 
 # ----------------------------------------------------------------------------------------
-# The model's shape (without its weights) and the dictionaries
+# Data: the model's shape (without its weights), then the activations, cached or streamed
 # ----------------------------------------------------------------------------------------
 
 
@@ -268,10 +200,30 @@ def model_shape(cfg: TrainConfig) -> tuple[int, int]:
     return config.hidden_size, config.num_hidden_layers
 
 
-def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[float]) -> dict:
+def open_data(cfg: TrainConfig, layers, ranks: Ranks, device) -> Data:
+    """The activations of `layers` (support/batches.py): the cache (harvested once) read in seeded
+    permutations, or (--cache none) the LM streaming through a shuffle buffer."""
+    common = dict(model=cfg.model, layers=layers, dataset=cfg.dataset, context=cfg.context, tokens=cfg.tokens,
+                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                  harvest_batch=cfg.harvest_batch or (256 if device.type == "cuda" else 16),
+                  cache_dtype=cfg.cache_dtype, lm_dtype=cfg.lm_dtype, drop_outliers=cfg.drop_outliers, ranks=ranks,
+                  device=device)
+    if cfg.cache == "none":
+        return open_stream(**common, passes=cfg.passes)
+    return open_cache(cache_folder(cfg), **common, multi=multi_layer(cfg),
+                      n_tokens=cfg.cache_tokens or cfg.tokens + cfg.eval_tokens)
+
+
+# ----------------------------------------------------------------------------------------
+# The dictionaries: one config each (checked before anything expensive), the models' keys
+# ----------------------------------------------------------------------------------------
+
+
+def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int]) -> dict:
     """{(name, "all" | layer): (class, config)}: a multi-layer dictionary reads every layer, a single-layer
     one is trained once per layer. Building the configs checks every dictionary flag (cli.build: the
-    messages name the flags), so train calls this before harvesting anything."""
+    messages name the flags), so train builds them once, before harvesting anything; their input_scale
+    (ones here) comes from the data (`set_input_scale`)."""
     out = {}
     for spec in cfg.dictionaries:
         if spec["options"].get("sparsity") in core.INFERENCE_ONLY:
@@ -279,11 +231,10 @@ def dictionary_configs(cfg: TrainConfig, d: int, layers: list[int], scale: list[
                              f"{' | '.join(core.SPARSITIES)}")
         cls, config_cls = saved.kind_classes(spec["kind"])
         if "n_layers" in {f.name for f in dataclasses.fields(config_cls)}:
-            out[(spec["name"], "all")] = (cls, cli.build(config_cls, d_in=d, n_layers=len(layers),
-                                                          input_scale=list(scale), **spec["options"]))
+            out[(spec["name"], "all")] = (cls, cli.build(config_cls, d_in=d, n_layers=len(layers), **spec["options"]))
         else:
-            for l, s in zip(layers, scale):
-                out[(spec["name"], l)] = (cls, cli.build(config_cls, d_in=d, input_scale=[s], **spec["options"]))
+            for l in layers:
+                out[(spec["name"], l)] = (cls, cli.build(config_cls, d_in=d, **spec["options"]))
     return out
 
 
@@ -298,6 +249,13 @@ def state_bytes(configs: dict) -> tuple[int, int, int]:
         weights += runs.tensor_bytes(m.state_dict())
         params += sum(p.numel() * p.element_size() for p in m.parameters())
     return weights + 2 * params, weights, weights + 3 * params
+
+
+def set_input_scale(configs: dict, layers: list[int], scale: list[float]) -> None:
+    """Each config's input_scale from the data's per-layer scale s_l (x_model = s_l · x_raw): every layer's
+    for a multi-layer dictionary, its own layer's for a per-layer one. Before any model is built."""
+    for (_, layer), (_, c) in configs.items():
+        c.input_scale = [float(s) for s in scale] if layer == "all" else [float(scale[layers.index(layer)])]
 
 
 def model_input(key, x_BLD: torch.Tensor, layers: list[int]) -> torch.Tensor:
@@ -319,6 +277,34 @@ def key_names(cfg: TrainConfig):
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, batch: int = 2048) -> dict:
+    """{key_str: FVU, MSE (normalised units), L0, dead fractions} on the first n_tokens held-out tokens
+    (default all), accumulated with metrics.ReconStats (divided once); with n_tokens (the --eval-every
+    panel) also the functional coherence and decoder-norm spread of multi-layer dictionaries."""
+    stats, scale_L1 = {}, data.scale_L.to(device)[:, None]
+    n = data.n_eval if n_tokens is None else min(n_tokens, data.n_eval)
+    single = len({name for name, _ in models}) == 1
+    panel = lambda key: (model_input(key, data.read_eval(lo, min(lo + batch, n)).to(device).float() * scale_L1,  # noqa: E731
+                                     layers) for lo in range(0, n, batch))
+    for key, model in models.items():
+        model.eval()
+        acc = metrics.ReconStats()
+        for x in panel(key):
+            acc.update(x, model(x))
+        if acc.n:
+            ones = torch.ones(len(layers) if key[1] == "all" else 1)   # normalised units throughout
+            r = acc.result(ones, ones)
+            s = stats[key_str(key, single)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
+                                               "dead_eval": r["dead_eval"], "dead_counter": core.dead_fraction(model)}
+            if n_tokens is not None and key[1] == "all":
+                fc = metrics.functional_coherence(model, panel(key), variants=True)
+                s.update({k: fc[k] for k in ("fc_mean", "fc_median", "fc_frac_ge2", "fc_latents",
+                                             "norm_spread_mean", "norm_spread_mean_all", "fc_readings")})
+        model.train()
+    return stats
 
 
 def get_lr(step: int, cfg: TrainConfig, total: int) -> float:
@@ -404,36 +390,8 @@ def fit(cfg, models, opts, fwd, data: Data, start: int, layers, device, ranks: R
             "time": {"loop_s": seconds, "data_s": feed.busy, "waited_for_data_s": feed.waited}}
 
 
-@torch.no_grad()
-def evaluate(models, data: Data, layers, device, n_tokens: int | None = None, batch: int = 2048) -> dict:
-    """{key_str: FVU, MSE (normalised units), L0, dead fractions} on the first n_tokens held-out tokens
-    (default all), accumulated with metrics.ReconStats (divided once); with n_tokens (the --eval-every
-    panel) also the functional coherence and decoder-norm spread of multi-layer dictionaries."""
-    stats, scale_L1 = {}, data.scale_L.to(device)[:, None]
-    n = data.n_eval if n_tokens is None else min(n_tokens, data.n_eval)
-    single = len({name for name, _ in models}) == 1
-    panel = lambda key: (model_input(key, data.read_eval(lo, min(lo + batch, n)).to(device).float() * scale_L1,  # noqa: E731
-                                     layers) for lo in range(0, n, batch))
-    for key, model in models.items():
-        model.eval()
-        acc = metrics.ReconStats()
-        for x in panel(key):
-            acc.update(x, model(x))
-        if acc.n:
-            ones = torch.ones(len(layers) if key[1] == "all" else 1)   # normalised units throughout
-            r = acc.result(ones, ones)
-            s = stats[key_str(key, single)] = {"fvu": r["fvu"], "mse": r["mse_norm"], "l0": r["l0"],
-                                               "dead_eval": r["dead_eval"], "dead_counter": core.dead_fraction(model)}
-            if n_tokens is not None and key[1] == "all":
-                fc = metrics.functional_coherence(model, panel(key), variants=True)
-                s.update({k: fc[k] for k in ("fc_mean", "fc_median", "fc_frac_ge2", "fc_latents",
-                                             "norm_spread_mean", "norm_spread_mean_all", "fc_readings")})
-        model.train()
-    return stats
-
-
 # ----------------------------------------------------------------------------------------
-# Main
+# Export
 # ----------------------------------------------------------------------------------------
 
 
@@ -464,13 +422,19 @@ def export(folder: runs.RunFolder, models: dict, cfg: TrainConfig, run: dict, su
                                                    **summary})
 
 
+# ----------------------------------------------------------------------------------------
+# The run: check, data, dictionaries, loop, export (train), and the command line
+# ----------------------------------------------------------------------------------------
+
+
 def train(cfg: TrainConfig) -> dict:
     """Check, harvest or stream, train, evaluate, export; returns the summary (see the module docstring)."""
     cfg.check(cli.flag)
     device = cli.resolve_device(cfg.device)
     d, n_blocks = model_shape(cfg)
     layers = activations.parse_layers(cfg.layers, n_blocks, multi_layer(cfg))
-    ckpt, weights, memory = state_bytes(dictionary_configs(cfg, d, layers, [1.0] * len(layers)))   # every flag
+    configs = dictionary_configs(cfg, d, layers)     # checks every dictionary flag
+    ckpt, weights, memory = state_bytes(configs)
     ranks, device = setup_ranks(cfg.batch_size, device)
     cli.check_memory(device, memory, "the dictionaries (weights, gradients and Adam's two moments)",
                      "lower --n-latents, or train fewer dictionaries at once")
@@ -479,25 +443,13 @@ def train(cfg: TrainConfig) -> dict:
         with folder or contextlib.nullcontext():
             if folder:                           # before the harvest: what the run will write must fit
                 folder.check_space(ckpt, weights, 0 < cfg.ckpt_every < cfg.tokens // cfg.batch_size)
-            return _train(cfg, device, layers, d, ranks, folder)
+            return _train(cfg, device, layers, d, configs, ranks, folder)
     finally:
         if ranks.owns_group:
             torch.distributed.destroy_process_group()
 
 
-def open_data(cfg: TrainConfig, layers, ranks: Ranks, device) -> Data:
-    common = dict(model=cfg.model, layers=layers, dataset=cfg.dataset, context=cfg.context, tokens=cfg.tokens,
-                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                  harvest_batch=cfg.harvest_batch or (256 if device.type == "cuda" else 16),
-                  cache_dtype=cfg.cache_dtype, lm_dtype=cfg.lm_dtype, drop_outliers=cfg.drop_outliers, ranks=ranks,
-                  device=device)
-    if cfg.cache == "none":
-        return open_stream(**common, passes=cfg.passes)
-    return open_cache(cache_folder(cfg), **common, multi=multi_layer(cfg),
-                      n_tokens=cfg.cache_tokens or cfg.tokens + cfg.eval_tokens)
-
-
-def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
+def _train(cfg: TrainConfig, device, layers, d, configs: dict, ranks: Ranks, folder) -> dict:
     names = key_names(cfg)
     state = None
     if cfg.resume:            # the flags are compared with the checkpoint's, whether the run finished or not
@@ -512,8 +464,9 @@ def _train(cfg: TrainConfig, device, layers, d, ranks: Ranks, folder) -> dict:
     data = open_data(cfg, layers, ranks, device)
     if state is not None:
         runs.check_data(state, data, Path(cfg.out))
+    set_input_scale(configs, layers, data.scale_L.tolist())
     models = {}
-    for k, (cls, c) in dictionary_configs(cfg, d, layers, data.scale_L.tolist()).items():
+    for k, (cls, c) in configs.items():
         if k[1] in ("all", layers[0]):
             torch.manual_seed(cfg.seed)        # each dictionary (a per-layer set: its first) initialised as if alone
         models[k] = cls(c).to(device)

@@ -203,3 +203,97 @@ def check_writable(folder, what: str = "") -> None:
         head = (f"cannot create {what} {str(folder)!r}: " if what else
                 "" if parent == folder else f"{str(folder)!r} is not writable: ")
         raise ValueError(f"{head}cannot write into {str(parent)!r} ({why})")
+
+
+# ----------------------------------------------------------------------------------------
+# Several dictionaries on one command line: the --dict grammar (train.py)
+# ----------------------------------------------------------------------------------------
+
+
+def parse_dicts(argv: list[str], run_cls, kinds, config_class, default: str, description: str = "",
+                command: str = "python train.py") -> tuple[dict, list[dict]]:
+    """The run flags given and one {"kind", "name", "options"} per dictionary, from a command line that
+    names several dictionaries (train.py):
+
+        [FLAG ...] --dict KIND [--name NAME] [FLAG ...] --dict KIND [--name NAME] [FLAG ...] ...
+
+    A FLAG is a run flag (a flag field of `run_cls`, allowed anywhere) or a dictionary flag (a flag field of
+    `config_class(KIND)`). `--dict KIND` starts a dictionary (KIND one of `kinds`; `--dict a,b` is
+    `--dict a --dict b`; none: one `default`); the dictionary flags after it up to the next --dict are its
+    own, and a flag its kind lacks is refused. Dictionary flags before the first --dict apply to every
+    dictionary whose kind has them (one that no kind has is refused). `--name` names the --dict before it;
+    the default names are the kind, then kind-2, kind-3, ... `-h`/`--help` prints the run flags and each
+    named kind's flags with their defaults (under `description`) and exits. Only the flags given are
+    returned (the dataclasses' defaults apply when they are built); ValueError for a bad flag or kind.
+    """
+    head, groups = _split_dicts(argv, kinds)
+    groups = groups or [(default, [])]
+    named = [k for k, _ in groups]
+    if "-h" in argv or "--help" in argv:           # the run flags, then each named kind's flags with its defaults
+        first, *others = dict.fromkeys(named)
+        _dict_parser(run_cls, [first], config_class, description, help_=True).print_help()
+        for kind in others:                         # a parser each: kinds share flags (--n-latents, --k, ...)
+            p, cls = ArgParser(add_help=False, usage=argparse.SUPPRESS), config_class(kind)
+            add_flags(p, cls, defaults=True, group=f"--dict {kind} ({cls.__module__}.{cls.__name__})")
+            print(p.format_help())
+        raise SystemExit(0)
+    parser = _dict_parser(run_cls, kinds, config_class, description)  # every kind's flags: a misplaced one is named
+    run_flags, run = {f.name for f in flag_fields(run_cls)}, {}
+    fields = {kind: {f.name for f in flag_fields(config_class(kind))} for kind in dict.fromkeys(named)}
+
+    def parse(args: list[str]) -> dict:
+        given = {k: v for k, v in vars(parser.parse_args(args)).items() if v is not None}
+        run.update({k: v for k, v in given.items() if k in run_flags})
+        return {k: v for k, v in given.items() if k not in run_flags}
+
+    common = parse(head)
+    if "name" in common and len(groups) > 1:
+        raise ValueError("--name names the --dict before it: put it after that --dict")
+    specs = []
+    for kind, args in groups:
+        own = {**({"name": common["name"]} if "name" in common else {}), **parse(args)}
+        bad = [k for k in own if k != "name" and k not in fields[kind]]
+        if bad:
+            raise ValueError(f"{flag(bad[0])} is not an option of --dict {kind} ({command} --dict {kind} "
+                             f"--help lists them)")
+        options = {k: v for k, v in common.items() if k in fields[kind]}
+        specs.append({"kind": kind, "name": own.pop("name", None), "options": {**options, **own}})
+    unused = [k for k in common if k != "name" and not any(k in fields[s["kind"]] for s in specs)]
+    if unused:
+        raise ValueError(f"{flag(unused[0])} is not an option of --dict {', '.join(dict.fromkeys(named))}")
+    for i, s in enumerate(specs):
+        if s["name"] is None:
+            n = sum(t["kind"] == s["kind"] for t in specs[:i]) + 1
+            s["name"] = s["kind"] if n == 1 else f"{s['kind']}-{n}"
+    return run, specs
+
+
+def _split_dicts(argv: list[str], kinds) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The arguments before the first --dict, and (kind, its arguments) for each --dict (a,b: two)."""
+    head, groups, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--dict" or a.startswith("--dict="):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in a else 2
+            for kind in value.split(","):
+                if kind not in kinds:
+                    raise ValueError(f"--dict must be one of {', '.join(kinds)}, got {kind!r}")
+                groups.append((kind, []))
+            continue
+        (groups[-1][1] if groups else head).append(a)
+        i += 1
+    return head, groups
+
+
+def _dict_parser(run_cls, kinds, config_class, description: str, help_: bool = False) -> ArgParser:
+    """The run flags and the dictionary flags of `kinds` (a flag two kinds share: once): None unless given,
+    or (help_) with their defaults and help, a group per kind."""
+    p = ArgParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    added = add_flags(p, run_cls, defaults=help_, group="run flags" if help_ else None)
+    for kind in dict.fromkeys(kinds):
+        cls = config_class(kind)
+        added |= add_flags(p, cls, defaults=help_, group=f"--dict {kind} ({cls.__module__}.{cls.__name__})"
+                           if help_ else None, skip=set() if help_ else added)
+    p.add_argument("--name", default=None, help="the name of the --dict before it (its run folder)")
+    return p

@@ -417,6 +417,19 @@ def test_help_of_the_command_lines_in_process(module, capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("usage:")
 
 
+def test_help_of_several_kinds_lists_each_kinds_flags_with_its_defaults(capsys):
+    """Two kinds share flags (--n-latents, --k): the help of both used to be an argparse traceback."""
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dict", "fmxcoder,polysae", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage:")
+    fmx, poly = out.index("--dict fmxcoder ("), out.index("--dict polysae (")
+    assert fmx < poly and "--rank " in out[fmx:poly] and "--ranks " in out[poly:]
+    assert "--n-latents" in out[fmx:poly] and "--n-latents" in out[poly:]
+
+
 @pytest.mark.slow                    # ~60 CPU-seconds: a process (torch imported) per script
 def test_help_of_every_entry_point(tmp_path):
     """Each one in its own process from an empty folder, all at once: exit 0, a usage line, no traceback, and

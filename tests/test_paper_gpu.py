@@ -94,7 +94,7 @@ def test_the_smoke_fits_its_fmxcoder_ranks_to_the_model_width(gpt2_dir, tmp_path
                            str(tmp_path / "wide")]) == 0
     [argv] = seen
     cfg = train.parse_args(argv)
-    configs = train.dictionary_configs(cfg, 320, [0, 1, 2, 3], [1.0] * 4)          # raises for ranks that cannot be
+    configs = train.dictionary_configs(cfg, 320, [0, 1, 2, 3])          # raises for ranks that cannot be
     assert {k[0]: (c.rank, c.n_latents) for k, (_, c) in configs.items() if k[0] in ("tr", "cp")} == \
         {"tr": (32, 80), "cp": (320, 80)}
     assert paper_gpu.fit_to_width(paper_gpu.PAPER, 576, 8) == {"cp_rank": 768, "tr_rank": 32, "n_latents": 16384}
