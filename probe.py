@@ -55,8 +55,11 @@ from support.tasks import TASKS, TaskUnavailable, load_splits, resolve_tasks
 
 NEWTON_MAX_DIM = 64        # Newton (exact Hessian) up to this many features (the top-k probes), L-BFGS above
 
-QUICK = {"n_train": 500, "n_test": 250, "full": False, "raw": False, "bootstrap": 200}
-"""The defaults of probe.py: about the training time of the default run on a laptop CPU (see the README).
+QUICK = {"n_train": 200, "n_test": 100, "full": False, "raw": False, "bootstrap": 200}
+"""The defaults of probe.py: about the training time of the default run on a laptop CPU (see the README). Nearly
+all of it is the LM passes over the texts (measured: 500 + 250 texts per task took 6:55 on 2 cores, 5:20 of it
+bbc_topic's long texts; the probes and the bootstrap took under a second each), so the cost scales with n_train
++ n_test.
 --thorough uses THOROUGH; a flag given explicitly wins over either."""
 THOROUGH = {"n_train": 4000, "n_test": 1000, "full": True, "raw": True, "bootstrap": 1000}
 """SAEBench's sizes (4,000 + 1,000 texts per task, the full-width probes, the raw references, 1,000 resamples):

@@ -390,7 +390,7 @@ OLD_DEFAULTS = {"task": "all", "k": [1, 2, 5], "n_train": 4000, "n_test": 1000, 
 def test_quick_defaults_and_thorough_restores_the_old_settings_exactly():
     quick = vars(probe.parse_args(["run"])[1])
     assert {k: quick[k] for k in ("n_train", "n_test", "full", "raw", "bootstrap")} == \
-        {"n_train": 500, "n_test": 250, "full": False, "raw": False, "bootstrap": 200}
+        {"n_train": 200, "n_test": 100, "full": False, "raw": False, "bootstrap": 200}
     thorough = vars(probe.parse_args(["run", "--thorough"])[1])
     assert {k: v for k, v in thorough.items() if k not in ("thorough", "quiet")} == OLD_DEFAULTS
     assert probe.parse_args(["run", "--thorough"])[1].preset == "thorough"
