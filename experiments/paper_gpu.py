@@ -52,9 +52,9 @@ DICTS = [("crosscoder", ["--dict", "crosscoder"]),
          ("tr", ["--dict", "fmxcoder", "--name", "tr", "--factorization", "tr", "--rank", "{tr_rank}"]),
          ("cp", ["--dict", "fmxcoder", "--name", "cp", "--factorization", "cp", "--rank", "{cp_rank}"])]
 PAPER = {"cp_rank": 768, "n_latents": 16384, "k": 64, "batch": 4096, "seconds": 480, "eval_every": 500, "panel": 8192,
-         "eval_tokens": 65536, "probe_train": 600, "probe_test": 300, "lm_batch": 256}
+         "eval_tokens": 65536, "probe_train": 600, "probe_test": 300, "bootstrap": 1000, "lm_batch": 256}
 SMOKE = {"cp_rank": 64, "n_latents": 64, "k": 4, "batch": 256, "seconds": 6, "eval_every": 4, "panel": 512,
-         "eval_tokens": 1024, "probe_train": 16, "probe_test": 8, "lm_batch": 8}
+         "eval_tokens": 1024, "probe_train": 16, "probe_test": 8, "bootstrap": 20, "lm_batch": 8}
 
 
 def fit_to_width(size: dict, d: int, n_layers: int) -> dict:
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
                                      "--eval-tokens", str(size["eval_tokens"])], evaluate.main, log)
             step(f"probe {name}", [str(run), "--task", "offline", "--thorough", "--device", device, "--n-train",
                                    str(size["probe_train"]), "--n-test", str(size["probe_test"]), "--no-full",
+                                   "--bootstrap", str(size["bootstrap"]),
                                    "--batch-size", str(size["lm_batch"])], probe.main, log)
         for key, file in (("summary", "summary.json"), ("eval", "eval.json"), ("probe", "probe.json")):
             if (run / file).exists():
